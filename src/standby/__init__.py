@@ -1,0 +1,2 @@
+"""standby: block-level disaster-recovery replication."""
+__version__ = "0.1.0"
