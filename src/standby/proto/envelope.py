@@ -1,0 +1,126 @@
+"""The payload envelope: checksum of plaintext, then zstd, then AES-256-GCM — in this order, only here.
+
+Sealed extent layout::
+
+    +-------+-----------+-------------------------------------------------------------+
+    | flags | nonce 12B | AES-256-GCM( xxh3-128(plain) 16B || zstd(plain) or plain )  |
+    +-------+-----------+-------------------------------------------------------------+
+    flags bit 0: body is zstd-compressed (we keep it raw when zstd does not shrink it)
+
+The associated data binds every ciphertext to its slot: disk uid, generation, sequence, offset and
+length (`extent_ad`). Threat countered: the process server — or anybody on the network or with its disk —
+holds only ciphertext; it cannot read it, alter it, or move or replay it into another disk, generation,
+sequence or offset without the master target's check failing. Zero extents carry no bytes, so the
+*batch* itself is sealed too (`seal_batch`): an AES-GCM tag over the whole extent table, which binds
+which ranges are zero, how many extents there are and in which order.
+
+The checksum inside the ciphertext catches our own bugs (compression, buffer handling) after decryption.
+Nonces are random 96-bit values; with one key per disk and at most a few billion seals per key the
+collision probability stays far below 2^-32.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import zstandard
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from .checksum import DIGEST_SIZE, block_digest
+from .errors import EnvelopeError, LocalProtocolError
+
+KEY_SIZE = 32
+NONCE_SIZE = 12
+TAG_SIZE = 16
+FLAG_ZSTD = 0x01
+OVERHEAD = 1 + NONCE_SIZE + DIGEST_SIZE + TAG_SIZE  # bytes added to a sealed extent beyond its body
+
+_DOMAIN_EXTENT = b"standby/extent/v1"
+_DOMAIN_BATCH = b"standby/batch/v1"
+_AD = struct.Struct(">16sIQQI")  # disk uid, generation, sequence, offset, length
+
+
+def extent_ad(disk_uid: bytes, generation: int, sequence: int, offset: int, length: int) -> bytes:
+    if len(disk_uid) != 16:
+        raise LocalProtocolError("bad-disk-uid", "disk uid must be 16 bytes")
+    return _DOMAIN_EXTENT + _AD.pack(disk_uid, generation, sequence, offset, length)
+
+
+class Sealer:
+    """Seals extents for one disk. Holds a zstd compressor, which is not thread-safe: one per thread."""
+
+    def __init__(self, key: bytes, disk_uid: bytes, level: int = 3) -> None:
+        if len(key) != KEY_SIZE:
+            raise LocalProtocolError("bad-key", "data key must be 32 bytes (AES-256)")
+        self._aead = AESGCM(key)
+        self._uid = disk_uid
+        self._zc = zstandard.ZstdCompressor(level=level)
+
+    def seal(self, generation: int, sequence: int, offset: int, data: bytes | memoryview) -> bytes:
+        plain = bytes(data)
+        packed = self._zc.compress(plain)
+        flags = FLAG_ZSTD
+        if len(packed) >= len(plain):
+            packed, flags = plain, 0
+        nonce = os.urandom(NONCE_SIZE)
+        ad = extent_ad(self._uid, generation, sequence, offset, len(plain))
+        body = self._aead.encrypt(nonce, block_digest(plain) + packed, ad)
+        return bytes((flags,)) + nonce + body
+
+    def seal_batch(self, generation: int, sequence: int, table: bytes) -> bytes:
+        """Tag (nonce + 16-byte tag) over a batch's extent table or a commit's metadata."""
+        nonce = os.urandom(NONCE_SIZE)
+        ad = _DOMAIN_BATCH + _AD.pack(self._uid, generation, sequence, 0, len(table)) + table
+        return nonce + self._aead.encrypt(nonce, b"", ad)
+
+
+class Opener:
+    """Verifies and opens what a `Sealer` with the same key and disk uid sealed."""
+
+    def __init__(self, key: bytes, disk_uid: bytes, max_extent: int) -> None:
+        if len(key) != KEY_SIZE:
+            raise LocalProtocolError("bad-key", "data key must be 32 bytes (AES-256)")
+        self._aead = AESGCM(key)
+        self._uid = disk_uid
+        self._max = max_extent
+        self._zd = zstandard.ZstdDecompressor()
+
+    def open(self, generation: int, sequence: int, offset: int, length: int, sealed: bytes | memoryview) -> bytes:
+        if len(sealed) < OVERHEAD:
+            raise EnvelopeError(f"extent at offset {offset}: sealed payload too short")
+        flags = sealed[0]
+        nonce = bytes(sealed[1 : 1 + NONCE_SIZE])
+        ad = extent_ad(self._uid, generation, sequence, offset, length)
+        try:
+            body = self._aead.decrypt(nonce, bytes(sealed[1 + NONCE_SIZE :]), ad)
+        except InvalidTag:
+            raise EnvelopeError(
+                f"extent at offset {offset} length {length} (generation {generation}, sequence {sequence}) "
+                "failed authentication: altered, or moved from another disk, sequence or offset"
+            ) from None
+        digest, packed = body[:DIGEST_SIZE], body[DIGEST_SIZE:]
+        if flags & FLAG_ZSTD:
+            try:
+                plain = self._zd.decompress(packed, max_output_size=self._max)
+            except zstandard.ZstdError as exc:
+                raise EnvelopeError(f"extent at offset {offset}: cannot decompress: {exc}") from None
+        else:
+            plain = packed
+        if len(plain) != length or block_digest(plain) != digest:
+            raise EnvelopeError(f"extent at offset {offset}: plaintext length or checksum mismatch")
+        return plain
+
+    def check_batch(self, generation: int, sequence: int, table: bytes, tag: bytes | memoryview) -> None:
+        if len(tag) != NONCE_SIZE + TAG_SIZE:
+            raise EnvelopeError(f"batch {sequence}: seal has the wrong size")
+        nonce = bytes(tag[:NONCE_SIZE])
+        ad = _DOMAIN_BATCH + _AD.pack(self._uid, generation, sequence, 0, len(table)) + table
+        try:
+            self._aead.decrypt(nonce, bytes(tag[NONCE_SIZE:]), ad)
+        except InvalidTag:
+            raise EnvelopeError(
+                f"batch {sequence} (generation {generation}) failed authentication: its extent table was "
+                "altered, or the batch was replayed into another disk, generation or sequence"
+            ) from None

@@ -1,0 +1,145 @@
+"""Frame and record codec: the fixed header every byte on the wire and in the cache starts with.
+
+Layout (big-endian), 36 bytes, then `length` bytes of payload::
+
+    0       4     5      6       8            12                20         24                 32       36
+    +-------+-----+------+-------+------------+-----------------+----------+------------------+--------+
+    | magic | ver | type | flags | stream u32 | sequence u64    | len u32  | payload xxh64    | hdr    |
+    | STBY  | u8  | u8   | u16   | (disk id)  | (per disk)      |          | (u64)            | xxh32  |
+    +-------+-----+------+-------+------------+-----------------+----------+------------------+--------+
+
+The header checksum (xxh32 over bytes 0..31) lets a reader trust `len` before it buffers the payload, so
+a corrupted length cannot make us wait for (or allocate) gigabytes. The payload checksum makes every
+frame self-verifying, which is why the process-server cache stores frames byte for byte as records: a
+torn or corrupted record is found on read (`scan_records`). Integrity against *tampering* is the
+envelope's job (AES-GCM), not this checksum's.
+
+Versions: 1 — the only one so far. A reader rejects any other version with a clear error.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import xxhash
+
+from .errors import LocalProtocolError, RemoteProtocolError
+
+MAGIC = b"STBY"
+VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+_HEAD = struct.Struct(">4sBBHIQIQ")  # everything the header checksum covers
+_CHECK = struct.Struct(">I")
+HEADER_SIZE = _HEAD.size + _CHECK.size  # 36
+
+# A batch carries at most MAX_BATCH_LOGICAL bytes of disk data (see messages.MAX_BATCH_LOGICAL = 16 MiB).
+# zstd's worst-case expansion is well under 1 %, AES-GCM adds 28 bytes per extent and the extent table
+# 40 bytes per extent, so 32 MiB bounds a batch frame with room to spare — and bounds the memory one
+# connection can make us buffer.
+MAX_PAYLOAD = 32 * 1024 * 1024
+# Control messages are small JSON documents; 1 MiB is generous and keeps a hostile peer from making us
+# parse huge JSON.
+MAX_CONTROL_PAYLOAD = 1024 * 1024
+
+MAX_STREAM = 2**32 - 1
+MAX_SEQUENCE = 2**64 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class FrameHeader:
+    version: int
+    type: int
+    flags: int
+    stream: int
+    sequence: int
+    length: int
+    payload_hash: int
+
+
+def encode_frame(ftype: int, stream: int, sequence: int, payload: bytes | memoryview, flags: int = 0) -> bytes:
+    """Return header + payload as one bytes object."""
+    length = len(payload)
+    if length > MAX_PAYLOAD:
+        raise LocalProtocolError("oversized", f"payload of {length} bytes exceeds the {MAX_PAYLOAD}-byte limit")
+    if not (0 <= stream <= MAX_STREAM and 0 <= sequence <= MAX_SEQUENCE and 0 <= ftype <= 255):
+        raise LocalProtocolError("bad-header", "stream, sequence or type out of range")
+    head = _HEAD.pack(MAGIC, VERSION, ftype, flags, stream, sequence, length, xxhash.xxh64_intdigest(payload))
+    return b"".join((head, _CHECK.pack(xxhash.xxh32_intdigest(head)), payload))
+
+
+def decode_header(buf: bytes | memoryview) -> FrameHeader:
+    """Parse and check a 36-byte header, in a fixed order: magic, version, checksum, length."""
+    if len(buf) < HEADER_SIZE:
+        raise RemoteProtocolError("truncated", f"header needs {HEADER_SIZE} bytes, got {len(buf)}")
+    head = bytes(buf[: _HEAD.size])
+    magic, version, ftype, flags, stream, sequence, length, phash = _HEAD.unpack(head)
+    if magic != MAGIC:
+        raise RemoteProtocolError("bad-magic", f"not a standby frame (magic {magic!r})")
+    if version not in SUPPORTED_VERSIONS:
+        raise RemoteProtocolError(
+            "bad-version", f"frame version {version} is not supported (supported: {SUPPORTED_VERSIONS})"
+        )
+    (check,) = _CHECK.unpack(bytes(buf[_HEAD.size : HEADER_SIZE]))
+    if check != xxhash.xxh32_intdigest(head):
+        raise RemoteProtocolError("bad-header-checksum", "frame header checksum mismatch (corrupted header)")
+    if length > MAX_PAYLOAD:
+        raise RemoteProtocolError("oversized", f"frame announces {length} bytes, limit is {MAX_PAYLOAD}")
+    return FrameHeader(version, ftype, flags, stream, sequence, length, phash)
+
+
+def check_payload(header: FrameHeader, payload: bytes | memoryview) -> None:
+    if xxhash.xxh64_intdigest(payload) != header.payload_hash:
+        raise RemoteProtocolError("bad-payload-checksum", "frame payload checksum mismatch (corrupted payload)")
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One frame read back from storage: where it starts and ends in the file, and its parts."""
+
+    offset: int
+    end: int
+    header: FrameHeader
+    payload: memoryview
+
+
+def scan_records(buf: bytes | memoryview, start: int = 0) -> tuple[list[Record], int, str | None]:
+    """Read consecutive records from `buf` (a whole segment file).
+
+    Returns (records, good_end, problem): `good_end` is the offset just after the last intact record and
+    `problem` is None if the buffer ended exactly there, else a short description of what follows it (a
+    torn write at the tail, or corruption). Callers truncate a torn tail of the segment they were
+    appending to, and refuse to continue past corruption anywhere else.
+    """
+    mv = memoryview(buf)
+    pos = start
+    out: list[Record] = []
+    while pos < len(mv):
+        if len(mv) - pos < HEADER_SIZE:
+            return out, pos, f"torn record header at offset {pos}"
+        try:
+            header = decode_header(mv[pos : pos + HEADER_SIZE])
+        except RemoteProtocolError as exc:
+            return out, pos, f"bad record at offset {pos}: {exc}"
+        end = pos + HEADER_SIZE + header.length
+        if end > len(mv):
+            return out, pos, f"torn record at offset {pos} ({end - len(mv)} bytes missing)"
+        payload = mv[pos + HEADER_SIZE : end]
+        try:
+            check_payload(header, payload)
+        except RemoteProtocolError as exc:
+            return out, pos, f"bad record at offset {pos}: {exc}"
+        out.append(Record(pos, end, header, payload))
+        pos = end
+    return out, pos, None
+
+
+def iter_frames(buf: bytes | memoryview) -> Iterator[tuple[FrameHeader, memoryview]]:
+    """Decode every frame in `buf` strictly; raises RemoteProtocolError on the first problem."""
+    records, _, problem = scan_records(buf)
+    for r in records:
+        yield r.header, r.payload
+    if problem:
+        raise RemoteProtocolError("bad-record", problem)
