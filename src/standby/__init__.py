@@ -1,2 +1,3 @@
 """standby: block-level disaster-recovery replication."""
+
 __version__ = "0.1.0"

@@ -1,0 +1,159 @@
+"""`standby`: the admin CLI. Talks to the configuration service in the process server.
+
+Exit codes: see standby.plumbing.errors (0 ok, 1 failed, 2 bad input, 3 unreachable, 4 refused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from standby.plumbing.errors import BadInput, run_main
+
+from .client import DEFAULT_ADMIN_DIR, AdminClient
+
+FORMATS = ("vmdk", "vmdk-thick", "vmdk-monolithic-flat", "vmdk-sparse", "raw", "device")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="standby", description="standby admin CLI: protect machines, watch replication")
+    p.add_argument(
+        "--admin",
+        type=Path,
+        default=DEFAULT_ADMIN_DIR,
+        help=f"admin identity directory (default $STANDBY_ADMIN or {DEFAULT_ADMIN_DIR})",
+    )
+    p.add_argument("--server", help="process server HOST[:PORT] (default: from the admin identity's admin.toml)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pr = sub.add_parser("protect", help="protect a machine's disks into replicas on a master target")
+    pr.add_argument("machine", help="the enrolled machine (agent) to protect")
+    pr.add_argument("--mt", required=True, help="the master target that writes the replicas")
+    pr.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="vmdk",
+        help="replica kind: vmdk (ESXi vmfs descriptor, thin flat extent; default), vmdk-thick, "
+        "vmdk-monolithic-flat, vmdk-sparse (monolithicSparse), raw, device",
+    )
+    pr.add_argument("--replica-dir", help="directory on the master target; replicas are named MACHINE-DISK.vmdk")
+    pr.add_argument(
+        "--replica",
+        action="append",
+        default=[],
+        metavar="DISK=PATH",
+        help="explicit replica path for one disk (repeatable; required for --format device)",
+    )
+    st = sub.add_parser("status", help="replication state of every protected disk")
+    st.add_argument("machine", nargs="?", help="only this machine")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument("--watch", type=float, metavar="SECONDS", help="repeat every SECONDS until interrupted")
+    ms = sub.add_parser("machines", help="enrolled machines and master targets")
+    ms.add_argument("--json", action="store_true", help="machine-readable output")
+    dm = sub.add_parser("demo", help="run the whole path on this machine with a 1 GiB test disk, then verify")
+    dm.add_argument("--keep", type=Path, metavar="DIR", help="keep deployment and replica in DIR for inspection")
+    dm.add_argument("--size", default="1G", help="test disk size (default 1G)")
+    dm.add_argument(
+        "--format",
+        choices=[f for f in FORMATS if f != "device"],
+        default="vmdk",
+        help="replica kind (default vmdk: thin vmfs-flat)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_main(lambda: dispatch(args), "standby")
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    if args.cmd == "demo":
+        from .demo import run_demo
+
+        return run_demo(args.keep, args.size, args.format)
+    client = AdminClient(args.admin, args.server)
+    if args.cmd == "protect":
+        return cmd_protect(client, args)
+    if args.cmd == "machines":
+        res = client.call("machines")
+        if args.json:
+            print(json.dumps(res, indent=2))
+        else:
+            for m in res["machines"]:
+                when = time.strftime("%Y-%m-%d %H:%M", time.localtime(m["enrolled_at"]))
+                print(f"{m['name']:<24} {m['role']:<6} enrolled {when}")
+        return 0
+    if args.cmd == "status":
+        while True:
+            res = client.call("status", machine=args.machine)
+            if args.json:
+                print(json.dumps(res, indent=2))
+            else:
+                print(format_status(res))
+            if not args.watch:
+                return 0
+            sys.stdout.flush()
+            time.sleep(args.watch)
+    raise BadInput(f"unknown command {args.cmd}")
+
+
+def cmd_protect(client: AdminClient, args: argparse.Namespace) -> int:
+    replicas: dict[str, str] = {}
+    for item in args.replica:
+        disk, sep, path = item.partition("=")
+        if not sep or not disk or not path:
+            raise BadInput(f"--replica takes DISK=PATH, got {item!r}")
+        replicas[disk] = path
+    if args.replica_dir is None and not replicas:
+        raise BadInput("give --replica-dir DIR or --replica DISK=PATH")
+    res = client.call(
+        "protect", machine=args.machine, mt=args.mt, format=args.format, replica_dir=args.replica_dir, replicas=replicas
+    )
+    for d in res["disks"]:
+        print(f"protecting {args.machine}/{d['disk']} -> {args.mt}:{d['replica']} ({args.format})")
+    print("initial replication starts now; watch it with: standby status")
+    return 0
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def format_status(res: dict[str, Any]) -> str:
+    """One block per disk, `key:value` tokens that people and grep both read."""
+    lines = []
+    if not res["disks"]:
+        lines.append("no disks reported yet (is an agent enrolled and running?)")
+    for d in res["disks"]:
+        eta = d["eta_seconds"]
+        eta_s = "-" if eta is None else f"{eta:.0f}s"
+        ratio = d["compression_ratio"]
+        lines.append(
+            f"{d['machine']}/{d['disk']} state:{d['state']} size:{human_bytes(d['size'])} "
+            f"progress:{100 * d['progress']:.1f}% rate:{human_bytes(d['rate'])}/s eta:{eta_s}"
+        )
+        lines.append(
+            f"    replica:{d['mt'] or '-'}:{d['replica'] or '-'} format:{d['format'] or '-'} "
+            f"received:{human_bytes(d['bytes_received'])} wire:{human_bytes(d['bytes_wire'])} "
+            f"applied:{human_bytes(d['bytes_applied'])} "
+            f"compression:{f'{ratio:.2f}x' if ratio else '-'} backlog:{d['backlog_records']}"
+        )
+        if d["error"]:
+            lines.append(f"    error: {d['error']}")
+    mts = ", ".join(res.get("master_targets", [])) or "none"
+    lines.append(
+        f"cache:{human_bytes(res['cache_bytes'])} of {human_bytes(res['cache_quota'])} master-targets-connected:{mts}"
+    )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

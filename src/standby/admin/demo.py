@@ -1,0 +1,160 @@
+"""`standby demo`: the whole path on one machine, verified by an outside judge.
+
+Makes a test disk (a loop device when run as root, else a sparse image file), starts the three daemons
+on 127.0.0.1 with a fresh deployment, protects the disk into a thin VMDK, shows progress, verifies the
+replica with `qemu-img compare` and with our own xxh3-128 checksums, prints a summary and cleans up.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from standby.mastertarget.replicas import open_replica
+from standby.plumbing.config import parse_size
+from standby.plumbing.errors import BadInput, StandbyError
+from standby.proto.checksum import StreamDigest
+
+from .localdeploy import LocalDeployment
+from .testdisk import make_test_disk
+
+CHUNK = 16 * 1024 * 1024
+
+
+def attach_loop(image: Path) -> str | None:
+    """A loop device over `image` when we can make one (root + losetup), else None."""
+    if shutil.which("losetup") is None:
+        return None
+    try:
+        res = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True, timeout=30)
+    except OSError:
+        return None
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def digest_source(path: str, size: int) -> str:
+    h = StreamDigest()
+    with open(path, "rb") as f:
+        for off in range(0, size, CHUNK):
+            h.update(f.read(min(CHUNK, size - off)))
+    return h.hexdigest()
+
+
+def digest_replica(kind: str, path: Path, size: int) -> str:
+    h = StreamDigest()
+    rep = open_replica(kind, path, size)
+    try:
+        for off in range(0, size, CHUNK):
+            h.update(rep.read(off, min(CHUNK, size - off)))
+    finally:
+        rep.close()
+    return h.hexdigest()
+
+
+def run_demo(keep: Path | None, size_text: str, fmt: str = "vmdk") -> int:
+    size = parse_size(size_text)
+    if size < 16 << 20 or size % (1 << 20):
+        raise BadInput("--size must be a whole number of MiB, at least 16M")
+    if keep is not None:
+        if keep.exists() and any(keep.iterdir()):
+            raise BadInput(f"{keep} exists and is not empty")
+        root = keep
+        root.mkdir(parents=True, exist_ok=True)
+    else:
+        root = Path(tempfile.mkdtemp(prefix="standby-demo-"))
+    dep = LocalDeployment(root)
+    loop_dev: str | None = None
+    try:
+        print(f"standby demo in {root}")
+        image = root / "source.img"
+        print(f"  making a {size >> 20} MiB test disk (zeros, text, random data)…", flush=True)
+        make_test_disk(image, size)
+        loop_dev = attach_loop(image)
+        source = loop_dev or str(image)
+        print(f"  source disk: {source}" + ("" if loop_dev else " (image file: not root, so no loop device)"))
+        dep.init()
+        dep.start("ps")
+        dep.enroll("mt", "mt1")
+        dep.start("mt", "mt1")
+        dep.enroll("agent", "demo")
+        dep.add_disk("demo", "disk0", source)
+        dep.start("agent", "demo")
+        print(f"  deployment: process server {dep.server}, master target mt1, agent demo (mutual TLS)")
+        dep.wait_disks_known("demo", 1)
+        dep.wait_mt_connected("mt1")
+        replicas = root / "replicas"
+        replicas.mkdir()
+        t0 = time.monotonic()
+        res = dep.admin().call("protect", machine="demo", mt="mt1", format=fmt, replica_dir=str(replicas))
+        replica = Path(res["disks"][0]["replica"])
+        print(f"  protecting demo/disk0 -> {replica} ({fmt})")
+        status = watch_progress(dep, size)
+        elapsed = time.monotonic() - t0
+        d = status["disks"][0]
+        print("  verifying…", flush=True)
+        ok = verify(source, replica, fmt, size)
+        wire, data = d["bytes_wire"], d["bytes_data"]
+        print("summary:")
+        print(f"  time to a synced replica: {elapsed:.1f} s; logical {size / elapsed / 1e6:.0f} MB/s")
+        print(
+            f"  bytes on the wire: {wire / 1e6:.1f} MB for {size / 1e6:.0f} MB of disk "
+            f"({data / 1e6:.0f} MB non-zero data)"
+        )
+        print(f"  compression ratio (non-zero data / wire): {data / wire:.2f}x" if wire else "  nothing sent")
+        print("demo passed" if ok else "demo FAILED: the replica differs from the source")
+        if keep is not None:
+            print(f"kept in {root}: deployment in ps/, replica in replicas/, logs in logs/")
+        return 0 if ok else 1
+    finally:
+        dep.stop_all()
+        if loop_dev:
+            subprocess.run(["losetup", "-d", loop_dev], capture_output=True)
+        if keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def watch_progress(dep: LocalDeployment, size: int, timeout: float = 1800.0) -> dict:
+    deadline = time.monotonic() + timeout
+    with tqdm(
+        total=size,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="  initial replication",
+        file=sys.stdout,
+        dynamic_ncols=True,
+    ) as bar:
+        while time.monotonic() < deadline:
+            st = dep.status("demo")
+            d = st["disks"][0]
+            bar.update(d["bytes_done"] - bar.n)
+            if d["error"]:
+                bar.set_postfix_str(f"error: {d['error']}"[:60])
+            if d["state"] == "up-to-date":
+                bar.update(size - bar.n)
+                return st
+            time.sleep(0.2)
+    raise StandbyError("replication did not finish in time; see the logs (run with --keep DIR)")
+
+
+def verify(source: str, replica: Path, fmt: str, size: int) -> bool:
+    ok = True
+    qemu = shutil.which("qemu-img")
+    if qemu:
+        rfmt = "raw" if fmt == "raw" else "vmdk"
+        res = subprocess.run(
+            [qemu, "compare", "-f", "raw", "-F", rfmt, source, str(replica)], capture_output=True, text=True
+        )
+        print(f"  qemu-img compare: {res.stdout.strip() or res.stderr.strip()}")
+        ok = ok and res.returncode == 0
+    else:
+        print("  qemu-img compare: skipped (qemu-img not installed: apt-get install qemu-utils)")
+    a, b = digest_source(source, size), digest_replica(fmt, replica, size)
+    print(f"  xxh3-128 source  {a}\n  xxh3-128 replica {b}  {'identical' if a == b else 'DIFFERENT'}")
+    return ok and a == b

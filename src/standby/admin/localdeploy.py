@@ -1,0 +1,201 @@
+"""A whole deployment on one machine — process server, master target(s), agent(s) as separate
+processes on 127.0.0.1 with real TLS — in one directory. `standby demo` runs on it, and so do the
+integration tests, so both exercise exactly what an operator runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from standby.plumbing.config import load_toml, save_toml
+from standby.plumbing.errors import StandbyError
+
+from .client import AdminClient
+
+COMMANDS = {
+    "ps": "standby.processserver.cli",
+    "mt": "standby.mastertarget.cli",
+    "agent": "standby.agent.cli",
+    "admin": "standby.admin.cli",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def command(kind: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", COMMANDS[kind], *args]
+
+
+class LocalDeployment:
+    def __init__(self, root: Path, port: int | None = None, cache_quota: int = 4 << 30) -> None:
+        self.root = Path(root)
+        self.port = port or free_port()
+        self.cache_quota = cache_quota
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.logs = self.root / "logs"
+        self.ps_dir = self.root / "ps"
+        self.fingerprint = ""
+
+    @property
+    def server(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def run(self, kind: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run(command(kind, *args), capture_output=True, text=True, timeout=120)
+        if check and res.returncode != 0:
+            raise StandbyError(f"{COMMANDS[kind]} {' '.join(args)} failed ({res.returncode}): {res.stderr.strip()}")
+        return res
+
+    # -- set-up -------------------------------------------------------------------------------------
+    def init(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(exist_ok=True)
+        out = self.run(
+            "ps",
+            "init",
+            "--dir",
+            str(self.ps_dir),
+            "--name",
+            "ps",
+            "--host",
+            "127.0.0.1",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--cache-quota",
+            str(self.cache_quota),
+        )
+        for line in out.stdout.splitlines():
+            if "CA fingerprint" in line:
+                self.fingerprint = line.split()[-1]
+        if not self.fingerprint.startswith("sha256:"):
+            raise StandbyError(f"standby-ps init printed no fingerprint: {out.stdout}")
+
+    def enroll(self, kind: str, name: str) -> Path:
+        d = self.root / f"{kind}-{name}"
+        self.run(
+            kind,
+            "enroll",
+            "--server",
+            self.server,
+            "--fingerprint",
+            self.fingerprint,
+            "--passphrase-file",
+            str(self.ps_dir / "enroll-passphrase"),
+            "--name",
+            name,
+            "--dir",
+            str(d),
+        )
+        return d
+
+    def add_disk(self, agent: str, disk: str, path: str | Path) -> None:
+        self.run("agent", "add-disk", disk, str(path), "--dir", str(self.root / f"agent-{agent}"))
+
+    def set_agent_option(self, agent: str, **options: Any) -> None:
+        conf = self.root / f"agent-{agent}" / "agent.toml"
+        raw = load_toml(conf)
+        raw.update(options)
+        save_toml(conf, raw)
+
+    # -- processes ----------------------------------------------------------------------------------
+    def start(self, kind: str, name: str = "") -> subprocess.Popen[bytes]:
+        key = f"{kind}-{name}" if name else kind
+        d = self.ps_dir if kind == "ps" else self.root / key
+        log = open(self.logs / f"{key}.log", "ab")
+        env = dict(os.environ, STANDBY_LOG_LEVEL=os.environ.get("STANDBY_LOG_LEVEL", "INFO"))
+        proc = subprocess.Popen(
+            command(kind, "run", "--dir", str(d)), stdout=log, stderr=log, env=env, stdin=subprocess.DEVNULL
+        )
+        log.close()
+        self.procs[key] = proc
+        if kind == "ps":
+            self.wait_listening(proc)
+        return proc
+
+    def wait_listening(self, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise StandbyError(f"the process server exited ({proc.returncode}); see {self.logs / 'ps.log'}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise StandbyError("the process server did not start listening in time")
+
+    def kill(self, key: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs.pop(key, None)
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def stop_all(self) -> None:
+        for key in ["agent", "mt", "ps"]:  # agents first, process server last
+            for k in [k for k in self.procs if k.split("-")[0] == key]:
+                self.kill(k, signal.SIGTERM)
+
+    # -- admin --------------------------------------------------------------------------------------
+    def admin(self) -> AdminClient:
+        return AdminClient(self.ps_dir / "admin", self.server)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.run("admin", "--admin", str(self.ps_dir / "admin"), "--server", self.server, *args, check=False)
+
+    def status(self, machine: str | None = None) -> dict[str, Any]:
+        return self.admin().call("status", machine=machine)
+
+    def wait_for(self, predicate: Any, timeout: float, what: str, interval: float = 0.2) -> dict[str, Any]:
+        """Poll status until predicate(status) holds; raises with the last status on timeout."""
+        deadline = time.monotonic() + timeout
+        last: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            try:
+                last = self.status()
+                if predicate(last):
+                    return last
+            except StandbyError:
+                pass
+            time.sleep(interval)
+        raise StandbyError(f"timed out after {timeout:.0f} s waiting for {what}; last status: {last}")
+
+    def wait_disks_known(self, machine: str, count: int, timeout: float = 30.0) -> dict[str, Any]:
+        return self.wait_for(
+            lambda s: len([d for d in s["disks"] if d["machine"] == machine]) >= count,
+            timeout,
+            f"{count} disk(s) of {machine} to be reported",
+        )
+
+    def wait_mt_connected(self, name: str, timeout: float = 30.0) -> None:
+        self.wait_for(lambda s: name in s["master_targets"], timeout, f"master target {name} to connect")
+
+    def wait_synced(self, machine: str, timeout: float = 300.0) -> dict[str, Any]:
+        return self.wait_for(
+            lambda s: (
+                all(d["state"] == "up-to-date" for d in s["disks"] if d["machine"] == machine)
+                and any(d["machine"] == machine for d in s["disks"])
+            ),
+            timeout,
+            f"{machine} to be up to date",
+        )
+
+    def log_text(self, key: str) -> str:
+        p = self.logs / f"{key}.log"
+        return p.read_text(errors="replace") if p.exists() else ""

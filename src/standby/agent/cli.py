@@ -1,0 +1,91 @@
+"""`standby-agent`: enroll this machine (`enroll`), choose its disks (`add-disk`) and run the agent (`run`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+from pathlib import Path
+
+from standby.plumbing.config import load_toml, parse_address, save_toml
+from standby.plumbing.enrollment import enroll, read_passphrase
+from standby.plumbing.errors import BadInput, run_main
+from standby.plumbing.logs import setup_logging
+from standby.plumbing.service import run_daemon, sd_notify
+
+from .config import DEFAULT_DIR, DISK_NAME, AgentConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="standby-agent", description="standby mobility agent: replicates this machine's disks"
+    )
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("enroll", help="enroll this machine with a deployment (passphrase + CA fingerprint)")
+    e.add_argument("--server", required=True, help="process server HOST[:PORT] (port default 9443)")
+    e.add_argument("--fingerprint", required=True, help="CA fingerprint printed by 'standby-ps init' (sha256:…)")
+    e.add_argument("--passphrase-file", type=Path, help="file holding the enrollment passphrase (else prompted)")
+    e.add_argument("--name", default=socket.gethostname(), help="this machine's name (default: host name)")
+    e.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"state directory (default {DEFAULT_DIR})")
+    e.add_argument("--replace", action="store_true", help="enroll again, replacing an earlier identity")
+    a = sub.add_parser("add-disk", help="add a block device or image file to the disks this agent protects")
+    a.add_argument("name", help="disk name, e.g. sda")
+    a.add_argument("path", type=Path, help="block device or image file, e.g. /dev/sda")
+    a.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"state directory (default {DEFAULT_DIR})")
+    r = sub.add_parser("run", help="run the agent")
+    r.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"state directory (default {DEFAULT_DIR})")
+    r.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default INFO)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cmd == "enroll":
+        return run_main(lambda: cmd_enroll(args), "standby-agent")
+    if args.cmd == "add-disk":
+        return run_main(lambda: cmd_add_disk(args), "standby-agent")
+    setup_logging("standby.agent", args.log_level)
+
+    async def serve(stop: asyncio.Event) -> None:
+        from .daemon import Agent
+
+        agent = Agent(AgentConfig.load(args.dir))
+        sd_notify("READY=1")
+        await agent.run(stop)
+
+    return run_daemon("standby-agent", serve)
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    host, port = parse_address(args.server)
+    passphrase = read_passphrase(args.passphrase_file)
+    ident = enroll(host, port, args.fingerprint, args.name, "agent", passphrase, args.dir / "identity", args.replace)
+    conf = args.dir / "agent.toml"
+    disks = load_toml(conf).get("disks", []) if conf.exists() else []
+    save_toml(conf, {"name": ident.name, "server": f"{host}:{port}", "disks": disks})
+    print(f"enrolled machine {ident.name!r} with {host}:{port}; state in {args.dir}")
+    print(f"add disks with: standby-agent add-disk NAME /dev/DEVICE --dir {args.dir}")
+    return 0
+
+
+def cmd_add_disk(args: argparse.Namespace) -> int:
+    conf = args.dir / "agent.toml"
+    if not conf.exists():
+        raise BadInput(f"{conf} does not exist: enroll first (standby-agent enroll …)")
+    if not DISK_NAME.match(args.name):
+        raise BadInput(f"invalid disk name {args.name!r}: letters, digits, '.', '_' and '-' only")
+    path = args.path.resolve()
+    if not path.exists():
+        raise BadInput(f"{path} does not exist")
+    raw = load_toml(conf)
+    disks = raw.setdefault("disks", [])
+    if any(d["name"] == args.name for d in disks):
+        raise BadInput(f"disk {args.name!r} is already configured")
+    disks.append({"name": args.name, "path": str(path)})
+    save_toml(conf, raw)
+    print(f"disk {args.name} ({path}) added; restart the agent to pick it up")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""The agent's configuration (agent.toml in its state directory)::
+
+name = "web01"
+server = "ps.example.net:9443"
+compression_level = 3          # zstd level, 1..19
+batch_size = "8M"              # logical bytes read per batch during initial replication
+
+[[disks]]
+name = "sda"
+path = "/dev/sda"              # a block device or an image file
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from standby.plumbing.config import load_toml, parse_address, parse_size
+from standby.plumbing.errors import BadInput, NotStarted
+from standby.proto.messages import MAX_BATCH_LOGICAL
+
+DEFAULT_DIR = Path("/var/lib/standby/agent")
+DISK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    name: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    state_dir: Path
+    name: str
+    host: str
+    port: int
+    disks: tuple[DiskConfig, ...]
+    compression_level: int = 3
+    batch_size: int = 8 * 1024 * 1024
+
+    @property
+    def identity_dir(self) -> Path:
+        return self.state_dir / "identity"
+
+    @property
+    def disks_dir(self) -> Path:
+        return self.state_dir / "disks"
+
+    @classmethod
+    def load(cls, state_dir: Path) -> AgentConfig:
+        path = Path(state_dir) / "agent.toml"
+        raw = load_toml(path)
+        try:
+            host, port = parse_address(str(raw["server"]))
+            disks = tuple(DiskConfig(str(d["name"]), Path(d["path"])) for d in raw.get("disks", []))
+            level = int(raw.get("compression_level", 3))
+            batch = parse_size(raw.get("batch_size", 8 * 1024 * 1024))
+            cfg = cls(Path(state_dir), str(raw["name"]), host, port, disks, level, batch)
+        except (KeyError, TypeError, ValueError, BadInput) as exc:
+            raise NotStarted(f"{path}: invalid config: {exc}") from None
+        names = [d.name for d in disks]
+        if len(set(names)) != len(names) or not all(DISK_NAME.match(n) for n in names):
+            raise NotStarted(f"{path}: disk names must be unique and simple (letters, digits, . _ -)")
+        if not 1 <= level <= 19:
+            raise NotStarted(f"{path}: compression_level must be 1..19")
+        if batch % (64 * 1024) or not 0 < batch <= MAX_BATCH_LOGICAL:
+            raise NotStarted(f"{path}: batch_size must be a multiple of 64K, at most 16M")
+        return cfg

@@ -1,0 +1,284 @@
+"""The mobility agent: registers its disks with the process server, waits until they are protected,
+hands each disk's data key to its master target (wrapped, so the process server cannot read it), and
+runs initial replication — reading the disk in large sequential batches, a few in flight, each kept
+until the process server acknowledges it as durable (promise 1).
+
+An interrupted initial replication resumes from the last acknowledged cursor the process server
+reports when the disk is opened again (connection cut, agent or server restart), not from zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography import x509
+
+from standby.plumbing import identity as ident
+from standby.plumbing.durable import load_json, make_private_dir, save_json
+from standby.plumbing.errors import NotStarted, StandbyError
+from standby.plumbing.link import Link, LinkClosed, RequestFailed, dial
+from standby.plumbing.tls import client_context
+from standby.proto.envelope import Sealer
+from standby.proto.errors import ProtocolError
+from standby.proto.keywrap import new_data_key, wrap_key
+from standby.proto.messages import Ack, Busy, Commit, Reply, meta_bytes
+
+from .config import AgentConfig, DiskConfig
+from .reader import BatchBuilder, disk_size
+
+log = logging.getLogger("standby.agent")
+# Batches in flight per disk: enough to keep the network and the server's fsync busy, bounded so the
+# agent's memory stays ~ WINDOW x batch size per disk.
+WINDOW = 4
+POLL_INTERVAL = 2.0
+PROGRESS_LOG_INTERVAL = 10.0
+
+
+@dataclass
+class LocalDisk:
+    """What the agent keeps about a disk: its uid and data key (never sent in clear)."""
+
+    cfg: DiskConfig
+    uid: uuid.UUID
+    key: bytes
+    size: int = 0
+    id: int = 0
+    acks: dict[int, asyncio.Future[Ack | Busy]] = field(default_factory=dict)
+
+    @classmethod
+    def load_or_create(cls, directory: Any, cfg: DiskConfig) -> LocalDisk:
+        path = directory / f"{cfg.name}.json"
+        if path.exists():
+            raw = load_json(path)
+            return cls(cfg, uuid.UUID(raw["uid"]), base64.b64decode(raw["key"]))
+        disk = cls(cfg, uuid.uuid4(), new_data_key())
+        # Threat: another local user reading the data key. The file is created 0600 in a 0700 directory.
+        save_json(path, {"uid": str(disk.uid), "key": base64.b64encode(disk.key).decode()}, 0o600)
+        return disk
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        try:
+            self.identity = ident.Identity.load(cfg.identity_dir, command="standby-agent")
+        except ident.IdentityError as exc:
+            raise NotStarted(str(exc)) from None
+        self.ssl = client_context(self.identity)
+        make_private_dir(cfg.disks_dir)
+        self.disks = [LocalDisk.load_or_create(cfg.disks_dir, d) for d in cfg.disks]
+        self.done: set[str] = set()  # disks whose initial replication is committed
+
+    async def run(self, stop: asyncio.Event) -> None:
+        delay = 1.0
+        while not stop.is_set():
+            try:
+                link = await dial(self.cfg.host, self.cfg.port, self.ssl, "agent")
+            except StandbyError as exc:
+                log.warning("%s; retrying in %.0f s", exc, delay)
+                await _sleep_or_stop(stop, delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            delay = 1.0
+            log.info("connected to the process server %s:%d", self.cfg.host, self.cfg.port)
+            session = asyncio.create_task(self.session(link))
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait([session, stopper], return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if not session.done():
+                session.cancel()
+            try:
+                await session
+            except (asyncio.CancelledError, LinkClosed, ProtocolError, ConnectionError, OSError) as exc:
+                if not stop.is_set():
+                    log.warning("session ended: %s", exc or type(exc).__name__)
+            await link.close()
+            if not stop.is_set():
+                await _sleep_or_stop(stop, 1.0)
+
+    async def session(self, link: Link) -> None:
+        reader = asyncio.create_task(self.read_loop(link))
+        workers = [asyncio.create_task(self.protect_disk(link, d)) for d in self.disks]
+        try:
+            done, _ = await asyncio.wait([reader, *workers], return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                t.result()  # re-raise the first failure
+            await reader
+        finally:
+            for t in (reader, *workers):
+                t.cancel()
+            await asyncio.gather(reader, *workers, return_exceptions=True)
+            for d in self.disks:
+                for fut in d.acks.values():
+                    fut.cancel()
+                d.acks.clear()
+
+    async def read_loop(self, link: Link) -> None:
+        by_id = {}
+        while True:
+            msg = await link.recv()
+            if isinstance(msg, Reply):
+                link.deliver(msg)
+            elif isinstance(msg, Ack | Busy):
+                if not by_id or msg.disk not in by_id:
+                    by_id = {d.id: d for d in self.disks}
+                d = by_id.get(msg.disk)
+                fut = d.acks.get(msg.sequence) if d else None
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+            else:
+                raise ProtocolError("unexpected-message", f"process server sent {type(msg).__name__}")
+
+    async def protect_disk(self, link: Link, d: LocalDisk) -> None:
+        """Open the disk at the process server until it is protected, then replicate it."""
+        name = d.cfg.name
+        while True:
+            try:
+                d.size = disk_size(d.cfg.path)
+            except OSError as exc:
+                log.error("disk %s: cannot open %s: %s; retrying", name, d.cfg.path, exc.strerror)
+                await asyncio.sleep(POLL_INTERVAL * 5)
+                continue
+            if d.size % 512:
+                log.error("disk %s: size %d of %s is not a multiple of 512 bytes", name, d.size, d.cfg.path)
+                await asyncio.sleep(POLL_INTERVAL * 30)
+                continue
+            try:
+                info = await link.request("disk_open", name=name, path=str(d.cfg.path), size=d.size, uid=str(d.uid))
+            except RequestFailed as exc:
+                log.error("disk %s: %s", name, exc)
+                await asyncio.sleep(POLL_INTERVAL * 5)
+                continue
+            d.id = int(info["disk"])
+            if not info["protected"]:
+                await asyncio.sleep(POLL_INTERVAL)
+                continue
+            if info["key_needed"]:
+                await self.send_key(link, d, info.get("mt_cert"))
+                continue
+            if info["initial_committed"]:
+                if name not in self.done:
+                    log.info("disk %s: initial replication is complete; nothing more to send", name)
+                    self.done.add(name)
+                await asyncio.sleep(3600)  # change tracking comes with delta replication
+                continue
+            await self.initial_replication(link, d, info)
+
+    async def send_key(self, link: Link, d: LocalDisk, mt_cert_pem: str | None) -> None:
+        if not mt_cert_pem:
+            raise StandbyError(f"disk {d.cfg.name}: the process server sent no master-target certificate")
+        cert = x509.load_pem_x509_certificate(mt_cert_pem.encode())
+        ca = x509.load_pem_x509_certificate(self.identity.ca_pem)
+        # Wrap only to a master target our own CA certified: the key must reach nobody else.
+        cert.verify_directly_issued_by(ca)
+        _, role = ident.subject_name_role(cert)
+        if role != "mt":
+            raise StandbyError(f"disk {d.cfg.name}: the key recipient is not a master target")
+        wrapped = wrap_key(d.key, ident.cert_public_key_pem(mt_cert_pem.encode()), b"disk:" + d.uid.bytes)
+        await link.request("disk_key", disk=d.id, wrapped_key=base64.b64encode(wrapped).decode())
+        log.info("disk %s: data key handed to its master target (wrapped)", d.cfg.name)
+
+    async def send_record(
+        self, link: Link, d: LocalDisk, seq: int, record: Any, sent: asyncio.Event | None = None
+    ) -> None:
+        """Send one record and wait until it is acknowledged; on BUSY wait and resend (pull back)."""
+        while True:
+            fut: asyncio.Future[Ack | Busy] = asyncio.get_running_loop().create_future()
+            d.acks[seq] = fut
+            await link.send(record)
+            if sent is not None:
+                sent.set()
+            res = await fut
+            d.acks.pop(seq, None)
+            if isinstance(res, Ack):
+                return
+            log.info("disk %s: process server busy (%s); retrying in %.1f s", d.cfg.name, res.reason, res.retry_after)
+            await asyncio.sleep(res.retry_after)
+
+    async def initial_replication(self, link: Link, d: LocalDisk, info: dict[str, Any]) -> None:
+        gen, seq, cursor = int(info["generation"]), int(info["next_sequence"]), int(info["cursor"])
+        size, step = d.size, self.cfg.batch_size
+        builder = BatchBuilder(str(d.cfg.path), d.id, d.key, d.uid.bytes, self.cfg.compression_level)
+        if cursor:
+            log.info("disk %s: resuming initial replication at %d of %d bytes", d.cfg.name, cursor, size)
+        else:
+            log.info("disk %s: starting initial replication of %d bytes", d.cfg.name, size)
+        t0 = last_log = time.monotonic()
+        window = asyncio.Semaphore(WINDOW)
+        progress = {"acked": cursor}
+        tasks: list[asyncio.Task[None]] = []
+        prev_sent: asyncio.Event | None = None
+
+        async def ship(seq: int, build: asyncio.Future[Any], prev: asyncio.Event | None, sent: asyncio.Event) -> None:
+            try:
+                batch = await build
+                if prev is not None:
+                    await prev.wait()  # records go out strictly in sequence order
+                await self.send_record(link, d, seq, batch, sent)
+                progress["acked"] = max(progress["acked"], batch.cursor)
+            finally:
+                window.release()
+
+        try:
+            offset = cursor
+            while offset < size:
+                await window.acquire()
+                for t in [t for t in tasks if t.done()]:
+                    t.result()  # a failed batch ends the session; it resumes from the acked cursor
+                    tasks.remove(t)
+                n = min(step, size - offset)
+                build = asyncio.ensure_future(asyncio.to_thread(builder.initial_batch, gen, seq, offset, n))
+                sent = asyncio.Event()
+                tasks.append(asyncio.create_task(ship(seq, build, prev_sent, sent)))
+                prev_sent = sent
+                seq += 1
+                offset += n
+                now = time.monotonic()
+                if now - last_log >= PROGRESS_LOG_INTERVAL:
+                    acked = progress["acked"]
+                    rate = (acked - cursor) / (now - t0)
+                    eta = f"{(size - acked) / rate:.0f} s" if rate else "unknown"
+                    log.info(
+                        "disk %s: initial replication %.0f%% (%d of %d MiB), %.0f MB/s, ETA %s",
+                        d.cfg.name,
+                        100 * acked / size,
+                        acked >> 20,
+                        size >> 20,
+                        rate / 1e6,
+                        eta,
+                    )
+                    last_log = now
+            await asyncio.gather(*tasks)
+            await self.commit(link, d, gen, seq, "initial-complete")
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        el = time.monotonic() - t0
+        log.info(
+            "disk %s: initial replication sent %d MiB in %.1f s (%.0f MB/s)",
+            d.cfg.name,
+            (size - cursor) >> 20,
+            el,
+            (size - cursor) / max(el, 1e-6) / 1e6,
+        )
+
+    async def commit(self, link: Link, d: LocalDisk, gen: int, seq: int, kind: str) -> None:
+        meta = {"generation": gen, "kind": kind, "time": time.time()}
+        sealer = Sealer(d.key, d.uid.bytes)
+        c = Commit(d.id, seq, meta, sealer.seal_batch(gen, seq, meta_bytes(meta)))
+        await self.send_record(link, d, seq, c)
+        log.info("disk %s: %s committed (sequence %d)", d.cfg.name, kind, seq)
+
+
+async def _sleep_or_stop(stop: asyncio.Event, delay: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), delay)
+    except TimeoutError:
+        pass

@@ -1,0 +1,45 @@
+"""Verify, then write: the master target's half of promise 6.
+
+Every extent of a batch is authenticated and decrypted *before* the first byte is written, so a batch
+that fails anywhere leaves the replica untouched. Runs in a worker thread (it blocks on I/O and CPU).
+"""
+
+from __future__ import annotations
+
+from standby.proto.envelope import Opener
+from standby.proto.errors import EnvelopeError
+from standby.proto.messages import MAX_BATCH_LOGICAL, Batch, Commit, ExtentKind
+
+from .replicas import Replica
+
+
+class Applier:
+    def __init__(self, key: bytes, uid: bytes, replica: Replica) -> None:
+        self.opener = Opener(key, uid, MAX_BATCH_LOGICAL)
+        self.replica = replica
+
+    def verify_batch(self, b: Batch) -> list[bytes | None]:
+        self.opener.check_batch(b.generation, b.sequence, b.table_bytes(), b.seal)
+        plains: list[bytes | None] = []
+        for e in b.extents:
+            if e.offset + e.length > self.replica.size:
+                raise EnvelopeError(f"extent {e.offset}+{e.length} lies beyond the replica's {self.replica.size} bytes")
+            if e.kind == ExtentKind.DATA:
+                plains.append(self.opener.open(b.generation, b.sequence, e.offset, e.length, e.payload))
+            else:
+                plains.append(None)
+        return plains
+
+    def apply_batch(self, b: Batch) -> int:
+        """Verify all, write all, sync. Returns the logical bytes written."""
+        plains = self.verify_batch(b)
+        for e, plain in zip(b.extents, plains, strict=True):
+            if plain is None:
+                self.replica.write_zeroes(e.offset, e.length)
+            else:
+                self.replica.write(e.offset, plain)
+        self.replica.sync()
+        return b.logical_bytes
+
+    def verify_commit(self, c: Commit) -> None:
+        self.opener.check_batch(c.generation, c.sequence, c.meta_bytes(), c.seal)

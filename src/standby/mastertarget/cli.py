@@ -1,0 +1,62 @@
+"""`standby-mt`: enroll this master target with a deployment (`enroll`) and run it (`run`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+from pathlib import Path
+
+from standby.plumbing.config import parse_address, save_toml
+from standby.plumbing.enrollment import enroll, read_passphrase
+from standby.plumbing.errors import run_main
+from standby.plumbing.logs import setup_logging
+from standby.plumbing.service import run_daemon, sd_notify
+
+from .config import DEFAULT_DIR, MTConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="standby-mt", description="standby master target: writes replica disks")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("enroll", help="enroll with a deployment, using the passphrase and CA fingerprint")
+    e.add_argument("--server", required=True, help="process server HOST[:PORT] (port default 9443)")
+    e.add_argument("--fingerprint", required=True, help="CA fingerprint printed by 'standby-ps init' (sha256:…)")
+    e.add_argument("--passphrase-file", type=Path, help="file holding the enrollment passphrase (else prompted)")
+    e.add_argument("--name", default=socket.gethostname(), help="this master target's name (default: host name)")
+    e.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"state directory (default {DEFAULT_DIR})")
+    e.add_argument("--replace", action="store_true", help="enroll again, replacing an earlier identity")
+    r = sub.add_parser("run", help="run the master target")
+    r.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"state directory (default {DEFAULT_DIR})")
+    r.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default INFO)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cmd == "enroll":
+        return run_main(lambda: cmd_enroll(args), "standby-mt")
+    setup_logging("standby.mt", args.log_level)
+
+    async def serve(stop: asyncio.Event) -> None:
+        from .daemon import MasterTarget
+
+        mt = MasterTarget(MTConfig.load(args.dir))
+        sd_notify("READY=1")
+        await mt.run(stop)
+
+    return run_daemon("standby-mt", serve)
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    host, port = parse_address(args.server)
+    passphrase = read_passphrase(args.passphrase_file)
+    ident = enroll(host, port, args.fingerprint, args.name, "mt", passphrase, args.dir / "identity", args.replace)
+    save_toml(args.dir / "mt.toml", {"name": ident.name, "server": f"{host}:{port}"})
+    print(f"enrolled master target {ident.name!r} with {host}:{port}; state in {args.dir}")
+    print(f"start it with: standby-mt run --dir {args.dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

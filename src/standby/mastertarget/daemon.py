@@ -1,0 +1,261 @@
+"""The master target daemon: dials the process server, learns which disks are assigned to it, pulls
+each disk's records in order, verifies and applies them, and acks only after the replica is synced
+and its applied sequence recorded (promise 1 and 2 on this side).
+
+Failure handling: a record that fails authentication or cannot be written (file system full, I/O
+error) is REJECTed with the reason — which the process server shows in status — and is *not* acked,
+so it stays in the cache. The master target retries the disk after RETRY_DELAY.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import stat
+import uuid
+from pathlib import Path
+from typing import Any
+
+from standby.plumbing.errors import NotStarted, StandbyError
+from standby.plumbing.identity import Identity, IdentityError
+from standby.plumbing.link import Link, LinkClosed, RequestFailed, dial
+from standby.plumbing.tls import client_context
+from standby.proto.errors import EnvelopeError, ProtocolError
+from standby.proto.keywrap import KeyWrapError, unwrap_key
+from standby.proto.messages import Ack, Batch, Commit, Reject, Reply, Request
+
+from .apply import Applier
+from .config import MTConfig
+from .diskstate import ReplicaState
+from .replicas import KINDS, ReplicaError, create_replica, open_replica
+
+log = logging.getLogger("standby.mt")
+RETRY_DELAY = 5.0
+POLL_INTERVAL = 1.0
+
+
+class DiskWorker:
+    """One replica: a queue of records from the process server and the task that applies them."""
+
+    def __init__(self, mt: MasterTarget, state: ReplicaState, applier: Applier) -> None:
+        self.mt = mt
+        self.state = state
+        self.applier = applier
+        self.queue: asyncio.Queue[Batch | Commit] = asyncio.Queue()
+        self.blocked_until = 0.0  # after a reject: ignore records until the disk is pulled again
+        self.task: asyncio.Task[None] | None = None
+
+    async def run(self, link: Link) -> None:
+        st = self.state
+        while True:
+            msg = await self.queue.get()
+            if msg.sequence <= st.applied_seq:
+                await link.send(Ack(st.disk, msg.sequence, msg.generation))  # already applied: say so again
+                continue
+            if msg.sequence != st.applied_seq + 1 or self.blocked_until:
+                continue  # sent before a reject was seen; the process server resends from applied_seq + 1
+            try:
+                if isinstance(msg, Batch):
+                    await asyncio.to_thread(self.applier.apply_batch, msg)
+                else:
+                    self.applier.verify_commit(msg)
+                    if msg.meta.get("kind") == "initial-complete":
+                        st.state = "UpToDate"
+                        log.info("disk %s/%s: replica %s is up to date", st.machine, st.name, st.path)
+                st.applied_seq = msg.sequence
+                st.generation = max(st.generation, msg.generation)
+                st.error = None
+                await asyncio.to_thread(st.save, self.mt.cfg.disks_dir)
+            except EnvelopeError as exc:
+                await self.reject(link, msg.sequence, "authentication-failed", str(exc))
+                continue
+            except (OSError, ReplicaError) as exc:
+                reason = f"cannot write replica {st.path}: {exc.strerror if isinstance(exc, OSError) else exc}"
+                await self.reject(link, msg.sequence, "write-failed", reason)
+                continue
+            await link.send(Ack(st.disk, msg.sequence, msg.generation))
+
+    async def reject(self, link: Link, seq: int, code: str, reason: str) -> None:
+        log.error("disk %s/%s sequence %d rejected: %s", self.state.machine, self.state.name, seq, reason)
+        self.state.error = reason
+        self.blocked_until = asyncio.get_running_loop().time() + RETRY_DELAY
+        await link.send(Reject(self.state.disk, seq, code, reason))
+
+
+class MasterTarget:
+    def __init__(self, cfg: MTConfig) -> None:
+        self.cfg = cfg
+        try:
+            self.identity = Identity.load(cfg.identity_dir, command="standby-mt")
+        except IdentityError as exc:
+            raise NotStarted(str(exc)) from None
+        self.ssl = client_context(self.identity)
+        cfg.disks_dir.mkdir(parents=True, exist_ok=True)
+        self.workers: dict[int, DiskWorker] = {}
+        self.failed: dict[int, str] = {}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        delay = 1.0
+        while not stop.is_set():
+            try:
+                link = await dial(self.cfg.host, self.cfg.port, self.ssl, "mt")
+            except StandbyError as exc:
+                log.warning("%s; retrying in %.0f s", exc, delay)
+                await _sleep_or_stop(stop, delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            delay = 1.0
+            log.info("connected to the process server %s:%d", self.cfg.host, self.cfg.port)
+            session = asyncio.create_task(self.session(link))
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait([session, stopper], return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if not session.done():
+                session.cancel()
+            try:
+                await session
+            except (asyncio.CancelledError, LinkClosed, ProtocolError, ConnectionError, OSError) as exc:
+                if not stop.is_set():
+                    log.warning("session ended: %s", exc or type(exc).__name__)
+            await link.close()
+            await self.stop_workers()
+            if not stop.is_set():
+                await _sleep_or_stop(stop, 1.0)
+        self.close_replicas()
+
+    async def stop_workers(self) -> None:
+        for w in self.workers.values():
+            if w.task is not None:
+                w.task.cancel()
+        await asyncio.gather(*(w.task for w in self.workers.values() if w.task), return_exceptions=True)
+        self.close_replicas()
+        self.workers.clear()
+
+    def close_replicas(self) -> None:
+        for w in self.workers.values():
+            try:
+                w.applier.replica.close()
+            except OSError as exc:
+                log.warning("closing %s: %s", w.state.path, exc)
+
+    async def session(self, link: Link) -> None:
+        poller = asyncio.create_task(self.poll(link))
+        try:
+            while True:
+                msg = await link.recv()
+                if isinstance(msg, Batch | Commit):
+                    w = self.workers.get(msg.disk)
+                    if w is None:
+                        raise ProtocolError("unexpected-message", f"record for disk {msg.disk}, not pulled")
+                    w.queue.put_nowait(msg)  # bounded by the process server's window
+                elif isinstance(msg, Reply):
+                    link.deliver(msg)
+                elif isinstance(msg, Request) and msg.op == "check_replica":
+                    await self.answer_check(link, msg)
+                else:
+                    raise ProtocolError("unexpected-message", f"unexpected {type(msg).__name__}")
+        finally:
+            poller.cancel()
+            await asyncio.gather(poller, return_exceptions=True)
+
+    async def poll(self, link: Link) -> None:
+        """Learn new assignments; re-pull disks whose last record was rejected, after a delay."""
+        loop = asyncio.get_running_loop()
+        while True:
+            res = await link.request("subscribe")
+            for d in res["disks"]:
+                if d["disk"] not in self.workers:
+                    await self.start_disk(link, d)
+            for w in self.workers.values():
+                if w.blocked_until and loop.time() >= w.blocked_until:
+                    w.blocked_until = 0.0
+                    await self.pull(link, w)
+            await asyncio.sleep(POLL_INTERVAL)
+
+    async def start_disk(self, link: Link, d: dict[str, Any]) -> None:
+        disk = int(d["disk"])
+        try:
+            st = ReplicaState.load(self.cfg.disks_dir, disk)
+            if st is None:
+                st = ReplicaState(
+                    disk, d["machine"], d["name"], d["uid"], int(d["size"]), d["replica_format"], d["replica_path"]
+                )
+                replica = await asyncio.to_thread(create_replica, st.kind, Path(st.path), st.size)
+                st.save(self.cfg.disks_dir)
+                log.info("disk %s/%s: created %s replica %s", st.machine, st.name, st.kind, st.path)
+            else:
+                if st.uid != d["uid"] or st.path != d["replica_path"]:
+                    raise ReplicaError(f"state for disk {disk} does not match the assignment (uid or path changed)")
+                replica = await asyncio.to_thread(open_replica, st.kind, Path(st.path), st.size)
+            key = unwrap_key(
+                base64.b64decode(d["wrapped_key"]), self.identity.key_pem, b"disk:" + uuid.UUID(st.uid).bytes
+            )
+        except (ReplicaError, OSError, KeyWrapError) as exc:
+            msg = str(exc) if not isinstance(exc, KeyWrapError) else f"cannot unwrap the disk's data key: {exc}"
+            if self.failed.get(disk) != msg:
+                log.error("disk %d: %s", disk, msg)
+                self.failed[disk] = msg
+                await link.send(Reject(disk, 0, "replica-error", msg))
+            return
+        self.failed.pop(disk, None)
+        w = DiskWorker(self, st, Applier(key, uuid.UUID(st.uid).bytes, replica))
+        self.workers[disk] = w
+        w.task = asyncio.create_task(w.run(link))
+        await self.pull(link, w)
+
+    async def pull(self, link: Link, w: DiskWorker) -> None:
+        try:
+            await link.request("pull", disk=w.state.disk, applied_seq=w.state.applied_seq)
+        except RequestFailed as exc:
+            log.error("disk %d: pull refused: %s", w.state.disk, exc)
+            w.blocked_until = asyncio.get_running_loop().time() + RETRY_DELAY * 6
+
+    async def answer_check(self, link: Link, req: Request) -> None:
+        code, message = check_replica_path(
+            req.args.get("path", ""), req.args.get("format", ""), int(req.args.get("size", 0)), self.used_paths()
+        )
+        await link.send(Reply(req.id, not code, {}, code, message))
+
+    def used_paths(self) -> set[str]:
+        return {s.path for s in ReplicaState.all(self.cfg.disks_dir)}
+
+
+def check_replica_path(path: str, kind: str, size: int, used: set[str]) -> tuple[str, str]:
+    """Is `path` usable for a new replica of `size` bytes? ("", "") or (code, message)."""
+    if kind not in KINDS:
+        return "bad-input", f"unknown replica format {kind!r}"
+    p = Path(path)
+    if not p.is_absolute():
+        return "bad-input", f"replica path {path!r} must be absolute"
+    if path in used:
+        return "replica-exists", f"replica path {path} is already used by another protected disk"
+    if kind == "device":
+        try:
+            mode = os.stat(p).st_mode
+        except OSError as exc:
+            return "bad-input", f"replica device {path}: {exc.strerror}"
+        if not stat.S_ISBLK(mode):
+            return "bad-input", f"{path} is not a block device"
+        with open(p, "rb") as f:
+            dev_size = f.seek(0, os.SEEK_END)
+        if dev_size != size:
+            return "size-mismatch", f"device {path} has {dev_size} bytes, the source disk has {size}"
+        return "", ""
+    flat = p.with_name(p.stem + "-flat.vmdk") if kind in ("vmdk", "vmdk-thick", "vmdk-monolithic-flat") else None
+    for q in (p, flat):
+        if q is not None and q.exists():
+            return "replica-exists", f"replica path {q} already exists on master target (refusing to overwrite)"
+    if not p.parent.is_dir():
+        return "bad-input", f"directory {p.parent} does not exist on the master target"
+    if not os.access(p.parent, os.W_OK):
+        return "bad-input", f"directory {p.parent} is not writable on the master target"
+    return "", ""
+
+
+async def _sleep_or_stop(stop: asyncio.Event, delay: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), delay)
+    except TimeoutError:
+        pass

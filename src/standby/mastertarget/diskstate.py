@@ -1,0 +1,44 @@
+"""What the master target knows durably about each replica: disks/<disk id>.json.
+
+`applied_seq` is written only after the replica was synced, so it never claims more than the replica
+holds. A crash between the replica sync and this write means the last batch is applied again on
+restart — harmless, because a batch's writes are absolute (offset, bytes), never relative.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from standby.plumbing.durable import load_json, save_json
+
+
+@dataclass
+class ReplicaState:
+    disk: int
+    machine: str
+    name: str
+    uid: str
+    size: int
+    kind: str
+    path: str
+    applied_seq: int = 0
+    generation: int = 1
+    state: str = "Inconsistent"  # DRBD words: Inconsistent during initial replication, UpToDate after
+    error: str | None = None
+
+    def save(self, directory: Path) -> None:
+        save_json(directory / f"{self.disk}.json", asdict(self), 0o600)
+
+    @classmethod
+    def load(cls, directory: Path, disk: int) -> ReplicaState | None:
+        p = directory / f"{disk}.json"
+        if not p.exists():
+            return None
+        return cls(**load_json(p))
+
+    @staticmethod
+    def all(directory: Path) -> list[ReplicaState]:
+        if not directory.exists():
+            return []
+        return [ReplicaState(**load_json(p)) for p in sorted(directory.glob("*.json"))]

@@ -1,0 +1,56 @@
+"""Config files are TOML, read once at start-up into an immutable, validated object (no globals)."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from .durable import save_file
+from .errors import BadInput, NotStarted
+
+DEFAULT_PORT = 9443
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.I)
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise NotStarted(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise NotStarted(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def save_toml(path: Path, data: dict[str, Any], mode: int = 0o644) -> None:
+    save_file(path, tomli_w.dumps(data).encode(), mode)
+
+
+def parse_size(text: str | int) -> int:
+    """'10G', '512MiB', '1.5T', 4096 -> bytes (binary units: operators size disks in GiB)."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(text)
+    if not m:
+        raise BadInput(f"not a size: {text!r} (examples: 1G, 512M, 4096)")
+    n, unit = float(m.group(1)), m.group(2).lower()
+    return int(n * 1024 ** " kmgtp".index(unit or " "))
+
+
+def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """'host', 'host:port', '[v6]:port' -> (host, port)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.lstrip(":") or str(default_port)
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, str(default_port)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise BadInput(f"not a server address: {text!r} (expected HOST or HOST:PORT)")
+    return host, int(port)

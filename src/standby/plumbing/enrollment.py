@@ -1,0 +1,71 @@
+"""Client side of enrollment, shared by `standby-agent enroll` and `standby-mt enroll`.
+
+1. Fetch the CA certificate over an unverified TLS connection and compare its SHA-256 fingerprint with
+   the one `standby-ps init` printed. Nothing secret is sent on that connection.
+2. Open a second connection that verifies the server against that CA, and only then send the
+   passphrase and a CSR made here (the private key never leaves this machine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from pathlib import Path
+
+from . import identity as ident
+from .errors import BadInput, Refused
+from .link import dial
+from .tls import anonymous_client_context
+
+
+def read_passphrase(path: Path | None) -> str:
+    if path is None:
+        import getpass
+
+        return getpass.getpass("enrollment passphrase: ").strip()
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise BadInput(f"cannot read the passphrase file: {exc}") from None
+
+
+async def _enroll(
+    host: str, port: int, fingerprint: str, name: str, role: str, passphrase: str, replace: bool
+) -> ident.Identity:
+    link = await dial(host, port, anonymous_client_context(None), "enroll")
+    try:
+        ca_pem = (await link.call("ca"))["ca_pem"].encode()
+    finally:
+        await link.close()
+    seen = ident.ca_fingerprint(ca_pem)
+    if not hmac.compare_digest(seen.lower(), fingerprint.strip().lower()):
+        raise Refused(
+            f"the server at {host}:{port} presents CA {seen}, not the expected {fingerprint}: "
+            "wrong server, or somebody in between — nothing was sent"
+        )
+    key_pem, csr_pem = ident.make_key_and_csr(name, role)
+    link = await dial(host, port, anonymous_client_context(ca_pem), "enroll")
+    try:
+        res = await link.call(
+            "enroll", name=name, role=role, passphrase=passphrase, csr=csr_pem.decode(), replace=replace
+        )
+    finally:
+        await link.close()
+    return ident.Identity(name, role, res["cert_pem"].encode(), key_pem, ca_pem)
+
+
+def enroll(
+    host: str,
+    port: int,
+    fingerprint: str,
+    name: str,
+    role: str,
+    passphrase: str,
+    directory: Path,
+    replace: bool = False,
+) -> ident.Identity:
+    if (Path(directory) / "cert.pem").exists() and not replace:
+        raise BadInput(f"{directory} already holds an identity (use --replace to enroll again)")
+    identity = asyncio.run(_enroll(host, port, fingerprint, name, role, passphrase, replace))
+    identity.save(Path(directory))
+    return identity

@@ -1,0 +1,79 @@
+"""User-facing errors and exit codes, and the one top-level handler every command runs under.
+
+Exit codes (stable, for scripts):
+    0  success
+    1  an operation failed (see the message)
+    2  bad input: unknown machine, replica exists, size mismatch, bad arguments
+    3  the process server cannot be reached
+    4  not enrolled, or refused by the server (identity, permission)
+    5  the daemon could not start (bad config, port in use)
+  130  interrupted (Ctrl-C)
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_UNREACHABLE = 3
+EXIT_REFUSED = 4
+EXIT_NOT_STARTED = 5
+EXIT_INTERRUPTED = 130
+
+
+class StandbyError(Exception):
+    """An operation failed; the message says what and, where we know, what to do."""
+
+    exit_code = EXIT_FAILED
+
+
+class BadInput(StandbyError):
+    exit_code = EXIT_BAD_INPUT
+
+
+class Unreachable(StandbyError):
+    exit_code = EXIT_UNREACHABLE
+
+
+class Refused(StandbyError):
+    exit_code = EXIT_REFUSED
+
+
+class NotStarted(StandbyError):
+    exit_code = EXIT_NOT_STARTED
+
+
+# Error codes in replies from the server, mapped to the exception the CLI raises for them.
+REPLY_CODES: dict[str, type[StandbyError]] = {
+    "bad-input": BadInput,
+    "unknown-machine": BadInput,
+    "unknown-disk": BadInput,
+    "replica-exists": BadInput,
+    "size-mismatch": BadInput,
+    "forbidden": Refused,
+    "not-enrolled": Refused,
+    "bad-passphrase": Refused,
+    "rate-limited": Refused,
+    "unreachable": Unreachable,
+}
+
+
+def run_main(fn: Callable[[], int | None], prog: str) -> int:
+    """Run a command: map our exceptions to their message and exit code, never a traceback."""
+    try:
+        return fn() or EXIT_OK
+    except StandbyError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_FAILED
+    except Exception:
+        logging.getLogger(prog).exception("unexpected error (a bug: please report it with this trace)")
+        return EXIT_FAILED

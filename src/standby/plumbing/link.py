@@ -1,0 +1,171 @@
+"""The asyncio adapter around the sans-I/O `proto.connection.Connection`: the one place where frames
+meet sockets. Every daemon and the CLI use it; it knows nothing about disks.
+
+A `Link` reads with `recv()` and writes with `send()`. `request()` sends a REQUEST and waits for the
+REPLY with its id; replies are routed by whoever runs the read loop calling `deliver()` — the owner of
+a link reads it in exactly one task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import ssl
+from typing import Any
+
+from standby.proto.connection import CLOSED, NEED_DATA, Connection, Role
+from standby.proto.errors import ProtocolError, RemoteProtocolError
+from standby.proto.messages import Goodbye, Hello, Message, Reply, Request, Welcome
+
+from .errors import REPLY_CODES, Refused, StandbyError, Unreachable
+from .tls import PeerIdentity, peer_identity
+
+log = logging.getLogger("standby.link")
+READ_CHUNK = 1 << 20
+
+
+class LinkClosed(Exception):
+    """The peer closed the connection (or said goodbye)."""
+
+    def __init__(self, message: str, code: str = "closed") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class RequestFailed(StandbyError):
+    """A request was answered with an error; `code` is the server's reason code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.exit_code = REPLY_CODES.get(code, StandbyError).exit_code
+
+
+class Link:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: Connection, name: str) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.conn = conn
+        self.name = name  # for logs: who is on the other side
+        self.peer: PeerIdentity | None = None
+        sslobj = writer.get_extra_info("ssl_object")
+        if sslobj is not None:
+            self.peer = peer_identity(sslobj)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Reply]] = {}
+        self._wlock = asyncio.Lock()
+        self.closed = False
+
+    async def recv(self) -> Message:
+        while True:
+            ev = self.conn.next_event()
+            if ev is NEED_DATA:
+                try:
+                    data = await self.reader.read(READ_CHUNK)
+                except (ConnectionError, ssl.SSLError, OSError) as exc:
+                    raise LinkClosed(f"connection to {self.name} lost: {exc}") from None
+                self.conn.receive_data(data)
+                continue
+            if ev is CLOSED:
+                raise LinkClosed(f"{self.name} closed the connection")
+            if isinstance(ev, Goodbye):
+                raise LinkClosed(f"{self.name} said goodbye: {ev.reason}", ev.code)
+            return ev  # type: ignore[return-value]
+
+    async def send(self, msg: Message) -> None:
+        if self.closed:
+            raise LinkClosed(f"connection to {self.name} is closed")
+        async with self._wlock:
+            try:
+                self.writer.write(self.conn.send(msg))
+                await self.writer.drain()
+            except (ConnectionError, ssl.SSLError, OSError) as exc:
+                raise LinkClosed(f"connection to {self.name} lost: {exc}") from None
+
+    async def request(self, op: str, timeout: float | None = 60.0, **args: Any) -> dict[str, Any]:
+        """Send a request; the read loop must be running elsewhere (see `deliver`)."""
+        rid = next(self._ids)
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        try:
+            await self.send(Request(rid, op, args))
+            reply = await asyncio.wait_for(fut, timeout)
+        finally:
+            self._pending.pop(rid, None)
+        if not reply.ok:
+            raise RequestFailed(reply.code, reply.message)
+        return reply.result
+
+    async def call(self, op: str, timeout: float | None = 60.0, **args: Any) -> dict[str, Any]:
+        """Send a request and read the reply inline (for simple one-request-at-a-time clients)."""
+        rid = next(self._ids)
+        await self.send(Request(rid, op, args))
+        while True:
+            msg = await asyncio.wait_for(self.recv(), timeout)
+            if isinstance(msg, Reply) and msg.id == rid:
+                if not msg.ok:
+                    raise RequestFailed(msg.code, msg.message)
+                return msg.result
+
+    def deliver(self, reply: Reply) -> None:
+        fut = self._pending.get(reply.id)
+        if fut is not None and not fut.done():
+            fut.set_result(reply)
+
+    def fail_pending(self, exc: BaseException) -> None:
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+
+    async def close(self, code: str | None = None, reason: str = "") -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.fail_pending(LinkClosed(f"connection to {self.name} closed"))
+        try:
+            if code is not None:
+                self.writer.write(self.conn.send(Goodbye(code, reason)))
+                await asyncio.wait_for(self.writer.drain(), 5)
+        except (ProtocolError, ConnectionError, OSError, TimeoutError, ssl.SSLError):
+            pass
+        self.writer.close()
+        try:
+            await asyncio.wait_for(self.writer.wait_closed(), 5)
+        except (ConnectionError, OSError, TimeoutError, ssl.SSLError):
+            pass
+
+
+async def dial(
+    host: str, port: int, ctx: ssl.SSLContext, role: str, server_hostname: str | None = None, timeout: float = 15.0
+) -> Link:
+    """Connect over TLS and do the handshake. Raises Unreachable or Refused with a clear message."""
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=ctx, server_hostname=server_hostname or host, limit=READ_CHUNK),
+            timeout,
+        )
+    except ssl.SSLCertVerificationError as exc:
+        raise Refused(
+            f"the server at {host}:{port} is not the deployment's process server: {exc.verify_message}"
+        ) from None
+    except ssl.SSLError as exc:
+        raise Refused(f"TLS handshake with {host}:{port} failed: {exc.reason or exc}") from None
+    except (OSError, TimeoutError) as exc:
+        raise Unreachable(f"cannot reach the process server at {host}:{port}: {exc or 'timed out'}") from None
+    link = Link(reader, writer, Connection(Role.CLIENT), f"{host}:{port}")
+    try:
+        await link.send(Hello(role=role))
+        msg = await asyncio.wait_for(link.recv(), timeout)
+    except LinkClosed as exc:
+        await link.close()
+        if exc.code in ("forbidden", "not-enrolled"):
+            raise Refused(str(exc)) from None
+        raise Unreachable(f"the process server at {host}:{port} closed the connection: {exc}") from None
+    except (RemoteProtocolError, TimeoutError) as exc:
+        await link.close()
+        raise Unreachable(f"the process server at {host}:{port} did not complete the handshake: {exc}") from None
+    if not isinstance(msg, Welcome):
+        await link.close("unexpected-message", "expected WELCOME")
+        raise Unreachable(f"unexpected answer from {host}:{port}: {type(msg).__name__}")
+    return link

@@ -1,0 +1,179 @@
+"""The durable per-disk cache: an append-only log of segment files holding records byte for byte as
+they arrived (self-verifying frames, see proto.frames), an in-memory index from sequence to position,
+and deletion of whole segments once the master target has applied everything in them.
+
+Promise 1: `append` returns only after the record is fsynced (and, for a new segment, its directory),
+so an ACK sent after it means durable. At start-up every segment is scanned: a torn record at the tail
+of the newest segment (a crash mid-append, never acked) is cut off; damage anywhere else is refused
+loudly rather than skipped — skipping would lose acknowledged data.
+
+Layout: CACHE_DIR/disk-<id>/seg-<first sequence, 20 digits>.log
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from standby.plumbing.durable import fsync_dir
+from standby.plumbing.errors import StandbyError
+from standby.proto.frames import scan_records
+from standby.proto.messages import Batch, BatchKind, Commit, decode_message
+
+log = logging.getLogger("standby.ps.cache")
+
+# Segments roll at this size: large enough that fsync of the directory on roll is rare, small enough
+# that applied data is freed promptly.
+SEGMENT_BYTES = 64 * 1024 * 1024
+
+
+class CacheCorrupt(StandbyError):
+    """A cache segment is damaged before its tail: acknowledged data may be affected."""
+
+
+@dataclass(slots=True)
+class Entry:
+    sequence: int
+    segment: Path
+    offset: int
+    length: int
+
+
+@dataclass(slots=True)
+class Recovered:
+    last_seq: int
+    last_cursor: int  # cursor of the newest INITIAL batch cached, 0 if none
+    generation: int
+    records: dict[int, tuple[str, int, int]]  # sequence -> (commit kind or "batch", cursor, logical bytes)
+
+
+def record_info(msg: object) -> tuple[str, int, int]:
+    """What the server remembers of a cached record until it is applied: kind, cursor, logical bytes."""
+    if isinstance(msg, Commit):
+        return str(msg.meta["kind"]), 0, 0
+    if isinstance(msg, Batch):
+        return "batch", msg.cursor if msg.kind == BatchKind.INITIAL else 0, msg.logical_bytes
+    return "other", 0, 0
+
+
+class DiskCache:
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.index: list[Entry] = []  # ascending sequence
+        self.bytes = 0
+        self._fd: int | None = None
+        self._seg: Path | None = None
+        self._seg_size = 0
+
+    # -- start-up -----------------------------------------------------------------------------------
+    def recover(self) -> Recovered:
+        """Rebuild the index from the segments on disk."""
+        segs = sorted(self.dir.glob("seg-*.log"))
+        last_seq, cursor, gen = 0, 0, 0
+        info: dict[int, tuple[str, int, int]] = {}
+        for i, seg in enumerate(segs):
+            size = seg.stat().st_size
+            if size == 0:
+                if i == len(segs) - 1:
+                    seg.unlink()
+                    continue
+                raise CacheCorrupt(f"cache segment {seg} is empty but is not the newest")
+            with open(seg, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                records, good_end, problem = scan_records(mm)
+                for r in records:
+                    self.index.append(Entry(r.header.sequence, seg, r.offset, r.end - r.offset))
+                    msg = decode_message(r.header, r.payload)
+                    if isinstance(msg, Batch | Commit):
+                        gen = max(gen, msg.generation)
+                    info[r.header.sequence] = record_info(msg)
+                    if isinstance(msg, Batch) and msg.kind == BatchKind.INITIAL:
+                        cursor = msg.cursor
+                    last_seq = r.header.sequence
+                del records
+            if problem:
+                if i != len(segs) - 1:
+                    raise CacheCorrupt(f"cache segment {seg} is damaged ({problem}) and is not the newest")
+                log.warning("cache %s: cutting a torn tail (%s); it was never acknowledged", seg, problem)
+                with open(seg, "r+b") as f:
+                    f.truncate(good_end)
+                    os.fsync(f.fileno())
+                size = good_end
+            self.bytes += size
+        return Recovered(last_seq, cursor, gen, info)
+
+    # -- append -------------------------------------------------------------------------------------
+    def append(self, sequence: int, record: bytes) -> None:
+        """Append one record and make it durable. Called from a worker thread (it blocks on fsync)."""
+        if self._fd is None or self._seg_size >= SEGMENT_BYTES:
+            self._roll(sequence)
+        assert self._fd is not None and self._seg is not None
+        offset = self._seg_size
+        view = memoryview(record)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+            os.fsync(self._fd)
+        except OSError:
+            # Leave no half record behind that a later append would bury in the middle of the segment.
+            os.ftruncate(self._fd, offset)
+            raise
+        self._seg_size += len(record)
+        self.bytes += len(record)
+        self.index.append(Entry(sequence, self._seg, offset, len(record)))
+
+    def _roll(self, first_seq: int) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+        self._seg = self.dir / f"seg-{first_seq:020d}.log"
+        self._fd = os.open(self._seg, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._seg_size = os.fstat(self._fd).st_size
+        fsync_dir(self.dir)
+
+    # -- read and release ---------------------------------------------------------------------------
+    def after(self, sequence: int) -> list[Entry]:
+        """Entries with a sequence greater than `sequence`, in order."""
+        lo, hi = 0, len(self.index)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.index[mid].sequence <= sequence:
+                lo = mid + 1
+            else:
+                hi = mid
+        return self.index[lo:]
+
+    @staticmethod
+    def read(entry: Entry) -> bytes:
+        with open(entry.segment, "rb") as f:
+            return os.pread(f.fileno(), entry.length, entry.offset)
+
+    def release(self, applied_seq: int) -> None:
+        """Forget entries up to `applied_seq`; delete segments that hold nothing newer."""
+        keep = self.after(applied_seq)
+        live = {e.segment for e in keep}
+        for seg in {e.segment for e in self.index} - live:
+            if seg == self._seg:
+                continue  # the open segment is reused until it rolls
+            try:
+                self.bytes -= seg.stat().st_size
+                seg.unlink()
+            except FileNotFoundError:
+                pass
+        self.index = keep
+        if not keep and self._seg is not None:
+            # Everything is applied: drop the open segment too; the next append starts a new one.
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            self.bytes -= self._seg_size
+            self._seg.unlink(missing_ok=True)
+            self._seg = None
+            self._seg_size = 0
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -1,0 +1,159 @@
+"""The configuration service's store: machines, disks, assignments, replication state (SQLite).
+
+SQLite is the embedded default: nothing else to install for a single-site deployment. WAL mode with
+synchronous=NORMAL survives a process crash; the *data* path never depends on these rows alone —
+what is received is proven by the fsynced cache, what is applied by the master target's own state, and
+both are reconciled with these rows at start-up and at every connection.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS machines (
+    name TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    serial TEXT NOT NULL,
+    cert_pem TEXT NOT NULL,
+    enrolled_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS disks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    machine TEXT NOT NULL,
+    name TEXT NOT NULL,
+    uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    state TEXT NOT NULL DEFAULT 'unprotected',
+    generation INTEGER NOT NULL DEFAULT 1,
+    received_seq INTEGER NOT NULL DEFAULT 0,
+    applied_seq INTEGER NOT NULL DEFAULT 0,
+    cursor INTEGER NOT NULL DEFAULT 0,
+    applied_cursor INTEGER NOT NULL DEFAULT 0,
+    mt TEXT,
+    replica_path TEXT,
+    replica_format TEXT,
+    wrapped_key BLOB,
+    bytes_logical INTEGER NOT NULL DEFAULT 0,
+    bytes_data INTEGER NOT NULL DEFAULT 0,
+    bytes_wire INTEGER NOT NULL DEFAULT 0,
+    bytes_applied INTEGER NOT NULL DEFAULT 0,
+    protected_at REAL,
+    synced_at REAL,
+    error TEXT,
+    UNIQUE (machine, name)
+);
+"""
+
+DISK_COLUMNS = (
+    "id machine name uid path size state generation received_seq applied_seq cursor applied_cursor mt "
+    "replica_path replica_format wrapped_key bytes_logical bytes_data bytes_wire bytes_applied protected_at "
+    "synced_at error"
+).split()
+
+
+@dataclass
+class DiskRow:
+    id: int
+    machine: str
+    name: str
+    uid: str
+    path: str
+    size: int
+    state: str
+    generation: int
+    received_seq: int
+    applied_seq: int
+    cursor: int
+    applied_cursor: int
+    mt: str | None
+    replica_path: str | None
+    replica_format: str | None
+    wrapped_key: bytes | None
+    bytes_logical: int
+    bytes_data: int
+    bytes_wire: int
+    bytes_applied: int
+    protected_at: float | None
+    synced_at: float | None
+    error: str | None
+
+
+class Registry:
+    def __init__(self, path: Path) -> None:
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- meta ---------------------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    # -- machines -----------------------------------------------------------------------------------
+    def add_machine(self, name: str, role: str, serial: int, cert_pem: bytes) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO machines(name, role, serial, cert_pem, enrolled_at) VALUES (?,?,?,?,?)",
+            (name, role, str(serial), cert_pem.decode(), time.time()),
+        )
+
+    def machine(self, name: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT name, role, serial, cert_pem, enrolled_at FROM machines WHERE name=?", (name,))
+        r = row.fetchone()
+        return dict(zip(("name", "role", "serial", "cert_pem", "enrolled_at"), r, strict=True)) if r else None
+
+    def machines(self) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT name, role, enrolled_at FROM machines ORDER BY name").fetchall()
+        return [dict(zip(("name", "role", "enrolled_at"), r, strict=True)) for r in rows]
+
+    # -- disks --------------------------------------------------------------------------------------
+    def _rows(self, where: str, args: tuple[Any, ...]) -> list[DiskRow]:
+        sql = f"SELECT {', '.join(DISK_COLUMNS)} FROM disks {where} ORDER BY machine, name"
+        return [DiskRow(*r) for r in self.db.execute(sql, args).fetchall()]
+
+    def disk(self, disk_id: int) -> DiskRow | None:
+        rows = self._rows("WHERE id=?", (disk_id,))
+        return rows[0] if rows else None
+
+    def disk_by_name(self, machine: str, name: str) -> DiskRow | None:
+        rows = self._rows("WHERE machine=? AND name=?", (machine, name))
+        return rows[0] if rows else None
+
+    def disks(self, machine: str | None = None, mt: str | None = None) -> list[DiskRow]:
+        if machine is not None:
+            return self._rows("WHERE machine=?", (machine,))
+        if mt is not None:
+            return self._rows("WHERE mt=?", (mt,))
+        return self._rows("", ())
+
+    def add_disk(self, machine: str, name: str, uid: str, path: str, size: int) -> DiskRow:
+        self.db.execute(
+            "INSERT INTO disks(machine, name, uid, path, size) VALUES (?,?,?,?,?)", (machine, name, uid, path, size)
+        )
+        row = self.disk_by_name(machine, name)
+        assert row is not None
+        return row
+
+    def update_disk(self, disk_id: int, **fields: Any) -> None:
+        for k in fields:
+            if k not in DISK_COLUMNS or k == "id":
+                raise KeyError(k)
+        sets = ", ".join(f"{k}=?" for k in fields)
+        self.db.execute(f"UPDATE disks SET {sets} WHERE id=?", (*fields.values(), disk_id))
+
+    def add_counters(self, disk_id: int, **deltas: int) -> None:
+        sets = ", ".join(f"{k}={k}+?" for k in deltas)
+        self.db.execute(f"UPDATE disks SET {sets} WHERE id=?", (*deltas.values(), disk_id))

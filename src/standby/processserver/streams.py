@@ -1,0 +1,60 @@
+"""Per-disk runtime state of the process server: the cache, sequence positions, throughput.
+
+A `DiskStream` is the one object both sides of a disk meet at: the agent session appends to it, the
+master-target session reads from it, and status reads its counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from .cache import DiskCache
+
+
+@dataclass
+class Rate:
+    """Bytes per second over a sliding window (default 10 s): what status shows as the rate."""
+
+    window: float = 10.0
+    samples: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def add(self, n: int, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self.samples.append((now, n))
+        while self.samples and self.samples[0][0] < now - self.window:
+            self.samples.popleft()
+
+    def value(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        while self.samples and self.samples[0][0] < now - self.window:
+            self.samples.popleft()
+        if not self.samples:
+            return 0.0
+        span = max(now - self.samples[0][0], 1.0)
+        return sum(n for _, n in self.samples) / span
+
+
+class DiskStream:
+    def __init__(self, disk_id: int, machine: str, cache: DiskCache) -> None:
+        self.id = disk_id
+        self.machine = machine
+        self.cache = cache
+        self.received_seq = 0
+        self.applied_seq = 0
+        self.cursor = 0
+        self.generation = 1
+        self.records: dict[int, tuple[str, int, int]] = {}  # cached, not yet applied: kind, cursor, bytes
+        self.new_data = asyncio.Event()
+        self.append_lock = asyncio.Lock()
+        self.receive_rate = Rate()
+        self.apply_rate = Rate()
+        self.mt_session: object | None = None  # the master-target session currently pulling this disk
+        self.last_error: str | None = None
+        self.initial_committed = False  # an initial-complete commit is in the cache or applied
+
+    @property
+    def backlog_records(self) -> int:
+        return max(self.received_seq - self.applied_seq, 0)
