@@ -513,4 +513,3 @@ def test_sentinels() -> None:
 
 def test_operational_messages_all_listed() -> None:
     assert set(OPERATIONAL) | {Hello, Welcome, Goodbye} == set(SAMPLES)
-

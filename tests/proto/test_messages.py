@@ -488,8 +488,14 @@ _BATCH_HEAD = struct.Struct(">IBBxxIQ")
 _EXTENT = struct.Struct(">BxxxQII")
 
 
-def batch_payload(entries: list[tuple[int, int, int, int]], payloads: bytes = b"", *, count: int | None = None,
-                  kind: int = 1, seal: bytes = SEAL) -> bytes:
+def batch_payload(
+    entries: list[tuple[int, int, int, int]],
+    payloads: bytes = b"",
+    *,
+    count: int | None = None,
+    kind: int = 1,
+    seal: bytes = SEAL,
+) -> bytes:
     """Build a BATCH payload by hand from the documented layout. entries: (kind, offset, length, stored)."""
     head = _BATCH_HEAD.pack(1, kind, 0, len(entries) if count is None else count, 0)
     return head + b"".join(_EXTENT.pack(*e) for e in entries) + seal + payloads

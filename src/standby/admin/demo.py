@@ -8,6 +8,7 @@ replica with `qemu-img compare` and with our own xxh3-128 checksums, prints a su
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -70,6 +71,8 @@ def run_demo(keep: Path | None, size_text: str, fmt: str = "vmdk") -> int:
         root = Path(tempfile.mkdtemp(prefix="standby-demo-"))
     dep = LocalDeployment(root)
     loop_dev: str | None = None
+    # SIGTERM cleans up like Ctrl-C: stop the daemons, detach the loop device, remove the directory.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         print(f"standby demo in {root}")
         image = root / "source.img"

@@ -23,6 +23,7 @@ from .tls import PeerIdentity, peer_identity
 
 log = logging.getLogger("standby.link")
 READ_CHUNK = 1 << 20
+WRITE_CHUNK = 256 * 1024
 
 
 class LinkClosed(Exception):
@@ -56,6 +57,7 @@ class Link:
         self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._wlock = asyncio.Lock()
         self.closed = False
+        self.quiet = False  # owner's hint: log this link's comings and goings at DEBUG
 
     async def recv(self) -> Message:
         while True:
@@ -77,11 +79,25 @@ class Link:
         if self.closed:
             raise LinkClosed(f"connection to {self.name} is closed")
         async with self._wlock:
-            try:
-                self.writer.write(self.conn.send(msg))
+            await self._write(self.conn.send(msg))
+
+    async def send_frame(self, frame: bytes) -> None:
+        """Forward an already-encoded operational frame (BATCH or COMMIT read from the cache) byte for byte."""
+        if self.closed:
+            raise LinkClosed(f"connection to {self.name} is closed")
+        async with self._wlock:
+            await self._write(frame)
+
+    async def _write(self, data: bytes) -> None:
+        # Large frames go out in WRITE_CHUNK pieces, draining after each: uvloop's TLS transport was seen
+        # to stall for good when handed a multi-megabyte buffer in one write.
+        view = memoryview(data)
+        try:
+            for pos in range(0, len(view), WRITE_CHUNK):
+                self.writer.write(view[pos : pos + WRITE_CHUNK])
                 await self.writer.drain()
-            except (ConnectionError, ssl.SSLError, OSError) as exc:
-                raise LinkClosed(f"connection to {self.name} lost: {exc}") from None
+        except (ConnectionError, ssl.SSLError, OSError) as exc:
+            raise LinkClosed(f"connection to {self.name} lost: {exc}") from None
 
     async def request(self, op: str, timeout: float | None = 60.0, **args: Any) -> dict[str, Any]:
         """Send a request; the read loop must be running elsewhere (see `deliver`)."""

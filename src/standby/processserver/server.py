@@ -147,7 +147,7 @@ class ProcessServer:
             log.warning("%s: protocol error (%s): %s; closing this connection", link.name, exc.code, exc)
             await link.close(exc.code, str(exc))
         except LinkClosed as exc:
-            log.info("%s: %s", link.name, exc)
+            log.log(logging.DEBUG if link.quiet else logging.INFO, "%s", exc)
         except (ConnectionError, ssl.SSLError, TimeoutError) as exc:
             log.info("%s: connection ended: %s", link.name, exc)
         except asyncio.CancelledError:
@@ -178,7 +178,9 @@ class ProcessServer:
         name = peer.name if peer else "?"
         await link.send(Welcome(version, name, hello.role))
         link.name = f"{hello.role} {name} ({link.name})"
-        log.info("%s: connected", link.name)
+        # Admin connections are one request each (status polling): keep them out of the log at INFO.
+        link.quiet = hello.role in ("admin", "enroll")
+        log.log(logging.DEBUG if link.quiet else logging.INFO, "%s: connected", link.name)
         if hello.role == "enroll":
             await self.enrollment.session(link, ip)
         elif hello.role == "agent":
@@ -461,9 +463,7 @@ class MTSession:
                         self.acked.clear()
                         await self.acked.wait()
                     record = await asyncio.to_thread(st.cache.read, e)
-                    async with self.link._wlock:
-                        self.link.writer.write(record)  # already a verified frame: forwarded byte for byte
-                        await self.link.writer.drain()
+                    await self.link.send_frame(record)  # a verified frame, forwarded byte for byte
                     sent = e.sequence
         except (ConnectionError, LinkClosed, OSError) as exc:
             log.info("%s: sender for disk %d stopped: %s", self.link.name, st.id, exc)
