@@ -56,13 +56,15 @@ def fill_mixed(path: str, size: int, seed: int = 7) -> None:
 
 def qemu_compare(source: str, replica: Path, fmt: str) -> subprocess.CompletedProcess[str]:
     rfmt = "raw" if fmt in ("raw", "device") else "vmdk"
-    return subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", rfmt, source, str(replica)],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", "-F", rfmt, source, str(replica)], capture_output=True, text=True
+    )
 
 
 def qemu_info(replica: Path) -> dict:
-    out = subprocess.run(["qemu-img", "info", "--output=json", str(replica)], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        ["qemu-img", "info", "--output=json", str(replica)], capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout)
 
 
@@ -76,8 +78,9 @@ def protected(deployment: LocalDeployment, make_loop: Callable[..., str], tmp_pa
     Starts master target mt1 and agent src with one loop-device disk filled with mixed data, protects it
     and returns without waiting for the sync."""
 
-    def factory(fmt: str, size: int, batch: str = "1M", replica: str | None = None, fill: bool = True,
-                start_mt: bool = True) -> tuple[str, Path]:
+    def factory(
+        fmt: str, size: int, batch: str = "1M", replica: str | None = None, fill: bool = True, start_mt: bool = True
+    ) -> tuple[str, Path]:
         dev = make_loop(size, "source")
         if fill:
             fill_mixed(dev, size)
@@ -95,8 +98,14 @@ def protected(deployment: LocalDeployment, make_loop: Callable[..., str], tmp_pa
         rdir = tmp_path / "replicas"
         rdir.mkdir(exist_ok=True)
         replicas = {"disk0": replica} if replica else {}
-        res = deployment.admin().call("protect", machine="src", mt="mt1", format=fmt,
-                                      replica_dir=None if replica else str(rdir), replicas=replicas)
+        res = deployment.admin().call(
+            "protect",
+            machine="src",
+            mt="mt1",
+            format=fmt,
+            replica_dir=None if replica else str(rdir),
+            replicas=replicas,
+        )
         return dev, Path(res["disks"][0]["replica"])
 
     return factory

@@ -63,9 +63,21 @@ def test_wrong_passphrase_is_refused_and_rate_limited(deployment, tmp_path):
     bad.write_text("not-the-passphrase\n")
     codes = []
     for _ in range(5):
-        res = deployment.run("agent", "enroll", "--server", deployment.server, "--fingerprint",
-                             deployment.fingerprint, "--passphrase-file", str(bad), "--name", "x",
-                             "--dir", str(tmp_path / "x"), check=False)
+        res = deployment.run(
+            "agent",
+            "enroll",
+            "--server",
+            deployment.server,
+            "--fingerprint",
+            deployment.fingerprint,
+            "--passphrase-file",
+            str(bad),
+            "--name",
+            "x",
+            "--dir",
+            str(tmp_path / "x"),
+            check=False,
+        )
         codes.append((res.returncode, res.stderr))
     assert all(rc == 4 for rc, _ in codes), codes
     assert "wrong enrollment passphrase" in codes[0][1]
@@ -73,9 +85,21 @@ def test_wrong_passphrase_is_refused_and_rate_limited(deployment, tmp_path):
 
 
 def test_wrong_fingerprint_sends_nothing(deployment, tmp_path):
-    res = deployment.run("agent", "enroll", "--server", deployment.server, "--fingerprint", "sha256:" + "0" * 64,
-                         "--passphrase-file", str(deployment.ps_dir / "enroll-passphrase"), "--name", "x",
-                         "--dir", str(tmp_path / "x"), check=False)
+    res = deployment.run(
+        "agent",
+        "enroll",
+        "--server",
+        deployment.server,
+        "--fingerprint",
+        "sha256:" + "0" * 64,
+        "--passphrase-file",
+        str(deployment.ps_dir / "enroll-passphrase"),
+        "--name",
+        "x",
+        "--dir",
+        str(tmp_path / "x"),
+        check=False,
+    )
     assert res.returncode == 4 and "nothing was sent" in res.stderr
 
 
@@ -93,8 +117,7 @@ def test_agent_cannot_touch_another_machines_disk(deployment, tmp_path):
             await lb.call("disk_key", disk=info["disk"], wrapped_key="AAAA")
         assert exc.value.code == "forbidden"
         # Data for alice's disk on bob's connection: the connection is closed.
-        batch = Batch(info["disk"], 1, 1, BatchKind.INITIAL, 4 * MiB, (Extent(ExtentKind.ZERO, 0, 4 * MiB),),
-                      bytes(28))
+        batch = Batch(info["disk"], 1, 1, BatchKind.INITIAL, 4 * MiB, (Extent(ExtentKind.ZERO, 0, 4 * MiB),), bytes(28))
         await lb.send(batch)
         with pytest.raises(LinkClosed) as closed:
             await lb.recv()
@@ -193,6 +216,11 @@ def test_malformed_frames_close_only_that_connection(deployment, kind):
 
     run(go())
     log = deployment.log_text("ps")
-    expected = {"garbage": "bad-magic", "wrong-version": "bad-version", "oversized": "oversized",
-                "truncated": "truncated", "bad-type": "bad-type"}[kind]
+    expected = {
+        "garbage": "bad-magic",
+        "wrong-version": "bad-version",
+        "oversized": "oversized",
+        "truncated": "truncated",
+        "bad-type": "bad-type",
+    }[kind]
     assert f"protocol error ({expected})" in log, log[-2000:]

@@ -289,11 +289,6 @@ def test_batch_limits_that_are_legal() -> None:
     _batch((data(0, b"x", MAX_BATCH_LOGICAL), zero(MAX_BATCH_LOGICAL, 2**32 - SECTOR)))  # zero extents are free
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Batch/Extent accept integers outside their u8/u32/u64 wire fields; struct.error escapes encode()",
-    raises=struct.error,
-)
 @pytest.mark.parametrize(
     "make",
     [
@@ -325,7 +320,6 @@ def test_invalid_commit(meta: dict[str, Any], seal: bytes) -> None:
     assert exc.value.code == "bad-commit"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Commit accepts a bool generation (isinstance(True, int) is True)")
 def test_commit_rejects_bool_generation() -> None:
     with pytest.raises(LocalProtocolError):
         Commit(1, 1, {"generation": True, "kind": "x"}, SEAL)
@@ -415,7 +409,6 @@ def test_wrong_field_type_is_remote_error(ftype: FrameType, field_name: str, val
     assert assert_remote_error(ftype, json.dumps(body).encode()).code == "bad-message"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: _check_types lets a bool through where a float is declared (Busy)")
 def test_busy_retry_after_bool_is_remote_error() -> None:
     body = {**VALID_BODIES[FrameType.BUSY], "retry_after": True}
     assert_remote_error(FrameType.BUSY, json.dumps(body).encode())
@@ -470,11 +463,6 @@ def test_disk_and_sequence_come_from_the_header_not_the_json() -> None:
     assert msg == Ack(5, 9, 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: deeply nested JSON makes json.loads raise RecursionError, which decode_message does not catch",
-    raises=RecursionError,
-)
 @pytest.mark.parametrize("ftype", [FrameType.REQUEST, FrameType.HELLO], ids=lambda t: t.name)
 def test_deeply_nested_json_is_remote_error(ftype: FrameType) -> None:
     payload = b'{"args":' + b"[" * 200_000 + b"]" * 200_000 + b"}"
@@ -574,16 +562,10 @@ def test_malformed_commit_is_remote_error(payload: bytes) -> None:
     assert assert_remote_error(FrameType.COMMIT, payload).code == "bad-commit"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a COMMIT whose meta generation is a JSON bool is accepted")
 def test_commit_with_bool_generation_is_remote_error() -> None:
     assert_remote_error(FrameType.COMMIT, commit_payload(b'{"generation":true,"kind":"x"}'))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: deeply nested commit meta makes json.loads raise RecursionError (not caught)",
-    raises=RecursionError,
-)
 def test_commit_with_deeply_nested_meta_is_remote_error() -> None:
     assert_remote_error(FrameType.COMMIT, commit_payload(b'{"x":' + b"[" * 200_000 + b"]" * 200_000 + b"}"))
 

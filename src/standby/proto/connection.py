@@ -12,8 +12,10 @@ The transition table below is the only place that decides what may be sent or re
 An illegal *send* raises LocalProtocolError and leaves the state unchanged; an illegal *receive* raises
 RemoteProtocolError, after which the owner sends GOODBYE with `exc.code` and closes.
 
-Buffer limit: at most one frame header plus MAX_PAYLOAD bytes are held — `receive_data` never grows the
-buffer past what the frame being read announced, so a peer cannot make us hold more than ~32 MiB.
+Buffer limit: a frame's header is checked (including its announced length, at most MAX_PAYLOAD) as soon
+as 36 bytes are buffered, so a peer cannot announce more than ~32 MiB. `receive_data` itself appends
+whatever it is given: the owner must drain `next_event()` after every chunk it feeds (the asyncio
+adapter feeds at most 1 MiB at a time), which bounds the buffer to one frame plus one chunk.
 """
 
 from __future__ import annotations

@@ -42,10 +42,15 @@ _DOMAIN_BATCH = b"standby/batch/v1"
 _AD = struct.Struct(">16sIQQI")  # disk uid, generation, sequence, offset, length
 
 
-def extent_ad(disk_uid: bytes, generation: int, sequence: int, offset: int, length: int) -> bytes:
+def extent_ad(disk_uid: bytes, generation: int, sequence: int, offset: int, length: int, flags: int) -> bytes:
+    """Associated data of one extent; the flags byte is bound too, so it cannot be flipped unnoticed."""
+    return _DOMAIN_EXTENT + _AD.pack(disk_uid, generation, sequence, offset, length) + bytes((flags,))
+
+
+def _check_uid(disk_uid: bytes) -> bytes:
     if len(disk_uid) != 16:
         raise LocalProtocolError("bad-disk-uid", "disk uid must be 16 bytes")
-    return _DOMAIN_EXTENT + _AD.pack(disk_uid, generation, sequence, offset, length)
+    return bytes(disk_uid)
 
 
 class Sealer:
@@ -55,7 +60,7 @@ class Sealer:
         if len(key) != KEY_SIZE:
             raise LocalProtocolError("bad-key", "data key must be 32 bytes (AES-256)")
         self._aead = AESGCM(key)
-        self._uid = disk_uid
+        self._uid = _check_uid(disk_uid)
         self._zc = zstandard.ZstdCompressor(level=level)
 
     def seal(self, generation: int, sequence: int, offset: int, data: bytes | memoryview) -> bytes:
@@ -65,7 +70,7 @@ class Sealer:
         if len(packed) >= len(plain):
             packed, flags = plain, 0
         nonce = os.urandom(NONCE_SIZE)
-        ad = extent_ad(self._uid, generation, sequence, offset, len(plain))
+        ad = extent_ad(self._uid, generation, sequence, offset, len(plain), flags)
         body = self._aead.encrypt(nonce, block_digest(plain) + packed, ad)
         return bytes((flags,)) + nonce + body
 
@@ -83,16 +88,20 @@ class Opener:
         if len(key) != KEY_SIZE:
             raise LocalProtocolError("bad-key", "data key must be 32 bytes (AES-256)")
         self._aead = AESGCM(key)
-        self._uid = disk_uid
+        self._uid = _check_uid(disk_uid)
         self._max = max_extent
         self._zd = zstandard.ZstdDecompressor()
 
     def open(self, generation: int, sequence: int, offset: int, length: int, sealed: bytes | memoryview) -> bytes:
         if len(sealed) < OVERHEAD:
             raise EnvelopeError(f"extent at offset {offset}: sealed payload too short")
+        if length > self._max:
+            raise EnvelopeError(f"extent at offset {offset}: {length} bytes exceeds the {self._max}-byte limit")
         flags = sealed[0]
+        if flags & ~FLAG_ZSTD:
+            raise EnvelopeError(f"extent at offset {offset}: unknown envelope flags {flags:#x}")
         nonce = bytes(sealed[1 : 1 + NONCE_SIZE])
-        ad = extent_ad(self._uid, generation, sequence, offset, length)
+        ad = extent_ad(self._uid, generation, sequence, offset, length, flags)
         try:
             body = self._aead.decrypt(nonce, bytes(sealed[1 + NONCE_SIZE :]), ad)
         except InvalidTag:

@@ -64,8 +64,8 @@ def encode_frame(ftype: int, stream: int, sequence: int, payload: bytes | memory
     length = len(payload)
     if length > MAX_PAYLOAD:
         raise LocalProtocolError("oversized", f"payload of {length} bytes exceeds the {MAX_PAYLOAD}-byte limit")
-    if not (0 <= stream <= MAX_STREAM and 0 <= sequence <= MAX_SEQUENCE and 0 <= ftype <= 255):
-        raise LocalProtocolError("bad-header", "stream, sequence or type out of range")
+    if not (0 <= stream <= MAX_STREAM and 0 <= sequence <= MAX_SEQUENCE and 0 <= ftype <= 255 and 0 <= flags <= 0xFFFF):
+        raise LocalProtocolError("bad-header", "stream, sequence, type or flags out of range")
     head = _HEAD.pack(MAGIC, VERSION, ftype, flags, stream, sequence, length, xxhash.xxh64_intdigest(payload))
     return b"".join((head, _CHECK.pack(xxhash.xxh32_intdigest(head)), payload))
 

@@ -82,8 +82,8 @@ class Extent:
     def __post_init__(self) -> None:
         if self.offset < 0 or self.offset % SECTOR or self.length <= 0 or self.length % SECTOR:
             raise LocalProtocolError("bad-extent", f"extent {self.offset}+{self.length} is not sector-aligned")
-        if self.length >= 2**32:
-            raise LocalProtocolError("bad-extent", "extent longer than 4 GiB")
+        if self.length >= 2**32 or self.offset >= 2**64:
+            raise LocalProtocolError("bad-extent", "extent longer than 4 GiB or offset out of range")
         if self.kind == ExtentKind.ZERO and len(self.payload):
             raise LocalProtocolError("bad-extent", "a zero extent carries no payload")
         if self.kind == ExtentKind.DATA and (self.length > MAX_BATCH_LOGICAL or not len(self.payload)):
@@ -110,6 +110,8 @@ class Batch:
             raise LocalProtocolError("bad-batch", f"a batch holds 1..{MAX_EXTENTS} extents")
         if len(self.seal) != SEAL_SIZE:
             raise LocalProtocolError("bad-batch", "batch seal has the wrong size")
+        if not (0 <= self.generation < 2**32 and 0 <= self.cursor < 2**64 and 0 <= self.flags < 256):
+            raise LocalProtocolError("bad-batch", "generation, cursor or flags out of range")
         end = -1
         data = 0
         for e in self.extents:
@@ -199,7 +201,7 @@ class Commit:
     seal: bytes
 
     def __post_init__(self) -> None:
-        if not isinstance(self.meta.get("generation"), int) or not isinstance(self.meta.get("kind"), str):
+        if type(self.meta.get("generation")) is not int or not isinstance(self.meta.get("kind"), str):
             raise LocalProtocolError("bad-commit", "commit meta needs an integer generation and a kind")
         if len(self.seal) != SEAL_SIZE:
             raise LocalProtocolError("bad-commit", "commit seal has the wrong size")
@@ -232,7 +234,7 @@ def _decode_commit(h: FrameHeader, p: memoryview) -> Commit:
         if not isinstance(meta, dict):
             raise ValueError("meta is not an object")
         return Commit(h.stream, h.sequence, meta, bytes(p[4 + n :]))
-    except (ValueError, LocalProtocolError) as exc:
+    except (ValueError, RecursionError, LocalProtocolError) as exc:
         raise RemoteProtocolError("bad-commit", f"invalid commit: {exc}") from None
 
 
@@ -358,7 +360,7 @@ def decode_message(h: FrameHeader, payload: memoryview) -> Message:
         msg = cls(**body)
         _check_types(msg)
         return msg
-    except (ValueError, TypeError, LocalProtocolError) as exc:
+    except (ValueError, TypeError, RecursionError, LocalProtocolError) as exc:
         raise RemoteProtocolError("bad-message", f"invalid {cls.__name__}: {exc}") from None
 
 
@@ -372,7 +374,7 @@ def _check_types(msg: Message) -> None:
             if isinstance(f.type, type)
             else {"int": int, "str": str, "bool": bool, "float": float}.get(str(f.type))
         )
-        if t in expect and not isinstance(v, expect[t]) or (t is int and isinstance(v, bool)):
+        if t in expect and not isinstance(v, expect[t]) or (t in (int, float) and isinstance(v, bool)):
             raise ValueError(f"field {name} has the wrong type")
         if name == "args" or name == "result":
             if not isinstance(v, dict):
