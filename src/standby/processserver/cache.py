@@ -13,7 +13,6 @@ Layout: CACHE_DIR/disk-<id>/seg-<first sequence, 20 digits>.log
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,18 +81,16 @@ class DiskCache:
                     seg.unlink()
                     continue
                 raise CacheCorrupt(f"cache segment {seg} is empty but is not the newest")
-            with open(seg, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                records, good_end, problem = scan_records(mm)
-                for r in records:
-                    self.index.append(Entry(r.header.sequence, seg, r.offset, r.end - r.offset))
-                    msg = decode_message(r.header, r.payload)
-                    if isinstance(msg, Batch | Commit):
-                        gen = max(gen, msg.generation)
-                    info[r.header.sequence] = record_info(msg)
-                    if isinstance(msg, Batch) and msg.kind == BatchKind.INITIAL:
-                        cursor = msg.cursor
-                    last_seq = r.header.sequence
-                del records
+            records, good_end, problem = scan_records(seg.read_bytes())  # segments are at most ~64 MiB
+            for r in records:
+                self.index.append(Entry(r.header.sequence, seg, r.offset, r.end - r.offset))
+                msg = decode_message(r.header, r.payload)
+                if isinstance(msg, Batch | Commit):
+                    gen = max(gen, msg.generation)
+                info[r.header.sequence] = record_info(msg)
+                if isinstance(msg, Batch) and msg.kind == BatchKind.INITIAL:
+                    cursor = msg.cursor
+                last_seq = r.header.sequence
             if problem:
                 if i != len(segs) - 1:
                     raise CacheCorrupt(f"cache segment {seg} is damaged ({problem}) and is not the newest")

@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""Benchmark: initial replication of a loop device with the demo's data mix, side by side with
+rsync over ssh (zstd) and a plain dd copy, in the same run. Writes JSON; never part of the tests.
+
+    python3 bench/initial_replication.py [--size 2G] [--out bench/results/initial_replication.json]
+
+Needs root (loop device, a private sshd on 127.0.0.1 for the rsync baseline), qemu-img, rsync, sshd.
+Caches are dropped before each contender so each starts from a cold source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from standby.admin.localdeploy import LocalDeployment, free_port
+from standby.admin.testdisk import make_test_disk
+from standby.plumbing.config import parse_size
+
+
+def drop_caches() -> None:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        pass
+
+
+def proc_usage(pid: int) -> dict[str, float]:
+    """CPU seconds (user+system) and peak RSS (VmHWM) of a live process."""
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    cpu = (int(stat[11]) + int(stat[12])) / tick
+    hwm = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            hwm = int(line.split()[1]) * 1024
+    return {"cpu_seconds": round(cpu, 2), "peak_rss_bytes": hwm}
+
+
+def run_standby(root: Path, source: str, size: int) -> dict:
+    dep = LocalDeployment(root / "standby", cache_quota=8 << 30)
+    try:
+        dep.init()
+        dep.start("ps")
+        dep.enroll("mt", "mt1")
+        dep.start("mt", "mt1")
+        dep.enroll("agent", "bench")
+        dep.add_disk("bench", "disk0", source)
+        dep.start("agent", "bench")
+        dep.wait_disks_known("bench", 1)
+        dep.wait_mt_connected("mt1")
+        (root / "replicas").mkdir()
+        drop_caches()
+        t0 = time.monotonic()
+        res = dep.admin().call("protect", machine="bench", mt="mt1", format="vmdk", replica_dir=str(root / "replicas"))
+        st = dep.wait_synced("bench", timeout=3600)
+        elapsed = time.monotonic() - t0
+        usage = {k: proc_usage(p.pid) for k, p in dep.procs.items()}
+        d = st["disks"][0]
+        replica = res["disks"][0]["replica"]
+        cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "vmdk", source, replica],
+                             capture_output=True, text=True)
+        return {
+            "seconds": round(elapsed, 2),
+            "logical_MBps": round(size / elapsed / 1e6, 1),
+            "bytes_on_wire": d["bytes_wire"],
+            "nonzero_data_bytes": d["bytes_data"],
+            "compression_ratio": round(d["compression_ratio"], 3) if d["compression_ratio"] else None,
+            "daemons": usage,
+            "identical": cmp.returncode == 0,
+        }
+    finally:
+        dep.stop_all()
+
+
+def start_sshd(root: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
+    sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+    hostkey, userkey = root / "hostkey", root / "userkey"
+    for k in (hostkey, userkey):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(k)], check=True)
+    auth = root / "authorized_keys"
+    shutil.copy(f"{userkey}.pub", auth)
+    os.chmod(auth, 0o600)
+    port = free_port()
+    conf = root / "sshd_config"
+    conf.write_text(f"Port {port}\nListenAddress 127.0.0.1\nHostKey {hostkey}\nAuthorizedKeysFile {auth}\n"
+                    "PermitRootLogin prohibit-password\nPasswordAuthentication no\nUsePAM no\n"
+                    f"PidFile {root / 'sshd.pid'}\n")
+    Path("/run/sshd").mkdir(exist_ok=True)
+    proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(conf)], stderr=open(root / "sshd.log", "wb"))
+    time.sleep(0.5)
+    return proc, port, userkey
+
+
+def run_rsync(root: Path, source: str, size: int) -> dict:
+    proc, port, key = start_sshd(root)
+    try:
+        dest = root / "rsync-dest.img"
+        ssh = f"ssh -p {port} -i {key} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes"
+        drop_caches()
+        t0 = time.monotonic()
+        res = subprocess.run(["rsync", "--copy-devices", "--inplace", "--compress", "--compress-choice=zstd",
+                              "--stats", "-e", ssh, source, f"root@127.0.0.1:{dest}"], capture_output=True, text=True)
+        elapsed = time.monotonic() - t0
+        if res.returncode != 0:
+            return {"error": res.stderr.strip()[-500:]}
+        sent = 0
+        for line in res.stdout.splitlines():
+            if line.startswith("Total bytes sent:"):
+                sent = int(line.split(":")[1].strip().replace(",", ""))
+        cmp = subprocess.run(["cmp", source, str(dest)], capture_output=True)
+        return {"seconds": round(elapsed, 2), "logical_MBps": round(size / elapsed / 1e6, 1),
+                "bytes_on_wire": sent, "identical": cmp.returncode == 0}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def run_dd(root: Path, source: str, size: int) -> dict:
+    dest = root / "dd-dest.img"
+    drop_caches()
+    t0 = time.monotonic()
+    subprocess.run(["dd", f"if={source}", f"of={dest}", "bs=16M", "conv=fsync", "status=none"], check=True)
+    elapsed = time.monotonic() - t0
+    return {"seconds": round(elapsed, 2), "logical_MBps": round(size / elapsed / 1e6, 1)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="2G")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "initial_replication.json")
+    args = ap.parse_args()
+    size = parse_size(args.size)
+    if os.geteuid() != 0:
+        print("needs root (loop device, private sshd)", file=sys.stderr)
+        return 2
+    root = Path(tempfile.mkdtemp(prefix="standby-bench-"))
+    loop = None
+    try:
+        image = root / "source.img"
+        make_test_disk(image, size)
+        loop = subprocess.run(["losetup", "--find", "--show", str(image)], check=True, capture_output=True,
+                              text=True).stdout.strip()
+        results = {
+            "benchmark": "initial_replication",
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
+            "disk_bytes": size,
+            "data_mix": "1 MiB regions: 3/8 text, 3/8 random, 2/8 zero (standby.admin.testdisk)",
+            "standby": run_standby(root, loop, size),
+            "rsync_ssh_zstd": run_rsync(root, loop, size),
+            "dd_ceiling": run_dd(root, loop, size),
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps(results, indent=2))
+        return 0
+    finally:
+        if loop:
+            subprocess.run(["losetup", "-d", loop], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
