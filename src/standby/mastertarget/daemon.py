@@ -54,8 +54,16 @@ class DiskWorker:
             if msg.sequence <= st.applied_seq:
                 await link.send(Ack(st.disk, msg.sequence, msg.generation))  # already applied: say so again
                 continue
-            if msg.sequence != st.applied_seq + 1 or self.blocked_until:
-                continue  # sent before a reject was seen; the process server resends from applied_seq + 1
+            if self.blocked_until:
+                # Sent before our reject reached the process server; it resends from applied_seq + 1.
+                log.debug("disk %d: dropping sequence %d (applied %d)", st.disk, msg.sequence, st.applied_seq)
+                continue
+            if msg.sequence != st.applied_seq + 1:
+                # Promise 2: never apply out of order. Pull again from what we hold (after a short delay).
+                log.warning("disk %d: sequence %d arrived after %d; pulling again from %d", st.disk, msg.sequence,
+                            st.applied_seq, st.applied_seq + 1)
+                self.blocked_until = asyncio.get_running_loop().time() + 1.0
+                continue
             try:
                 if isinstance(msg, Batch):
                     await asyncio.to_thread(self.applier.apply_batch, msg)
@@ -146,6 +154,7 @@ class MasterTarget:
             while True:
                 msg = await link.recv()
                 if isinstance(msg, Batch | Commit):
+                    log.debug("disk %d: received sequence %d", msg.disk, msg.sequence)
                     w = self.workers.get(msg.disk)
                     if w is None:
                         raise ProtocolError("unexpected-message", f"record for disk {msg.disk}, not pulled")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,10 @@ class DiskCache:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.index: list[Entry] = []  # ascending sequence
+        # `append` runs in a worker thread (it blocks on fsync) while `after` and `release` run on the event
+        # loop: every touch of index, bytes and the open segment holds this lock, or an entry appended
+        # during a release is lost (seen: the sender skipped a sequence and replication stalled).
+        self._lock = threading.Lock()
         self.bytes = 0
         self._fd: int | None = None
         self._seg: Path | None = None
@@ -105,6 +110,10 @@ class DiskCache:
     # -- append -------------------------------------------------------------------------------------
     def append(self, sequence: int, record: bytes) -> None:
         """Append one record and make it durable. Called from a worker thread (it blocks on fsync)."""
+        with self._lock:
+            self._append(sequence, record)
+
+    def _append(self, sequence: int, record: bytes) -> None:
         if self._fd is None or self._seg_size >= SEGMENT_BYTES:
             self._roll(sequence)
         assert self._fd is not None and self._seg is not None
@@ -133,6 +142,10 @@ class DiskCache:
     # -- read and release ---------------------------------------------------------------------------
     def after(self, sequence: int) -> list[Entry]:
         """Entries with a sequence greater than `sequence`, in order."""
+        with self._lock:
+            return self._after(sequence)
+
+    def _after(self, sequence: int) -> list[Entry]:
         lo, hi = 0, len(self.index)
         while lo < hi:
             mid = (lo + hi) // 2
@@ -149,7 +162,11 @@ class DiskCache:
 
     def release(self, applied_seq: int) -> None:
         """Forget entries up to `applied_seq`; delete segments that hold nothing newer."""
-        keep = self.after(applied_seq)
+        with self._lock:
+            self._release(applied_seq)
+
+    def _release(self, applied_seq: int) -> None:
+        keep = self._after(applied_seq)
         live = {e.segment for e in keep}
         for seg in {e.segment for e in self.index} - live:
             if seg == self._seg:

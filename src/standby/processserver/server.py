@@ -388,6 +388,7 @@ class MTSession:
                     else:
                         await reply_to(self.link, msg, handler)
                 elif isinstance(msg, Ack):
+                    log.debug("disk %d: %s acked sequence %d", msg.disk, self.name, msg.sequence)
                     self.on_ack(msg)
                 elif isinstance(msg, Reject):
                     self.on_reject(msg)
@@ -465,6 +466,7 @@ class MTSession:
                     record = await asyncio.to_thread(st.cache.read, e)
                     await self.link.send_frame(record)  # a verified frame, forwarded byte for byte
                     sent = e.sequence
+                    log.debug("disk %d: sent sequence %d to %s", st.id, sent, self.name)
         except (ConnectionError, LinkClosed, OSError) as exc:
             log.info("%s: sender for disk %d stopped: %s", self.link.name, st.id, exc)
 
