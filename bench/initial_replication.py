@@ -93,7 +93,7 @@ def start_sshd(root: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
     port = free_port()
     conf = root / "sshd_config"
     conf.write_text(f"Port {port}\nListenAddress 127.0.0.1\nHostKey {hostkey}\nAuthorizedKeysFile {auth}\n"
-                    "PermitRootLogin prohibit-password\nPasswordAuthentication no\nUsePAM no\n"
+                    "PermitRootLogin prohibit-password\nPasswordAuthentication no\nUsePAM no\nStrictModes no\n"
                     f"PidFile {root / 'sshd.pid'}\n")
     Path("/run/sshd").mkdir(exist_ok=True)
     proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(conf)], stderr=open(root / "sshd.log", "wb"))

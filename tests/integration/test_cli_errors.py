@@ -163,6 +163,13 @@ def test_server_unreachable(deployment):
     assert time.monotonic() - t0 < 30
 
 
+def test_bad_server_address(deployment):
+    res = deployment.run(
+        "admin", "--admin", str(deployment.ps_dir / "admin"), "--server", "127.0.0.1:notaport", "status", check=False
+    )
+    failed_with(res, EXIT_BAD_INPUT, "not a server address")
+
+
 def test_admin_not_enrolled(deployment, tmp_path):
     empty = tmp_path / "empty-admin"
     empty.mkdir()

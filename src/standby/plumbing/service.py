@@ -44,14 +44,8 @@ def dump_tasks() -> None:
 
 
 def install_loop() -> None:
-    """asyncio's own loop by default; uvloop with STANDBY_EVENT_LOOP=uvloop.
-
-    Measured here (uvloop 0.23, Python 3.11): with uvloop, the master target's TLS connection stalled
-    for good after 27-42 % of a 1 GiB initial replication — the process server's sender waiting for acks,
-    the master target waiting for data — in 3 of 3 runs, while asyncio's loop completed every time. Until
-    that is understood uvloop stays opt-in.
-    """
-    if os.environ.get("STANDBY_EVENT_LOOP", "asyncio") != "uvloop":
+    """uvloop by default; STANDBY_EVENT_LOOP=asyncio selects asyncio's own loop (for diagnosis)."""
+    if os.environ.get("STANDBY_EVENT_LOOP", "uvloop") == "asyncio":
         return
     try:
         import uvloop
