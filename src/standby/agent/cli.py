@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 from pathlib import Path
 
 from standby.plumbing.config import load_toml, parse_address, save_toml
-from standby.plumbing.enrollment import enroll, read_passphrase
+from standby.plumbing.enrollment import add_enroll_parser, enroll, read_passphrase
 from standby.plumbing.errors import BadInput, run_main
 from standby.plumbing.logs import setup_logging
 from standby.plumbing.service import run_daemon, sd_notify
@@ -21,13 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="standby-agent", description="standby mobility agent: replicates this machine's disks"
     )
     sub = p.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("enroll", help="enroll this machine with a deployment (passphrase + CA fingerprint)")
-    e.add_argument("--server", required=True, help="process server HOST[:PORT] (port default 9443)")
-    e.add_argument("--fingerprint", required=True, help="CA fingerprint printed by 'standby-ps init' (sha256:…)")
-    e.add_argument("--passphrase-file", type=Path, help="file holding the enrollment passphrase (else prompted)")
-    e.add_argument("--name", default=socket.gethostname(), help="this machine's name (default: host name)")
-    e.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"state directory (default {DEFAULT_DIR})")
-    e.add_argument("--replace", action="store_true", help="enroll again, replacing an earlier identity")
+    add_enroll_parser(sub, "machine", DEFAULT_DIR)
     a = sub.add_parser("add-disk", help="add a block device or image file to the disks this agent protects")
     a.add_argument("name", help="disk name, e.g. sda")
     a.add_argument("path", type=Path, help="block device or image file, e.g. /dev/sda")

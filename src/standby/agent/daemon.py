@@ -22,7 +22,7 @@ from cryptography import x509
 from standby.plumbing import identity as ident
 from standby.plumbing.durable import load_json, make_private_dir, save_json
 from standby.plumbing.errors import NotStarted, StandbyError
-from standby.plumbing.link import Link, LinkClosed, RequestFailed, dial
+from standby.plumbing.link import Link, RequestFailed, stay_connected
 from standby.plumbing.tls import client_context
 from standby.proto.envelope import Sealer
 from standby.proto.errors import ProtocolError
@@ -76,31 +76,7 @@ class Agent:
         self.done: set[str] = set()  # disks whose initial replication is committed
 
     async def run(self, stop: asyncio.Event) -> None:
-        delay = 1.0
-        while not stop.is_set():
-            try:
-                link = await dial(self.cfg.host, self.cfg.port, self.ssl, "agent")
-            except StandbyError as exc:
-                log.warning("%s; retrying in %.0f s", exc, delay)
-                await _sleep_or_stop(stop, delay)
-                delay = min(delay * 2, 10.0)
-                continue
-            delay = 1.0
-            log.info("connected to the process server %s:%d", self.cfg.host, self.cfg.port)
-            session = asyncio.create_task(self.session(link))
-            stopper = asyncio.create_task(stop.wait())
-            await asyncio.wait([session, stopper], return_when=asyncio.FIRST_COMPLETED)
-            stopper.cancel()
-            if not session.done():
-                session.cancel()
-            try:
-                await session
-            except (asyncio.CancelledError, LinkClosed, ProtocolError, ConnectionError, OSError) as exc:
-                if not stop.is_set():
-                    log.warning("session ended: %s", exc or type(exc).__name__)
-            await link.close()
-            if not stop.is_set():
-                await _sleep_or_stop(stop, 1.0)
+        await stay_connected(stop, self.cfg.host, self.cfg.port, self.ssl, "agent", self.session)
 
     async def session(self, link: Link) -> None:
         reader = asyncio.create_task(self.read_loop(link))
@@ -275,10 +251,3 @@ class Agent:
         c = Commit(d.id, seq, meta, sealer.seal_batch(gen, seq, meta_bytes(meta)))
         await self.send_record(link, d, seq, c)
         log.info("disk %s: %s committed (sequence %d)", d.cfg.name, kind, seq)
-
-
-async def _sleep_or_stop(stop: asyncio.Event, delay: float) -> None:
-    try:
-        await asyncio.wait_for(stop.wait(), delay)
-    except TimeoutError:
-        pass

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 from pathlib import Path
 
 from standby.plumbing.config import parse_address, save_toml
-from standby.plumbing.enrollment import enroll, read_passphrase
+from standby.plumbing.enrollment import add_enroll_parser, enroll, read_passphrase
 from standby.plumbing.errors import run_main
 from standby.plumbing.logs import setup_logging
 from standby.plumbing.service import run_daemon, sd_notify
@@ -19,13 +18,7 @@ from .config import DEFAULT_DIR, MTConfig
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="standby-mt", description="standby master target: writes replica disks")
     sub = p.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("enroll", help="enroll with a deployment, using the passphrase and CA fingerprint")
-    e.add_argument("--server", required=True, help="process server HOST[:PORT] (port default 9443)")
-    e.add_argument("--fingerprint", required=True, help="CA fingerprint printed by 'standby-ps init' (sha256:…)")
-    e.add_argument("--passphrase-file", type=Path, help="file holding the enrollment passphrase (else prompted)")
-    e.add_argument("--name", default=socket.gethostname(), help="this master target's name (default: host name)")
-    e.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"state directory (default {DEFAULT_DIR})")
-    e.add_argument("--replace", action="store_true", help="enroll again, replacing an earlier identity")
+    add_enroll_parser(sub, "master target", DEFAULT_DIR)
     r = sub.add_parser("run", help="run the master target")
     r.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"state directory (default {DEFAULT_DIR})")
     r.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default INFO)")

@@ -18,9 +18,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from standby.plumbing.errors import NotStarted, StandbyError
+from standby.plumbing.errors import NotStarted
 from standby.plumbing.identity import Identity, IdentityError
-from standby.plumbing.link import Link, LinkClosed, RequestFailed, dial
+from standby.plumbing.link import Link, RequestFailed, stay_connected
 from standby.plumbing.tls import client_context
 from standby.proto.errors import EnvelopeError, ProtocolError
 from standby.proto.keywrap import KeyWrapError, unwrap_key
@@ -60,8 +60,13 @@ class DiskWorker:
                 continue
             if msg.sequence != st.applied_seq + 1:
                 # Promise 2: never apply out of order. Pull again from what we hold (after a short delay).
-                log.warning("disk %d: sequence %d arrived after %d; pulling again from %d", st.disk, msg.sequence,
-                            st.applied_seq, st.applied_seq + 1)
+                log.warning(
+                    "disk %d: sequence %d arrived after %d; pulling again from %d",
+                    st.disk,
+                    msg.sequence,
+                    st.applied_seq,
+                    st.applied_seq + 1,
+                )
                 self.blocked_until = asyncio.get_running_loop().time() + 1.0
                 continue
             try:
@@ -105,32 +110,7 @@ class MasterTarget:
         self.failed: dict[int, str] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
-        delay = 1.0
-        while not stop.is_set():
-            try:
-                link = await dial(self.cfg.host, self.cfg.port, self.ssl, "mt")
-            except StandbyError as exc:
-                log.warning("%s; retrying in %.0f s", exc, delay)
-                await _sleep_or_stop(stop, delay)
-                delay = min(delay * 2, 10.0)
-                continue
-            delay = 1.0
-            log.info("connected to the process server %s:%d", self.cfg.host, self.cfg.port)
-            session = asyncio.create_task(self.session(link))
-            stopper = asyncio.create_task(stop.wait())
-            await asyncio.wait([session, stopper], return_when=asyncio.FIRST_COMPLETED)
-            stopper.cancel()
-            if not session.done():
-                session.cancel()
-            try:
-                await session
-            except (asyncio.CancelledError, LinkClosed, ProtocolError, ConnectionError, OSError) as exc:
-                if not stop.is_set():
-                    log.warning("session ended: %s", exc or type(exc).__name__)
-            await link.close()
-            await self.stop_workers()
-            if not stop.is_set():
-                await _sleep_or_stop(stop, 1.0)
+        await stay_connected(stop, self.cfg.host, self.cfg.port, self.ssl, "mt", self.session, self.stop_workers)
         self.close_replicas()
 
     async def stop_workers(self) -> None:
@@ -261,10 +241,3 @@ def check_replica_path(path: str, kind: str, size: int, used: set[str]) -> tuple
     if not os.access(p.parent, os.W_OK):
         return "bad-input", f"directory {p.parent} is not writable on the master target"
     return "", ""
-
-
-async def _sleep_or_stop(stop: asyncio.Event, delay: float) -> None:
-    try:
-        await asyncio.wait_for(stop.wait(), delay)
-    except TimeoutError:
-        pass

@@ -8,8 +8,10 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hmac
+import socket
 from pathlib import Path
 
 from . import identity as ident
@@ -69,3 +71,15 @@ def enroll(
     identity = asyncio.run(_enroll(host, port, fingerprint, name, role, passphrase, replace))
     identity.save(Path(directory))
     return identity
+
+
+def add_enroll_parser(sub: argparse._SubParsersAction, what: str, default_dir: Path) -> argparse.ArgumentParser:
+    """The `enroll` verb, the same for agents and master targets."""
+    e = sub.add_parser("enroll", help=f"enroll this {what} with a deployment (passphrase + CA fingerprint)")
+    e.add_argument("--server", required=True, help="process server HOST[:PORT] (port default 9443)")
+    e.add_argument("--fingerprint", required=True, help="CA fingerprint printed by 'standby-ps init' (sha256:…)")
+    e.add_argument("--passphrase-file", type=Path, help="file holding the enrollment passphrase (else prompted)")
+    e.add_argument("--name", default=socket.gethostname(), help=f"this {what}'s name (default: host name)")
+    e.add_argument("--dir", type=Path, default=default_dir, help=f"state directory (default {default_dir})")
+    e.add_argument("--replace", action="store_true", help="enroll again, replacing an earlier identity")
+    return e

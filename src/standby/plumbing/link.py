@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import logging
 import ssl
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from standby.proto.connection import CLOSED, NEED_DATA, Connection, Role
@@ -185,3 +186,52 @@ async def dial(
         await link.close("unexpected-message", "expected WELCOME")
         raise Unreachable(f"unexpected answer from {host}:{port}: {type(msg).__name__}")
     return link
+
+
+async def sleep_or_stop(stop: asyncio.Event, delay: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), delay)
+    except TimeoutError:
+        pass
+
+
+async def stay_connected(
+    stop: asyncio.Event,
+    host: str,
+    port: int,
+    ctx: ssl.SSLContext,
+    role: str,
+    session: Callable[[Link], Awaitable[None]],
+    after: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Dial the process server and run `session(link)` until `stop`; reconnect with backoff (1 s to 10 s)
+    whenever the connection fails or ends. `after` runs once each session is over (clean-up)."""
+    delay = 1.0
+    while not stop.is_set():
+        try:
+            link = await dial(host, port, ctx, role)
+        except StandbyError as exc:
+            log.warning("%s; retrying in %.0f s", exc, delay)
+            await sleep_or_stop(stop, delay)
+            delay = min(delay * 2, 10.0)
+            continue
+        delay = 1.0
+        log.info("connected to the process server %s:%d", host, port)
+        task = asyncio.create_task(session(link))
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if not task.done():
+            task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, LinkClosed, ProtocolError, ConnectionError, OSError, StandbyError) as exc:
+            if not stop.is_set():
+                log.warning("session ended: %s", exc or type(exc).__name__)
+        except Exception:  # a bug must not take the daemon down: log it and reconnect
+            log.exception("session ended by an unexpected error (a bug: please report it)")
+        await link.close()
+        if after is not None:
+            await after()
+        if not stop.is_set():
+            await sleep_or_stop(stop, 1.0)
