@@ -177,12 +177,6 @@ def test_admin_not_enrolled(deployment, tmp_path):
     failed_with(res, EXIT_REFUSED, "not enrolled", str(empty))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the admin's 'not enrolled' hint names a command that does not exist "
-    "('standby-ps init enroll'): AdminClient passes command='standby-ps init' to Identity.load, "
-    "which appends ' enroll'",
-)
 def test_admin_not_enrolled_hint_names_a_real_command(deployment, tmp_path):
     empty = tmp_path / "empty-admin"
     empty.mkdir()
@@ -289,11 +283,6 @@ def test_agent_run_without_identity(deployment, tmp_path):
     failed_with(res, EXIT_NOT_STARTED, "not enrolled", "standby-agent enroll")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: 'standby-agent run --dir <never enrolled dir>' only says agent.toml does not exist; "
-    "it does not tell the operator to enroll first (add-disk does)",
-)
 def test_agent_run_empty_dir_says_enroll(deployment, tmp_path):
     empty = tmp_path / "agent-empty"
     empty.mkdir()

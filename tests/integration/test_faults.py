@@ -7,6 +7,7 @@ device against the replica (an outside tool), plus the daemons' own logs and dur
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 
 from standby.admin.localdeploy import LocalDeployment
+from standby.proto.frames import scan_records
 from tests.conftest import needs_loop, needs_qemu_img
 
 from .conftest import MiB, qemu_compare
@@ -195,6 +197,58 @@ def test_kill9_agent_mid_replication(deployment, make_loop, tmp_path):
     assert_identical(dev, replica, "vmdk")
 
 
+def cached_twice(dep: LocalDeployment) -> list[int]:
+    """Sequence numbers present more than once in the process server's cache segments."""
+    seen: collections.Counter[int] = collections.Counter()
+    for seg in sorted((dep.ps_dir / "cache").glob("disk-*/seg-*.log")):
+        records, _, _ = scan_records(seg.read_bytes())  # a torn tail (append in progress) is left out
+        seen.update(r.header.sequence for r in records)
+    return sorted(s for s, n in seen.items() if n > 1)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="BUG: AgentSession.run cancels its writer tasks when the agent disconnects; a writer cancelled while "
+    "cache.append runs in its worker thread leaves the record appended (and indexed) but st.received_seq/cursor "
+    "not advanced, so the reconnected agent is told to resend that sequence and the cache holds it twice; the "
+    "sender forwards both copies, the master target acks the copy again and the process server drops its own "
+    "master target for 'bad-ack'",
+)
+def test_agent_kill9_never_caches_a_sequence_twice(deployment, make_loop, tmp_path):
+    """Promise 2: one sequence, one record. Kill -9 the agent while it streams into the cache (the master
+    target is stopped, so the cache keeps everything) until some kill lands during an append."""
+    size = 160 * MiB
+    dev = make_loop(size, "source")
+    fill_random(dev, size, zero_every=0)
+    replica = protect(deployment, dev, "vmdk", tmp_path / "replicas")
+    mt_pid = deployment.procs["mt-mt1"].pid
+    os.kill(mt_pid, signal.SIGSTOP)
+    dups: list[int] = []
+    kills = 0
+    try:
+        mark = 0
+        while kills < 30 and mark + 8 * MiB < size:
+            want = mark + 4 * MiB  # the restarted agent is streaming again
+            st = deployment.wait_for(
+                lambda s, want=want: disk_status(s)["received_cursor"] >= want, 60, "the agent to stream", 0.02
+            )
+            deployment.kill("agent-src")  # SIGKILL
+            kills += 1
+            deployment.start("agent", "src")
+            mark = disk_status(st)["received_cursor"]
+            dups = cached_twice(deployment)
+            if dups:
+                break
+    finally:
+        os.kill(mt_pid, signal.SIGCONT)
+    print(f"{kills} agent kills; sequences cached twice: {dups}")
+    deployment.wait_synced("src", timeout=90)
+    assert_identical(dev, replica, "vmdk")  # the data survives either way
+    assert not dups, f"after {kills} agent kills the cache holds sequences {dups} twice"
+    assert "bad-ack" not in deployment.log_text("ps"), "the process server dropped its master target"
+
+
 # -- 4: repeated random kills -------------------------------------------------------------------------
 def test_repeated_random_kills(deployment, make_loop, tmp_path):
     seed = int(os.environ.get("STANDBY_FAULT_SEED", random.randrange(1 << 32)))
@@ -247,7 +301,7 @@ def test_cache_quota_backpressure(make_loop, tmp_path):
             assert total <= quota, f"cache holds {total} bytes, over its quota of {quota}"
             for k in ("received_seq", "received_cursor", "bytes_received", "cache_bytes", "applied_seq"):
                 assert s1[k] == s2[k], f"{k} moved while the cache was full: {s1[k]} -> {s2[k]}"
-            assert s2["applied_seq"] == 0 and s2["received_cursor"] < size
+            assert s2["received_cursor"] < size
             assert s2["state"] != "up-to-date"
             assert dep.procs["agent-src"].poll() is None, "the agent must wait, not exit"
             assert dep.log_text("agent-src").count("busy") > busy_before, "the agent stopped retrying"

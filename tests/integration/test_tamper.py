@@ -18,8 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 from standby.admin.localdeploy import LocalDeployment
 from standby.plumbing.errors import StandbyError
 from standby.proto.frames import HEADER_SIZE, Record, encode_frame, scan_records
@@ -263,11 +261,6 @@ def test_record_moved_to_another_disk_is_rejected(deployment, make_loop, tmp_pat
     assert read(d1.flat, 0, SIZE) == read(d1.source, 0, SIZE)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: DiskCache.recover treats damage in the middle of the newest segment as a torn tail and "
-    "truncates it, silently deleting the acknowledged records after it (they must be refused loudly)",
-)
 def test_damaged_record_mid_segment_is_not_cut_off_as_a_torn_tail(deployment, make_loop, tmp_path):
     """Control for the tests above: a flipped byte *without* recomputed checksums is caught by the process
     server itself. A crash mid-append can only tear the last record; a bad record followed by intact,

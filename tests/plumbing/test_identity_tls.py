@@ -243,7 +243,7 @@ def test_repr_does_not_leak_the_private_key(pki: Pki) -> None:
 
 def test_load_from_empty_dir_says_not_enrolled(tmp_path: Path) -> None:
     with pytest.raises(IdentityError) as info:
-        Identity.load(tmp_path, command="standby-mt")
+        Identity.load(tmp_path, command="standby-mt enroll")
     msg = str(info.value)
     assert msg.startswith(f"not enrolled: no identity in {tmp_path}")
     assert "'standby-mt enroll'" in msg

@@ -62,7 +62,7 @@ def test_corruption_before_the_tail_is_refused(tmp_path, monkeypatch):
     data = bytearray(segs[0].read_bytes())
     data[60] ^= 0xFF
     segs[0].write_bytes(bytes(data))
-    with pytest.raises(CacheCorrupt, match="not the newest"):
+    with pytest.raises(CacheCorrupt, match="before its end"):
         DiskCache(tmp_path).recover()
 
 
@@ -96,3 +96,17 @@ def test_failed_append_leaves_no_half_record(tmp_path, monkeypatch):
     c.close()
     rec = DiskCache(tmp_path).recover()
     assert rec.last_seq == 1
+
+
+def test_damage_mid_newest_segment_is_refused_not_cut(tmp_path):
+    c = DiskCache(tmp_path)
+    for s in range(1, 4):
+        c.append(s, batch(s, s * 512))
+    c.close()
+    seg = sorted(tmp_path.glob("seg-*.log"))[-1]
+    data = bytearray(seg.read_bytes())
+    data[len(batch(1, 512)) - 5] ^= 0xFF  # inside record 1's payload; records 2 and 3 follow intact
+    seg.write_bytes(bytes(data))
+    with pytest.raises(CacheCorrupt, match="before its end"):
+        DiskCache(tmp_path).recover()
+    assert seg.stat().st_size == len(data)  # nothing was cut

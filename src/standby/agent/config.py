@@ -51,6 +51,10 @@ class AgentConfig:
     @classmethod
     def load(cls, state_dir: Path) -> AgentConfig:
         path = Path(state_dir) / "agent.toml"
+        if not (Path(state_dir) / "agent.toml").exists():
+            raise NotStarted(
+                f"not enrolled: no agent.toml in {state_dir} — run 'standby-agent enroll --dir {state_dir} …' first"
+            )
         raw = load_toml(path)
         try:
             host, port = parse_address(str(raw["server"]))

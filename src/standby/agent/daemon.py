@@ -67,7 +67,7 @@ class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
         try:
-            self.identity = ident.Identity.load(cfg.identity_dir, command="standby-agent")
+            self.identity = ident.Identity.load(cfg.identity_dir, command="standby-agent enroll")
         except ident.IdentityError as exc:
             raise NotStarted(str(exc)) from None
         self.ssl = client_context(self.identity)

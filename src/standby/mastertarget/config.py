@@ -28,6 +28,10 @@ class MTConfig:
 
     @classmethod
     def load(cls, state_dir: Path) -> MTConfig:
+        if not (Path(state_dir) / "mt.toml").exists():
+            raise NotStarted(
+                f"not enrolled: no mt.toml in {state_dir} — run 'standby-mt enroll --dir {state_dir} …' first"
+            )
         raw = load_toml(Path(state_dir) / "mt.toml")
         try:
             host, port = parse_address(str(raw["server"]))

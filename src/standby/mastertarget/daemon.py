@@ -101,7 +101,7 @@ class MasterTarget:
     def __init__(self, cfg: MTConfig) -> None:
         self.cfg = cfg
         try:
-            self.identity = Identity.load(cfg.identity_dir, command="standby-mt")
+            self.identity = Identity.load(cfg.identity_dir, command="standby-mt enroll")
         except IdentityError as exc:
             raise NotStarted(str(exc)) from None
         self.ssl = client_context(self.identity)

@@ -98,19 +98,19 @@ class Identity:
         _write_durably(directory / CERT_FILE, self.cert_pem, 0o644)
 
     @classmethod
-    def load(cls, directory: Path, *, command: str = "standby-agent") -> Identity:
+    def load(cls, directory: Path, *, command: str = "standby-agent enroll") -> Identity:
         """Read an identity written by `save`; name and role come from the certificate itself.
 
-        `command` names the program in the "not enrolled" message, so the operator sees what to run.
+        `command` is the whole command the "not enrolled" message tells the operator to run.
         """
         directory = Path(directory)
         paths = [directory / n for n in (CERT_FILE, KEY_FILE, CA_FILE)]
         if not any(p.exists() for p in paths):
-            raise IdentityError(f"not enrolled: no identity in {directory} — run '{command} enroll' first")
+            raise IdentityError(f"not enrolled: no identity in {directory} — run '{command}' first")
         missing = [p.name for p in paths if not p.exists()]
         if missing:
             raise IdentityError(
-                f"incomplete identity in {directory}: {', '.join(missing)} missing — run '{command} enroll' again"
+                f"incomplete identity in {directory}: {', '.join(missing)} missing — run '{command}' again"
             )
         try:
             cert_pem, key_pem, ca_pem = (p.read_bytes() for p in paths)

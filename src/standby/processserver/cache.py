@@ -20,7 +20,8 @@ from pathlib import Path
 
 from standby.plumbing.durable import fsync_dir
 from standby.plumbing.errors import StandbyError
-from standby.proto.frames import scan_records
+from standby.proto.errors import ProtocolError
+from standby.proto.frames import HEADER_SIZE, decode_header, scan_records
 from standby.proto.messages import Batch, BatchKind, Commit, decode_message
 
 log = logging.getLogger("standby.ps.cache")
@@ -48,6 +49,21 @@ class Recovered:
     last_cursor: int  # cursor of the newest INITIAL batch cached, 0 if none
     generation: int
     records: dict[int, tuple[str, int, int]]  # sequence -> (commit kind or "batch", cursor, logical bytes)
+
+
+def _is_torn_tail(seg: Path, good_end: int, size: int) -> bool:
+    """A crash mid-append tears only the *last* record: what follows the last good record is either a
+    partial header, or a header whose record would reach (or pass) the end of the file. Anything else —
+    a complete record that fails its checksum with more bytes after it — is corruption."""
+    if size - good_end < HEADER_SIZE:
+        return True
+    with open(seg, "rb") as f:
+        head = os.pread(f.fileno(), HEADER_SIZE, good_end)
+    try:
+        h = decode_header(head)
+    except ProtocolError:
+        return False
+    return good_end + HEADER_SIZE + h.length >= size
 
 
 def record_info(msg: object) -> tuple[str, int, int]:
@@ -97,8 +113,12 @@ class DiskCache:
                     cursor = msg.cursor
                 last_seq = r.header.sequence
             if problem:
-                if i != len(segs) - 1:
-                    raise CacheCorrupt(f"cache segment {seg} is damaged ({problem}) and is not the newest")
+                if i != len(segs) - 1 or not _is_torn_tail(seg, good_end, size):
+                    # Acknowledged records may follow the damage: refuse loudly rather than cut them off.
+                    raise CacheCorrupt(
+                        f"cache segment {seg} is damaged ({problem}) before its end; "
+                        "acknowledged data may be affected — move the segment aside to continue"
+                    )
                 log.warning("cache %s: cutting a torn tail (%s); it was never acknowledged", seg, problem)
                 with open(seg, "r+b") as f:
                     f.truncate(good_end)
