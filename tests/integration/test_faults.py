@@ -206,15 +206,6 @@ def cached_twice(dep: LocalDeployment) -> list[int]:
     return sorted(s for s, n in seen.items() if n > 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: AgentSession.run cancels its writer tasks when the agent disconnects; a writer cancelled while "
-    "cache.append runs in its worker thread leaves the record appended (and indexed) but st.received_seq/cursor "
-    "not advanced, so the reconnected agent is told to resend that sequence and the cache holds it twice; the "
-    "sender forwards both copies, the master target acks the copy again and the process server drops its own "
-    "master target for 'bad-ack'",
-)
 def test_agent_kill9_never_caches_a_sequence_twice(deployment, make_loop, tmp_path):
     """Promise 2: one sequence, one record. Kill -9 the agent while it streams into the cache (the master
     target is stopped, so the cache keeps everything) until some kill lands during an append."""

@@ -46,6 +46,7 @@ class DiskWorker:
         self.queue: asyncio.Queue[Batch | Commit] = asyncio.Queue()
         self.blocked_until = 0.0  # after a reject: ignore records until the disk is pulled again
         self.task: asyncio.Task[None] | None = None
+        self.inflight: asyncio.Future[int] | None = None
 
     async def run(self, link: Link) -> None:
         st = self.state
@@ -71,7 +72,10 @@ class DiskWorker:
                 continue
             try:
                 if isinstance(msg, Batch):
-                    await asyncio.to_thread(self.applier.apply_batch, msg)
+                    # Shielded: a cancelled session must not close the replica under a thread still writing
+                    # it; stop_workers waits for `inflight` before closing.
+                    self.inflight = asyncio.ensure_future(asyncio.to_thread(self.applier.apply_batch, msg))
+                    await asyncio.shield(self.inflight)
                 else:
                     self.applier.verify_commit(msg)
                     if msg.meta.get("kind") == "initial-complete":
@@ -118,6 +122,7 @@ class MasterTarget:
             if w.task is not None:
                 w.task.cancel()
         await asyncio.gather(*(w.task for w in self.workers.values() if w.task), return_exceptions=True)
+        await asyncio.gather(*(w.inflight for w in self.workers.values() if w.inflight), return_exceptions=True)
         self.close_replicas()
         self.workers.clear()
 

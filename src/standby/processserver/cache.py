@@ -134,6 +134,9 @@ class DiskCache:
             self._append(sequence, record)
 
     def _append(self, sequence: int, record: bytes) -> None:
+        if self.index and sequence <= self.index[-1].sequence:
+            # Backstop for promise 2: the cache never holds a sequence twice or out of order.
+            raise ValueError(f"sequence {sequence} is not after {self.index[-1].sequence}")
         if self._fd is None or self._seg_size >= SEGMENT_BYTES:
             self._roll(sequence)
         assert self._fd is not None and self._seg is not None

@@ -306,24 +306,14 @@ class AgentSession:
 
     async def writer(self, st: DiskStream, q: asyncio.Queue[Batch | Commit]) -> None:
         """Append one disk's records in order; ack each once fsynced (promise 1)."""
-        ps, reg = self.ps, self.ps.registry
+        ps = self.ps
         refusing = False
         try:
             while True:
                 msg = await q.get()
                 seq = msg.sequence
-                if seq <= st.received_seq:  # a retransmission: already durable here
-                    await self.link.send(Ack(msg.disk, seq, msg.generation))
-                    continue
-                if seq != st.received_seq + 1:
-                    if refusing:  # pipelined behind a record we refused: refuse it too, the agent resends in order
-                        await self.link.send(Busy(msg.disk, seq, 1.0, "process server cache is over its quota"))
-                        continue
-                    log.warning("%s: disk %d sequence gap (%d after %d)", self.link.name, st.id, seq, st.received_seq)
-                    await self.link.close("sequence-gap", f"expected sequence {st.received_seq + 1}, got {seq}")
-                    return
                 record = msg.encode()
-                if ps.cache_bytes + len(record) > ps.cfg.cache_quota:
+                if seq > st.received_seq and ps.cache_bytes + len(record) > ps.cfg.cache_quota:
                     # Promise 8: over quota we do not store and do not ack; the agent backs off and retries.
                     if not refusing:
                         log.warning(
@@ -332,25 +322,17 @@ class AgentSession:
                     refusing = True
                     await self.link.send(Busy(msg.disk, seq, 1.0, "process server cache is over its quota"))
                     continue
+                # Shielded: once an append has started, the session ending (agent gone) must not cut it off
+                # between the fsync and the bookkeeping, or the resent record would be cached twice.
+                outcome = await asyncio.shield(asyncio.ensure_future(self.store(st, msg, record)))
+                if outcome == "gap":
+                    if refusing:  # pipelined behind a record we refused: refuse it too, the agent resends in order
+                        await self.link.send(Busy(msg.disk, seq, 1.0, "process server cache is over its quota"))
+                        continue
+                    log.warning("%s: disk %d sequence gap (%d after %d)", self.link.name, st.id, seq, st.received_seq)
+                    await self.link.close("sequence-gap", f"expected sequence {st.received_seq + 1}, got {seq}")
+                    return
                 refusing = False
-                async with st.append_lock:
-                    await asyncio.to_thread(st.cache.append, seq, record)
-                    st.received_seq = seq
-                    info = record_info(msg)
-                    st.records[seq] = info
-                    if info[1]:
-                        st.cursor = info[1]
-                    if info[0] == "initial-complete":
-                        st.initial_committed = True
-                    st.generation = max(st.generation, msg.generation)
-                    fields: dict[str, Any] = {"received_seq": seq, "cursor": st.cursor, "generation": st.generation}
-                    reg.update_disk(st.id, **fields)
-                    if isinstance(msg, Batch):
-                        reg.add_counters(
-                            st.id, bytes_logical=msg.logical_bytes, bytes_data=msg.data_bytes, bytes_wire=len(record)
-                        )
-                        st.receive_rate.add(msg.logical_bytes)
-                st.new_data.set()
                 await self.link.send(Ack(msg.disk, seq, msg.generation))
         except LinkClosed:
             pass
@@ -358,6 +340,33 @@ class AgentSession:
             log.error("disk %d: cannot write the cache: %s", st.id, exc)
             st.last_error = f"process server cache write failed: {exc}"
             await self.link.close("cache-error", st.last_error)
+
+    async def store(self, st: DiskStream, msg: Batch | Commit, record: bytes) -> str:
+        """Append one record and account for it, as one step: "stored", "duplicate" (already durable) or "gap"."""
+        reg = self.ps.registry
+        async with st.append_lock:
+            seq = msg.sequence
+            if seq <= st.received_seq:
+                return "duplicate"
+            if seq != st.received_seq + 1:
+                return "gap"
+            await asyncio.to_thread(st.cache.append, seq, record)
+            st.received_seq = seq
+            info = record_info(msg)
+            st.records[seq] = info
+            if info[1]:
+                st.cursor = info[1]
+            if info[0] == "initial-complete":
+                st.initial_committed = True
+            st.generation = max(st.generation, msg.generation)
+            reg.update_disk(st.id, received_seq=seq, cursor=st.cursor, generation=st.generation)
+            if isinstance(msg, Batch):
+                reg.add_counters(
+                    st.id, bytes_logical=msg.logical_bytes, bytes_data=msg.data_bytes, bytes_wire=len(record)
+                )
+                st.receive_rate.add(msg.logical_bytes)
+        st.new_data.set()
+        return "stored"
 
 
 class MTSession:
