@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -46,7 +47,7 @@ def proc_usage(pid: int) -> dict[str, float]:
     return {"cpu_seconds": round(cpu, 2), "peak_rss_bytes": hwm}
 
 
-def run_standby(root: Path, source: str, size: int) -> dict:
+def run_standby(root: Path, source: str, size: int, level: int | None) -> dict:
     dep = LocalDeployment(root / "standby", cache_quota=8 << 30)
     try:
         dep.init()
@@ -55,6 +56,8 @@ def run_standby(root: Path, source: str, size: int) -> dict:
         dep.start("mt", "mt1")
         dep.enroll("agent", "bench")
         dep.add_disk("bench", "disk0", source)
+        if level is not None:
+            dep.set_agent_option("bench", compression_level=level)
         dep.start("agent", "bench")
         dep.wait_disks_known("bench", 1)
         dep.wait_mt_connected("mt1")
@@ -137,6 +140,8 @@ def run_dd(root: Path, source: str, size: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="2G")
+    ap.add_argument("--standby-only", action="store_true", help="skip the rsync and dd baselines (for tuning)")
+    ap.add_argument("--level", type=int, default=None, help="agent zstd level (default: the agent's default)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "initial_replication.json")
     args = ap.parse_args()
     size = parse_size(args.size)
@@ -145,6 +150,8 @@ def main() -> int:
         return 2
     root = Path(tempfile.mkdtemp(prefix="standby-bench-"))
     loop = None
+    # SIGTERM (e.g. from `timeout`) cleans up like Ctrl-C: daemons, loop device, temporary directory.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         image = root / "source.img"
         make_test_disk(image, size)
@@ -156,10 +163,11 @@ def main() -> int:
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
             "disk_bytes": size,
             "data_mix": "1 MiB regions: 3/8 text, 3/8 random, 2/8 zero (standby.admin.testdisk)",
-            "standby": run_standby(root, loop, size),
-            "rsync_ssh_zstd": run_rsync(root, loop, size),
-            "dd_ceiling": run_dd(root, loop, size),
+            "standby": run_standby(root, loop, size, args.level),
         }
+        if not args.standby_only:
+            results["rsync_ssh_zstd"] = run_rsync(root, loop, size)
+            results["dd_ceiling"] = run_dd(root, loop, size)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
         print(json.dumps(results, indent=2))

@@ -366,3 +366,17 @@ def test_commit_seal_covers_its_meta(sealer: Sealer, opener: Opener) -> None:
             opener.check_batch(GEN, SEQ, meta_bytes(changed), back.seal)
     with pytest.raises(EnvelopeError):
         opener.check_batch(GEN, SEQ + 1, back.meta_bytes(), back.seal)
+
+
+def test_one_opener_serves_many_threads_at_once() -> None:
+    """The master target verifies several batches in parallel with one Opener per disk."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sealer = Sealer(KEY, UID)
+    blocks = [(b"text %d " % i) * 40_000 for i in range(16)]
+    sealed = [sealer.seal(1, i, 0, b) for i, b in enumerate(blocks)]
+    opener = Opener(KEY, UID, MAX_EXTENT)
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(5):
+            out = list(pool.map(lambda i: opener.open(1, i, 0, len(blocks[i]), sealed[i]), range(16)))
+            assert out == blocks

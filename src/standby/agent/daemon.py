@@ -35,7 +35,7 @@ from .reader import BatchBuilder, disk_size
 log = logging.getLogger("standby.agent")
 # Batches in flight per disk: enough to keep the network and the server's fsync busy, bounded so the
 # agent's memory stays ~ WINDOW x batch size per disk.
-WINDOW = 4
+WINDOW = 8
 POLL_INTERVAL = 2.0
 PROGRESS_LOG_INTERVAL = 10.0
 

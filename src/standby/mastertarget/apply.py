@@ -30,15 +30,24 @@ class Applier:
                 plains.append(None)
         return plains
 
-    def apply_batch(self, b: Batch) -> int:
-        """Verify all, write all, sync. Returns the logical bytes written."""
-        plains = self.verify_batch(b)
+    def write_verified(self, b: Batch, plains: list[bytes | None]) -> None:
+        """Write a batch `verify_batch` accepted (no sync: the caller syncs once per group of batches)."""
         for e, plain in zip(b.extents, plains, strict=True):
             if plain is None:
                 self.replica.write_zeroes(e.offset, e.length)
             else:
                 self.replica.write(e.offset, plain)
+
+    def write_group(self, group: list[tuple[Batch, list[bytes | None]]]) -> None:
+        """Write verified batches in order, then one sync: the durability point for all of them."""
+        for b, plains in group:
+            self.write_verified(b, plains)
         self.replica.sync()
+
+    def apply_batch(self, b: Batch) -> int:
+        """Verify all, write all, sync. Returns the logical bytes written."""
+        plains = self.verify_batch(b)
+        self.write_group([(b, plains)])
         return b.logical_bytes
 
     def verify_commit(self, c: Commit) -> None:

@@ -34,6 +34,8 @@ from .replicas import KINDS, ReplicaError, create_replica, open_replica
 log = logging.getLogger("standby.mt")
 RETRY_DELAY = 5.0
 POLL_INTERVAL = 1.0
+# Records applied under one sync at most (the process server sends at most MT_WINDOW ahead anyway).
+GROUP_MAX = 8
 
 
 class DiskWorker:
@@ -46,53 +48,82 @@ class DiskWorker:
         self.queue: asyncio.Queue[Batch | Commit] = asyncio.Queue()
         self.blocked_until = 0.0  # after a reject: ignore records until the disk is pulled again
         self.task: asyncio.Task[None] | None = None
-        self.inflight: asyncio.Future[int] | None = None
+        self.inflight: asyncio.Future[None] | None = None
 
     async def run(self, link: Link) -> None:
+        """Apply records in order, a group at a time: whatever is queued (up to GROUP_MAX) is verified in
+        worker threads in parallel, written, synced once, recorded once and then acked — group commit, so
+        the cost of the syncs is shared when the master target is behind."""
         st = self.state
         while True:
-            msg = await self.queue.get()
-            if msg.sequence <= st.applied_seq:
-                await link.send(Ack(st.disk, msg.sequence, msg.generation))  # already applied: say so again
-                continue
-            if self.blocked_until:
-                # Sent before our reject reached the process server; it resends from applied_seq + 1.
-                log.debug("disk %d: dropping sequence %d (applied %d)", st.disk, msg.sequence, st.applied_seq)
-                continue
-            if msg.sequence != st.applied_seq + 1:
-                # Promise 2: never apply out of order. Pull again from what we hold (after a short delay).
-                log.warning(
-                    "disk %d: sequence %d arrived after %d; pulling again from %d",
-                    st.disk,
-                    msg.sequence,
-                    st.applied_seq,
-                    st.applied_seq + 1,
-                )
-                self.blocked_until = asyncio.get_running_loop().time() + 1.0
-                continue
+            group = [await self.queue.get()]
+            while not self.queue.empty() and len(group) < GROUP_MAX:
+                group.append(self.queue.get_nowait())
+            ready: list[Batch | Commit] = []
+            for msg in group:
+                if msg.sequence <= st.applied_seq:
+                    await link.send(Ack(st.disk, msg.sequence, msg.generation))  # already applied: say so again
+                    continue
+                if self.blocked_until:
+                    # Sent before our reject reached the process server; it resends from applied_seq + 1.
+                    log.debug("disk %d: dropping sequence %d (applied %d)", st.disk, msg.sequence, st.applied_seq)
+                    continue
+                expect = (ready[-1].sequence if ready else st.applied_seq) + 1
+                if msg.sequence != expect:
+                    # Promise 2: never apply out of order. Pull again from what we hold (after a short delay).
+                    log.warning(
+                        "disk %d: sequence %d arrived when %d was due; pulling again", st.disk, msg.sequence, expect
+                    )
+                    self.blocked_until = asyncio.get_running_loop().time() + 1.0
+                    continue
+                ready.append(msg)
+            if ready:
+                await self.apply_group(link, ready)
+
+    async def apply_group(self, link: Link, msgs: list[Batch | Commit]) -> None:
+        st = self.state
+
+        def verify(m: Batch | Commit) -> list[bytes | None] | None:
+            if isinstance(m, Batch):
+                return self.applier.verify_batch(m)
+            self.applier.verify_commit(m)
+            return None
+
+        results = await asyncio.gather(*(asyncio.to_thread(verify, m) for m in msgs), return_exceptions=True)
+        good: list[tuple[Batch | Commit, list[bytes | None] | None]] = []
+        failure: tuple[Batch | Commit, BaseException] | None = None
+        for m, r in zip(msgs, results, strict=True):
+            if isinstance(r, BaseException):
+                failure = (m, r)
+                break
+            good.append((m, r))
+        if good:
+            batches = [(m, p) for m, p in good if isinstance(m, Batch) and p is not None]
             try:
-                if isinstance(msg, Batch):
-                    # Shielded: a cancelled session must not close the replica under a thread still writing
-                    # it; stop_workers waits for `inflight` before closing.
-                    self.inflight = asyncio.ensure_future(asyncio.to_thread(self.applier.apply_batch, msg))
-                    await asyncio.shield(self.inflight)
-                else:
-                    self.applier.verify_commit(msg)
-                    if msg.meta.get("kind") == "initial-complete":
+                # Shielded: a cancelled session must not close the replica under a thread still writing it;
+                # stop_workers waits for `inflight` before closing.
+                self.inflight = asyncio.ensure_future(asyncio.to_thread(self.applier.write_group, batches))
+                await asyncio.shield(self.inflight)
+                for m, _ in good:
+                    if isinstance(m, Commit) and m.meta.get("kind") == "initial-complete":
                         st.state = "UpToDate"
                         log.info("disk %s/%s: replica %s is up to date", st.machine, st.name, st.path)
-                st.applied_seq = msg.sequence
-                st.generation = max(st.generation, msg.generation)
+                    st.generation = max(st.generation, m.generation)
+                st.applied_seq = good[-1][0].sequence
                 st.error = None
                 await asyncio.to_thread(st.save, self.mt.cfg.disks_dir)
-            except EnvelopeError as exc:
-                await self.reject(link, msg.sequence, "authentication-failed", str(exc))
-                continue
             except (OSError, ReplicaError) as exc:
                 reason = f"cannot write replica {st.path}: {exc.strerror if isinstance(exc, OSError) else exc}"
-                await self.reject(link, msg.sequence, "write-failed", reason)
-                continue
-            await link.send(Ack(st.disk, msg.sequence, msg.generation))
+                await self.reject(link, good[0][0].sequence, "write-failed", reason)
+                return
+            for m, _ in good:
+                await link.send(Ack(st.disk, m.sequence, m.generation))
+        if failure is not None:
+            m, exc = failure
+            if isinstance(exc, EnvelopeError):
+                await self.reject(link, m.sequence, "authentication-failed", str(exc))
+            else:
+                raise exc
 
     async def reject(self, link: Link, seq: int, code: str, reason: str) -> None:
         log.error("disk %s/%s sequence %d rejected: %s", self.state.machine, self.state.name, seq, reason)

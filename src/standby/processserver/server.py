@@ -44,7 +44,7 @@ log = logging.getLogger("standby.ps")
 
 # How many records the server sends a master target ahead of its acks, per disk: enough to keep the
 # master target busy while it fsyncs, bounded so memory stays ~ WINDOW x batch size per disk.
-MT_WINDOW = 4
+MT_WINDOW = 8
 HANDSHAKE_TIMEOUT = 15.0
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 
 import zstandard
 from cryptography.exceptions import InvalidTag
@@ -82,7 +83,7 @@ class Sealer:
 
 
 class Opener:
-    """Verifies and opens what a `Sealer` with the same key and disk uid sealed."""
+    """Verifies and opens what a `Sealer` with the same key and disk uid sealed; safe to share between threads."""
 
     def __init__(self, key: bytes, disk_uid: bytes, max_extent: int) -> None:
         if len(key) != KEY_SIZE:
@@ -90,7 +91,9 @@ class Opener:
         self._aead = AESGCM(key)
         self._uid = _check_uid(disk_uid)
         self._max = max_extent
-        self._zd = zstandard.ZstdDecompressor()
+        # zstd decompression contexts are not thread-safe, and the master target verifies several batches
+        # at once in worker threads: one context per thread.
+        self._local = threading.local()
 
     def open(self, generation: int, sequence: int, offset: int, length: int, sealed: bytes | memoryview) -> bytes:
         if len(sealed) < OVERHEAD:
@@ -112,7 +115,10 @@ class Opener:
         digest, packed = body[:DIGEST_SIZE], body[DIGEST_SIZE:]
         if flags & FLAG_ZSTD:
             try:
-                plain = self._zd.decompress(packed, max_output_size=self._max)
+                zd = getattr(self._local, "zd", None)
+                if zd is None:
+                    zd = self._local.zd = zstandard.ZstdDecompressor()
+                plain = zd.decompress(packed, max_output_size=self._max)
             except zstandard.ZstdError as exc:
                 raise EnvelopeError(f"extent at offset {offset}: cannot decompress: {exc}") from None
         else:
