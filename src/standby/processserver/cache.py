@@ -128,31 +128,40 @@ class DiskCache:
         return Recovered(last_seq, cursor, gen, info)
 
     # -- append -------------------------------------------------------------------------------------
-    def append(self, sequence: int, record: bytes) -> None:
+    def append(self, sequence: int, record: bytes | bytearray) -> None:
         """Append one record and make it durable. Called from a worker thread (it blocks on fsync)."""
-        with self._lock:
-            self._append(sequence, record)
+        self.append_group([(sequence, record)])
 
-    def _append(self, sequence: int, record: bytes) -> None:
-        if self.index and sequence <= self.index[-1].sequence:
-            # Backstop for promise 2: the cache never holds a sequence twice or out of order.
-            raise ValueError(f"sequence {sequence} is not after {self.index[-1].sequence}")
-        if self._fd is None or self._seg_size >= SEGMENT_BYTES:
-            self._roll(sequence)
-        assert self._fd is not None and self._seg is not None
-        offset = self._seg_size
-        view = memoryview(record)
-        try:
-            while view:
-                view = view[os.write(self._fd, view) :]
-            os.fsync(self._fd)
-        except OSError:
-            # Leave no half record behind that a later append would bury in the middle of the segment.
-            os.ftruncate(self._fd, offset)
-            raise
-        self._seg_size += len(record)
-        self.bytes += len(record)
-        self.index.append(Entry(sequence, self._seg, offset, len(record)))
+    def append_group(self, items: list[tuple[int, bytes | bytearray]]) -> None:
+        """Append consecutive records with one fsync for all of them (group commit): none of them is
+        durable — and none may be acknowledged — before this returns."""
+        with self._lock:
+            last = self.index[-1].sequence if self.index else None
+            for seq, _ in items:
+                if last is not None and seq <= last:
+                    # Backstop for promise 2: the cache never holds a sequence twice or out of order.
+                    raise ValueError(f"sequence {seq} is not after {last}")
+                last = seq
+            if self._fd is None or self._seg_size >= SEGMENT_BYTES:
+                self._roll(items[0][0])
+            assert self._fd is not None and self._seg is not None
+            start = pos = self._seg_size
+            entries = []
+            try:
+                for seq, record in items:
+                    view = memoryview(record)
+                    while view:
+                        view = view[os.write(self._fd, view) :]
+                    entries.append(Entry(seq, self._seg, pos, len(record)))
+                    pos += len(record)
+                os.fsync(self._fd)
+            except OSError:
+                # Leave no half record behind that a later append would bury in the middle of the segment.
+                os.ftruncate(self._fd, start)
+                raise
+            self._seg_size = pos
+            self.bytes += pos - start
+            self.index.extend(entries)
 
     def _roll(self, first_seq: int) -> None:
         if self._fd is not None:

@@ -45,6 +45,8 @@ log = logging.getLogger("standby.ps")
 # How many records the server sends a master target ahead of its acks, per disk: enough to keep the
 # master target busy while it fsyncs, bounded so memory stays ~ WINDOW x batch size per disk.
 MT_WINDOW = 8
+# Records appended to the cache under one fsync at most.
+GROUP_MAX = 8
 HANDSHAKE_TIMEOUT = 15.0
 
 
@@ -227,7 +229,7 @@ class AgentSession:
         self.ps = ps
         self.link = link
         self.machine = machine
-        self.queues: dict[int, asyncio.Queue[Batch | Commit]] = {}
+        self.queues: dict[int, asyncio.Queue[tuple[Batch | Commit, bytes | bytearray]]] = {}
         self.writers: list[asyncio.Task[None]] = []
 
     async def run(self) -> None:
@@ -241,7 +243,7 @@ class AgentSession:
                     else:
                         await reply_to(self.link, msg, handler)
                 elif isinstance(msg, Batch | Commit):
-                    await self.enqueue(msg)
+                    await self.enqueue(msg, self.link.conn.last_frame)
                 else:
                     raise RemoteProtocolError("unexpected-message", f"agent sent {type(msg).__name__}")
         finally:
@@ -289,7 +291,7 @@ class AgentSession:
         self.ps.registry.update_disk(disk, wrapped_key=base64.b64decode(wrapped_key))
         return {}
 
-    async def enqueue(self, msg: Batch | Commit) -> None:
+    async def enqueue(self, msg: Batch | Commit, frame: bytes | bytearray) -> None:
         q = self.queues.get(msg.disk)
         if q is None:
             row = self.ps.registry.disk(msg.disk)
@@ -302,38 +304,48 @@ class AgentSession:
             q = asyncio.Queue(maxsize=4)
             self.queues[msg.disk] = q
             self.writers.append(asyncio.get_running_loop().create_task(self.writer(self.ps.streams[msg.disk], q)))
-        await q.put(msg)
+        await q.put((msg, frame))
 
-    async def writer(self, st: DiskStream, q: asyncio.Queue[Batch | Commit]) -> None:
-        """Append one disk's records in order; ack each once fsynced (promise 1)."""
+    async def writer(self, st: DiskStream, q: asyncio.Queue[tuple[Batch | Commit, bytes | bytearray]]) -> None:
+        """Append one disk's records in order and ack each once fsynced (promise 1). Whatever is queued
+        is appended as a group under one fsync (group commit)."""
         ps = self.ps
         refusing = False
         try:
             while True:
-                msg = await q.get()
-                seq = msg.sequence
-                record = msg.encode()
-                if seq > st.received_seq and ps.cache_bytes + len(record) > ps.cfg.cache_quota:
+                records = [await q.get()]
+                while not q.empty() and len(records) < GROUP_MAX:
+                    records.append(q.get_nowait())
+                # The frames as received (already verified): stored byte for byte, not encoded again.
+                group = [m for m, _ in records]
+                new = sum(len(r) for m, r in records if m.sequence > st.received_seq)
+                if new and ps.cache_bytes + new > ps.cfg.cache_quota:
                     # Promise 8: over quota we do not store and do not ack; the agent backs off and retries.
                     if not refusing:
                         log.warning(
                             "cache over quota (%d MiB): refusing data for disk %d", ps.cfg.cache_quota >> 20, st.id
                         )
                     refusing = True
-                    await self.link.send(Busy(msg.disk, seq, 1.0, "process server cache is over its quota"))
+                    for m in group:
+                        await self.link.send(Busy(m.disk, m.sequence, 1.0, "process server cache is over its quota"))
                     continue
                 # Shielded: once an append has started, the session ending (agent gone) must not cut it off
                 # between the fsync and the bookkeeping, or the resent record would be cached twice.
-                outcome = await asyncio.shield(asyncio.ensure_future(self.store(st, msg, record)))
-                if outcome == "gap":
+                stored = await asyncio.shield(asyncio.ensure_future(self.store(st, records)))
+                for m in group[:stored]:
+                    await self.link.send(Ack(m.disk, m.sequence, m.generation))
+                if stored < len(group):
+                    seq = group[stored].sequence
                     if refusing:  # pipelined behind a record we refused: refuse it too, the agent resends in order
-                        await self.link.send(Busy(msg.disk, seq, 1.0, "process server cache is over its quota"))
+                        for m in group[stored:]:
+                            await self.link.send(
+                                Busy(m.disk, m.sequence, 1.0, "process server cache is over its quota")
+                            )
                         continue
                     log.warning("%s: disk %d sequence gap (%d after %d)", self.link.name, st.id, seq, st.received_seq)
                     await self.link.close("sequence-gap", f"expected sequence {st.received_seq + 1}, got {seq}")
                     return
                 refusing = False
-                await self.link.send(Ack(msg.disk, seq, msg.generation))
         except LinkClosed:
             pass
         except OSError as exc:
@@ -341,32 +353,40 @@ class AgentSession:
             st.last_error = f"process server cache write failed: {exc}"
             await self.link.close("cache-error", st.last_error)
 
-    async def store(self, st: DiskStream, msg: Batch | Commit, record: bytes) -> str:
-        """Append one record and account for it, as one step: "stored", "duplicate" (already durable) or "gap"."""
+    async def store(self, st: DiskStream, records: list[tuple[Batch | Commit, bytes | bytearray]]) -> int:
+        """Append the records that follow what is cached, as one step with their accounting. Returns how
+        many leading records are durable now (stored, or already cached before); the rest broke the order."""
         reg = self.ps.registry
         async with st.append_lock:
-            seq = msg.sequence
-            if seq <= st.received_seq:
-                return "duplicate"
-            if seq != st.received_seq + 1:
-                return "gap"
-            await asyncio.to_thread(st.cache.append, seq, record)
-            st.received_seq = seq
-            info = record_info(msg)
-            st.records[seq] = info
-            if info[1]:
-                st.cursor = info[1]
-            if info[0] == "initial-complete":
-                st.initial_committed = True
-            st.generation = max(st.generation, msg.generation)
-            reg.update_disk(st.id, received_seq=seq, cursor=st.cursor, generation=st.generation)
-            if isinstance(msg, Batch):
-                reg.add_counters(
-                    st.id, bytes_logical=msg.logical_bytes, bytes_data=msg.data_bytes, bytes_wire=len(record)
-                )
-                st.receive_rate.add(msg.logical_bytes)
+            durable = 0
+            fresh: list[tuple[Batch | Commit, bytes | bytearray]] = []
+            expect = st.received_seq + 1
+            for m, r in records:
+                if m.sequence < expect and not fresh:
+                    durable += 1  # a retransmission: already durable here
+                elif m.sequence == expect:
+                    fresh.append((m, r))
+                    expect += 1
+                else:
+                    break
+            if not fresh:
+                return durable
+            await asyncio.to_thread(st.cache.append_group, [(m.sequence, r) for m, r in fresh])
+            for m, r in fresh:
+                info = record_info(m)
+                st.records[m.sequence] = info
+                if info[1]:
+                    st.cursor = info[1]
+                if info[0] == "initial-complete":
+                    st.initial_committed = True
+                st.generation = max(st.generation, m.generation)
+                if isinstance(m, Batch):
+                    reg.add_counters(st.id, bytes_logical=m.logical_bytes, bytes_data=m.data_bytes, bytes_wire=len(r))
+                    st.receive_rate.add(m.logical_bytes)
+            st.received_seq = fresh[-1][0].sequence
+            reg.update_disk(st.id, received_seq=st.received_seq, cursor=st.cursor, generation=st.generation)
         st.new_data.set()
-        return "stored"
+        return durable + len(fresh)
 
 
 class MTSession:

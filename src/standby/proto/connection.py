@@ -104,6 +104,9 @@ class Connection:
         self._buf = bytearray()
         self._header: FrameHeader | None = None
         self._eof = False
+        # The verified bytes of the last message next_event() returned: a process server stores and forwards
+        # BATCH and COMMIT frames byte for byte instead of encoding them again. Never mutated afterwards.
+        self.last_frame: bytearray = bytearray()
 
     # -- outgoing ---------------------------------------------------------------------------------
     def send(self, msg: Message) -> bytes:
@@ -142,9 +145,13 @@ class Connection:
         end = HEADER_SIZE + h.length
         if len(self._buf) < end:
             return self._end_or_need()
-        payload = memoryview(bytes(self._buf[HEADER_SIZE:end]))
-        del self._buf[:end]
+        if len(self._buf) == end:  # the common case for large frames: take the buffer, copy nothing
+            frame, self._buf = self._buf, bytearray()
+        else:
+            frame = self._buf[:end]
+            del self._buf[:end]
         self._header = None
+        payload = memoryview(frame)[HEADER_SIZE:]
         check_payload(h, payload)
         msg = decode_message(h, payload)
         nxt = _TABLE.get((self.role, self.state, "recv", type(msg)))
@@ -161,6 +168,7 @@ class Connection:
                 raise RemoteProtocolError("bad-version", f"server chose unsupported version {msg.version}")
             self.version = msg.version
         self.state = nxt
+        self.last_frame = frame
         return msg
 
     def _end_or_need(self) -> NeedData | Closed:

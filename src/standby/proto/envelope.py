@@ -65,7 +65,7 @@ class Sealer:
         self._zc = zstandard.ZstdCompressor(level=level)
 
     def seal(self, generation: int, sequence: int, offset: int, data: bytes | memoryview) -> bytes:
-        plain = bytes(data)
+        plain = data
         packed = self._zc.compress(plain)
         flags = FLAG_ZSTD
         if len(packed) >= len(plain):
@@ -106,7 +106,7 @@ class Opener:
         nonce = bytes(sealed[1 : 1 + NONCE_SIZE])
         ad = extent_ad(self._uid, generation, sequence, offset, length, flags)
         try:
-            body = self._aead.decrypt(nonce, bytes(sealed[1 + NONCE_SIZE :]), ad)
+            body = self._aead.decrypt(nonce, sealed[1 + NONCE_SIZE :], ad)
         except InvalidTag:
             raise EnvelopeError(
                 f"extent at offset {offset} length {length} (generation {generation}, sequence {sequence}) "
