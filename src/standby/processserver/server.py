@@ -318,17 +318,28 @@ class AgentSession:
                     records.append(q.get_nowait())
                 # The frames as received (already verified): stored byte for byte, not encoded again.
                 group = [m for m, _ in records]
-                new = sum(len(r) for m, r in records if m.sequence > st.received_seq)
-                if new and ps.cache_bytes + new > ps.cfg.cache_quota:
-                    # Promise 8: over quota we do not store and do not ack; the agent backs off and retries.
+                # Promise 8: records that would take the cache over its quota are neither stored nor acked
+                # (BUSY); the agent backs off and sends them again. The leading records that fit are stored.
+                room = ps.cfg.cache_quota - ps.cache_bytes
+                fit = 0
+                for m, r in records:
+                    if m.sequence > st.received_seq:
+                        room -= len(r)
+                        if room < 0:
+                            break
+                    fit += 1
+                refused_now = fit < len(records)
+                if refused_now:
                     if not refusing:
                         log.warning(
                             "cache over quota (%d MiB): refusing data for disk %d", ps.cfg.cache_quota >> 20, st.id
                         )
                     refusing = True
-                    for m in group:
+                    for m in group[fit:]:
                         await self.link.send(Busy(m.disk, m.sequence, 1.0, "process server cache is over its quota"))
-                    continue
+                    records, group = records[:fit], group[:fit]
+                    if not records:
+                        continue
                 # Shielded: once an append has started, the session ending (agent gone) must not cut it off
                 # between the fsync and the bookkeeping, or the resent record would be cached twice.
                 stored = await asyncio.shield(asyncio.ensure_future(self.store(st, records)))
@@ -345,7 +356,7 @@ class AgentSession:
                     log.warning("%s: disk %d sequence gap (%d after %d)", self.link.name, st.id, seq, st.received_seq)
                     await self.link.close("sequence-gap", f"expected sequence {st.received_seq + 1}, got {seq}")
                     return
-                refusing = False
+                refusing = refused_now
         except LinkClosed:
             pass
         except OSError as exc:
