@@ -86,10 +86,12 @@ def cache_without_applying(dep: LocalDeployment, make_loop: Callable[..., str], 
     dep.wait_mt_connected("mt1")
     rdir = tmp_path / "replicas"
     rdir.mkdir()
+    # Protect while the agent is stopped, then stop the master target before the agent comes back: the
+    # disk's data key cannot reach the master target before it is gone, so it never pulls anything.
+    dep.kill("agent-src", signal.SIGTERM)
     res = dep.admin().call("protect", machine="src", mt="mt1", format="vmdk", replica_dir=str(rdir), replicas={})
-    # The data key reaches the master target only after the agent's next poll: stopping it now means
-    # it never pulled anything.
     dep.kill("mt-mt1", signal.SIGTERM)
+    dep.start("agent", "src")
     dep.wait_for(
         lambda s: all(d["received_seq"] == N_BATCHES + 1 for d in s["disks"]) and len(s["disks"]) == len(names),
         60,

@@ -27,7 +27,7 @@ from standby.plumbing.tls import client_context
 from standby.proto.envelope import Sealer
 from standby.proto.errors import ProtocolError
 from standby.proto.keywrap import new_data_key, wrap_key
-from standby.proto.messages import Ack, Busy, Commit, Reply, meta_bytes
+from standby.proto.messages import Ack, Busy, Commit, Reply, Request, meta_bytes
 
 from .config import AgentConfig, DiskConfig
 from .reader import BatchBuilder, disk_size
@@ -74,6 +74,7 @@ class Agent:
         make_private_dir(cfg.disks_dir)
         self.disks = [LocalDisk.load_or_create(cfg.disks_dir, d) for d in cfg.disks]
         self.done: set[str] = set()  # disks whose initial replication is committed
+        self.wakeup = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
         await stay_connected(stop, self.cfg.host, self.cfg.port, self.ssl, "agent", self.session)
@@ -101,6 +102,9 @@ class Agent:
             msg = await link.recv()
             if isinstance(msg, Reply):
                 link.deliver(msg)
+            elif isinstance(msg, Request) and msg.op == "wake":
+                self.wakeup.set()
+                await link.send(Reply(msg.id, True, {}))
             elif isinstance(msg, Ack | Busy):
                 if not by_id or msg.disk not in by_id:
                     by_id = {d.id: d for d in self.disks}
@@ -125,6 +129,7 @@ class Agent:
                 log.error("disk %s: size %d of %s is not a multiple of 512 bytes", name, d.size, d.cfg.path)
                 await asyncio.sleep(POLL_INTERVAL * 30)
                 continue
+            self.wakeup.clear()  # before asking, so a wake that arrives meanwhile is not lost
             try:
                 info = await link.request("disk_open", name=name, path=str(d.cfg.path), size=d.size, uid=str(d.uid))
             except RequestFailed as exc:
@@ -133,7 +138,7 @@ class Agent:
                 continue
             d.id = int(info["disk"])
             if not info["protected"]:
-                await asyncio.sleep(POLL_INTERVAL)
+                await self.wait_for_wake(POLL_INTERVAL)
                 continue
             if info["key_needed"]:
                 await self.send_key(link, d, info.get("mt_cert"))
@@ -145,6 +150,13 @@ class Agent:
                 await asyncio.sleep(3600)  # change tracking comes with delta replication
                 continue
             await self.initial_replication(link, d, info)
+
+    async def wait_for_wake(self, timeout: float) -> None:
+        """Sleep until the process server says something changed (protect), or `timeout` passes."""
+        try:
+            await asyncio.wait_for(self.wakeup.wait(), timeout)
+        except TimeoutError:
+            pass
 
     async def send_key(self, link: Link, d: LocalDisk, mt_cert_pem: str | None) -> None:
         if not mt_cert_pem:

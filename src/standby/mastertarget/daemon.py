@@ -143,6 +143,7 @@ class MasterTarget:
         cfg.disks_dir.mkdir(parents=True, exist_ok=True)
         self.workers: dict[int, DiskWorker] = {}
         self.failed: dict[int, str] = {}
+        self.wakeup = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
         await stay_connected(stop, self.cfg.host, self.cfg.port, self.ssl, "mt", self.session, self.stop_workers)
@@ -179,6 +180,9 @@ class MasterTarget:
                     link.deliver(msg)
                 elif isinstance(msg, Request) and msg.op == "check_replica":
                     await self.answer_check(link, msg)
+                elif isinstance(msg, Request) and msg.op == "wake":
+                    self.wakeup.set()
+                    await link.send(Reply(msg.id, True, {}))
                 else:
                     raise ProtocolError("unexpected-message", f"unexpected {type(msg).__name__}")
         finally:
@@ -189,6 +193,7 @@ class MasterTarget:
         """Learn new assignments; re-pull disks whose last record was rejected, after a delay."""
         loop = asyncio.get_running_loop()
         while True:
+            self.wakeup.clear()  # before asking, so a wake that arrives meanwhile is not lost
             res = await link.request("subscribe")
             for d in res["disks"]:
                 if d["disk"] not in self.workers:
@@ -197,7 +202,10 @@ class MasterTarget:
                 if w.blocked_until and loop.time() >= w.blocked_until:
                     w.blocked_until = 0.0
                     await self.pull(link, w)
-            await asyncio.sleep(POLL_INTERVAL)
+            try:
+                await asyncio.wait_for(self.wakeup.wait(), POLL_INTERVAL)  # a wake: a disk is ready now
+            except TimeoutError:
+                pass
 
     async def start_disk(self, link: Link, d: dict[str, Any]) -> None:
         disk = int(d["disk"])

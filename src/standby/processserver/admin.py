@@ -109,6 +109,8 @@ class AdminSession:
                 error=None,
             )
             log.info("protect %s/%s -> %s:%s (%s)", machine, d.name, mt, path, format)
+        agent = self.ps.agent_sessions.get(machine)
+        await self.ps.wake(agent.link if agent else None)
         return {"disks": [{"disk": d.name, "replica": p} for d, p in plan]}
 
     async def status(self, machine: str | None = None) -> dict[str, Any]:

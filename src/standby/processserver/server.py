@@ -70,6 +70,7 @@ class ProcessServer:
         self.ssl = server_context(self.identity)
         self.streams: dict[int, DiskStream] = {}
         self.mt_sessions: dict[str, MTSession] = {}
+        self.agent_sessions: dict[str, AgentSession] = {}
         self.enrollment = Enrollment(self.registry, self.identity, self.ca_key)
         self.server: asyncio.base_events.Server | None = None
         self.port = cfg.port
@@ -202,6 +203,16 @@ class ProcessServer:
         m = self.registry.machine(name)
         return m is not None and m["role"] == role and m["serial"] == str(serial)
 
+    async def wake(self, link: Link | None) -> None:
+        """Tell a connected agent or master target that its disks changed, so it asks now rather than at
+        its next poll. Best effort: the peer's periodic poll is the fallback."""
+        if link is None:
+            return
+        try:
+            await link.send(Request(0, "wake", {}))
+        except LinkClosed:
+            pass
+
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         t = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(t)
@@ -233,9 +244,12 @@ class AgentSession:
         self.writers: list[asyncio.Task[None]] = []
 
     async def run(self) -> None:
+        self.ps.agent_sessions[self.machine] = self
         try:
             while True:
                 msg = await self.link.recv()
+                if isinstance(msg, Reply):
+                    continue  # the answer to a wake
                 if isinstance(msg, Request):
                     handler = {"disk_open": self.disk_open, "disk_key": self.disk_key}.get(msg.op)
                     if handler is None:
@@ -247,6 +261,8 @@ class AgentSession:
                 else:
                     raise RemoteProtocolError("unexpected-message", f"agent sent {type(msg).__name__}")
         finally:
+            if self.ps.agent_sessions.get(self.machine) is self:
+                del self.ps.agent_sessions[self.machine]
             for t in self.writers:
                 t.cancel()
             await asyncio.gather(*self.writers, return_exceptions=True)
@@ -289,6 +305,8 @@ class AgentSession:
         if row.wrapped_key is not None:
             raise Failure("bad-input", f"disk {row.name} already has a data key")
         self.ps.registry.update_disk(disk, wrapped_key=base64.b64decode(wrapped_key))
+        mt = self.ps.mt_sessions.get(row.mt or "")
+        await self.ps.wake(mt.link if mt else None)
         return {}
 
     async def enqueue(self, msg: Batch | Commit, frame: bytes | bytearray) -> None:
