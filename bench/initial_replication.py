@@ -47,7 +47,7 @@ def proc_usage(pid: int) -> dict[str, float]:
     return {"cpu_seconds": round(cpu, 2), "peak_rss_bytes": hwm}
 
 
-def run_standby(root: Path, source: str, size: int, level: int | None) -> dict:
+def run_standby(root: Path, source: str, size: int, level: int | None, batch: str | None) -> dict:
     dep = LocalDeployment(root / "standby", cache_quota=8 << 30)
     try:
         dep.init()
@@ -58,6 +58,8 @@ def run_standby(root: Path, source: str, size: int, level: int | None) -> dict:
         dep.add_disk("bench", "disk0", source)
         if level is not None:
             dep.set_agent_option("bench", compression_level=level)
+        if batch is not None:
+            dep.set_agent_option("bench", batch_size=batch)
         dep.start("agent", "bench")
         dep.wait_disks_known("bench", 1)
         dep.wait_mt_connected("mt1")
@@ -142,6 +144,7 @@ def main() -> int:
     ap.add_argument("--size", default="2G")
     ap.add_argument("--standby-only", action="store_true", help="skip the rsync and dd baselines (for tuning)")
     ap.add_argument("--level", type=int, default=None, help="agent zstd level (default: the agent's default)")
+    ap.add_argument("--batch", default=None, help="agent batch size, e.g. 16M (default: the agent's default)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "initial_replication.json")
     args = ap.parse_args()
     size = parse_size(args.size)
@@ -163,7 +166,7 @@ def main() -> int:
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
             "disk_bytes": size,
             "data_mix": "1 MiB regions: 3/8 text, 3/8 random, 2/8 zero (standby.admin.testdisk)",
-            "standby": run_standby(root, loop, size, args.level),
+            "standby": run_standby(root, loop, size, args.level, args.batch),
         }
         if not args.standby_only:
             results["rsync_ssh_zstd"] = run_rsync(root, loop, size)
