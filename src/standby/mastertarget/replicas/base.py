@@ -179,6 +179,28 @@ class Replica(ABC):
 # -- low-level file helpers ---------------------------------------------------------------------
 
 
+class SingleFdReplica(Replica):
+    """A replica whose bytes live in one file descriptor at their virtual offsets (raw file, flat VMDK
+    extent, block device): reads, syncs and closes are the same for all of them."""
+
+    _fd: int
+
+    def _write(self, offset: int, data: memoryview) -> None:
+        pwrite_all(self._fd, data, offset)
+
+    def _read(self, offset: int, length: int) -> bytes:
+        return pread_full(self._fd, length, offset)
+
+    def _sync(self) -> None:
+        os.fsync(self._fd)
+
+    def _close(self) -> None:
+        try:
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+
+
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
     """pwrite until everything is written: a short write (disk nearly full) must not go unnoticed."""
     view = memoryview(data).cast("B")

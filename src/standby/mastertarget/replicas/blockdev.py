@@ -26,7 +26,7 @@ import stat
 import struct
 from pathlib import Path
 
-from .base import Replica, ReplicaError, ReplicaSizeMismatch, check_size, pread_full, pwrite_all, write_zero_bytes
+from .base import ReplicaError, ReplicaSizeMismatch, SingleFdReplica, check_size, write_zero_bytes
 
 # linux/fs.h: BLKZEROOUT = _IO(0x12, 127); argument is uint64_t range[2] = {start, length}.
 BLKZEROOUT = 0x127F
@@ -35,7 +35,7 @@ BLKZEROOUT = 0x127F
 _ZEROOUT_UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.ENOSYS, errno.EBUSY}
 
 
-class DeviceReplica(Replica):
+class DeviceReplica(SingleFdReplica):
     """A block device used whole as the replica."""
 
     def __init__(self, path: Path, size: int, fd: int) -> None:
@@ -45,9 +45,6 @@ class DeviceReplica(Replica):
 
     def data_files(self) -> list[Path]:
         return [self.path]
-
-    def _write(self, offset: int, data: memoryview) -> None:
-        pwrite_all(self._fd, data, offset)
 
     def _write_zeroes(self, offset: int, length: int) -> None:
         if self._zeroout_ok:
@@ -60,18 +57,6 @@ class DeviceReplica(Replica):
                 if exc.errno != errno.EBUSY:
                     self._zeroout_ok = False  # the device will not learn it later; stop asking
         write_zero_bytes(self._fd, offset, length)
-
-    def _read(self, offset: int, length: int) -> bytes:
-        return pread_full(self._fd, length, offset)
-
-    def _sync(self) -> None:
-        os.fsync(self._fd)
-
-    def _close(self) -> None:
-        try:
-            os.fsync(self._fd)
-        finally:
-            os.close(self._fd)
 
 
 def open_device(path: Path, size: int) -> DeviceReplica:

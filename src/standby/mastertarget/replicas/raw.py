@@ -18,22 +18,20 @@ from pathlib import Path
 from standby.plumbing.durable import fsync_dir
 
 from .base import (
-    Replica,
     ReplicaError,
     ReplicaSizeMismatch,
+    SingleFdReplica,
     check_parent_dir,
     check_size,
     create_exclusive,
     open_existing,
-    pread_full,
     punch_hole,
-    pwrite_all,
     remove_quietly,
     zero_range,
 )
 
 
-class FileReplica(Replica):
+class FileReplica(SingleFdReplica):
     """A disk stored as one regular file of exactly ``size`` bytes."""
 
     def __init__(self, kind: str, path: Path, size: int, data_path: Path, fd: int, thin: bool) -> None:
@@ -45,26 +43,11 @@ class FileReplica(Replica):
     def data_files(self) -> list[Path]:
         return [self.data_path]
 
-    def _write(self, offset: int, data: memoryview) -> None:
-        pwrite_all(self._fd, data, offset)
-
     def _write_zeroes(self, offset: int, length: int) -> None:
         if self.thin:
             punch_hole(self._fd, offset, length)
         else:
             zero_range(self._fd, offset, length)
-
-    def _read(self, offset: int, length: int) -> bytes:
-        return pread_full(self._fd, length, offset)
-
-    def _sync(self) -> None:
-        os.fsync(self._fd)
-
-    def _close(self) -> None:
-        try:
-            os.fsync(self._fd)
-        finally:
-            os.close(self._fd)
 
 
 def create_data_file(path: Path, size: int, *, thin: bool) -> int:
