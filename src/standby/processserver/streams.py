@@ -51,7 +51,6 @@ class DiskStream:
         self.append_lock = asyncio.Lock()
         self.receive_rate = Rate()
         self.apply_rate = Rate()
-        self.mt_session: object | None = None  # the master-target session currently pulling this disk
         self.last_error: str | None = None
         self.initial_committed = False  # an initial-complete commit is in the cache or applied
 
