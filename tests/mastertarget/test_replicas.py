@@ -622,8 +622,15 @@ def test_sigkill_at_random_moments(tmp_path: Path) -> None:
         early = seed % 7 == 0  # sometimes kill during start-up or recovery, before "ready"
         if not early:
             assert proc.stdout is not None
-            line = proc.stdout.readline()
-            assert line == "ready\n", proc.stderr.read() if proc.stderr else line
+            # Read "ready" byte by byte from the descriptor: a buffered readline could swallow the first
+            # progress lines, which communicate() (reading the descriptor directly) would then never see.
+            line = b""
+            while not line.endswith(b"\n"):
+                chunk = os.read(proc.stdout.fileno(), 1)
+                if not chunk:
+                    break
+                line += chunk
+            assert line == b"ready\n", proc.stderr.read() if proc.stderr else line
         time.sleep(rng.uniform(0.0, 0.25 if not early else 0.4))
         proc.send_signal(signal.SIGKILL)
         out, err = proc.communicate(timeout=30)

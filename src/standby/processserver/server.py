@@ -551,6 +551,8 @@ class MTSession:
         row = self.ps.registry.disk(ack.disk)
         if st is None or row is None or row.mt != self.name:
             raise RemoteProtocolError("forbidden", f"ack for disk {ack.disk}, which is not assigned here")
+        if ack.sequence <= st.applied_seq:
+            return  # a repeated ack (a record sent twice around a reject or a restart): already counted
         if ack.sequence != st.applied_seq + 1:
             raise RemoteProtocolError("bad-ack", f"ack for sequence {ack.sequence}, expected {st.applied_seq + 1}")
         self.set_applied(st, row, ack.sequence)
