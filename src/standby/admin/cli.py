@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="replica kind: vmdk (ESXi vmfs descriptor, thin flat extent; default), vmdk-thick, "
         "vmdk-monolithic-flat, vmdk-sparse (monolithicSparse), raw, device",
     )
-    pr.add_argument("--replica-dir", help="directory on the master target; replicas are named MACHINE-DISK.vmdk (.img for raw)")
+    pr.add_argument(
+        "--replica-dir", help="directory on the master target; replicas are named MACHINE-DISK.vmdk (.img for raw)"
+    )
     pr.add_argument(
         "--replica",
         action="append",
