@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from standby.plumbing.config import load_toml, parse_address, parse_size
+from standby.plumbing.config import ClientConfig, load_client_toml, parse_size
 from standby.plumbing.errors import BadInput, NotStarted
 from standby.proto.messages import MAX_BATCH_LOGICAL
 
@@ -34,37 +34,19 @@ class DiskConfig:
 
 
 @dataclass(frozen=True)
-class AgentConfig:
-    state_dir: Path
-    name: str
-    host: str
-    port: int
-    disks: tuple[DiskConfig, ...]
+class AgentConfig(ClientConfig):
+    disks: tuple[DiskConfig, ...] = ()
     compression_level: int = DEFAULT_LEVEL
     batch_size: int = 8 * 1024 * 1024
 
-    @property
-    def identity_dir(self) -> Path:
-        return self.state_dir / "identity"
-
-    @property
-    def disks_dir(self) -> Path:
-        return self.state_dir / "disks"
-
     @classmethod
     def load(cls, state_dir: Path) -> AgentConfig:
-        path = Path(state_dir) / "agent.toml"
-        if not (Path(state_dir) / "agent.toml").exists():
-            raise NotStarted(
-                f"not enrolled: no agent.toml in {state_dir} — run 'standby-agent enroll --dir {state_dir} …' first"
-            )
-        raw = load_toml(path)
+        path, raw, common = load_client_toml(state_dir, "agent.toml", "standby-agent enroll")
         try:
-            host, port = parse_address(str(raw["server"]))
             disks = tuple(DiskConfig(str(d["name"]), Path(d["path"])) for d in raw.get("disks", []))
             level = int(raw.get("compression_level", DEFAULT_LEVEL))
             batch = parse_size(raw.get("batch_size", 8 * 1024 * 1024))
-            cfg = cls(Path(state_dir), str(raw["name"]), host, port, disks, level, batch)
+            cfg = cls(common.state_dir, common.name, common.host, common.port, disks, level, batch)
         except (KeyError, TypeError, ValueError, BadInput) as exc:
             raise NotStarted(f"{path}: invalid config: {exc}") from None
         names = [d.name for d in disks]

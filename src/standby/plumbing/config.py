@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +55,38 @@ def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise BadInput(f"not a server address: {text!r} (expected HOST or HOST:PORT)")
     return host, int(port)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """What an agent and a master target both have: a state directory, the name they enrolled under and
+    the process server they dial. Their own configs extend it."""
+
+    state_dir: Path
+    name: str
+    host: str
+    port: int
+
+    @property
+    def identity_dir(self) -> Path:
+        return self.state_dir / "identity"
+
+    @property
+    def disks_dir(self) -> Path:
+        return self.state_dir / "disks"
+
+
+def load_client_toml(state_dir: Path, filename: str, enroll_command: str) -> tuple[Path, dict[str, Any], ClientConfig]:
+    """Read an enrolled client's TOML: (its path, the raw table, the common part). A missing file means
+    the machine was never enrolled, and the message says what to run."""
+    path = Path(state_dir) / filename
+    if not path.exists():
+        raise NotStarted(
+            f"not enrolled: no {filename} in {state_dir} — run '{enroll_command} --dir {state_dir} …' first"
+        )
+    raw = load_toml(path)
+    try:
+        host, port = parse_address(str(raw["server"]))
+        return path, raw, ClientConfig(Path(state_dir), str(raw["name"]), host, port)
+    except (KeyError, BadInput) as exc:
+        raise NotStarted(f"{path}: invalid config: {exc}") from None

@@ -24,7 +24,6 @@ from .tls import PeerIdentity, peer_identity
 
 log = logging.getLogger("standby.link")
 READ_CHUNK = 1 << 20
-WRITE_CHUNK = 256 * 1024
 
 
 class LinkClosed(Exception):
@@ -77,28 +76,29 @@ class Link:
             return ev  # type: ignore[return-value]
 
     async def send(self, msg: Message) -> None:
-        if self.closed:
-            raise LinkClosed(f"connection to {self.name} is closed")
-        async with self._wlock:
-            await self._write(self.conn.send(msg))
+        await self._write_whole(msg)
 
-    async def send_frame(self, frame: bytes) -> None:
+    async def send_frame(self, frame: bytes | bytearray) -> None:
         """Forward an already-encoded operational frame (BATCH or COMMIT read from the cache) byte for byte."""
+        await self._write_whole(frame)
+
+    async def _write_whole(self, item: Message | bytes | bytearray) -> None:
+        """Write one frame completely. Shielded: a caller cancelled mid-frame (a sender replaced after a
+        reject, a session ending) must not leave half a frame on the wire for the next writer to follow."""
         if self.closed:
             raise LinkClosed(f"connection to {self.name} is closed")
-        async with self._wlock:
-            await self._write(frame)
+        task = asyncio.ensure_future(self._locked_write(item))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even if nobody awaits
+        await asyncio.shield(task)
 
-    async def _write(self, data: bytes) -> None:
-        # Large frames go out in WRITE_CHUNK pieces, draining after each: uvloop's TLS transport was seen
-        # to stall for good when handed a multi-megabyte buffer in one write.
-        view = memoryview(data)
-        try:
-            for pos in range(0, len(view), WRITE_CHUNK):
-                self.writer.write(view[pos : pos + WRITE_CHUNK])
+    async def _locked_write(self, item: Message | bytes | bytearray) -> None:
+        async with self._wlock:
+            data = item if isinstance(item, bytes | bytearray) else self.conn.send(item)
+            try:
+                self.writer.write(data)
                 await self.writer.drain()
-        except (ConnectionError, ssl.SSLError, OSError) as exc:
-            raise LinkClosed(f"connection to {self.name} lost: {exc}") from None
+            except (ConnectionError, ssl.SSLError, OSError) as exc:
+                raise LinkClosed(f"connection to {self.name} lost: {exc}") from None
 
     async def request(self, op: str, timeout: float | None = 60.0, **args: Any) -> dict[str, Any]:
         """Send a request; the read loop must be running elsewhere (see `deliver`)."""
