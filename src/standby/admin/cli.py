@@ -49,6 +49,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DISK=PATH",
         help="explicit replica path for one disk (repeatable; required for --format device)",
     )
+    pr.add_argument(
+        "--existing",
+        action="store_true",
+        help="offline seeding: the replicas already exist (restored from a backup, an old copy of the disk); "
+        "compare checksums and send only differences instead of a full copy",
+    )
+    rs = sub.add_parser("resync", help="compare a machine's replicas with its disks and repair differences")
+    rs.add_argument("machine")
+    rs.add_argument("--disk", help="only this disk")
+    rs.add_argument("--full", action="store_true", help="send every byte again instead of comparing checksums")
+    pa = sub.add_parser("pause", help="stop applying for a machine at each disk's next recovery point")
+    pa.add_argument("machine")
+    pa.add_argument(
+        "--wait", type=float, metavar="SECONDS", help="wait up to SECONDS until every disk is paused at a point"
+    )
+    re_ = sub.add_parser("resume", help="apply again what a pause held back")
+    re_.add_argument("machine")
     st = sub.add_parser("status", help="replication state of every protected disk")
     st.add_argument("machine", nargs="?", help="only this machine")
     st.add_argument("--json", action="store_true", help="machine-readable output")
@@ -80,6 +97,17 @@ def dispatch(args: argparse.Namespace) -> int:
     client = AdminClient(args.admin, args.server)
     if args.cmd == "protect":
         return cmd_protect(client, args)
+    if args.cmd == "resync":
+        res = client.call("resync", machine=args.machine, full=args.full, disk=args.disk)
+        mode = "full" if args.full else "checksum"
+        print(f"{mode} resync requested for {args.machine}: {', '.join(res['disks'])}; watch it with: standby status")
+        return 0
+    if args.cmd == "pause":
+        return cmd_pause(client, args)
+    if args.cmd == "resume":
+        client.call("resume", machine=args.machine)
+        print(f"applying for {args.machine} resumed")
+        return 0
     if args.cmd == "machines":
         res = client.call("machines")
         if args.json:
@@ -113,12 +141,39 @@ def cmd_protect(client: AdminClient, args: argparse.Namespace) -> int:
     if args.replica_dir is None and not replicas:
         raise BadInput("give --replica-dir DIR or --replica DISK=PATH")
     res = client.call(
-        "protect", machine=args.machine, mt=args.mt, format=args.format, replica_dir=args.replica_dir, replicas=replicas
+        "protect",
+        machine=args.machine,
+        mt=args.mt,
+        format=args.format,
+        replica_dir=args.replica_dir,
+        replicas=replicas,
+        existing=args.existing,
     )
     for d in res["disks"]:
         print(f"protecting {args.machine}/{d['disk']} -> {args.mt}:{d['replica']} ({args.format})")
-    print("initial replication starts now; watch it with: standby status")
+    what = "seeding (checksum comparison)" if args.existing else "initial replication"
+    print(f"{what} starts now; watch it with: standby status")
     return 0
+
+
+def cmd_pause(client: AdminClient, args: argparse.Namespace) -> int:
+    from standby.plumbing.errors import StandbyError
+
+    client.call("pause", machine=args.machine)
+    if not args.wait:
+        print(f"applying for {args.machine} pauses at each disk's next point; see: standby status")
+        return 0
+    deadline = time.monotonic() + args.wait
+    while True:
+        disks = [d for d in client.call("status", machine=args.machine)["disks"] if d["mt"]]
+        if all(d["applying"] == "paused" for d in disks):
+            for d in disks:
+                when = time.strftime("%H:%M:%S", time.localtime(d["last_point_time"] or 0))
+                print(f"{d['machine']}/{d['disk']} paused at point {d['paused_at_seq']} ({when})")
+            return 0
+        if time.monotonic() > deadline:
+            raise StandbyError(f"not every disk of {args.machine} reached a point within {args.wait:.0f} s")
+        time.sleep(0.1)
 
 
 def human_bytes(n: float) -> str:
@@ -148,6 +203,26 @@ def format_status(res: dict[str, Any]) -> str:
             f"applied:{human_bytes(d['bytes_applied'])} "
             f"compression:{f'{ratio:.2f}x' if ratio else '-'} backlog:{d['backlog_records']}"
         )
+        if d["mt"] and d["state"] not in ("initial-replication", "unprotected"):
+            rpo = d.get("rpo_seconds")
+            dirty = d.get("dirty_bytes")
+            lines.append(
+                f"    rpo:{'-' if rpo is None else f'{rpo:.1f}s'} points/min:{d.get('points_last_minute', 0)} "
+                f"dirty:{'-' if dirty is None else human_bytes(dirty)} cache-backlog:{human_bytes(d['backlog_bytes'])} "
+                f"tracker:{d.get('tracker') or '-'} applying:{d.get('applying')}"
+            )
+        rs = d.get("resync")
+        if rs and rs.get("phase") != "complete":
+            eta = rs.get("eta_seconds")
+            lines.append(
+                f"    resync:{rs['mode']} {rs['phase']} {100 * rs['progress']:.1f}% "
+                f"eta:{'-' if eta is None else f'{eta:.0f}s'} reason: {rs['reason']}"
+            )
+        elif d.get("last_resync"):
+            lr = d["last_resync"]
+            lines.append(f"    last-resync:{lr['mode']} reason: {lr['reason']}")
+        for a in d.get("alerts", []):
+            lines.append(f"    ALERT: {a}")
         if d["error"]:
             lines.append(f"    error: {d['error']}")
     mts = ", ".join(res.get("master_targets", [])) or "none"

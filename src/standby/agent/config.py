@@ -3,7 +3,11 @@
 name = "web01"
 server = "ps.example.net:9443"
 compression_level = 1          # zstd level, 1..19 (1: measured fastest end to end, ~3 % larger)
-batch_size = "8M"              # logical bytes read per batch during initial replication
+batch_size = "8M"              # logical bytes read per batch (initial replication, epochs, resync)
+tracker = "auto"               # auto (tracefs where possible, else full-scan) | tracefs | full-scan
+cut_interval = 1.0             # seconds between cuts (each consistent cut is a crash-consistent point)
+cut_bytes = "64M"              # cut early when this much is dirty
+trace_buffer = "16M"           # tracefs ring buffer per CPU (never overwritten: a full one means resync)
 
 [[disks]]
 name = "sda"
@@ -19,6 +23,8 @@ from pathlib import Path
 from standby.plumbing.config import ClientConfig, load_client_toml, parse_size
 from standby.plumbing.errors import BadInput, NotStarted
 from standby.proto.messages import MAX_BATCH_LOGICAL
+
+from .tracker import KINDS
 
 DEFAULT_DIR = Path("/var/lib/standby/agent")
 # zstd level 1: on the demo's data mix, 2 GiB end to end took 14.8 s at level 1 and 15.7 s at level 3 on a
@@ -38,6 +44,10 @@ class AgentConfig(ClientConfig):
     disks: tuple[DiskConfig, ...] = ()
     compression_level: int = DEFAULT_LEVEL
     batch_size: int = 8 * 1024 * 1024
+    tracker: str = "auto"
+    cut_interval: float = 1.0
+    cut_bytes: int = 64 * 1024 * 1024
+    trace_buffer: int = 16 * 1024 * 1024
 
     @classmethod
     def load(cls, state_dir: Path) -> AgentConfig:
@@ -46,7 +56,23 @@ class AgentConfig(ClientConfig):
             disks = tuple(DiskConfig(str(d["name"]), Path(d["path"])) for d in raw.get("disks", []))
             level = int(raw.get("compression_level", DEFAULT_LEVEL))
             batch = parse_size(raw.get("batch_size", 8 * 1024 * 1024))
-            cfg = cls(common.state_dir, common.name, common.host, common.port, disks, level, batch)
+            tracker = str(raw.get("tracker", "auto"))
+            cut_interval = float(raw.get("cut_interval", 1.0))
+            cut_bytes = parse_size(raw.get("cut_bytes", 64 * 1024 * 1024))
+            trace_buffer = parse_size(raw.get("trace_buffer", 16 * 1024 * 1024))
+            cfg = cls(
+                common.state_dir,
+                common.name,
+                common.host,
+                common.port,
+                disks,
+                level,
+                batch,
+                tracker,
+                cut_interval,
+                cut_bytes,
+                trace_buffer,
+            )
         except (KeyError, TypeError, ValueError, BadInput) as exc:
             raise NotStarted(f"{path}: invalid config: {exc}") from None
         names = [d.name for d in disks]
@@ -56,4 +82,10 @@ class AgentConfig(ClientConfig):
             raise NotStarted(f"{path}: compression_level must be 1..19")
         if batch % (64 * 1024) or not 0 < batch <= MAX_BATCH_LOGICAL:
             raise NotStarted(f"{path}: batch_size must be a multiple of 64K, at most 16M")
+        if tracker not in KINDS:
+            raise NotStarted(f"{path}: tracker must be one of {', '.join(KINDS)}")
+        if not 0.05 <= cut_interval <= 3600:
+            raise NotStarted(f"{path}: cut_interval must be 0.05..3600 seconds")
+        if cut_bytes < batch or trace_buffer < 64 * 1024:
+            raise NotStarted(f"{path}: cut_bytes must be at least batch_size, trace_buffer at least 64K")
         return cfg

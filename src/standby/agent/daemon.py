@@ -1,10 +1,17 @@
 """The mobility agent: registers its disks with the process server, waits until they are protected,
 hands each disk's data key to its master target (wrapped, so the process server cannot read it), and
 runs initial replication — reading the disk in large sequential batches, a few in flight, each kept
-until the process server acknowledges it as durable (promise 1).
+until the process server acknowledges it as durable (promise 1) — and then delta replication for ever
+(agent.delta), with resyncs when tracking cannot be trusted (agent.resync).
 
-An interrupted initial replication resumes from the last acknowledged cursor the process server
-reports when the disk is opened again (connection cut, agent or server restart), not from zero.
+Change tracking starts when the agent starts, before initial replication reads anything, and lives
+across connections. An interrupted initial replication resumes from the last acknowledged cursor the
+process server reports when the disk is opened again, not from zero.
+
+Agent restarts (promise 3): on a clean stop the agent writes, per disk, its dirty map with the device's
+kernel write counters and the boot id. At start that record is trusted only if the machine did not
+reboot and the counters did not move — i.e. nothing was written while no tracker ran. Otherwise the
+disk gets a checksum resync, with the reason.
 """
 
 from __future__ import annotations
@@ -29,14 +36,19 @@ from standby.proto.errors import ProtocolError
 from standby.proto.keywrap import new_data_key, wrap_key
 from standby.proto.messages import Ack, Busy, Commit, Reply, Request, meta_bytes
 
+from . import cleanstop
 from .config import AgentConfig, DiskConfig
+from .delta import DeltaStats, Shipper, Tracking
 from .reader import BatchBuilder, disk_size
+from .resync import Progress, resync
+from .tracker import TrackingLost, make_tracker
 
 log = logging.getLogger("standby.agent")
 # Batches in flight per disk: enough to keep the network and the server's fsync busy, bounded so the
 # agent's memory stays ~ WINDOW x batch size per disk.
 WINDOW = 8
 POLL_INTERVAL = 2.0
+REPORT_INTERVAL = 2.0
 PROGRESS_LOG_INTERVAL = 10.0
 
 
@@ -73,15 +85,74 @@ class Agent:
         self.ssl = client_context(self.identity)
         make_private_dir(cfg.disks_dir)
         self.disks = [LocalDisk.load_or_create(cfg.disks_dir, d) for d in cfg.disks]
-        self.done: set[str] = set()  # disks whose initial replication is committed
         self.wakeup = asyncio.Event()
+        self.trackings: dict[str, Tracking] = {}
+        self.unproven: dict[str, str] = {}  # disk -> why this agent run cannot vouch for earlier writes
+        self.resync_wanted: dict[str, tuple[str, str]] = {}  # disk -> (mode, reason)
+        self.resync_progress: dict[str, Progress] = {}
+        self.delta_stats: dict[str, DeltaStats] = {d.cfg.name: DeltaStats() for d in self.disks}
+        self.done: set[str] = set()  # disks whose delta replication was announced in the log
+        self.tasks: list[asyncio.Task[None]] = []
 
     async def run(self, stop: asyncio.Event) -> None:
-        await stay_connected(stop, self.cfg.host, self.cfg.port, self.ssl, "agent", self.session)
+        tasks = []
+        try:
+            for d in self.disks:
+                tr = self.start_tracking(d)
+                if tr is not None:
+                    tasks.append(asyncio.create_task(tr.run(stop)))
+            await stay_connected(stop, self.cfg.host, self.cfg.port, self.ssl, "agent", self.session)
+        finally:
+            tasks += self.tasks
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.stop_tracking()
+
+    def start_tracking(self, d: LocalDisk) -> Tracking | None:
+        """Start the disk's tracker (before anything reads the disk) and decide whether the writes made
+        before this agent run are accounted for."""
+        name = d.cfg.name
+        try:
+            size = disk_size(d.cfg.path)
+            tracker = make_tracker(
+                self.cfg.tracker, str(d.cfg.path), size, f"standby-{d.uid.hex[:16]}", self.cfg.trace_buffer >> 10
+            )
+            tracker.start()
+        except (OSError, TrackingLost) as exc:
+            log.error("disk %s: cannot track changes of %s: %s", name, d.cfg.path, exc)
+            return None
+        tr = Tracking(d, tracker, size)
+        self.trackings[name] = tr
+        extents, why = cleanstop.load(self.cfg.disks_dir, name, str(d.cfg.path), size)
+        if why:
+            self.unproven[name] = why
+        else:
+            tr.map.mark_extents(extents)
+            log.info("disk %s: clean-stop record accepted (%d bytes dirty carried over)", name, tr.map.dirty_bytes)
+        log.info("disk %s: tracking changes with the %s tracker", name, type(tracker).__name__)
+        return tr
+
+    def stop_tracking(self) -> None:
+        """Clean stop: record each disk's dirty map with the device's write counters, then stop tracking."""
+        for name, tr in self.trackings.items():
+            d = tr.disk
+            try:
+                counters = cleanstop.write_counters(str(d.cfg.path))
+                tr.drain()
+                if tr.lost is None and counters is not None:
+                    extents = tr.map.extents()
+                    cleanstop.save(self.cfg.disks_dir, name, str(d.cfg.path), tr.size, counters, extents)
+            except OSError as exc:
+                log.error("disk %s: cannot write the clean-stop record: %s", name, exc)
+            finally:
+                tr.tracker.close()
+        self.trackings.clear()
 
     async def session(self, link: Link) -> None:
         reader = asyncio.create_task(self.read_loop(link))
         workers = [asyncio.create_task(self.protect_disk(link, d)) for d in self.disks]
+        workers.append(asyncio.create_task(self.report(link)))
         try:
             done, _ = await asyncio.wait([reader, *workers], return_when=asyncio.FIRST_EXCEPTION)
             for t in done:
@@ -143,13 +214,81 @@ class Agent:
             if info["key_needed"]:
                 await self.send_key(link, d, info.get("mt_cert"))
                 continue
-            if info["initial_committed"]:
-                if name not in self.done:
-                    log.info("disk %s: initial replication is complete; nothing more to send", name)
-                    self.done.add(name)
-                await asyncio.sleep(3600)  # change tracking comes with delta replication
-                continue
-            await self.initial_replication(link, d, info)
+            tr = self.trackings.get(name)
+            if tr is None:
+                tr = self.start_tracking(d)
+                if tr is None:
+                    await asyncio.sleep(POLL_INTERVAL * 15)
+                    continue
+                self.tasks.append(asyncio.create_task(tr.run(asyncio.Event())))
+            if info.get("resync"):
+                self.resync_wanted.setdefault(name, (info["resync"]["mode"], info["resync"]["reason"]))
+            why = self.unproven.pop(name, None)
+            if not info["initial_committed"]:
+                if info.get("seed"):
+                    self.resync_wanted[name] = ("checksum", "offline seeding: the replica existed before protection")
+                else:
+                    if why and info["cursor"]:
+                        # What was copied before this run may have changed unseen.
+                        self.resync_wanted[name] = ("checksum", f"restart during initial replication: {why}")
+                    await self.initial_replication(link, d, info)
+                    continue  # open again: the process server says where the stream stands now
+            elif why:
+                self.resync_wanted.setdefault(name, ("checksum", why))
+            await self.replicate(link, d, tr, info)
+
+    async def replicate(self, link: Link, d: LocalDisk, tr: Tracking, info: dict[str, Any]) -> None:
+        """Delta replication over this connection, with resyncs when wanted."""
+        gen, seq = int(info["generation"]), int(info["next_sequence"])
+        builder = BatchBuilder(str(d.cfg.path), d.id, d.key, d.uid.bytes, self.cfg.compression_level, tr.tracker)
+        sh = Shipper(self, link, d, tr, builder)
+        if d.cfg.name not in self.done:
+            log.info("disk %s: delta replication (cut every %.2f s)", d.cfg.name, self.cfg.cut_interval)
+            self.done.add(d.cfg.name)
+        try:
+            while True:
+                want = self.resync_wanted.get(d.cfg.name)
+                if want:
+                    gen, seq = await resync(sh, gen, seq, *want)
+                    if self.resync_wanted.get(d.cfg.name) == want:
+                        del self.resync_wanted[d.cfg.name]
+                gen, seq = await sh.run(gen, seq)
+        finally:
+            sh.rewind()
+
+    def make_commit(self, d: LocalDisk, seq: int, meta: dict[str, Any]) -> Commit:
+        sealer = Sealer(d.key, d.uid.bytes)
+        return Commit(d.id, seq, meta, sealer.seal_batch(int(meta["generation"]), seq, meta_bytes(meta)))
+
+    async def report(self, link: Link) -> None:
+        """Tell the process server, every few seconds (or when woken), what only the agent knows: bytes
+        dirty, tracker health and cost, points made, resync progress. Its answer may ask for a resync."""
+        while True:
+            for d in self.disks:
+                if not d.id:
+                    continue
+                name = d.cfg.name
+                tr = self.trackings.get(name)
+                st = self.delta_stats[name]
+                prog = self.resync_progress.get(name)
+                rep: dict[str, Any] = {
+                    "tracker": type(tr.tracker).__name__ if tr else None,
+                    "tracking_lost": tr.lost if tr else "not tracking",
+                    "dirty_bytes": tr.map.dirty_bytes if tr else None,
+                    "tracker_cpu_seconds": tr.poll_cpu + float(tr.tracker.stats.get("cpu_seconds", 0)) if tr else 0,
+                    "epochs": st.epochs,
+                    "points": st.points,
+                    "inconsistent_epochs": st.inconsistent,
+                    "last_inconsistent_reason": st.last_inconsistent_reason,
+                    "bytes_shipped": st.bytes_shipped,
+                    "resync": prog.report() if prog else None,
+                    "resync_pending": self.resync_wanted.get(name),
+                }
+                res = await link.request("disk_report", disk=d.id, report=rep)
+                want = res.get("resync")
+                if want and name not in self.resync_wanted:
+                    self.resync_wanted[name] = (want["mode"], want["reason"])
+            await self.wait_for_wake(REPORT_INTERVAL)
 
     async def wait_for_wake(self, timeout: float) -> None:
         """Sleep until the process server says something changed (protect), or `timeout` passes."""
@@ -192,7 +331,9 @@ class Agent:
     async def initial_replication(self, link: Link, d: LocalDisk, info: dict[str, Any]) -> None:
         gen, seq, cursor = int(info["generation"]), int(info["next_sequence"]), int(info["cursor"])
         size, step = d.size, self.cfg.batch_size
-        builder = BatchBuilder(str(d.cfg.path), d.id, d.key, d.uid.bytes, self.cfg.compression_level)
+        tr = self.trackings.get(d.cfg.name)
+        tracker = tr.tracker if tr else None
+        builder = BatchBuilder(str(d.cfg.path), d.id, d.key, d.uid.bytes, self.cfg.compression_level, tracker)
         if cursor:
             log.info("disk %s: resuming initial replication at %d of %d bytes", d.cfg.name, cursor, size)
         else:
@@ -258,8 +399,6 @@ class Agent:
         )
 
     async def commit(self, link: Link, d: LocalDisk, gen: int, seq: int, kind: str) -> None:
-        meta = {"generation": gen, "kind": kind, "time": time.time()}
-        sealer = Sealer(d.key, d.uid.bytes)
-        c = Commit(d.id, seq, meta, sealer.seal_batch(gen, seq, meta_bytes(meta)))
+        c = self.make_commit(d, seq, {"generation": gen, "kind": kind, "time": time.time()})
         await self.send_record(link, d, seq, c)
         log.info("disk %s: %s committed (sequence %d)", d.cfg.name, kind, seq)

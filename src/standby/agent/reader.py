@@ -7,7 +7,9 @@ work per batch is proportional to grains, not bytes.
 
 from __future__ import annotations
 
+import mmap
 import os
+import stat
 import threading
 
 from standby.proto.envelope import Sealer
@@ -43,8 +45,10 @@ def runs(buf: memoryview) -> list[tuple[bool, int, int]]:
 class BatchBuilder:
     """Builds sealed batches for one disk; safe to call from several worker threads at once."""
 
-    def __init__(self, path: str, disk: int, key: bytes, uid: bytes, level: int) -> None:
+    def __init__(self, path: str, disk: int, key: bytes, uid: bytes, level: int, tracker: object = None) -> None:
         self.path = path
+        # The full-scan tracker learns the hashes of what is shipped (it compares later scans with them).
+        self._shipped = getattr(tracker, "shipped", None)
         self.disk = disk
         self.key = key
         self.uid = uid
@@ -67,27 +71,67 @@ class BatchBuilder:
             raise OSError(f"short read from {self.path} at {offset}: {len(data)} of {length} bytes")
         return data
 
+    def read_extents(self, extents: list[tuple[int, int]]) -> list[tuple[int, memoryview]]:
+        """Read each (offset, length) from the device itself. A block device is read with O_DIRECT: its
+        page cache is not kept coherent with writes made through a partition or a file system, and the
+        tracker proves consistency against what reached the device, so that is what must be read."""
+        fd, direct = _open_for_delta(self.path)
+        try:
+            out = []
+            for off, n in extents:
+                if direct:
+                    buf = mmap.mmap(-1, max(n, mmap.PAGESIZE))  # page-aligned, as O_DIRECT needs
+                    got = os.preadv(fd, [memoryview(buf)[:n]], off)
+                    data = memoryview(buf)[:n]
+                else:
+                    raw = os.pread(fd, n, off)
+                    got, data = len(raw), memoryview(raw)
+                if got != n:
+                    raise OSError(f"short read from {self.path} at {off}: {got} of {n} bytes")
+                out.append((off, data))
+                if self._shipped is not None:
+                    self._shipped(off, data)
+            return out
+        finally:
+            os.close(fd)
+
+    def delta_batch(
+        self, generation: int, sequence: int, kind: BatchKind, pieces: list[tuple[int, memoryview]]
+    ) -> Batch:
+        """Seal already-read (offset, data) pieces as one DELTA or RESYNC batch."""
+        return self._seal(generation, sequence, kind, 0, pieces)
+
     def initial_batch(self, generation: int, sequence: int, offset: int, length: int) -> Batch:
         """Read [offset, offset+length) and seal it as an INITIAL batch whose cursor is its end."""
         data = memoryview(self.read(offset, length))
+        if self._shipped is not None:
+            self._shipped(offset, data)
+        return self._seal(generation, sequence, BatchKind.INITIAL, offset + length, [(offset, data)])
+
+    def _seal(
+        self, generation: int, sequence: int, kind: BatchKind, cursor: int, pieces: list[tuple[int, memoryview]]
+    ) -> Batch:
+        """Zero runs become zero extents (so discards and never-written space travel as a few bytes);
+        the rest is sealed extent by extent; the batch seal covers the whole extent table."""
         sealer = self._sealer()
         extents: list[Extent] = []
-        for is_zero, a, b in runs(data):
-            if is_zero:
-                extents.append(Extent(ExtentKind.ZERO, offset + a, b - a))
-            else:
-                payload = sealer.seal(generation, sequence, offset + a, data[a:b])
-                extents.append(Extent(ExtentKind.DATA, offset + a, b - a, payload))
-        cursor = offset + length
+        for offset, data in pieces:
+            for is_zero, a, b in runs(data):
+                if is_zero:
+                    extents.append(Extent(ExtentKind.ZERO, offset + a, b - a))
+                else:
+                    payload = sealer.seal(generation, sequence, offset + a, data[a:b])
+                    extents.append(Extent(ExtentKind.DATA, offset + a, b - a, payload))
         table = Batch.table(
-            generation, BatchKind.INITIAL, 0, cursor, [(e.kind, e.offset, e.length, len(e.payload)) for e in extents]
+            generation, kind, 0, cursor, [(e.kind, e.offset, e.length, len(e.payload)) for e in extents]
         )
-        return Batch(
-            self.disk,
-            sequence,
-            generation,
-            BatchKind.INITIAL,
-            cursor,
-            tuple(extents),
-            sealer.seal_batch(generation, sequence, table),
-        )
+        seal = sealer.seal_batch(generation, sequence, table)
+        return Batch(self.disk, sequence, generation, kind, cursor, tuple(extents), seal)
+
+
+def _open_for_delta(path: str) -> tuple[int, bool]:
+    fd = os.open(path, os.O_RDONLY)
+    if not stat.S_ISBLK(os.fstat(fd).st_mode):
+        return fd, False
+    os.close(fd)
+    return os.open(path, os.O_RDONLY | os.O_DIRECT), True

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import os
 import stat
@@ -22,13 +23,15 @@ from standby.plumbing.errors import NotStarted
 from standby.plumbing.identity import Identity, IdentityError
 from standby.plumbing.link import Link, RequestFailed, stay_connected
 from standby.plumbing.tls import client_context
+from standby.proto import hashtree
+from standby.proto.envelope import seal_hashes
 from standby.proto.errors import EnvelopeError, ProtocolError
 from standby.proto.keywrap import KeyWrapError, unwrap_key
 from standby.proto.messages import Ack, Batch, Commit, Reject, Reply, Request
 
 from .apply import Applier
 from .config import MTConfig
-from .diskstate import ReplicaState
+from .diskstate import Point, ReplicaState, append_points
 from .replicas import KINDS, ReplicaError, create_replica, open_replica
 
 log = logging.getLogger("standby.mt")
@@ -49,6 +52,9 @@ class DiskWorker:
         self.blocked_until = 0.0  # after a reject: ignore records until the disk is pulled again
         self.task: asyncio.Task[None] | None = None
         self.inflight: asyncio.Future[None] | None = None
+        self.key = b""
+        self.lock = asyncio.Lock()  # applying and hashing the replica never overlap
+        self.tree: tuple[int, list[bytes]] | None = None  # (generation, levels) of the last resync hashing
 
     async def run(self, link: Link) -> None:
         """Apply records in order, a group at a time: whatever is queued (up to GROUP_MAX) is verified in
@@ -78,7 +84,8 @@ class DiskWorker:
                     continue
                 ready.append(msg)
             if ready:
-                await self.apply_group(link, ready)
+                async with self.lock:
+                    await self.apply_group(link, ready)
 
     async def apply_group(self, link: Link, msgs: list[Batch | Commit]) -> None:
         st = self.state
@@ -104,13 +111,20 @@ class DiskWorker:
                 # stop_workers waits for `inflight` before closing.
                 self.inflight = asyncio.ensure_future(asyncio.to_thread(self.applier.write_group, batches))
                 await asyncio.shield(self.inflight)
+                points = []
                 for m, _ in good:
-                    if isinstance(m, Commit) and m.meta.get("kind") == "initial-complete":
+                    kind = m.meta.get("kind") if isinstance(m, Commit) else None
+                    if kind in ("initial-complete", "resync-complete"):
                         st.state = "UpToDate"
-                        log.info("disk %s/%s: replica %s is up to date", st.machine, st.name, st.path)
+                        log.info("disk %s/%s: replica %s is up to date (%s)", st.machine, st.name, st.path, kind)
+                    elif kind == "point" and isinstance(m, Commit):
+                        points.append(Point.from_commit(m))
                     st.generation = max(st.generation, m.generation)
                 st.applied_seq = good[-1][0].sequence
                 st.error = None
+                if points:
+                    st.last_point = points[-1].as_dict()
+                    await asyncio.to_thread(append_points, self.mt.cfg.disks_dir, st.disk, points)
                 await asyncio.to_thread(st.save, self.mt.cfg.disks_dir)
             except (OSError, ReplicaError) as exc:
                 reason = f"cannot write replica {st.path}: {exc.strerror if isinstance(exc, OSError) else exc}"
@@ -144,6 +158,7 @@ class MasterTarget:
         self.workers: dict[int, DiskWorker] = {}
         self.failed: dict[int, str] = {}
         self.wakeup = asyncio.Event()
+        self.background: set[asyncio.Task[Any]] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
         await stay_connected(stop, self.cfg.host, self.cfg.port, self.ssl, "mt", self.session, self.stop_workers)
@@ -180,6 +195,8 @@ class MasterTarget:
                     link.deliver(msg)
                 elif isinstance(msg, Request) and msg.op == "check_replica":
                     await self.answer_check(link, msg)
+                elif isinstance(msg, Request) and msg.op == "resync_hashes":
+                    self.spawn(self.answer_hashes(link, msg))
                 elif isinstance(msg, Request) and msg.op == "wake":
                     self.wakeup.set()
                     await link.send(Reply(msg.id, True, {}))
@@ -215,9 +232,13 @@ class MasterTarget:
                 st = ReplicaState(
                     disk, d["machine"], d["name"], d["uid"], int(d["size"]), d["replica_format"], d["replica_path"]
                 )
-                replica = await asyncio.to_thread(create_replica, st.kind, Path(st.path), st.size)
+                if d.get("seed"):
+                    replica = await asyncio.to_thread(open_replica, st.kind, Path(st.path), st.size)
+                    log.info("disk %s/%s: seeding from existing replica %s", st.machine, st.name, st.path)
+                else:
+                    replica = await asyncio.to_thread(create_replica, st.kind, Path(st.path), st.size)
+                    log.info("disk %s/%s: created %s replica %s", st.machine, st.name, st.kind, st.path)
                 st.save(self.cfg.disks_dir)
-                log.info("disk %s/%s: created %s replica %s", st.machine, st.name, st.kind, st.path)
             else:
                 if st.uid != d["uid"] or st.path != d["replica_path"]:
                     raise ReplicaError(f"state for disk {disk} does not match the assignment (uid or path changed)")
@@ -234,25 +255,83 @@ class MasterTarget:
             return
         self.failed.pop(disk, None)
         w = DiskWorker(self, st, Applier(key, uuid.UUID(st.uid).bytes, replica))
+        w.key = key
         self.workers[disk] = w
         w.task = asyncio.create_task(w.run(link))
         await self.pull(link, w)
 
     async def pull(self, link: Link, w: DiskWorker) -> None:
         try:
-            await link.request("pull", disk=w.state.disk, applied_seq=w.state.applied_seq)
+            res = await link.request("pull", disk=w.state.disk, applied_seq=w.state.applied_seq)
+            skip = int(res.get("skip_to") or 0)
+            if skip > w.state.applied_seq:
+                # What lay between is gone from the process server: a resync (already requested) repairs it.
+                log.error("disk %d: records %d..%d are lost; a resync will repair the replica", w.state.disk,
+                          w.state.applied_seq + 1, skip)
+                w.state.applied_seq, w.state.state = skip, "Inconsistent"
+                await asyncio.to_thread(w.state.save, self.cfg.disks_dir)
         except RequestFailed as exc:
             log.error("disk %d: pull refused: %s", w.state.disk, exc)
             w.blocked_until = asyncio.get_running_loop().time() + RETRY_DELAY * 6
 
+    def spawn(self, coro: Any) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self.background.add(t)
+        t.add_done_callback(self.background.discard)
+
+    async def answer_hashes(self, link: Link, req: Request) -> None:
+        """A resync hash query from the disk's agent (through the process server): the top level of the
+        replica's checksum tree (computed afresh), or children of given nodes. Encrypted for the agent."""
+        try:
+            disk, gen, q = int(req.args["disk"]), int(req.args["generation"]), dict(req.args["query"])
+            w = self.workers.get(disk)
+            if w is None:
+                raise ReplicaError(f"disk {disk} is not open on this master target")
+            async with w.lock:
+                if q.get("level") is None or w.tree is None or w.tree[0] != gen:
+                    log.info("disk %s/%s: hashing replica %s for a resync", w.state.machine, w.state.name, w.state.path)
+                    leaves = await asyncio.to_thread(
+                        hashtree.leaf_hashes, w.applier.replica.read, w.state.size, hashtree.LEAF
+                    )
+                    w.tree = (gen, hashtree.build(leaves))
+            levels = w.tree[1]
+            if q.get("level") is None:
+                hashes = levels[-1]
+            else:
+                level = int(q["level"])
+                kids = hashtree.children([int(p) for p in q["parents"]], hashtree.count(levels[level]))
+                hashes = hashtree.pick(levels[level], kids)
+            qbytes = json.dumps(q, sort_keys=True, separators=(",", ":")).encode()
+            sealed = seal_hashes(w.key, uuid.UUID(w.state.uid).bytes, gen, qbytes, hashes)
+            await link.send(Reply(req.id, True, {"sealed": base64.b64encode(sealed).decode()}))
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            await link.send(Reply(req.id, False, {}, "bad-input", f"bad hash query: {exc}"))
+        except (ReplicaError, OSError) as exc:
+            await link.send(Reply(req.id, False, {}, "failed", f"cannot hash the replica: {exc}"))
+
     async def answer_check(self, link: Link, req: Request) -> None:
-        code, message = check_replica_path(
-            req.args.get("path", ""), req.args.get("format", ""), int(req.args.get("size", 0)), self.used_paths()
-        )
+        path, kind, size = req.args.get("path", ""), req.args.get("format", ""), int(req.args.get("size", 0))
+        if req.args.get("existing"):
+            code, message = await asyncio.to_thread(check_existing_replica, path, kind, size, self.used_paths())
+        else:
+            code, message = check_replica_path(path, kind, size, self.used_paths())
         await link.send(Reply(req.id, not code, {}, code, message))
 
     def used_paths(self) -> set[str]:
         return {s.path for s in ReplicaState.all(self.cfg.disks_dir)}
+
+
+def check_existing_replica(path: str, kind: str, size: int, used: set[str]) -> tuple[str, str]:
+    """Can the replica at `path` (offline seeding) be opened as `kind` with the source's size?"""
+    if kind not in KINDS:
+        return "bad-input", f"unknown replica format {kind!r}"
+    if path in used:
+        return "replica-exists", f"replica path {path} is already used by another protected disk"
+    try:
+        open_replica(kind, Path(path), size).close()
+    except (ReplicaError, OSError) as exc:
+        return "bad-input", f"cannot use existing replica {path}: {exc}"
+    return "", ""
 
 
 def check_replica_path(path: str, kind: str, size: int, used: set[str]) -> tuple[str, str]:

@@ -7,10 +7,14 @@ restart — harmless, because a batch's writes are absolute (offset, bytes), nev
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from standby.plumbing.durable import load_json, save_json
+from standby.proto.messages import Commit
 
 
 @dataclass
@@ -26,6 +30,7 @@ class ReplicaState:
     generation: int = 1
     state: str = "Inconsistent"  # DRBD words: Inconsistent during initial replication, UpToDate after
     error: str | None = None
+    last_point: dict[str, Any] | None = None
 
     def save(self, directory: Path) -> None:
         save_json(directory / f"{self.disk}.json", asdict(self), 0o600)
@@ -41,4 +46,48 @@ class ReplicaState:
     def all(directory: Path) -> list[ReplicaState]:
         if not directory.exists():
             return []
-        return [ReplicaState(**load_json(p)) for p in sorted(directory.glob("*.json"))]
+        return [ReplicaState(**load_json(p)) for p in sorted(directory.glob("*.json")) if p.stem.isdigit()]
+
+
+@dataclass
+class Point:
+    """A recovery point the replica passed through: after applying `sequence`, it equalled the source
+    at `time` (wall clock of the agent's cut)."""
+
+    sequence: int
+    generation: int
+    time: float
+    consistency: str
+
+    @classmethod
+    def from_commit(cls, c: Commit) -> Point:
+        return cls(c.sequence, c.generation, float(c.meta.get("time", 0.0)), str(c.meta.get("consistency", "")))
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def append_points(directory: Path, disk: int, points: list[Point]) -> None:
+    """Append to disks/<disk>.points.jsonl and sync: the list of points the replica passed through. (The
+    retention journal will make older points recoverable; today the replica holds only the newest.)"""
+    path = directory / f"{disk}.points.jsonl"
+    data = "".join(json.dumps(p.as_dict(), separators=(",", ":")) + "\n" for p in points).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_points(directory: Path, disk: int) -> list[Point]:
+    path = directory / f"{disk}.points.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(Point(**json.loads(line)))
+        except (ValueError, TypeError):
+            continue  # a torn last line after a crash
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import PurePosixPath
@@ -12,6 +13,7 @@ from standby.proto.errors import RemoteProtocolError
 from standby.proto.messages import Reply, Request
 
 from .registry import DiskRow
+from .streams import DiskStream
 
 if TYPE_CHECKING:
     from .server import ProcessServer
@@ -29,7 +31,14 @@ class AdminSession:
     async def run(self) -> None:
         from .server import reply_to
 
-        handlers = {"status": self.status, "machines": self.machines, "protect": self.protect}
+        handlers = {
+            "status": self.status,
+            "machines": self.machines,
+            "protect": self.protect,
+            "pause": self.pause,
+            "resume": self.resume,
+            "resync": self.resync,
+        }
         while True:
             msg = await self.link.recv()
             if not isinstance(msg, Request):
@@ -50,6 +59,7 @@ class AdminSession:
         format: str = "vmdk",
         replica_dir: str | None = None,
         replicas: dict[str, str] | None = None,
+        existing: bool = False,
     ) -> dict[str, Any]:
         from .server import Failure
 
@@ -93,7 +103,7 @@ class AdminSession:
             raise Failure("unreachable", f"master target {mt!r} is not connected: start it and retry")
         for d, path in plan:
             try:
-                await session.check_replica(path, format, d.size)
+                await session.check_replica(path, format, d.size, existing)
             except RequestFailed as exc:
                 raise Failure(exc.code, f"disk {d.name}: {exc}") from None
             except (TimeoutError, LinkClosed) as exc:
@@ -104,17 +114,61 @@ class AdminSession:
                 mt=mt,
                 replica_path=path,
                 replica_format=format,
-                state="initial-replication",
+                state="seeding" if existing else "initial-replication",
                 protected_at=time.time(),
                 error=None,
+                seed=int(existing),
             )
             log.info("protect %s/%s -> %s:%s (%s)", machine, d.name, mt, path, format)
         agent = self.ps.agent_sessions.get(machine)
         await self.ps.wake(agent.link if agent else None)
         return {"disks": [{"disk": d.name, "replica": p} for d, p in plan]}
 
+    def _machine_disks(self, machine: str) -> list[DiskRow]:
+        from .server import Failure
+
+        disks = [d for d in self.ps.registry.disks(machine=machine) if d.mt is not None]
+        if not disks:
+            m = self.ps.registry.machine(machine)
+            if m is None or m["role"] != "agent":
+                raise Failure("unknown-machine", f"unknown machine {machine!r}")
+            raise Failure("bad-input", f"machine {machine!r} has no protected disk")
+        return disks
+
+    async def pause(self, machine: str) -> dict[str, Any]:
+        """Stop applying for a machine after each disk's next recovery point (for inspection and tests)."""
+        for d in self._machine_disks(machine):
+            self.ps.registry.update_disk(d.id, paused=1)
+            st = self.ps.open_stream(d)
+            if not st.pause:
+                st.pause, st.paused_at = True, 0
+        log.info("applying for %s pauses at the next point of each disk", machine)
+        return {}
+
+    async def resume(self, machine: str) -> dict[str, Any]:
+        for d in self._machine_disks(machine):
+            self.ps.registry.update_disk(d.id, paused=0)
+            st = self.ps.open_stream(d)
+            st.pause, st.paused_at = False, 0
+            st.resumed.set()
+        log.info("applying for %s resumed", machine)
+        return {}
+
+    async def resync(self, machine: str, full: bool = False, disk: str | None = None) -> dict[str, Any]:
+        from .server import Failure
+
+        disks = [d for d in self._machine_disks(machine) if disk is None or d.name == disk]
+        if not disks:
+            raise Failure("unknown-disk", f"machine {machine!r} has no protected disk {disk!r}")
+        for d in disks:
+            if d.resync_request:
+                continue
+            self.ps.request_resync(d, "full" if full else "checksum", "requested by the operator")
+        return {"disks": [d.name for d in disks]}
+
     async def status(self, machine: str | None = None) -> dict[str, Any]:
         now = time.monotonic()
+        wall = time.time()
         out = []
         for d in self.ps.registry.disks(machine=machine):
             st = self.ps.streams.get(d.id)
@@ -148,6 +202,7 @@ class AdminSession:
                     "cache_bytes": st.cache.bytes if st else 0,
                     "error": (st.last_error if st and st.last_error else d.error),
                     "synced_at": d.synced_at,
+                    **self._continuous(d, st, wall),
                 }
             )
         return {
@@ -155,4 +210,46 @@ class AdminSession:
             "cache_bytes": self.ps.cache_bytes,
             "cache_quota": self.ps.cfg.cache_quota,
             "master_targets": sorted(self.ps.mt_sessions),
+            "rpo_threshold": self.ps.cfg.rpo_threshold,
+        }
+
+    def _continuous(self, d: DiskRow, st: DiskStream | None, wall: float) -> dict[str, Any]:
+        """Delta replication health of one disk: RPO, points, the agent's dirty bytes, cache backlog,
+        resync progress and reason, alerts."""
+        rpo = wall - d.last_point_at if d.last_point_at else None
+        rep = dict(st.agent_report) if st else {}
+        fresh = st is not None and wall - st.agent_report_at < 30
+        backlog = sum(v.nbytes for v in st.records.values()) if st else 0
+        alerts = []
+        if d.mt and d.state in ("up-to-date", "resyncing") and rpo is not None and rpo > self.ps.cfg.rpo_threshold:
+            alerts.append(f"RPO {rpo:.0f} s exceeds the {self.ps.cfg.rpo_threshold:.0f} s threshold")
+        if fresh and rep.get("tracking_lost"):
+            alerts.append(f"change tracking: {rep['tracking_lost']}")
+        applying = "running"
+        if st and st.pause:
+            applying = "paused" if st.paused_at and st.applied_seq >= st.paused_at else "pausing"
+        return {
+            "rpo_seconds": rpo,
+            "last_point_time": d.last_point_at,
+            "last_point_seq": d.last_point_seq,
+            "points_last_minute": st.points_since(wall - 60) if st else 0,
+            "dirty_bytes": rep.get("dirty_bytes") if fresh else None,
+            "tracker": rep.get("tracker") if fresh else None,
+            "tracker_cpu_seconds": rep.get("tracker_cpu_seconds") if fresh else None,
+            "epochs": rep.get("epochs"),
+            "inconsistent_epochs": rep.get("inconsistent_epochs"),
+            "backlog_bytes": backlog,
+            "resync": rep.get("resync") if fresh else None,
+            "resync_requested": json.loads(d.resync_request) if d.resync_request else None,
+            "last_resync": {
+                "mode": d.resync_mode,
+                "reason": d.resync_reason,
+                "started_at": d.resync_started_at,
+                "done_at": d.resync_done_at,
+            }
+            if d.resync_reason
+            else None,
+            "applying": applying,
+            "paused_at_seq": st.paused_at if st and st.pause else None,
+            "alerts": alerts,
         }

@@ -17,6 +17,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from standby.plumbing.durable import fsync_dir
 from standby.plumbing.errors import StandbyError
@@ -48,7 +49,7 @@ class Recovered:
     last_seq: int
     last_cursor: int  # cursor of the newest INITIAL batch cached, 0 if none
     generation: int
-    records: dict[int, tuple[str, int, int]]  # sequence -> (commit kind or "batch", cursor, logical bytes)
+    records: dict[int, RecordInfo]
 
 
 def _is_torn_tail(seg: Path, good_end: int, size: int) -> bool:
@@ -66,13 +67,22 @@ def _is_torn_tail(seg: Path, good_end: int, size: int) -> bool:
     return good_end + HEADER_SIZE + h.length >= size
 
 
-def record_info(msg: object) -> tuple[str, int, int]:
-    """What the server remembers of a cached record until it is applied: kind, cursor, logical bytes."""
+class RecordInfo(NamedTuple):
+    """What the server remembers of a cached record until it is applied."""
+
+    kind: str  # a commit's kind ("point", "initial-complete", "resync-complete"), or "batch"
+    cursor: int  # INITIAL batches: where the copy stands after it
+    nbytes: int  # logical bytes of a batch
+    time: float = 0.0  # a point's instant (wall clock)
+
+
+def record_info(msg: object) -> RecordInfo:
     if isinstance(msg, Commit):
-        return str(msg.meta["kind"]), 0, 0
+        t = msg.meta.get("time")
+        return RecordInfo(str(msg.meta["kind"]), 0, 0, float(t) if isinstance(t, int | float) else 0.0)
     if isinstance(msg, Batch):
-        return "batch", msg.cursor if msg.kind == BatchKind.INITIAL else 0, msg.logical_bytes
-    return "other", 0, 0
+        return RecordInfo("batch", msg.cursor if msg.kind == BatchKind.INITIAL else 0, msg.logical_bytes)
+    return RecordInfo("other", 0, 0)
 
 
 class DiskCache:

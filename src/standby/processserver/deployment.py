@@ -28,6 +28,7 @@ from .registry import Registry
 
 DEFAULT_DIR = Path("/var/lib/standby/ps")
 DEFAULT_QUOTA = 10 * 1024**3
+DEFAULT_RPO_THRESHOLD = 15 * 60.0  # the seeds' failback policy: RPO threshold 15 minutes
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class PSConfig:
     port: int
     cache_dir: Path
     cache_quota: int
+    # Policy: an alert when a disk's RPO (now minus its newest applied point) passes this (seconds).
+    rpo_threshold: float = DEFAULT_RPO_THRESHOLD
 
     @property
     def registry_path(self) -> Path:
@@ -56,6 +59,7 @@ class PSConfig:
                 port=port,
                 cache_dir=Path(raw.get("cache_dir", state_dir / "cache")),
                 cache_quota=parse_size(raw.get("cache_quota", DEFAULT_QUOTA)),
+                rpo_threshold=float(raw.get("rpo_threshold", DEFAULT_RPO_THRESHOLD)),
             )
         except (KeyError, ValueError, BadInput) as exc:
             raise NotStarted(f"{state_dir / 'ps.toml'}: invalid config: {exc}") from None

@@ -51,11 +51,24 @@ CREATE TABLE IF NOT EXISTS disks (
 );
 """
 
+# Columns added after the first release: (name, SQL type with default). Added to older databases at open.
+LATER_COLUMNS = (
+    ("last_point_at", "REAL"),
+    ("last_point_seq", "INTEGER NOT NULL DEFAULT 0"),
+    ("resync_request", "TEXT"),  # JSON {mode, reason} asked by the operator or the system, not yet started
+    ("resync_mode", "TEXT"),
+    ("resync_reason", "TEXT"),
+    ("resync_started_at", "REAL"),
+    ("resync_done_at", "REAL"),
+    ("paused", "INTEGER NOT NULL DEFAULT 0"),
+    ("seed", "INTEGER NOT NULL DEFAULT 0"),
+)
+
 DISK_COLUMNS = (
     "id machine name uid path size state generation received_seq applied_seq cursor applied_cursor mt "
     "replica_path replica_format wrapped_key bytes_logical bytes_data bytes_wire bytes_applied protected_at "
     "synced_at error"
-).split()
+).split() + [c for c, _ in LATER_COLUMNS]
 
 
 @dataclass
@@ -83,6 +96,15 @@ class DiskRow:
     protected_at: float | None
     synced_at: float | None
     error: str | None
+    last_point_at: float | None = None
+    last_point_seq: int = 0
+    resync_request: str | None = None
+    resync_mode: str | None = None
+    resync_reason: str | None = None
+    resync_started_at: float | None = None
+    resync_done_at: float | None = None
+    paused: int = 0
+    seed: int = 0
 
 
 class Registry:
@@ -91,6 +113,10 @@ class Registry:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        have = {r[1] for r in self.db.execute("PRAGMA table_info(disks)")}
+        for col, sql in LATER_COLUMNS:
+            if col not in have:
+                self.db.execute(f"ALTER TABLE disks ADD COLUMN {col} {sql}")
 
     def close(self) -> None:
         self.db.close()

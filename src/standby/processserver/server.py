@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import ssl
 import time
@@ -18,7 +19,7 @@ from typing import Any
 
 from standby.plumbing import identity as ident
 from standby.plumbing.errors import NotStarted, StandbyError
-from standby.plumbing.link import Link, LinkClosed
+from standby.plumbing.link import Link, LinkClosed, RequestFailed
 from standby.plumbing.tls import server_context
 from standby.proto.connection import Connection, Role, choose_version
 from standby.proto.errors import RemoteProtocolError
@@ -48,6 +49,9 @@ MT_WINDOW = 8
 # Records appended to the cache under one fsync at most.
 GROUP_MAX = 8
 HANDSHAKE_TIMEOUT = 15.0
+# How long a resync hash query waits for the master target to apply what is cached before it.
+DRAIN_TIMEOUT = 600.0
+RPO_CHECK_INTERVAL = 5.0
 
 
 class Failure(Exception):
@@ -93,7 +97,13 @@ class ProcessServer:
         st.cursor = max(row.cursor, rec.last_cursor)
         st.generation = max(row.generation, rec.generation)
         st.records = {s: v for s, v in rec.records.items() if s > st.applied_seq}
-        st.initial_committed = row.state == "up-to-date" or any(v[0] == "initial-complete" for v in st.records.values())
+        st.initial_committed = (
+            row.synced_at is not None
+            or row.state == "up-to-date"
+            or any(v.kind in ("initial-complete", "resync-complete") for v in st.records.values())
+        )
+        st.last_point_time, st.last_point_seq = row.last_point_at, row.last_point_seq
+        st.pause = bool(row.paused)
         cache.release(st.applied_seq)
         if st.received_seq != row.received_seq or st.cursor != row.cursor:
             self.registry.update_disk(row.id, received_seq=st.received_seq, cursor=st.cursor)
@@ -125,6 +135,7 @@ class ProcessServer:
         )
         if ready is not None:
             ready.set()
+        self.spawn(self.watch_rpo())
         try:
             await stop.wait()
         finally:
@@ -213,6 +224,40 @@ class ProcessServer:
         except LinkClosed:
             pass
 
+    async def watch_rpo(self) -> None:
+        """Log an alert once when a disk's RPO passes the policy threshold, and once when it recovers."""
+        while True:
+            await asyncio.sleep(RPO_CHECK_INTERVAL)
+            now = time.time()
+            for row in self.registry.disks():
+                st = self.streams.get(row.id)
+                if st is None or row.mt is None or row.last_point_at is None:
+                    continue
+                rpo = now - row.last_point_at
+                late = rpo > self.cfg.rpo_threshold
+                if late and not st.rpo_alert:
+                    log.warning(
+                        "ALERT disk %s/%s: RPO %.0f s exceeds the threshold of %.0f s (newest point at %s)",
+                        row.machine,
+                        row.name,
+                        rpo,
+                        self.cfg.rpo_threshold,
+                        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.last_point_at)),
+                    )
+                elif not late and st.rpo_alert:
+                    log.info("disk %s/%s: RPO back to %.0f s", row.machine, row.name, rpo)
+                st.rpo_alert = late
+
+    def request_resync(self, row: DiskRow, mode: str, reason: str) -> None:
+        """Ask the disk's agent for a resync (it learns at its next report, or now if connected)."""
+        if row.resync_request:
+            return
+        log.warning("disk %s/%s: resync requested (%s): %s", row.machine, row.name, mode, reason)
+        self.registry.update_disk(row.id, resync_request=json.dumps({"mode": mode, "reason": reason}))
+        agent = self.agent_sessions.get(row.machine)
+        if agent is not None:
+            self.spawn(self.wake(agent.link))
+
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         t = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(t)
@@ -242,6 +287,7 @@ class AgentSession:
         self.machine = machine
         self.queues: dict[int, asyncio.Queue[tuple[Batch | Commit, bytes | bytearray]]] = {}
         self.writers: list[asyncio.Task[None]] = []
+        self.spawned: set[asyncio.Task[Any]] = set()
 
     async def run(self) -> None:
         self.ps.agent_sessions[self.machine] = self
@@ -251,9 +297,19 @@ class AgentSession:
                 if isinstance(msg, Reply):
                     continue  # the answer to a wake
                 if isinstance(msg, Request):
-                    handler = {"disk_open": self.disk_open, "disk_key": self.disk_key}.get(msg.op)
+                    handler = {
+                        "disk_open": self.disk_open,
+                        "disk_key": self.disk_key,
+                        "disk_report": self.disk_report,
+                        "resync_begin": self.resync_begin,
+                        "resync_hashes": self.resync_hashes,
+                    }.get(msg.op)
                     if handler is None:
                         await self.link.send(Reply(msg.id, False, {}, "bad-input", f"unknown request {msg.op!r}"))
+                    elif msg.op == "resync_hashes":
+                        # Slow (the master target hashes its whole replica): answered in its own task so this
+                        # session keeps receiving batches and requests meanwhile.
+                        self.spawned.add(self.ps.spawn(reply_to(self.link, msg, handler)))
                     else:
                         await reply_to(self.link, msg, handler)
                 elif isinstance(msg, Batch | Commit):
@@ -263,9 +319,9 @@ class AgentSession:
         finally:
             if self.ps.agent_sessions.get(self.machine) is self:
                 del self.ps.agent_sessions[self.machine]
-            for t in self.writers:
+            for t in [*self.writers, *self.spawned]:
                 t.cancel()
-            await asyncio.gather(*self.writers, return_exceptions=True)
+            await asyncio.gather(*self.writers, *self.spawned, return_exceptions=True)
 
     def own_row(self, disk_id: int) -> DiskRow:
         row = self.ps.registry.disk(disk_id)
@@ -294,6 +350,8 @@ class AgentSession:
             "cursor": st.cursor,
             "initial_committed": st.initial_committed,
             "key_needed": row.mt is not None and row.wrapped_key is None,
+            "seed": bool(row.seed),
+            "resync": json.loads(row.resync_request) if row.resync_request else None,
         }
         if result["key_needed"]:
             mt = reg.machine(row.mt or "")
@@ -308,6 +366,53 @@ class AgentSession:
         mt = self.ps.mt_sessions.get(row.mt or "")
         await self.ps.wake(mt.link if mt else None)
         return {}
+
+    async def disk_report(self, disk: int, report: dict[str, Any]) -> dict[str, Any]:
+        """What the agent knows (dirty bytes, tracker, resync progress), for status; the answer carries a
+        resync the operator (or the system) asked for."""
+        row = self.own_row(disk)
+        st = self.ps.open_stream(row)
+        st.agent_report, st.agent_report_at = report, time.time()
+        return {"resync": json.loads(row.resync_request) if row.resync_request else None}
+
+    async def resync_begin(self, disk: int, generation: int, mode: str, reason: str) -> dict[str, Any]:
+        row = self.own_row(disk)
+        st = self.ps.open_stream(row)
+        if mode not in ("checksum", "full") or generation <= st.generation:
+            raise Failure("bad-input", f"resync of generation {generation} ({mode}) after {st.generation}")
+        log.warning("disk %s/%s: %s resync, generation %d: %s", row.machine, row.name, mode, generation, reason)
+        self.ps.registry.update_disk(
+            disk,
+            state="resyncing" if st.initial_committed else row.state,
+            resync_request=None,
+            resync_mode=mode,
+            resync_reason=reason,
+            resync_started_at=time.time(),
+            resync_done_at=None,
+        )
+        return {}
+
+    async def resync_hashes(self, disk: int, generation: int, query: dict[str, Any]) -> dict[str, Any]:
+        """Relay a hash query to the disk's master target once it has applied everything cached before
+        (it must hash the replica the agent's earlier batches made)."""
+        row = self.own_row(disk)
+        st = self.ps.open_stream(row)
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        while st.applied_seq < st.received_seq:
+            if time.monotonic() > deadline:
+                raise Failure("unreachable", "the master target did not apply the backlog in time")
+            if st.pause:
+                raise Failure("unreachable", f"applying for {row.machine} is paused: resume it to resync")
+            await asyncio.sleep(0.05)
+        mt = self.ps.mt_sessions.get(row.mt or "")
+        if mt is None:
+            raise Failure("unreachable", f"master target {row.mt} is not connected")
+        try:
+            return await mt.link.request("resync_hashes", timeout=None, disk=disk, generation=generation, query=query)
+        except RequestFailed as exc:
+            raise Failure(exc.code, str(exc)) from None
+        except LinkClosed as exc:
+            raise Failure("unreachable", f"master target {row.mt} went away: {exc}") from None
 
     async def enqueue(self, msg: Batch | Commit, frame: bytes | bytearray) -> None:
         q = self.queues.get(msg.disk)
@@ -404,9 +509,9 @@ class AgentSession:
             for m, r in fresh:
                 info = record_info(m)
                 st.records[m.sequence] = info
-                if info[1]:
-                    st.cursor = info[1]
-                if info[0] == "initial-complete":
+                if info.cursor:
+                    st.cursor = info.cursor
+                if info.kind in ("initial-complete", "resync-complete"):
                     st.initial_committed = True
                 st.generation = max(st.generation, m.generation)
                 if isinstance(m, Batch):
@@ -481,6 +586,7 @@ class MTSession:
                     "replica_path": row.replica_path,
                     "replica_format": row.replica_format,
                     "wrapped_key": base64.b64encode(row.wrapped_key).decode(),
+                    "seed": bool(row.seed),
                 }
             )
         return {"disks": disks}
@@ -488,14 +594,21 @@ class MTSession:
     async def pull(self, disk: int, applied_seq: int) -> dict[str, Any]:
         row = self.assigned(disk)
         st = self.ps.open_stream(row)
+        skip = 0
         if applied_seq < st.applied_seq:
             entries = st.cache.after(applied_seq)
             if not entries or entries[0].sequence != applied_seq + 1:
-                raise Failure(
-                    "bad-input",
-                    f"disk {row.machine}/{row.name}: the replica is at sequence "
-                    f"{applied_seq} but the cache only holds from {st.applied_seq + 1}: resync needed",
+                # The replica is older than anything cached (its state was restored or lost): the records in
+                # between are gone. Promise 3: never guess — skip ahead and have the disk resynced.
+                log.error(
+                    "disk %s/%s: replica at sequence %d, cache holds from %d: sequence gap",
+                    row.machine,
+                    row.name,
+                    applied_seq,
+                    st.applied_seq + 1,
                 )
+                self.request_resync(row, f"sequence gap: the replica was at {applied_seq}, applied {st.applied_seq}")
+                skip = applied_seq = st.applied_seq
         self.set_applied(st, row, applied_seq, release=False)
         old = self.senders.pop(disk, None)
         if old is not None:
@@ -504,7 +617,7 @@ class MTSession:
         self.ps.registry.update_disk(disk, error=None)
         self.inflight[disk] = applied_seq
         self.senders[disk] = asyncio.get_running_loop().create_task(self.sender(st, applied_seq))
-        return {"received_seq": st.received_seq}
+        return {"received_seq": st.received_seq, "skip_to": skip}
 
     async def sender(self, st: DiskStream, after: int) -> None:
         """Send records after `after` in order, at most MT_WINDOW ahead of the acks."""
@@ -521,27 +634,47 @@ class MTSession:
                     while e.sequence - st.applied_seq > MT_WINDOW:
                         self.acked.clear()
                         await self.acked.wait()
+                    while st.pause and st.paused_at and st.paused_at < e.sequence:
+                        st.resumed.clear()
+                        await st.resumed.wait()  # paused after a point: hold everything newer
                     record = await asyncio.to_thread(st.cache.read, e)
                     await self.link.send_frame(record)  # a verified frame, forwarded byte for byte
                     sent = e.sequence
+                    info = st.records.get(sent)
+                    if st.pause and not st.paused_at and info is not None and info.kind == "point":
+                        st.paused_at = sent
+                        log.info("disk %d: applying paused after point %d", st.id, sent)
                     log.debug("disk %d: sent sequence %d to %s", st.id, sent, self.name)
         except (ConnectionError, LinkClosed, OSError) as exc:
             log.info("%s: sender for disk %d stopped: %s", self.link.name, st.id, exc)
+
+    def request_resync(self, row: DiskRow, reason: str) -> None:
+        self.ps.request_resync(row, "checksum", reason)
 
     def set_applied(self, st: DiskStream, row: DiskRow, seq: int, release: bool = True) -> None:
         st.applied_seq = seq
         fields: dict[str, Any] = {"applied_seq": seq}
         for s in [s for s in st.records if s <= seq]:
-            kind, cursor, nbytes = st.records.pop(s)
+            kind, cursor, nbytes, t = st.records.pop(s)
             if cursor:
                 fields["applied_cursor"] = cursor
             if nbytes:
                 self.ps.registry.add_counters(st.id, bytes_applied=nbytes)
                 st.apply_rate.add(nbytes)
+            if kind == "point":
+                st.last_point_time, st.last_point_seq = t, s
+                st.point_times.append(t)
+                fields["last_point_at"], fields["last_point_seq"] = t, s
             if kind == "initial-complete":
                 fields["state"] = "up-to-date"
                 fields["synced_at"] = time.time()
                 log.info("disk %s/%s: initial replication complete; replica is up to date", row.machine, row.name)
+            if kind == "resync-complete":
+                fields["state"] = "up-to-date"
+                fields["resync_done_at"] = time.time()
+                if row.synced_at is None:
+                    fields["synced_at"] = time.time()
+                log.info("disk %s/%s: resync complete; replica is up to date", row.machine, row.name)
         self.ps.registry.update_disk(st.id, **fields)
         if release:
             st.cache.release(seq)
@@ -570,5 +703,5 @@ class MTSession:
         if t is not None:
             t.cancel()
 
-    async def check_replica(self, path: str, fmt: str, size: int) -> None:
-        await self.link.request("check_replica", path=path, format=fmt, size=size, timeout=30)
+    async def check_replica(self, path: str, fmt: str, size: int, existing: bool = False) -> None:
+        await self.link.request("check_replica", path=path, format=fmt, size=size, existing=existing, timeout=30)

@@ -11,7 +11,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from .cache import DiskCache
+from .cache import DiskCache, RecordInfo
 
 
 @dataclass
@@ -46,13 +46,28 @@ class DiskStream:
         self.applied_seq = 0
         self.cursor = 0
         self.generation = 1
-        self.records: dict[int, tuple[str, int, int]] = {}  # cached, not yet applied: kind, cursor, bytes
+        self.records: dict[int, RecordInfo] = {}  # cached, not yet applied
         self.new_data = asyncio.Event()
         self.append_lock = asyncio.Lock()
         self.receive_rate = Rate()
         self.apply_rate = Rate()
         self.last_error: str | None = None
         self.initial_committed = False  # an initial-complete commit is in the cache or applied
+        # Recovery points the master target has applied (promise 4: only what it holds counts for RPO).
+        self.last_point_time: float | None = None
+        self.last_point_seq = 0
+        self.point_times: deque[float] = deque(maxlen=10000)  # wall times of recent applied points
+        self.agent_report: dict[str, object] = {}
+        self.agent_report_at = 0.0
+        # Pause (operator): the sender stops after the next point it forwards; `paused_at` is that point's
+        # sequence. `resumed` wakes the sender.
+        self.pause = False
+        self.paused_at = 0
+        self.resumed = asyncio.Event()
+        self.rpo_alert = False
+
+    def points_since(self, t: float) -> int:
+        return sum(1 for x in self.point_times if x >= t)
 
     @property
     def backlog_records(self) -> int:

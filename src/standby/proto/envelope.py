@@ -139,3 +139,26 @@ class Opener:
                 f"batch {sequence} (generation {generation}) failed authentication: its extent table was "
                 "altered, or the batch was replayed into another disk, generation or sequence"
             ) from None
+
+
+_DOMAIN_HASHES = b"standby/hashes/v1"
+
+
+def _hashes_ad(uid: bytes, generation: int, query: bytes) -> bytes:
+    return _DOMAIN_HASHES + _check_uid(uid) + struct.pack(">I", generation) + query
+
+
+def seal_hashes(key: bytes, disk_uid: bytes, generation: int, query: bytes, hashes: bytes) -> bytes:
+    """Encrypt a resync hash answer of the master target for the agent. Hashes of plaintext blocks would
+    let the process server confirm guessed contents, and a forged or replayed answer could make the agent
+    skip a differing chunk: so they are encrypted and bound to the agent's query (which holds a fresh
+    random nonce), generation and disk."""
+    nonce = os.urandom(NONCE_SIZE)
+    return nonce + AESGCM(key).encrypt(nonce, hashes, _hashes_ad(disk_uid, generation, query))
+
+
+def open_hashes(key: bytes, disk_uid: bytes, generation: int, query: bytes, sealed: bytes) -> bytes:
+    try:
+        return AESGCM(key).decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], _hashes_ad(disk_uid, generation, query))
+    except (InvalidTag, ValueError):
+        raise EnvelopeError("resync hash answer failed authentication (altered, replayed or another query's)") from None

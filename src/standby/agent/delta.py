@@ -1,0 +1,243 @@
+"""Continuous delta replication of one disk: tracking, epochs, honest crash-consistent points.
+
+The tracker's events are marked in the *current* dirty map. At a **cut** at time t the current map is
+closed and a new one opened; events stamped <= t still arriving (a short grace lets in-flight commits of
+trace events land) go to the closed map, later ones to the new map. The closed map's blocks are read
+from the device and shipped as DELTA batches. Then, after another grace, the epoch is a crash-consistent
+point at t **only if** no block of it appears in the new map (no write completed between the cut and the
+end of the read) and no event stamped <= t arrived after the closed map was sealed. Otherwise the batch
+is applied but makes no point; its rewritten blocks are in the next epoch anyway (promise 4).
+
+Why that proves a point: reads are sequential (the next cut waits for this epoch's reads), so every
+block's last write before t is either in this epoch (read after t with no write in between) or in an
+earlier epoch whose read came after that write. Cuts happen every `cut_interval` (or early when the
+dirty set passes a bound). An idle epoch still makes a point: nothing changed, so the replica after all
+earlier batches equals the source at t.
+
+Shipping is pipelined (a window of batches in flight); a batch the process server refuses (BUSY) or that
+is lost with the connection is merged back into the dirty map with every batch after it, and sequence
+numbers restart at the first one not stored. While nothing is acknowledged the agent keeps only its
+dirty map (memory bounded by disk size) and never touches the source's I/O ("pull ahead").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from standby.proto.messages import Ack, BatchKind, Busy
+
+from .dirtymap import DirtyMap, split_extents
+from .tracker.base import TrackingLost
+
+if TYPE_CHECKING:
+    from standby.plumbing.link import Link
+
+    from .daemon import Agent, LocalDisk
+    from .reader import BatchBuilder
+
+log = logging.getLogger("standby.agent.delta")
+# Time allowed for a trace event stamped before an instant to become readable in the ring buffer.
+GRACE = 0.02
+POLL_INTERVAL = 0.1
+WINDOW = 8  # batches in flight per disk
+
+
+@dataclass
+class Pending:
+    sequence: int
+    extents: list[tuple[int, int]]
+    future: asyncio.Future[Ack | Busy]
+
+
+@dataclass
+class DeltaStats:
+    epochs: int = 0
+    points: int = 0
+    inconsistent: int = 0
+    bytes_shipped: int = 0
+    last_point_time: float | None = None
+    last_inconsistent_reason: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Tracking:
+    """A disk's tracker and dirty maps; lives as long as the agent (across connections)."""
+
+    def __init__(self, disk: LocalDisk, tracker: Any, size: int, granularity: int = 4096) -> None:
+        self.disk = disk
+        self.tracker = tracker
+        self.size = size
+        self.map = DirtyMap(size, granularity)
+        self.closed: DirtyMap | None = None
+        self.cut_ts = 0  # tracker clock of the last cut
+        self.late = False  # an event stamped before the last cut arrived after its map was sealed
+        self.lost: str | None = None  # why tracking cannot be trusted: the disk needs a resync
+        self.poll_cpu = 0.0
+
+    def drain(self) -> None:
+        """Move what the tracker has now into the maps (or note that tracking was lost)."""
+        t0 = time.thread_time()
+        try:
+            events = self.tracker.poll()
+        except TrackingLost as exc:
+            self._lost(str(exc))
+            return
+        finally:
+            self.poll_cpu += time.thread_time() - t0
+        closed, cut = self.closed, self.cut_ts
+        for ts, a, b in events:
+            if ts <= cut:
+                if closed is not None:
+                    closed.mark(a, b)
+                    continue
+                self.late = True
+            self.map.mark(a, b)
+
+    def _lost(self, reason: str) -> None:
+        log.error("disk %s: change tracking lost: %s; a resync is needed", self.disk.cfg.name, reason)
+        if self.lost is None:
+            self.lost = reason
+        # Restart tracking now so that writes from here on are caught; the resync covers the gap.
+        try:
+            self.tracker.close()
+            self.tracker.start()
+        except (OSError, TrackingLost) as exc:
+            log.error("disk %s: cannot restart change tracking: %s", self.disk.cfg.name, exc)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Poll the tracker for the agent's lifetime, so its ring buffer never fills while we are busy
+        or disconnected."""
+        while not stop.is_set():
+            self.drain()
+            try:
+                await asyncio.wait_for(stop.wait(), POLL_INTERVAL)
+            except TimeoutError:
+                pass
+
+    async def cut(self) -> DirtyMap:
+        """Close the current epoch at the tracker's now; returns the closed map."""
+        self.cut_ts = self.tracker.now_ns()
+        self.closed, self.map = self.map, DirtyMap(self.size, self.map.granularity)
+        self.late = False
+        await asyncio.sleep(GRACE)
+        self.drain()
+        closed, self.closed = self.closed, None
+        return closed
+
+    async def settle(self) -> None:
+        """Wait one grace and take in everything stamped until then."""
+        await asyncio.sleep(GRACE)
+        self.drain()
+
+    def wall_time(self, ts_ns: int) -> float:
+        return time.time() - (self.tracker.now_ns() - ts_ns) / 1e9
+
+
+class Shipper:
+    """Ships one disk's epochs over one connection; what is not stored goes back into the dirty map."""
+
+    def __init__(self, agent: Agent, link: Link, d: LocalDisk, tracking: Tracking, builder: BatchBuilder) -> None:
+        self.agent = agent
+        self.link = link
+        self.d = d
+        self.tracking = tracking
+        self.builder = builder
+        self.pending: list[Pending] = []
+        self.busy_until = 0.0
+
+    async def send(self, seq: int, record: Any, extents: list[tuple[int, int]]) -> None:
+        fut: asyncio.Future[Ack | Busy] = asyncio.get_running_loop().create_future()
+        self.d.acks[seq] = fut
+        self.pending.append(Pending(seq, extents, fut))
+        await self.link.send(record)
+
+    async def settle(self, room: int) -> int | None:
+        """Process answers until fewer than `room` records are in flight. Returns the sequence to restart
+        at when the process server refused one (everything from it was merged back), else None."""
+        while self.pending and (len(self.pending) >= room or self.pending[0].future.done()):
+            head = self.pending[0]
+            res = await head.future
+            if isinstance(res, Ack):
+                self.d.acks.pop(head.sequence, None)
+                self.pending.pop(0)
+                continue
+            # BUSY: the server stores in order, so it refuses every record after this one too. Wait for
+            # all their answers (so none is mistaken for the answer to a resent number), then merge back.
+            for p in self.pending[1:]:
+                await p.future
+            self.busy_until = time.monotonic() + res.retry_after
+            log.info("disk %s: process server busy (%s): keeping changes in the dirty map", self.d.cfg.name, res.reason)
+            return self.rewind()
+        return None
+
+    def rewind(self) -> int | None:
+        """Put every unacknowledged batch's blocks back into the dirty map; returns the first sequence."""
+        if not self.pending:
+            return None
+        first = self.pending[0].sequence
+        for p in self.pending:
+            self.tracking.map.mark_extents(p.extents)
+            self.d.acks.pop(p.sequence, None)
+        self.pending.clear()
+        return first
+
+    # -- the epoch loop -----------------------------------------------------------------------------
+    async def run(self, gen: int, seq: int) -> tuple[int, int]:
+        """Ship epochs until a resync is wanted; returns (generation, next sequence)."""
+        cfg = self.agent.cfg
+        tr = self.tracking
+        d = self.d
+        stats = self.agent.delta_stats[d.cfg.name]
+        last_cut = time.monotonic()
+        while True:
+            restart = await self.settle(WINDOW)
+            if restart is not None:
+                seq = restart
+            if tr.lost:
+                self.agent.resync_wanted.setdefault(d.cfg.name, ("checksum", f"change tracking lost: {tr.lost}"))
+            if d.cfg.name in self.agent.resync_wanted:
+                return gen, seq
+            now = time.monotonic()
+            wait = max(last_cut + cfg.cut_interval - now, self.busy_until - now)
+            if wait > 0 and (self.busy_until > now or tr.map.dirty_bytes < cfg.cut_bytes):
+                await asyncio.sleep(min(wait, 0.05))
+                continue
+            last_cut = time.monotonic()
+            closed = await tr.cut()
+            extents = closed.extents()
+            for group in split_extents(extents, cfg.batch_size):
+                pieces = await asyncio.to_thread(self.builder.read_extents, group)
+                batch = await asyncio.to_thread(self.builder.delta_batch, gen, seq, BatchKind.DELTA, pieces)
+                await self.send(seq, batch, group)
+                seq += 1
+                stats.bytes_shipped += batch.logical_bytes
+                restart = await self.settle(WINDOW)
+                if restart is not None:
+                    tr.map.mark_extents(extents)  # the rest of this epoch too: it was never read
+                    seq = restart
+                    break
+            else:
+                await tr.settle()
+                stats.epochs += 1
+                reason = ""
+                if tr.late:
+                    reason = "a write completed before the cut was reported after it"
+                elif tr.map.intersects(extents):
+                    reason = "blocks of the epoch were written while it was read"
+                elif not getattr(tr.tracker, "proves_order", False):
+                    reason = "the full-scan tracker cannot prove an instant"
+                if reason:
+                    stats.inconsistent += 1
+                    stats.last_inconsistent_reason = reason
+                    log.debug("disk %s: epoch applied without a point: %s", d.cfg.name, reason)
+                    continue
+                t = tr.wall_time(tr.cut_ts)
+                meta = {"generation": gen, "kind": "point", "consistency": "crash-consistent", "time": t}
+                await self.send(seq, self.agent.make_commit(d, seq, meta), [])
+                seq += 1
+                stats.points += 1
+                stats.last_point_time = t

@@ -1,0 +1,189 @@
+"""Resync of one disk (DESIGN §8): bring the replica back to the source when tracking cannot be trusted.
+
+A resync starts a new generation. Everything tracked so far is covered by it, so the dirty map starts
+afresh first; writes during the resync are tracked and shipped after it, as ordinary epochs.
+
+- **checksum** (default): both ends hash their disk in 4 KiB leaves (proto.hashtree) and compare coarse
+  to fine: the master target's hashes come back through the process server encrypted and bound to our
+  query (proto.envelope.seal_hashes). Only differing leaves are read and shipped.
+- **full**: no hashing; every byte is sent again (zero runs still as zero extents).
+
+No recovery point is made from the start of a resync until its `resync-complete` commit is applied and
+the next consistent epoch follows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import time
+from typing import TYPE_CHECKING
+
+from standby.proto import hashtree
+from standby.proto.envelope import open_hashes
+from standby.proto.messages import BatchKind
+
+from .dirtymap import DirtyMap, split_extents
+
+if TYPE_CHECKING:
+    from .delta import Shipper
+
+log = logging.getLogger("standby.agent.resync")
+# Parents per hash query: the answer (FAN hashes each, base64 in a JSON reply) stays under 1 MiB.
+PARENTS_PER_QUERY = 512
+HASH_TIMEOUT = 3600.0  # the first query waits for the master target to hash its whole replica
+
+
+class Progress:
+    """What status shows while a resync runs."""
+
+    def __init__(self, mode: str, reason: str, size: int) -> None:
+        self.mode = mode
+        self.reason = reason
+        self.phase = "waiting"
+        self.total = size
+        self.done = 0
+        self.bytes_differing = 0
+        self.bytes_shipped = 0
+        self.hash_bytes = 0  # hash bytes received from the master target
+        self.started = time.time()
+
+    def report(self) -> dict[str, object]:
+        el = time.time() - self.started
+        rate = self.done / el if el > 0 else 0.0
+        return {
+            "mode": self.mode,
+            "reason": self.reason,
+            "phase": self.phase,
+            "progress": self.done / self.total if self.total else 1.0,
+            "eta_seconds": (self.total - self.done) / rate if rate > 0 else None,
+            "bytes_differing": self.bytes_differing,
+            "bytes_shipped": self.bytes_shipped,
+            "hash_bytes": self.hash_bytes,
+            "elapsed": el,
+        }
+
+
+async def resync(sh: Shipper, gen: int, seq: int, mode: str, reason: str) -> tuple[int, int]:
+    """Run one resync; returns (new generation, next sequence). Raises on connection loss (the caller
+    starts it again at the next connection: the reason is kept until a resync completes)."""
+    d, tr, link = sh.d, sh.tracking, sh.link
+    name = d.cfg.name
+    prog = Progress(mode, reason, tr.size)
+    sh.agent.resync_progress[name] = prog
+    # Everything sent before must be stored first, so the master target hashes a replica that has it.
+    restart = await sh.settle(1)
+    if restart is not None:
+        seq = restart
+    gen += 1
+    log.warning("disk %s: %s resync (generation %d): %s", name, mode, gen, reason)
+    await link.request("resync_begin", disk=d.id, generation=gen, mode=mode, reason=reason)
+    tr.map = DirtyMap(tr.size, tr.map.granularity)  # the resync covers all of it; new writes count from here
+    tr.lost = None
+    if mode == "full":
+        extents = [(0, tr.size)]
+        prog.bytes_differing = tr.size
+    else:
+        extents = await differing_extents(sh, gen, prog)
+    prog.phase = "shipping"
+    prog.done = 0
+    prog.total = sum(n for _, n in extents) or 1
+    for group in split_extents(extents, sh.agent.cfg.batch_size):
+        pieces = await asyncio.to_thread(sh.builder.read_extents, group)
+        batch = await asyncio.to_thread(sh.builder.delta_batch, gen, seq, BatchKind.RESYNC, pieces)
+        await sh.send(seq, batch, group)
+        seq += 1
+        prog.done += sum(n for _, n in group)
+        prog.bytes_shipped += batch.logical_bytes
+        restart = await sh.settle(8)
+        if restart is not None:
+            # Not stored: those blocks are shipped by the epochs after the resync.
+            tr.map.mark_extents(extents)
+            seq = restart
+            break
+    meta = {
+        "generation": gen,
+        "kind": "resync-complete",
+        "mode": mode,
+        "reason": reason,
+        "bytes_differing": prog.bytes_differing,
+        "time": time.time(),
+    }
+    await sh.send(seq, sh.agent.make_commit(d, seq, meta), [])
+    seq += 1
+    restart = await sh.settle(1)
+    if restart is not None:
+        seq = restart
+    prog.phase = "complete"
+    log.info(
+        "disk %s: resync complete: %d bytes differed, %d shipped, %d hash bytes, %.1f s",
+        name,
+        prog.bytes_differing,
+        prog.bytes_shipped,
+        prog.hash_bytes,
+        time.time() - prog.started,
+    )
+    return gen, seq
+
+
+async def differing_extents(sh: Shipper, gen: int, prog: Progress) -> list[tuple[int, int]]:
+    d, tr = sh.d, sh.tracking
+    size = tr.size
+    prog.phase = "hashing"
+
+    def read(pos: int, n: int) -> memoryview:
+        return sh.builder.read_extents([(pos, n)])[0][1]
+
+    def progress(done: int) -> None:
+        prog.done = done
+
+    # Ours and theirs at once: the master target hashes its replica while we hash the source.
+    ours_task = asyncio.ensure_future(asyncio.to_thread(hashtree.leaf_hashes, read, size, hashtree.LEAF, progress))
+    try:
+        top_theirs = await query(sh, gen, None, None, prog)
+        leaves = await ours_task
+        levels = hashtree.build(leaves)
+    finally:
+        ours_task.cancel()
+    prog.phase = "comparing"
+    k = len(levels) - 1
+    indexes = list(range(hashtree.count(levels[k])))
+    diff = hashtree.differing(indexes, hashtree.pick(levels[k], indexes), top_theirs)
+    while k > 0 and diff:
+        k -= 1
+        below = hashtree.count(levels[k])
+        nxt: list[int] = []
+        for i in range(0, len(diff), PARENTS_PER_QUERY):
+            parents = diff[i : i + PARENTS_PER_QUERY]
+            kids = hashtree.children(parents, below)
+            theirs = await query(sh, gen, k, parents, prog)
+            nxt += hashtree.differing(kids, hashtree.pick(levels[k], kids), theirs)
+        diff = nxt
+    extents = hashtree.leaf_extents(diff, size) if k == 0 else []
+    known = getattr(tr.tracker, "known", None)
+    if known is not None:
+        known(leaves)  # equal leaves are what the replica holds; differing ones are set when shipped
+    prog.bytes_differing = sum(n for _, n in extents)
+    log.info(
+        "disk %s: checksum comparison: %d of %d bytes differ (%d hash bytes from the master target)",
+        d.cfg.name,
+        prog.bytes_differing,
+        size,
+        prog.hash_bytes,
+    )
+    return extents
+
+
+async def query(sh: Shipper, gen: int, level: int | None, parents: list[int] | None, prog: Progress) -> bytes:
+    """Ask the master target for hashes: its top level (level None), or the children at `level` of
+    `parents` (indexes in level + 1)."""
+    q = {"level": level, "parents": parents, "nonce": base64.b64encode(os.urandom(16)).decode()}
+    qbytes = json.dumps(q, sort_keys=True, separators=(",", ":")).encode()
+    res = await sh.link.request("resync_hashes", timeout=HASH_TIMEOUT, disk=sh.d.id, generation=gen, query=q)
+    sealed = base64.b64decode(res["sealed"])
+    hashes = open_hashes(sh.d.key, sh.d.uid.bytes, gen, qbytes, sealed)
+    prog.hash_bytes += len(sealed)
+    return hashes
