@@ -73,13 +73,20 @@ HAVE_QEMU = shutil.which("qemu-img") is not None
 
 @pytest.fixture
 def protected(deployment: LocalDeployment, make_loop: Callable[..., str], tmp_path: Path):
-    """Factory: protected(fmt, size, batch='1M', replica=None) -> (source device, replica path).
+    """Factory: protected(fmt, size, batch='1M', replica=None, ..., **agent options) -> (source, replica).
 
     Starts master target mt1 and agent src with one loop-device disk filled with mixed data, protects it
     and returns without waiting for the sync."""
 
     def factory(
-        fmt: str, size: int, batch: str = "1M", replica: str | None = None, fill: bool = True, start_mt: bool = True
+        fmt: str,
+        size: int,
+        batch: str = "1M",
+        replica: str | None = None,
+        fill: bool = True,
+        start_mt: bool = True,
+        existing: bool = False,
+        **agent_options: object,
     ) -> tuple[str, Path]:
         dev = make_loop(size, "source")
         if fill:
@@ -89,7 +96,7 @@ def protected(deployment: LocalDeployment, make_loop: Callable[..., str], tmp_pa
             deployment.start("mt", "mt1")
         deployment.enroll("agent", "src")
         deployment.add_disk("src", "disk0", dev)
-        deployment.set_agent_option("src", batch_size=batch)
+        deployment.set_agent_option("src", batch_size=batch, **agent_options)
         deployment.start("agent", "src")
         deployment.wait_disks_known("src", 1)
         if not start_mt:
@@ -105,6 +112,7 @@ def protected(deployment: LocalDeployment, make_loop: Callable[..., str], tmp_pa
             format=fmt,
             replica_dir=None if replica else str(rdir),
             replicas=replicas,
+            existing=existing,
         )
         return dev, Path(res["disks"][0]["replica"])
 

@@ -110,6 +110,13 @@ class LocalDeployment:
         raw.update(options)
         save_toml(conf, raw)
 
+    def set_ps_option(self, **options: Any) -> None:
+        """Change ps.toml (takes effect at the process server's next start)."""
+        conf = self.ps_dir / "ps.toml"
+        raw = load_toml(conf)
+        raw.update(options)
+        save_toml(conf, raw)
+
     # -- processes ----------------------------------------------------------------------------------
     def start(self, kind: str, name: str = "") -> subprocess.Popen[bytes]:
         key = f"{kind}-{name}" if name else kind
@@ -194,6 +201,22 @@ class LocalDeployment:
             ),
             timeout,
             f"{machine} to be up to date",
+        )
+
+    def wait_caught_up(self, machine: str, since: float, timeout: float = 120.0) -> dict[str, Any]:
+        """Wait until every disk of `machine` is up to date, has nothing in the cache and has a recovery
+        point applied whose instant is at or after `since` (wall clock): the replica then holds every
+        write completed before `since`."""
+        return self.wait_for(
+            lambda s: all(
+                d["state"] == "up-to-date"
+                and d["applied_seq"] == d["received_seq"]
+                and (d["last_point_time"] or 0) >= since
+                for d in s["disks"]
+                if d["machine"] == machine
+            ),
+            timeout,
+            f"the replicas of {machine} to catch up with a point after {since:.3f}",
         )
 
     def log_text(self, key: str) -> str:
