@@ -81,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="vmdk",
         help="replica kind (default vmdk: thin vmfs-flat)",
     )
+    dm.add_argument(
+        "--churn-seconds",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="after the initial copy, keep writing to the source for S seconds (continuous replication, RPO "
+        "shown live), then verify again (default 10; 0 skips)",
+    )
     return p
 
 
@@ -93,7 +101,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "demo":
         from .demo import run_demo
 
-        return run_demo(args.keep, args.size, args.format)
+        return run_demo(args.keep, args.size, args.format, args.churn_seconds)
     client = AdminClient(args.admin, args.server)
     if args.cmd == "protect":
         return cmd_protect(client, args)

@@ -53,9 +53,6 @@ def load(directory: Path, name: str, path: str, size: int) -> tuple[list[tuple[i
         return [], "the agent did not stop cleanly (no clean-stop record): writes meanwhile are unknown"
     try:
         rec = load_json(p)
-    finally:
-        p.unlink(missing_ok=True)
-    try:
         if rec["path"] != path or rec["size"] != size:
             return [], f"the disk changed since the agent stopped (path or size: {rec['size']} -> {size} bytes)"
         if rec["boot_id"] != boot_id():
@@ -66,3 +63,5 @@ def load(directory: Path, name: str, path: str, size: int) -> tuple[list[tuple[i
         return [(int(a), int(b)) for a, b in rec["extents"]], ""
     except (KeyError, TypeError, ValueError, OSError) as exc:
         return [], f"the clean-stop record is unreadable ({exc})"
+    finally:
+        p.unlink(missing_ok=True)

@@ -107,6 +107,8 @@ class DirtyMap:
 
 def split_extents(extents: list[tuple[int, int]], limit: int) -> list[list[tuple[int, int]]]:
     """Cut sorted extents into groups of at most `limit` bytes each (splitting long extents), in order."""
+    if limit <= 0:
+        raise ValueError("limit must be positive")
     groups: list[list[tuple[int, int]]] = []
     cur: list[tuple[int, int]] = []
     room = limit

@@ -62,7 +62,7 @@ class FullScanTracker:
 
     def shipped(self, offset: int, data: bytes | memoryview) -> None:
         """Record the hashes of blocks read for shipping (offset and length leaf-aligned but for the end)."""
-        if offset % self.leaf:
+        if offset % self.leaf or offset + len(data) > self.size:
             return
         mv = memoryview(data)
         hashes = b"".join(
@@ -74,6 +74,8 @@ class FullScanTracker:
 
     def known(self, leaves: bytes | bytearray) -> None:
         """Take a whole table of leaf hashes known to be on the replica (a checksum resync's)."""
+        if len(leaves) != len(self._table):
+            raise ValueError(f"hash table of {len(leaves)} bytes for a disk needing {len(self._table)}")
         with self._lock:
             self._table[:] = leaves
 
