@@ -243,7 +243,7 @@ def test_reports_direct_buffered_discard_and_zeroout_writes(make_loop, tracker):
     assert all(t0 <= ts <= t1 for ts, _, _ in events)  # CLOCK_MONOTONIC, like time.monotonic_ns()
     assert events == sorted(events)
     assert t.poll() == []
-    assert t.stats["events"] == len(events) and t.stats["unmatched"] == 0 and t.stats["cpu_seconds"] > 0
+    assert t.stats["events"] == len(events) and t.stats["cpu_seconds"] > 0
 
 
 def wait_for(path: str, seconds: float) -> bool:
@@ -404,7 +404,7 @@ def test_counts_match_the_kernel_under_load(make_loop, tracker):
     for d in (t.path / "per_cpu").iterdir():
         kernel += int(re.search(r"read events: (\d+)", (d / "stats").read_text()).group(1))
     assert t.stats["records"] == kernel >= 16384
-    assert t.stats["unmatched"] == 0 and 0 < t.stats["max_page_fill"] < 1
+    assert t.stats["unmatched"] > 0 and 0 < t.stats["max_page_fill"] < 1  # the reads and the other disk
 
 
 @needs_tracefs
@@ -436,3 +436,54 @@ def test_instance_is_removed_and_a_stale_one_replaced(make_loop, tracker):
         bad.start()
     bad.close()
     assert not t.path.exists()
+
+
+@needs_tracefs
+def test_every_write_submission_is_reported_while_the_disk_is_read(make_loop):
+    """The consistency proof needs the submission of *every* write. With a kernel event filter, kernel
+    6.18 silently lost block_bio_queue events of writes while the same disk was read (about 1 in 5): so the
+    tracker filters here, not in the kernel. Each O_DIRECT write of a 4 KiB block must show up once."""
+    import threading
+
+    dev = make_loop(64 * MiB, "q")
+    t = TracefsTracker(dev, f"standby-test-q-{os.getpid()}", 16384)
+    t.start()
+    stop = threading.Event()
+
+    def reader() -> None:
+        fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
+        buf = mmap.mmap(-1, 65536)
+        try:
+            i = 0
+            while not stop.is_set():
+                os.preadv(fd, [buf], (i * 7919 % 1000) * 65536)
+                i += 1
+        finally:
+            os.close(fd)
+
+    readers = [threading.Thread(target=reader) for _ in range(2)]
+    for r in readers:
+        r.start()
+    queued: list[tuple[int, int, int]] = []
+    done: list[tuple[int, int, int]] = []
+    try:
+        fd = os.open(dev, os.O_WRONLY | os.O_DIRECT)
+        buf = mmap.mmap(-1, 4096)
+        try:
+            for i in range(3000):
+                os.pwrite(fd, buf, (i * 3 % 16000) * 4096)
+                if i % 300 == 0:
+                    done += t.poll()
+                    queued += t.take_queued()
+        finally:
+            os.close(fd)
+    finally:
+        stop.set()
+        for r in readers:
+            r.join()
+        time.sleep(0.01)
+        done += t.poll()
+        queued += t.take_queued()
+        t.close()
+    assert len(done) == 3000, f"{len(done)} completions reported for 3000 writes"
+    assert len(queued) == 3000, f"{len(queued)} submissions reported for 3000 writes"

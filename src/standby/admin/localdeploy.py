@@ -5,6 +5,7 @@ integration tests, so both exercise exactly what an operator runs.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -158,6 +159,21 @@ class LocalDeployment:
         for key in ["agent", "mt", "ps"]:  # agents first, process server last
             for k in [k for k in self.procs if k.split("-")[0] == key]:
                 self.kill(k, signal.SIGTERM)
+        self.remove_trace_instances()
+
+    def remove_trace_instances(self) -> None:
+        """Agents killed with SIGKILL leave their kernel trace instances behind (ring buffers that keep
+        recording): remove those of this deployment's disks."""
+        import uuid
+
+        from standby.agent.daemon import trace_instance
+        from standby.agent.tracker.tracefs import remove_stale
+
+        for f in self.root.glob("agent-*/disks/*.json"):
+            try:
+                remove_stale(trace_instance(uuid.UUID(json.loads(f.read_text())["uid"])))
+            except (KeyError, ValueError, OSError):
+                continue
 
     # -- admin --------------------------------------------------------------------------------------
     def admin(self) -> AdminClient:

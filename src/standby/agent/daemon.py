@@ -52,6 +52,10 @@ REPORT_INTERVAL = 2.0
 PROGRESS_LOG_INTERVAL = 10.0
 
 
+def trace_instance(uid: uuid.UUID) -> str:
+    return f"standby-{uid.hex[:16]}"
+
+
 @dataclass
 class LocalDisk:
     """What the agent keeps about a disk: its uid and data key (never sent in clear)."""
@@ -62,6 +66,11 @@ class LocalDisk:
     size: int = 0
     id: int = 0
     acks: dict[int, asyncio.Future[Ack | Busy]] = field(default_factory=dict)
+
+    @property
+    def instance(self) -> str:
+        """The name of the disk's private tracefs instance."""
+        return trace_instance(self.uid)
 
     @classmethod
     def load_or_create(cls, directory: Any, cfg: DiskConfig) -> LocalDisk:
@@ -116,7 +125,7 @@ class Agent:
         try:
             size = disk_size(d.cfg.path)
             tracker = make_tracker(
-                self.cfg.tracker, str(d.cfg.path), size, f"standby-{d.uid.hex[:16]}", self.cfg.trace_buffer >> 10
+                self.cfg.tracker, str(d.cfg.path), size, d.instance, self.cfg.trace_buffer >> 10
             )
             tracker.start()
         except (OSError, TrackingLost) as exc:

@@ -4,9 +4,10 @@ The tracker's events are marked in the *current* dirty map. At a **cut** at time
 closed and a new one opened; events stamped <= t still arriving (a short grace lets in-flight commits of
 trace events land) go to the closed map, later ones to the new map. The closed map's blocks are read
 from the device and shipped as DELTA batches. Then, after another grace, the epoch is a crash-consistent
-point at t **only if** no block of it appears in the new map (no write completed between the cut and the
-end of the read) and no event stamped <= t arrived after the closed map was sealed. Otherwise the batch
-is applied but makes no point; its rewritten blocks are in the next epoch anyway (promise 4).
+point at t **only if** no write to one of its blocks was *submitted* after t and before that block's read
+ended (the kernel tracker records submissions too; see Tracking.conflict) and no completion stamped <= t
+arrived after the closed map was sealed. Otherwise the batch is applied but makes no point; its
+rewritten blocks are in the next epoch anyway (promise 4).
 
 Why that proves a point: reads are sequential (the next cut waits for this epoch's reads), so every
 block's last write before t is either in this epoch (read after t with no write in between) or in an
@@ -41,7 +42,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("standby.agent.delta")
 # Time allowed for a trace event stamped before an instant to become readable in the ring buffer.
-GRACE = 0.02
+GRACE = 0.005
+MIN_CUT_INTERVAL = 0.05
 POLL_INTERVAL = 0.1
 WINDOW = 8  # batches in flight per disk
 
@@ -77,6 +79,10 @@ class Tracking:
         self.late = False  # an event stamped before the last cut arrived after its map was sealed
         self.lost: str | None = None  # why tracking cannot be trusted: the disk needs a resync
         self.poll_cpu = 0.0
+        # Write submissions after the last cut, kept while its epoch is being read and checked.
+        self.collecting = False
+        self.queued: list[tuple[int, int, int]] = []
+        self._take_queued = getattr(tracker, "take_queued", None)
 
     def drain(self) -> None:
         """Move what the tracker has now into the maps (or note that tracking was lost)."""
@@ -88,6 +94,10 @@ class Tracking:
             return
         finally:
             self.poll_cpu += time.thread_time() - t0
+        if self._take_queued is not None:
+            q = self._take_queued()
+            if self.collecting:
+                self.queued += [e for e in q if e[0] > self.cut_ts]
         closed, cut = self.closed, self.cut_ts
         for ts, a, b in events:
             if ts <= cut:
@@ -120,9 +130,11 @@ class Tracking:
 
     async def cut(self) -> DirtyMap:
         """Close the current epoch at the tracker's now; returns the closed map."""
+        self.drain()  # submissions before the cut must not count as after it
         self.cut_ts = self.tracker.now_ns()
         self.closed, self.map = self.map, DirtyMap(self.size, self.map.granularity)
         self.late = False
+        self.collecting, self.queued = True, []
         await asyncio.sleep(GRACE)
         self.drain()
         closed, self.closed = self.closed, None
@@ -132,6 +144,35 @@ class Tracking:
         """Wait one grace and take in everything stamped until then."""
         await asyncio.sleep(GRACE)
         self.drain()
+
+    def conflict(self, reads: list[tuple[int, list[tuple[int, int]]]]) -> str:
+        """Why the epoch just read is not a point at its cut, or "" if it is. `reads`: (time the read
+        ended, extents read) per group, in reading order. Ends the collection of submissions.
+
+        With submission times (tracefs): a block is suspect only if a write to it was *submitted* after the
+        cut and before its read ended — only such a write can have reached what we read. A write submitted
+        before the cut and completed after it was in flight at the cut: either outcome is a state a crash
+        at the cut could leave, and it is shipped again in the next epoch anyway. Without submission times:
+        any write completed after the cut to a block of the epoch makes it suspect."""
+        self.collecting = False
+        queued, self.queued = sorted(self.queued), []
+        if self.late:
+            return "a write completed before the cut was reported after it"
+        if not getattr(self.tracker, "proves_order", False):
+            return "the full-scan tracker cannot prove an instant"
+        if self._take_queued is None:
+            if self.map.intersects(e for _, exts in reads for e in exts):
+                return "blocks of the epoch were written while it was read"
+            return ""
+        seen = DirtyMap(self.size, self.map.granularity)
+        i = 0
+        for ended, exts in reads:
+            while i < len(queued) and queued[i][0] <= ended:
+                seen.mark(queued[i][1], queued[i][2])
+                i += 1
+            if seen and seen.intersects(exts):
+                return "blocks of the epoch were written after the cut, before they were read"
+        return ""
 
     def wall_time(self, ts_ns: int) -> float:
         return time.time() - (self.tracker.now_ns() - ts_ns) / 1e9
@@ -176,6 +217,7 @@ class Shipper:
 
     def rewind(self) -> int | None:
         """Put every unacknowledged batch's blocks back into the dirty map; returns the first sequence."""
+        self.tracking.collecting, self.tracking.queued = False, []
         if not self.pending:
             return None
         first = self.pending[0].sequence
@@ -193,6 +235,9 @@ class Shipper:
         d = self.d
         stats = self.agent.delta_stats[d.cfg.name]
         last_cut = time.monotonic()
+        # Under heavy churn a long epoch rarely reads clean; shorter epochs (smaller, read sooner after the
+        # cut) give points again. The interval halves after an epoch without a point, and recovers.
+        interval = cfg.cut_interval
         while True:
             restart = await self.settle(WINDOW)
             if restart is not None:
@@ -202,15 +247,17 @@ class Shipper:
             if d.cfg.name in self.agent.resync_wanted:
                 return gen, seq
             now = time.monotonic()
-            wait = max(last_cut + cfg.cut_interval - now, self.busy_until - now)
+            wait = max(last_cut + interval - now, self.busy_until - now)
             if wait > 0 and (self.busy_until > now or tr.map.dirty_bytes < cfg.cut_bytes):
                 await asyncio.sleep(min(wait, 0.05))
                 continue
             last_cut = time.monotonic()
             closed = await tr.cut()
             extents = closed.extents()
+            reads: list[tuple[int, list[tuple[int, int]]]] = []
             for group in split_extents(extents, cfg.batch_size):
                 pieces = await asyncio.to_thread(self.builder.read_extents, group)
+                reads.append((tr.tracker.now_ns(), group))
                 batch = await asyncio.to_thread(self.builder.delta_batch, gen, seq, BatchKind.DELTA, pieces)
                 await self.send(seq, batch, group)
                 seq += 1
@@ -219,22 +266,19 @@ class Shipper:
                 if restart is not None:
                     tr.map.mark_extents(extents)  # the rest of this epoch too: it was never read
                     seq = restart
+                    tr.collecting = False
                     break
             else:
                 await tr.settle()
                 stats.epochs += 1
-                reason = ""
-                if tr.late:
-                    reason = "a write completed before the cut was reported after it"
-                elif tr.map.intersects(extents):
-                    reason = "blocks of the epoch were written while it was read"
-                elif not getattr(tr.tracker, "proves_order", False):
-                    reason = "the full-scan tracker cannot prove an instant"
+                reason = tr.conflict(reads)
                 if reason:
+                    interval = max(interval / 2, MIN_CUT_INTERVAL)
                     stats.inconsistent += 1
                     stats.last_inconsistent_reason = reason
                     log.debug("disk %s: epoch applied without a point: %s", d.cfg.name, reason)
                     continue
+                interval = min(interval * 1.5, cfg.cut_interval)
                 t = tr.wall_time(tr.cut_ts)
                 meta = {"generation": gen, "kind": "point", "consistency": "crash-consistent", "time": t}
                 await self.send(seq, self.agent.make_commit(d, seq, meta), [])
