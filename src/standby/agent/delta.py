@@ -83,6 +83,7 @@ class Tracking:
         self.collecting = False
         self.queued: list[tuple[int, int, int]] = []
         self._take_queued = getattr(tracker, "take_queued", None)
+        self.fill_warned = 0.5
 
     def drain(self) -> None:
         """Move what the tracker has now into the maps (or note that tracking was lost)."""
@@ -94,6 +95,16 @@ class Tracking:
             return
         finally:
             self.poll_cpu += time.thread_time() - t0
+        fill = float(getattr(self.tracker, "stats", {}).get("max_page_fill", 0.0))
+        if fill > self.fill_warned:
+            # Not a loss yet (a full buffer would be detected and resynced), but close: say how to avoid it.
+            log.warning(
+                "disk %s: the kernel trace buffer filled to %.0f%% between two polls; raise trace_buffer in "
+                "agent.toml before it overflows (that would force a resync)",
+                self.disk.cfg.name,
+                100 * fill,
+            )
+            self.fill_warned = min(fill + 0.1, 1.0)
         if self._take_queued is not None:
             q = self._take_queued()
             if self.collecting:

@@ -339,7 +339,16 @@ class AgentSession:
         elif row.uid != uid:
             raise Failure("bad-input", f"disk {name}: the agent's identity for it changed (its state was lost)")
         elif row.size != size:
-            raise Failure("size-mismatch", f"disk {name}: size changed from {row.size} to {size} bytes")
+            # Promise 3 would call for a resync; resizing replicas (every kind) is not built yet, so the disk
+            # stops replicating with a clear error instead of guessing.
+            msg = (
+                f"disk {name}: size changed from {row.size} to {size} bytes; replicas cannot be resized yet "
+                "(replication of this disk is stopped)"
+            )
+            if row.error != msg:
+                log.error("machine %s: %s", self.machine, msg)
+                reg.update_disk(row.id, error=msg)
+            raise Failure("size-mismatch", msg)
         st = self.ps.open_stream(row)
         result: dict[str, Any] = {
             "disk": row.id,
