@@ -150,10 +150,14 @@ class LocalDeployment:
         if proc is not None and proc.poll() is None:
             proc.send_signal(sig)
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
+                # Stuck: have it log where each task waits (SIGUSR1), then kill it.
+                proc.send_signal(signal.SIGUSR1)
+                time.sleep(1.0)
                 proc.kill()
                 proc.wait()
+                print(f"{key} did not stop within 15 s of {signal.Signals(sig).name}: killed (tasks in its log)")
 
     def stop_all(self) -> None:
         for key in ["agent", "mt", "ps"]:  # agents first, process server last
