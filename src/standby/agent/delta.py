@@ -167,6 +167,8 @@ class Tracking:
         any write completed after the cut to a block of the epoch makes it suspect."""
         self.collecting = False
         queued, self.queued = sorted(self.queued), []
+        if self.lost:
+            return "change tracking lost events"  # what was lost may include a submission that matters
         if self.late:
             return "a write completed before the cut was reported after it"
         if not getattr(self.tracker, "proves_order", False):
