@@ -268,20 +268,34 @@ class Shipper:
             closed = await tr.cut()
             extents = closed.extents()
             reads: list[tuple[int, list[tuple[int, int]]]] = []
-            for group in split_extents(extents, cfg.batch_size):
-                pieces = await asyncio.to_thread(self.builder.read_extents, group)
-                reads.append((tr.tracker.now_ns(), group))
-                batch = await asyncio.to_thread(self.builder.delta_batch, gen, seq, BatchKind.DELTA, pieces)
-                await self.send(seq, batch, group)
-                seq += 1
-                stats.bytes_shipped += batch.logical_bytes
-                restart = await self.settle(WINDOW)
-                if restart is not None:
-                    tr.map.mark_extents(extents)  # the rest of this epoch too: it was never read
-                    seq = restart
-                    tr.collecting = False
-                    break
-            else:
+            groups = split_extents(extents, cfg.batch_size)
+            # The next group is read while this one is sealed and sent (its recorded read end is then a
+            # little late: that only makes the proof stricter).
+            ahead = asyncio.ensure_future(asyncio.to_thread(self.builder.read_extents, groups[0])) if groups else None
+            aborted = False
+            try:
+                for i, group in enumerate(groups):
+                    assert ahead is not None
+                    pieces = await ahead
+                    reads.append((tr.tracker.now_ns(), group))
+                    ahead = None
+                    if i + 1 < len(groups):
+                        ahead = asyncio.ensure_future(asyncio.to_thread(self.builder.read_extents, groups[i + 1]))
+                    batch = await asyncio.to_thread(self.builder.delta_batch, gen, seq, BatchKind.DELTA, pieces)
+                    await self.send(seq, batch, group)
+                    seq += 1
+                    stats.bytes_shipped += batch.logical_bytes
+                    restart = await self.settle(WINDOW)
+                    if restart is not None:
+                        tr.map.mark_extents(extents)  # the rest of this epoch too: it was never read
+                        seq = restart
+                        tr.collecting = False
+                        aborted = True
+                        break
+            finally:
+                if ahead is not None and not ahead.done():
+                    ahead.cancel()
+            if not aborted:
                 await tr.settle()
                 stats.epochs += 1
                 reason = tr.conflict(reads)
