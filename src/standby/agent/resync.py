@@ -50,9 +50,10 @@ class Progress:
         self.bytes_shipped = 0
         self.hash_bytes = 0  # hash bytes received from the master target
         self.started = time.time()
+        self.finished: float | None = None
 
     def report(self) -> dict[str, object]:
-        el = time.time() - self.started
+        el = (self.finished or time.time()) - self.started
         rate = self.done / el if el > 0 else 0.0
         return {
             "mode": self.mode,
@@ -118,6 +119,7 @@ async def resync(sh: Shipper, gen: int, seq: int, mode: str, reason: str) -> tup
     if restart is not None:
         seq = restart
     prog.phase = "complete"
+    prog.finished = time.time()
     log.info(
         "disk %s: resync complete: %d bytes differed, %d shipped, %d hash bytes, %.1f s",
         name,

@@ -236,8 +236,9 @@ class AdminSession:
             "dirty_bytes": rep.get("dirty_bytes") if fresh else None,
             "tracker": rep.get("tracker") if fresh else None,
             "tracker_cpu_seconds": rep.get("tracker_cpu_seconds") if fresh else None,
-            "epochs": rep.get("epochs"),
-            "inconsistent_epochs": rep.get("inconsistent_epochs"),
+            "epochs": rep.get("epochs") if fresh else None,
+            "inconsistent_epochs": rep.get("inconsistent_epochs") if fresh else None,
+            "agent_points": rep.get("points") if fresh else None,  # made by this agent run (restarts reset it)
             "backlog_bytes": backlog,
             "resync": rep.get("resync") if fresh else None,
             "resync_requested": json.loads(d.resync_request) if d.resync_request else None,
