@@ -142,7 +142,7 @@ def test_write_order_every_paused_point_is_one_instant(deployment, protected, tm
     deployment.wait_caught_up("src", end, timeout=60)
     final = writeorder.check(str(replica), 0, slots, log)
     assert final.consistent and final.cut == writeorder.WriteLog.read(log).last
-    assert subprocess.run(["cmp", dev, str(replica)]).returncode == 0
+    assert_identical(dev, replica, "raw")
 
 
 def test_pull_ahead_master_target_away_then_catch_up(make_loop, tmp_path):
