@@ -180,7 +180,10 @@ def cmd_pause(client: AdminClient, args: argparse.Namespace) -> int:
                 print(f"{d['machine']}/{d['disk']} paused at point {d['paused_at_seq']} ({when})")
             return 0
         if time.monotonic() > deadline:
-            raise StandbyError(f"not every disk of {args.machine} reached a point within {args.wait:.0f} s")
+            why = ""
+            if any(d.get("tracker") == "FullScanTracker" for d in disks):
+                why = " (a disk tracked by the full-scan tracker makes no recovery points)"
+            raise StandbyError(f"not every disk of {args.machine} reached a point within {args.wait:.0f} s{why}")
         time.sleep(0.1)
 
 
