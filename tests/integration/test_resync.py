@@ -143,3 +143,28 @@ def test_offline_seeding_ships_only_differences(deployment, make_loop, tmp_path)
     assert d["bytes_received"] < size // 10, d  # no full copy travelled
     cmp(dev, replica)
     deployment.wait_caught_up("src", time.time(), timeout=60)
+
+
+def test_disk_grows_replica_resized_and_resynced(deployment, protected, tmp_path):
+    """The source disk is extended: the master target resizes the VMDK (descriptor and extent), a
+    checksum resync fills in the new part, and delta replication goes on at the new size."""
+    from .conftest import HAVE_QEMU, qemu_compare, qemu_info
+
+    size, bigger = 64 * MiB, 96 * MiB
+    dev, replica = protected("vmdk", size)
+    deployment.wait_caught_up("src", time.time(), timeout=60)
+    backing = tmp_path / "source.img"
+    os.truncate(backing, bigger)
+    subprocess.run(["losetup", "-c", dev], check=True)
+    changed = scatter(dev, bigger, 50, seed=3)
+    assert any(b * BLOCK >= size for b in changed)
+    t0 = time.time()
+    d = wait_resync_done(deployment, t0)
+    assert d["last_resync"]["reason"] == f"disk size changed from {size} to {bigger} bytes"
+    assert d["size"] == bigger
+    deployment.wait_caught_up("src", time.time(), timeout=60)
+    if HAVE_QEMU:
+        assert qemu_info(replica)["virtual-size"] == bigger
+        res = qemu_compare(dev, replica, "vmdk")
+        assert res.returncode == 0, res.stdout + res.stderr
+    assert "resized from" in deployment.log_text("mt-mt1")

@@ -38,7 +38,7 @@ from standby.proto.messages import Ack, Busy, Commit, Reply, Request, meta_bytes
 
 from . import cleanstop
 from .config import AgentConfig, DiskConfig
-from .delta import DeltaStats, Shipper, Tracking
+from .delta import DeltaStats, DiskResized, Shipper, Tracking
 from .reader import BatchBuilder, disk_size
 from .resync import Progress, resync
 from .tracker import TrackingLost, make_tracker
@@ -224,6 +224,13 @@ class Agent:
                 await self.send_key(link, d, info.get("mt_cert"))
                 continue
             tr = self.trackings.get(name)
+            if tr is not None and tr.size != d.size:
+                # Resized: track at the new size from now on; the process server asked for a resync.
+                log.warning("disk %s: size changed from %d to %d bytes", name, tr.size, d.size)
+                tr.retired = True
+                tr.tracker.close()
+                del self.trackings[name]
+                tr = None
             if tr is None:
                 tr = self.start_tracking(d)
                 if tr is None:
@@ -244,7 +251,10 @@ class Agent:
                     continue  # open again: the process server says where the stream stands now
             elif why:
                 self.resync_wanted.setdefault(name, ("checksum", why))
-            await self.replicate(link, d, tr, info)
+            try:
+                await self.replicate(link, d, tr, info)
+            except DiskResized:
+                continue
 
     async def replicate(self, link: Link, d: LocalDisk, tr: Tracking, info: dict[str, Any]) -> None:
         """Delta replication over this connection, with resyncs when wanted."""

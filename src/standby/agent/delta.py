@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from standby.proto.messages import Ack, BatchKind, Busy
 
 from .dirtymap import DirtyMap, split_extents
+from .reader import disk_size
 from .tracker.base import TrackingLost
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ log = logging.getLogger("standby.agent.delta")
 # Time allowed for a trace event stamped before an instant to become readable in the ring buffer.
 GRACE = 0.005
 MIN_CUT_INTERVAL = 0.05
+SIZE_CHECK_INTERVAL = 2.0
 POLL_INTERVAL = 0.1
 WINDOW = 8  # batches in flight per disk
 
@@ -84,6 +86,7 @@ class Tracking:
         self.queued: list[tuple[int, int, int]] = []
         self._take_queued = getattr(tracker, "take_queued", None)
         self.fill_warned = 0.5
+        self.retired = False  # replaced (the disk changed size): its poll loop ends
 
     def drain(self) -> None:
         """Move what the tracker has now into the maps (or note that tracking was lost)."""
@@ -132,7 +135,7 @@ class Tracking:
     async def run(self, stop: asyncio.Event) -> None:
         """Poll the tracker for the agent's lifetime, so its ring buffer never fills while we are busy
         or disconnected."""
-        while not stop.is_set():
+        while not stop.is_set() and not self.retired:
             self.drain()
             try:
                 await asyncio.wait_for(stop.wait(), POLL_INTERVAL)
@@ -189,6 +192,10 @@ class Tracking:
 
     def wall_time(self, ts_ns: int) -> float:
         return time.time() - (self.tracker.now_ns() - ts_ns) / 1e9
+
+
+class DiskResized(Exception):
+    """The source disk's size changed: open it again at the process server (which has it resynced)."""
 
 
 class Shipper:
@@ -251,6 +258,7 @@ class Shipper:
         # Under heavy churn a long epoch rarely reads clean; shorter epochs (smaller, read sooner after the
         # cut) give points again. The interval halves after an epoch without a point, and recovers.
         interval = cfg.cut_interval
+        size_checked = time.monotonic()
         while True:
             restart = await self.settle(WINDOW)
             if restart is not None:
@@ -260,6 +268,10 @@ class Shipper:
             if d.cfg.name in self.agent.resync_wanted:
                 return gen, seq
             now = time.monotonic()
+            if now - size_checked > SIZE_CHECK_INTERVAL:
+                size_checked = now
+                if await asyncio.to_thread(disk_size, d.cfg.path) != tr.size:
+                    raise DiskResized(d.cfg.name)
             wait = max(last_cut + interval - now, self.busy_until - now)
             if wait > 0 and (self.busy_until > now or tr.map.dirty_bytes < cfg.cut_bytes):
                 await asyncio.sleep(min(wait, 0.05))

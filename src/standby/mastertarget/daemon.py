@@ -33,6 +33,7 @@ from .apply import Applier
 from .config import MTConfig
 from .diskstate import Point, ReplicaState, append_points
 from .replicas import KINDS, ReplicaError, create_replica, open_replica
+from .replicas.resize import resize_replica
 
 log = logging.getLogger("standby.mt")
 RETRY_DELAY = 5.0
@@ -215,6 +216,8 @@ class MasterTarget:
             for d in res["disks"]:
                 if d["disk"] not in self.workers:
                     await self.start_disk(link, d)
+                elif int(d["size"]) != self.workers[d["disk"]].state.size:
+                    await self.resize(link, self.workers[d["disk"]], int(d["size"]))
             for w in self.workers.values():
                 if w.blocked_until and loop.time() >= w.blocked_until:
                     w.blocked_until = 0.0
@@ -274,6 +277,29 @@ class MasterTarget:
             log.error("disk %d: pull refused: %s", w.state.disk, exc)
             w.blocked_until = asyncio.get_running_loop().time() + RETRY_DELAY * 6
 
+    async def resize(self, link: Link, w: DiskWorker, size: int) -> None:
+        """The source disk changed size: resize the replica (between two applied groups) to match."""
+        st = w.state
+        async with w.lock:
+            if st.size == size:
+                return
+            try:
+                await asyncio.to_thread(w.applier.replica.close)
+                await asyncio.to_thread(resize_replica, st.kind, Path(st.path), size)
+                replica = await asyncio.to_thread(open_replica, st.kind, Path(st.path), size)
+            except (ReplicaError, OSError) as exc:
+                msg = f"cannot resize replica {st.path} from {st.size} to {size} bytes: {exc}"
+                log.error("disk %s/%s: %s", st.machine, st.name, msg)
+                st.error = msg
+                w.blocked_until = asyncio.get_running_loop().time() + RETRY_DELAY * 6
+                await link.send(Reject(st.disk, 0, "replica-error", msg))
+                return
+            log.warning("disk %s/%s: replica %s resized from %d to %d bytes", st.machine, st.name, st.path, st.size,
+                        size)
+            w.applier.replica = replica
+            st.size, st.state, w.tree = size, "Inconsistent", None
+            await asyncio.to_thread(st.save, self.cfg.disks_dir)
+
     def spawn(self, coro: Any) -> None:
         t = asyncio.get_running_loop().create_task(coro)
         self.background.add(t)
@@ -287,6 +313,10 @@ class MasterTarget:
             w = self.workers.get(disk)
             if w is None:
                 raise ReplicaError(f"disk {disk} is not open on this master target")
+            if int(req.args.get("size", w.state.size)) != w.state.size:
+                await self.resize(link, w, int(req.args["size"]))
+                if int(req.args["size"]) != w.state.size:
+                    raise ReplicaError(w.state.error or "the replica could not be resized")
             async with w.lock:
                 if q.get("level") is None or w.tree is None or w.tree[0] != gen:
                     log.info("disk %s/%s: hashing replica %s for a resync", w.state.machine, w.state.name, w.state.path)

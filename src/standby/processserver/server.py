@@ -338,17 +338,23 @@ class AgentSession:
             log.info("machine %s: new disk %s (%s, %d bytes)", self.machine, name, path, size)
         elif row.uid != uid:
             raise Failure("bad-input", f"disk {name}: the agent's identity for it changed (its state was lost)")
-        elif row.size != size:
-            # Promise 3 would call for a resync; resizing replicas (every kind) is not built yet, so the disk
-            # stops replicating with a clear error instead of guessing.
-            msg = (
-                f"disk {name}: size changed from {row.size} to {size} bytes; replicas cannot be resized yet "
-                "(replication of this disk is stopped)"
-            )
+        elif size < row.size:
+            # Records for the old end may still be queued; shrinking replicas is not built: stop, say so.
+            msg = f"disk {name} shrank from {row.size} to {size} bytes: not supported (replication stopped)"
             if row.error != msg:
                 log.error("machine %s: %s", self.machine, msg)
                 reg.update_disk(row.id, error=msg)
             raise Failure("size-mismatch", msg)
+        elif row.size != size:
+            # Promise 3: the replica no longer matches; its master target resizes it and a checksum resync
+            # repairs the contents (the old part mostly compares equal).
+            log.warning("machine %s: disk %s changed size from %d to %d bytes", self.machine, name, row.size, size)
+            reg.update_disk(row.id, size=size, error=None)
+            if row.mt is not None:
+                self.ps.request_resync(row, "checksum", f"disk size changed from {row.size} to {size} bytes")
+                mt = self.ps.mt_sessions.get(row.mt)
+                await self.ps.wake(mt.link if mt else None)
+            row = reg.disk(row.id) or row
         st = self.ps.open_stream(row)
         result: dict[str, Any] = {
             "disk": row.id,
@@ -417,7 +423,9 @@ class AgentSession:
         if mt is None:
             raise Failure("unreachable", f"master target {row.mt} is not connected")
         try:
-            return await mt.link.request("resync_hashes", timeout=None, disk=disk, generation=generation, query=query)
+            return await mt.link.request(
+                "resync_hashes", timeout=None, disk=disk, generation=generation, query=query, size=row.size
+            )
         except RequestFailed as exc:
             raise Failure(exc.code, str(exc)) from None
         except LinkClosed as exc:
