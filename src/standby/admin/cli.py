@@ -56,23 +56,27 @@ def build_parser() -> argparse.ArgumentParser:
         "compare checksums and send only differences instead of a full copy",
     )
     rs = sub.add_parser("resync", help="compare a machine's replicas with its disks and repair differences")
-    rs.add_argument("machine")
+    rs.add_argument("machine", help="the protected machine")
     rs.add_argument("--disk", help="only this disk")
     rs.add_argument("--full", action="store_true", help="send every byte again instead of comparing checksums")
     pa = sub.add_parser("pause", help="stop applying for a machine at each disk's next recovery point")
-    pa.add_argument("machine")
+    pa.add_argument("machine", help="the protected machine")
     pa.add_argument(
         "--wait", type=float, metavar="SECONDS", help="wait up to SECONDS until every disk is paused at a point"
     )
     re_ = sub.add_parser("resume", help="apply again what a pause held back")
-    re_.add_argument("machine")
+    re_.add_argument("machine", help="the paused machine")
     st = sub.add_parser("status", help="replication state of every protected disk")
     st.add_argument("machine", nargs="?", help="only this machine")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.add_argument("--watch", type=float, metavar="SECONDS", help="repeat every SECONDS until interrupted")
     ms = sub.add_parser("machines", help="enrolled machines and master targets")
     ms.add_argument("--json", action="store_true", help="machine-readable output")
-    dm = sub.add_parser("demo", help="run the whole path on this machine with a 1 GiB test disk, then verify")
+    dm = sub.add_parser(
+        "demo",
+        help="run the whole path on this machine with a 1 GiB test disk: initial copy, then live writes with "
+        "the RPO shown, each verified",
+    )
     dm.add_argument("--keep", type=Path, metavar="DIR", help="keep deployment and replica in DIR for inspection")
     dm.add_argument("--size", default="1G", help="test disk size (default 1G)")
     dm.add_argument(
