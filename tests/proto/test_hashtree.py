@@ -310,3 +310,16 @@ def test_open_hashes_rejects_every_flipped_bit() -> None:
     for bit in range(len(SEALED) * 8):  # nonce, ciphertext and tag
         with pytest.raises(EnvelopeError):
             open_hashes(KEY, UID, 3, QUERY, _flip(SEALED, bit))
+
+
+@pytest.mark.parametrize("threads", [2, 3, 4])
+@pytest.mark.parametrize("size", [100, 3 * 4096 + 512, 8 << 20, 4 * (8 << 20) + 5 * 4096 + 512, 40 << 20])
+def test_parallel_leaf_hashes_equal_sequential(size: int, threads: int) -> None:
+    data = random.Random(size).randbytes(size)
+    seen: list[int] = []
+
+    def read(pos: int, n: int) -> memoryview:
+        return memoryview(data)[pos : pos + n]
+
+    assert hashtree.leaf_hashes(read, size, threads=threads, progress=seen.append) == hashtree.leaf_hashes(read, size)
+    assert seen and max(seen) == size

@@ -35,6 +35,7 @@ log = logging.getLogger("standby.agent.resync")
 # Parents per hash query: the answer (FAN hashes each, base64 in a JSON reply) stays under 1 MiB.
 PARENTS_PER_QUERY = 512
 HASH_TIMEOUT = 3600.0  # the first query waits for the master target to hash its whole replica
+HASH_THREADS = 4  # parts of the disk read and hashed at once
 
 
 class Progress:
@@ -143,7 +144,9 @@ async def differing_extents(sh: Shipper, gen: int, prog: Progress) -> list[tuple
         prog.done = done
 
     # Ours and theirs at once: the master target hashes its replica while we hash the source.
-    ours_task = asyncio.ensure_future(asyncio.to_thread(hashtree.leaf_hashes, read, size, hashtree.LEAF, progress))
+    ours_task = asyncio.ensure_future(
+        asyncio.to_thread(hashtree.leaf_hashes, read, size, hashtree.LEAF, progress, HASH_THREADS)
+    )
     try:
         top_theirs = await query(sh, gen, None, None, prog)
         leaves = await ours_task

@@ -320,8 +320,10 @@ class MasterTarget:
             async with w.lock:
                 if q.get("level") is None or w.tree is None or w.tree[0] != gen:
                     log.info("disk %s/%s: hashing replica %s for a resync", w.state.machine, w.state.name, w.state.path)
+                    # Sparse VMDK reads walk shared grain tables: one thread; the flat kinds read with pread.
+                    threads = 1 if w.state.kind == "vmdk-sparse" else 4
                     leaves = await asyncio.to_thread(
-                        hashtree.leaf_hashes, w.applier.replica.read, w.state.size, hashtree.LEAF
+                        hashtree.leaf_hashes, w.applier.replica.read, w.state.size, hashtree.LEAF, None, threads
                     )
                     w.tree = (gen, hashtree.build(leaves))
             levels = w.tree[1]

@@ -9,6 +9,7 @@ Pure functions: the caller does the reading.
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections.abc import Callable, Iterable
 
 import xxhash
@@ -27,10 +28,30 @@ def leaf_hashes(
     size: int,
     leaf: int = LEAF,
     progress: Callable[[int], None] | None = None,
+    threads: int = 1,
 ) -> bytearray:
-    """xxh3-128 of each `leaf`-byte chunk of [0, size) (the last one may be short), 16 bytes each."""
-    out = bytearray()
+    """xxh3-128 of each `leaf`-byte chunk of [0, size) (the last one may be short), 16 bytes each.
+
+    With `threads` > 1 the disk is cut into that many contiguous parts hashed at once (`read` must be
+    thread-safe): one reader waits on the device most of the time (measured: 1 GiB loop device, O_DIRECT,
+    2.26 s with one thread, 0.85 s with four)."""
     step = READ_CHUNK - READ_CHUNK % leaf
+    if threads > 1 and size > step * threads:
+        per = -(-size // threads // step) * step
+        starts = list(range(0, size, per))
+        done = dict.fromkeys(starts, 0)
+
+        def part(start: int) -> bytearray:
+            def sub_progress(n: int) -> None:
+                done[start] = n
+                if progress is not None:
+                    progress(sum(done.values()))
+
+            return leaf_hashes(lambda p, n: read(start + p, n), min(per, size - start), leaf, sub_progress)
+
+        with concurrent.futures.ThreadPoolExecutor(len(starts), thread_name_prefix="hash") as pool:
+            return bytearray(b"".join(pool.map(part, starts)))
+    out = bytearray()
     for pos in range(0, size, step):
         n = min(step, size - pos)
         data = memoryview(read(pos, n))
