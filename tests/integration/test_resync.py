@@ -168,3 +168,22 @@ def test_disk_grows_replica_resized_and_resynced(deployment, protected, tmp_path
         res = qemu_compare(dev, replica, "vmdk")
         assert res.returncode == 0, res.stdout + res.stderr
     assert "resized from" in deployment.log_text("mt-mt1")
+
+
+def test_resync_waits_for_an_absent_master_target(deployment, protected):
+    """A checksum resync needs the master target's hashes: while it is away the agent keeps tracking and
+    retries; when it is back the resync completes and nothing written meanwhile is lost."""
+    size = 64 * MiB
+    dev, replica = protected("raw", size)
+    deployment.wait_caught_up("src", time.time(), timeout=60)
+    deployment.kill("mt-mt1", signal.SIGTERM)
+    t0 = time.time()
+    assert deployment.cli("resync", "src").returncode == 0
+    deployment.wait_for(
+        lambda s: "resync cannot go on now" in deployment.log_text("agent-src"), 30, "the agent to wait and retry"
+    )
+    scatter(dev, size, 100, seed=21)  # written while the resync waits
+    deployment.start("mt", "mt1")
+    wait_resync_done(deployment, t0, timeout=90)
+    deployment.wait_caught_up("src", time.time(), timeout=60)
+    cmp(dev, replica)

@@ -49,6 +49,7 @@ log = logging.getLogger("standby.agent")
 WINDOW = 8
 POLL_INTERVAL = 2.0
 REPORT_INTERVAL = 2.0
+RESYNC_RETRY = 10.0
 PROGRESS_LOG_INTERVAL = 10.0
 
 
@@ -268,7 +269,16 @@ class Agent:
             while True:
                 want = self.resync_wanted.get(d.cfg.name)
                 if want:
-                    gen, seq = await resync(sh, gen, seq, *want)
+                    try:
+                        gen, seq = await resync(sh, gen, seq, *want)
+                    except RequestFailed as exc:
+                        # Master target away, applying paused...: keep tracking, try again shortly.
+                        log.warning("disk %s: resync cannot go on now: %s; retrying in %.0f s", d.cfg.name, exc,
+                                    RESYNC_RETRY)
+                        await asyncio.sleep(RESYNC_RETRY)
+                        restart = await sh.settle(1)
+                        seq = restart if restart is not None else max(seq, sh.next_seq)
+                        continue
                     if self.resync_wanted.get(d.cfg.name) == want:
                         del self.resync_wanted[d.cfg.name]
                 gen, seq = await sh.run(gen, seq)

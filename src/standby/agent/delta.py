@@ -209,11 +209,13 @@ class Shipper:
         self.builder = builder
         self.pending: list[Pending] = []
         self.busy_until = 0.0
+        self.next_seq = 0  # after the last record sent
 
     async def send(self, seq: int, record: Any, extents: list[tuple[int, int]]) -> None:
         fut: asyncio.Future[Ack | Busy] = asyncio.get_running_loop().create_future()
         self.d.acks[seq] = fut
         self.pending.append(Pending(seq, extents, fut))
+        self.next_seq = seq + 1
         await self.link.send(record)
 
     async def settle(self, room: int) -> int | None:

@@ -80,9 +80,9 @@ async def resync(sh: Shipper, gen: int, seq: int, mode: str, reason: str) -> tup
     restart = await sh.settle(1)
     if restart is not None:
         seq = restart
-    gen += 1
+    res = await link.request("resync_begin", disk=d.id, generation=gen + 1, mode=mode, reason=reason)
+    gen = int(res.get("generation", gen + 1))
     log.warning("disk %s: %s resync (generation %d): %s", name, mode, gen, reason)
-    await link.request("resync_begin", disk=d.id, generation=gen, mode=mode, reason=reason)
     tr.map = DirtyMap(tr.size, tr.map.granularity)  # the resync covers all of it; new writes count from here
     tr.lost = None
     if mode == "full":

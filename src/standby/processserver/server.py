@@ -393,8 +393,11 @@ class AgentSession:
     async def resync_begin(self, disk: int, generation: int, mode: str, reason: str) -> dict[str, Any]:
         row = self.own_row(disk)
         st = self.ps.open_stream(row)
-        if mode not in ("checksum", "full") or generation <= st.generation:
-            raise Failure("bad-input", f"resync of generation {generation} ({mode}) after {st.generation}")
+        if mode not in ("checksum", "full"):
+            raise Failure("bad-input", f"unknown resync mode {mode!r}")
+        # A resync that broke off after some of its records were stored left its generation here: a
+        # retry starts the next one.
+        generation = max(generation, st.generation + 1)
         log.warning("disk %s/%s: %s resync, generation %d: %s", row.machine, row.name, mode, generation, reason)
         self.ps.registry.update_disk(
             disk,
@@ -405,7 +408,7 @@ class AgentSession:
             resync_started_at=time.time(),
             resync_done_at=None,
         )
-        return {}
+        return {"generation": generation}
 
     async def resync_hashes(self, disk: int, generation: int, query: dict[str, Any]) -> dict[str, Any]:
         """Relay a hash query to the disk's master target once it has applied everything cached before
