@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
+from dataclasses import dataclass
 
 import zstandard
 from cryptography.exceptions import InvalidTag
@@ -40,12 +41,34 @@ OVERHEAD = 1 + NONCE_SIZE + DIGEST_SIZE + TAG_SIZE  # bytes added to a sealed ex
 
 _DOMAIN_EXTENT = b"standby/extent/v1"
 _DOMAIN_BATCH = b"standby/batch/v1"
+
+
+@dataclass(frozen=True, slots=True)
+class Domain:
+    """What a ciphertext is for, bound into its associated data: a ciphertext sealed for one use (a
+    batch extent on the wire) can never be accepted for another (an undo record in the retention
+    journal), even with the same disk key, generation, sequence and offset."""
+
+    extent: bytes
+    table: bytes
+
+
+WIRE = Domain(_DOMAIN_EXTENT, _DOMAIN_BATCH)
+UNDO = Domain(b"standby/undo/v1", b"standby/undo-table/v1")
 _AD = struct.Struct(">16sIQQI")  # disk uid, generation, sequence, offset, length
 
 
-def extent_ad(disk_uid: bytes, generation: int, sequence: int, offset: int, length: int, flags: int) -> bytes:
+def extent_ad(
+    disk_uid: bytes,
+    generation: int,
+    sequence: int,
+    offset: int,
+    length: int,
+    flags: int,
+    domain: bytes = _DOMAIN_EXTENT,
+) -> bytes:
     """Associated data of one extent; the flags byte is bound too, so it cannot be flipped unnoticed."""
-    return _DOMAIN_EXTENT + _AD.pack(disk_uid, generation, sequence, offset, length) + bytes((flags,))
+    return domain + _AD.pack(disk_uid, generation, sequence, offset, length) + bytes((flags,))
 
 
 def _check_uid(disk_uid: bytes) -> bytes:
@@ -57,12 +80,13 @@ def _check_uid(disk_uid: bytes) -> bytes:
 class Sealer:
     """Seals extents for one disk. Holds a zstd compressor, which is not thread-safe: one per thread."""
 
-    def __init__(self, key: bytes, disk_uid: bytes, level: int = 3) -> None:
+    def __init__(self, key: bytes, disk_uid: bytes, level: int = 3, domain: Domain = WIRE) -> None:
         if len(key) != KEY_SIZE:
             raise LocalProtocolError("bad-key", "data key must be 32 bytes (AES-256)")
         self._aead = AESGCM(key)
         self._uid = _check_uid(disk_uid)
         self._zc = zstandard.ZstdCompressor(level=level)
+        self._domain = domain
 
     def seal(self, generation: int, sequence: int, offset: int, data: bytes | memoryview) -> bytes:
         plain = data
@@ -71,26 +95,27 @@ class Sealer:
         if len(packed) >= len(plain):
             packed, flags = plain, 0
         nonce = os.urandom(NONCE_SIZE)
-        ad = extent_ad(self._uid, generation, sequence, offset, len(plain), flags)
+        ad = extent_ad(self._uid, generation, sequence, offset, len(plain), flags, self._domain.extent)
         body = self._aead.encrypt(nonce, block_digest(plain) + packed, ad)
         return bytes((flags,)) + nonce + body
 
     def seal_batch(self, generation: int, sequence: int, table: bytes) -> bytes:
         """Tag (nonce + 16-byte tag) over a batch's extent table or a commit's metadata."""
         nonce = os.urandom(NONCE_SIZE)
-        ad = _DOMAIN_BATCH + _AD.pack(self._uid, generation, sequence, 0, len(table)) + table
+        ad = self._domain.table + _AD.pack(self._uid, generation, sequence, 0, len(table)) + table
         return nonce + self._aead.encrypt(nonce, b"", ad)
 
 
 class Opener:
     """Verifies and opens what a `Sealer` with the same key and disk uid sealed; safe to share between threads."""
 
-    def __init__(self, key: bytes, disk_uid: bytes, max_extent: int) -> None:
+    def __init__(self, key: bytes, disk_uid: bytes, max_extent: int, domain: Domain = WIRE) -> None:
         if len(key) != KEY_SIZE:
             raise LocalProtocolError("bad-key", "data key must be 32 bytes (AES-256)")
         self._aead = AESGCM(key)
         self._uid = _check_uid(disk_uid)
         self._max = max_extent
+        self._domain = domain
         # zstd decompression contexts are not thread-safe, and the master target verifies several batches
         # at once in worker threads: one context per thread.
         self._local = threading.local()
@@ -104,7 +129,7 @@ class Opener:
         if flags & ~FLAG_ZSTD:
             raise EnvelopeError(f"extent at offset {offset}: unknown envelope flags {flags:#x}")
         nonce = bytes(sealed[1 : 1 + NONCE_SIZE])
-        ad = extent_ad(self._uid, generation, sequence, offset, length, flags)
+        ad = extent_ad(self._uid, generation, sequence, offset, length, flags, self._domain.extent)
         try:
             body = self._aead.decrypt(nonce, sealed[1 + NONCE_SIZE :], ad)
         except InvalidTag:
@@ -131,7 +156,7 @@ class Opener:
         if len(tag) != NONCE_SIZE + TAG_SIZE:
             raise EnvelopeError(f"batch {sequence}: seal has the wrong size")
         nonce = bytes(tag[:NONCE_SIZE])
-        ad = _DOMAIN_BATCH + _AD.pack(self._uid, generation, sequence, 0, len(table)) + table
+        ad = self._domain.table + _AD.pack(self._uid, generation, sequence, 0, len(table)) + table
         try:
             self._aead.decrypt(nonce, bytes(tag[NONCE_SIZE:]), ad)
         except InvalidTag:
