@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from standby.proto.messages import Ack, BatchKind, Busy
@@ -63,9 +63,7 @@ class DeltaStats:
     points: int = 0
     inconsistent: int = 0
     bytes_shipped: int = 0
-    last_point_time: float | None = None
     last_inconsistent_reason: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Tracking:
@@ -325,4 +323,3 @@ class Shipper:
                 await self.send(seq, self.agent.make_commit(d, seq, meta), [])
                 seq += 1
                 stats.points += 1
-                stats.last_point_time = t

@@ -24,6 +24,7 @@ class DirtyMap:
         self._shift = granularity.bit_length() - 1
         self.blocks = (size + granularity - 1) >> self._shift
         self._pages: dict[int, int] = {}  # page number -> bits (Python int: fast OR, popcount, scans)
+        self._count = 0  # set bits, kept as marks arrive: asked for often (cut bounds, reports)
 
     def __bool__(self) -> bool:
         return bool(self._pages)
@@ -40,7 +41,9 @@ class DirtyMap:
             p, bit = divmod(first, PAGE_BLOCKS)
             n = min(last - first + 1, PAGE_BLOCKS - bit)
             mask = _FULL if n == PAGE_BLOCKS else ((1 << n) - 1) << bit
-            pages[p] = pages.get(p, 0) | mask
+            old = pages.get(p, 0)
+            self._count += (mask & ~old).bit_count()
+            pages[p] = old | mask
             first += n
 
     def mark_events(self, events: Iterable[tuple[int, int, int]]) -> None:
@@ -51,7 +54,9 @@ class DirtyMap:
     def merge(self, other: DirtyMap) -> None:
         pages = self._pages
         for p, bits in other._pages.items():
-            pages[p] = pages.get(p, 0) | bits
+            old = pages.get(p, 0)
+            self._count += (bits & ~old).bit_count()
+            pages[p] = old | bits
 
     def mark_extents(self, extents: Iterable[tuple[int, int]]) -> None:
         for off, length in extents:
@@ -59,7 +64,7 @@ class DirtyMap:
 
     @property
     def dirty_blocks(self) -> int:
-        return sum(bits.bit_count() for bits in self._pages.values())
+        return self._count
 
     @property
     def dirty_bytes(self) -> int:
@@ -103,6 +108,7 @@ class DirtyMap:
 
     def clear(self) -> None:
         self._pages.clear()
+        self._count = 0
 
 
 def split_extents(extents: list[tuple[int, int]], limit: int) -> list[list[tuple[int, int]]]:

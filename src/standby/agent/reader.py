@@ -1,8 +1,5 @@
 """Reading a disk range into a sealed batch: runs of zeros become `zero` extents with no payload,
 everything else is checksummed, compressed and encrypted (proto.envelope) as `data` extents.
-
-Zero detection works on ZERO_GRAIN blocks with one bytes comparison each (memcmp in C), so the Python
-work per batch is proportional to grains, not bytes.
 """
 
 from __future__ import annotations
@@ -13,11 +10,11 @@ import os
 import stat
 import threading
 
-from standby.proto.envelope import Sealer
+from standby.proto.envelope import ZERO_GRAIN, Sealer, seal_pieces
+from standby.proto.envelope import zero_runs as runs
 from standby.proto.messages import Batch, BatchKind, Extent, ExtentKind
 
-ZERO_GRAIN = 64 * 1024
-_ZEROS = bytes(ZERO_GRAIN)
+__all__ = ["ZERO_GRAIN", "BatchBuilder", "disk_size", "runs"]
 
 
 def disk_size(path: str | os.PathLike[str]) -> int:
@@ -27,20 +24,6 @@ def disk_size(path: str | os.PathLike[str]) -> int:
         return os.lseek(fd, 0, os.SEEK_END)
     finally:
         os.close(fd)
-
-
-def runs(buf: memoryview) -> list[tuple[bool, int, int]]:
-    """Split `buf` into alternating (is_zero, start, end) runs at ZERO_GRAIN granularity."""
-    out: list[tuple[bool, int, int]] = []
-    n = len(buf)
-    for start in range(0, n, ZERO_GRAIN):
-        end = min(start + ZERO_GRAIN, n)
-        z = buf[start:end] == _ZEROS[: end - start]
-        if out and out[-1][0] == z:
-            out[-1] = (z, out[-1][1], end)
-        else:
-            out.append((z, start, end))
-    return out
 
 
 class BatchBuilder:
@@ -123,17 +106,12 @@ class BatchBuilder:
     def _seal(
         self, generation: int, sequence: int, kind: BatchKind, cursor: int, pieces: list[tuple[int, memoryview]]
     ) -> Batch:
-        """Zero runs become zero extents (so discards and never-written space travel as a few bytes);
-        the rest is sealed extent by extent; the batch seal covers the whole extent table."""
+        """Zero runs become zero extents; the batch seal covers the whole extent table."""
         sealer = self._sealer()
-        extents: list[Extent] = []
-        for offset, data in pieces:
-            for is_zero, a, b in runs(data):
-                if is_zero:
-                    extents.append(Extent(ExtentKind.ZERO, offset + a, b - a))
-                else:
-                    payload = sealer.seal(generation, sequence, offset + a, data[a:b])
-                    extents.append(Extent(ExtentKind.DATA, offset + a, b - a, payload))
+        extents = [
+            Extent(ExtentKind.ZERO, off, n) if zero else Extent(ExtentKind.DATA, off, n, sealed)
+            for zero, off, n, sealed in seal_pieces(sealer, generation, sequence, pieces)
+        ]
         table = Batch.table(
             generation, kind, 0, cursor, [(e.kind, e.offset, e.length, len(e.payload)) for e in extents]
         )

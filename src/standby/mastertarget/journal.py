@@ -23,14 +23,13 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from standby.proto.envelope import UNDO, Opener, Sealer
+from standby.proto.envelope import UNDO, Opener, Sealer, seal_pieces
 from standby.proto.errors import EnvelopeError, ProtocolError
 from standby.proto.frames import HEADER_SIZE, decode_header, encode_frame, scan_records
 from standby.proto.messages import MAX_BATCH_LOGICAL, SEAL_SIZE, ExtentKind, meta_bytes
 
 UNDO_TYPE = 0x40
 COMMIT_TYPE = 0x41
-ZERO_GRAIN = 64 * 1024
 _HEAD = struct.Struct(">II")
 _ENTRY = struct.Struct(">QIIBxxx")
 
@@ -63,34 +62,13 @@ def undo_opener(key: bytes, uid: bytes) -> Opener:
     return Opener(key, uid, MAX_BATCH_LOGICAL, UNDO)
 
 
-def _runs(data: memoryview) -> list[tuple[bool, int, int]]:
-    out: list[tuple[bool, int, int]] = []
-    zeros = bytes(ZERO_GRAIN)
-    for a in range(0, len(data), ZERO_GRAIN):
-        b = min(a + ZERO_GRAIN, len(data))
-        z = data[a:b] == zeros[: b - a]
-        if out and out[-1][0] == z:
-            out[-1] = (z, out[-1][1], b)
-        else:
-            out.append((z, a, b))
-    return out
-
-
 def encode_undo(
     disk: int, sequence: int, generation: int, pieces: list[tuple[int, bytes | memoryview]], sealer: Sealer
 ) -> bytes:
     """One UNDO record holding the old contents `pieces` ((offset, data) in the order of the batch)."""
-    table: list[tuple[int, int, int, int]] = []
-    blobs: list[bytes] = []
-    for offset, data in pieces:
-        mv = memoryview(data)
-        for is_zero, a, b in _runs(mv):
-            if is_zero:
-                table.append((offset + a, b - a, 0, ExtentKind.ZERO))
-            else:
-                sealed = sealer.seal(generation, sequence, offset + a, mv[a:b])
-                table.append((offset + a, b - a, len(sealed), ExtentKind.DATA))
-                blobs.append(sealed)
+    runs = seal_pieces(sealer, generation, sequence, [(off, memoryview(data)) for off, data in pieces])
+    table = [(off, n, len(sealed), ExtentKind.ZERO if zero else ExtentKind.DATA) for zero, off, n, sealed in runs]
+    blobs = [sealed for _, _, _, sealed in runs]
     head = _HEAD.pack(generation, len(table)) + b"".join(_ENTRY.pack(*e) for e in table)
     seal = sealer.seal_batch(generation, sequence, head)
     return encode_frame(UNDO_TYPE, disk, sequence, b"".join([head, seal, *blobs]))

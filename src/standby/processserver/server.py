@@ -102,7 +102,6 @@ class ProcessServer:
             or row.state == "up-to-date"
             or any(v.kind in ("initial-complete", "resync-complete") for v in st.records.values())
         )
-        st.last_point_time, st.last_point_seq = row.last_point_at, row.last_point_seq
         st.pause = bool(row.paused)
         cache.release(st.applied_seq)
         if st.received_seq != row.received_seq or st.cursor != row.cursor:
@@ -627,7 +626,8 @@ class MTSession:
                     applied_seq,
                     st.applied_seq + 1,
                 )
-                self.request_resync(row, f"sequence gap: the replica was at {applied_seq}, applied {st.applied_seq}")
+                gap = f"sequence gap: the replica was at {applied_seq}, applied {st.applied_seq}"
+                self.ps.request_resync(row, "checksum", gap)
                 skip = applied_seq = st.applied_seq
         self.set_applied(st, row, applied_seq, release=False)
         old = self.senders.pop(disk, None)
@@ -668,9 +668,6 @@ class MTSession:
         except (ConnectionError, LinkClosed, OSError) as exc:
             log.info("%s: sender for disk %d stopped: %s", self.link.name, st.id, exc)
 
-    def request_resync(self, row: DiskRow, reason: str) -> None:
-        self.ps.request_resync(row, "checksum", reason)
-
     def set_applied(self, st: DiskStream, row: DiskRow, seq: int, release: bool = True) -> None:
         st.applied_seq = seq
         fields: dict[str, Any] = {"applied_seq": seq}
@@ -682,7 +679,6 @@ class MTSession:
                 self.ps.registry.add_counters(st.id, bytes_applied=nbytes)
                 st.apply_rate.add(nbytes)
             if kind == "point":
-                st.last_point_time, st.last_point_seq = t, s
                 st.point_times.append(t)
                 fields["last_point_at"], fields["last_point_seq"] = t, s
             if kind == "initial-complete":

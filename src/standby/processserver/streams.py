@@ -53,9 +53,8 @@ class DiskStream:
         self.apply_rate = Rate()
         self.last_error: str | None = None
         self.initial_committed = False  # an initial-complete commit is in the cache or applied
-        # Recovery points the master target has applied (promise 4: only what it holds counts for RPO).
-        self.last_point_time: float | None = None
-        self.last_point_seq = 0
+        # Recovery points the master target has applied (promise 4: only what it holds counts for RPO; the
+        # newest is in the registry row).
         self.point_times: deque[float] = deque(maxlen=10000)  # wall times of recent applied points
         self.agent_report: dict[str, object] = {}
         self.agent_report_at = 0.0

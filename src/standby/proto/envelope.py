@@ -106,6 +106,38 @@ class Sealer:
         return nonce + self._aead.encrypt(nonce, b"", ad)
 
 
+ZERO_GRAIN = 64 * 1024
+_ZEROS = bytes(ZERO_GRAIN)
+
+
+def zero_runs(buf: memoryview) -> list[tuple[bool, int, int]]:
+    """Split `buf` into alternating (is_zero, start, end) runs at ZERO_GRAIN granularity: one bytes
+    comparison (memcmp in C) per grain, so the Python work is proportional to grains, not bytes."""
+    out: list[tuple[bool, int, int]] = []
+    n = len(buf)
+    for start in range(0, n, ZERO_GRAIN):
+        end = min(start + ZERO_GRAIN, n)
+        z = buf[start:end] == _ZEROS[: end - start]
+        if out and out[-1][0] == z:
+            out[-1] = (z, out[-1][1], end)
+        else:
+            out.append((z, start, end))
+    return out
+
+
+def seal_pieces(
+    sealer: Sealer, generation: int, sequence: int, pieces: list[tuple[int, memoryview]]
+) -> list[tuple[bool, int, int, bytes]]:
+    """(is_zero, offset, length, sealed) for each run of the (offset, data) pieces: runs of zeros carry no
+    bytes (discards and never-written space cost a table entry), the rest is sealed run by run."""
+    out: list[tuple[bool, int, int, bytes]] = []
+    for offset, data in pieces:
+        for is_zero, a, b in zero_runs(data):
+            sealed = b"" if is_zero else sealer.seal(generation, sequence, offset + a, data[a:b])
+            out.append((is_zero, offset + a, b - a, sealed))
+    return out
+
+
 class Opener:
     """Verifies and opens what a `Sealer` with the same key and disk uid sealed; safe to share between threads."""
 
