@@ -380,3 +380,32 @@ def test_batch_beyond_replica_from_a_larger_disk_is_rejected(env: Env) -> None:
     big.write_bytes(random.Random(1).randbytes(SIZE + 2 * GRAIN))
     b = BatchBuilder(str(big), DISK, KEY, UID, 3).initial_batch(GEN, 2, SIZE - 2 * GRAIN, 4 * GRAIN)
     _assert_rejected(env, env.applier, _wire(b))
+
+
+@pytest.mark.parametrize("state, recorded", [("UpToDate", True), ("Inconsistent", False)])
+def test_point_is_recorded_only_while_the_replica_is_a_faithful_copy(env: Env, state: str, recorded: bool) -> None:
+    """Promise 4: after skipped records or a grown disk (state Inconsistent until a resync completes) a
+    point commit is applied but not recorded as a recovery point."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from standby.mastertarget.daemon import DiskWorker
+    from standby.mastertarget.diskstate import ReplicaState, read_points
+    from standby.proto.envelope import Sealer
+    from standby.proto.messages import Ack, Commit, meta_bytes
+
+    st = ReplicaState(DISK, "m", "d", "u", SIZE, "raw", str(env.replica_path), 1, GEN, state)
+    mt = SimpleNamespace(cfg=SimpleNamespace(disks_dir=env.root))
+    worker = DiskWorker(mt, st, env.applier)  # type: ignore[arg-type]
+    meta = {"generation": GEN, "kind": "point", "consistency": "crash-consistent", "time": 1.0}
+    point = Commit(DISK, 2, meta, Sealer(KEY, UID).seal_batch(GEN, 2, meta_bytes(meta)))
+    sent: list[object] = []
+
+    class Link:
+        async def send(self, msg: object) -> None:
+            sent.append(msg)
+
+    asyncio.run(worker.apply_group(Link(), [point]))  # type: ignore[arg-type]
+    assert sent == [Ack(DISK, 2, GEN)] and st.applied_seq == 2
+    assert bool(read_points(env.root, DISK)) == recorded
+    assert (st.last_point is not None) == recorded

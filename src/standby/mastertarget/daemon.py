@@ -119,7 +119,10 @@ class DiskWorker:
                         st.state = "UpToDate"
                         log.info("disk %s/%s: replica %s is up to date (%s)", st.machine, st.name, st.path, kind)
                     elif kind == "point" and isinstance(m, Commit):
-                        points.append(Point.from_commit(m))
+                        if st.state == "UpToDate":
+                            points.append(Point.from_commit(m))
+                        else:  # records were skipped or the disk grew: not a copy of the source until resynced
+                            log.info("disk %d: point %d not recorded: the replica awaits a resync", st.disk, m.sequence)
                     st.generation = max(st.generation, m.generation)
                 st.applied_seq = good[-1][0].sequence
                 st.error = None

@@ -628,6 +628,7 @@ class MTSession:
                 )
                 gap = f"sequence gap: the replica was at {applied_seq}, applied {st.applied_seq}"
                 self.ps.request_resync(row, "checksum", gap)
+                row = self.ps.registry.disk(disk) or row  # skipped records must not count as points
                 skip = applied_seq = st.applied_seq
         self.set_applied(st, row, applied_seq, release=False)
         old = self.senders.pop(disk, None)
@@ -671,6 +672,9 @@ class MTSession:
     def set_applied(self, st: DiskStream, row: DiskRow, seq: int, release: bool = True) -> None:
         st.applied_seq = seq
         fields: dict[str, Any] = {"applied_seq": seq}
+        # Promise 4: a point counts only while the replica is a faithful copy — not while a resync is asked
+        # for (records skipped, disk grown) or running.
+        faithful = row.resync_request is None and row.state == "up-to-date"
         for s in [s for s in st.records if s <= seq]:
             kind, cursor, nbytes, t = st.records.pop(s)
             if cursor:
@@ -678,15 +682,17 @@ class MTSession:
             if nbytes:
                 self.ps.registry.add_counters(st.id, bytes_applied=nbytes)
                 st.apply_rate.add(nbytes)
-            if kind == "point":
+            if kind == "point" and faithful:
                 st.point_times.append(t)
                 fields["last_point_at"], fields["last_point_seq"] = t, s
             if kind == "initial-complete":
                 fields["state"] = "up-to-date"
+                faithful = row.resync_request is None
                 fields["synced_at"] = time.time()
                 log.info("disk %s/%s: initial replication complete; replica is up to date", row.machine, row.name)
             if kind == "resync-complete":
                 fields["state"] = "up-to-date"
+                faithful = row.resync_request is None
                 fields["resync_done_at"] = time.time()
                 if row.synced_at is None:
                     fields["synced_at"] = time.time()
