@@ -390,13 +390,16 @@ def test_point_is_recorded_only_while_the_replica_is_a_faithful_copy(env: Env, s
     from types import SimpleNamespace
 
     from standby.mastertarget.daemon import DiskWorker
-    from standby.mastertarget.diskstate import ReplicaState, read_points
+    from standby.mastertarget.diskstate import ReplicaState
+    from standby.mastertarget.history import DiskJournal
     from standby.proto.envelope import Sealer
     from standby.proto.messages import Ack, Commit, meta_bytes
 
     st = ReplicaState(DISK, "m", "d", "u", SIZE, "raw", str(env.replica_path), 1, GEN, state)
     mt = SimpleNamespace(cfg=SimpleNamespace(disks_dir=env.root))
-    worker = DiskWorker(mt, st, env.applier)  # type: ignore[arg-type]
+    journal = DiskJournal(env.root / "retention", DISK, KEY, UID)
+    assert journal.open() is None
+    worker = DiskWorker(mt, st, env.applier, journal)  # type: ignore[arg-type]
     meta = {"generation": GEN, "kind": "point", "consistency": "crash-consistent", "time": 1.0}
     point = Commit(DISK, 2, meta, Sealer(KEY, UID).seal_batch(GEN, 2, meta_bytes(meta)))
     sent: list[object] = []
@@ -407,5 +410,6 @@ def test_point_is_recorded_only_while_the_replica_is_a_faithful_copy(env: Env, s
 
     asyncio.run(worker.apply_group(Link(), [point]))  # type: ignore[arg-type]
     assert sent == [Ack(DISK, 2, GEN)] and st.applied_seq == 2
-    assert bool(read_points(env.root, DISK)) == recorded
+    assert bool(journal.points()) == recorded
+    assert [g.last for g in journal.groups] == ([2] if state == "UpToDate" else [])
     assert (st.last_point is not None) == recorded

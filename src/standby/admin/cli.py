@@ -14,6 +14,7 @@ from typing import Any
 
 from standby.plumbing.errors import BadInput, run_main
 
+from . import recoverycli
 from .client import DEFAULT_ADMIN_DIR, AdminClient
 
 FORMATS = ("vmdk", "vmdk-thick", "vmdk-monolithic-flat", "vmdk-sparse", "raw", "device")
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     re_ = sub.add_parser("resume", help="apply again what a pause held back")
     re_.add_argument("machine", help="the paused machine")
+    recoverycli.add_parsers(sub)
     st = sub.add_parser("status", help="replication state of every protected disk")
     st.add_argument("machine", nargs="?", help="only this machine")
     st.add_argument("--json", action="store_true", help="machine-readable output")
@@ -116,6 +118,9 @@ def dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.cmd == "pause":
         return cmd_pause(client, args)
+    done = recoverycli.dispatch(client, args)
+    if done is not None:
+        return done
     if args.cmd == "resume":
         client.call("resume", machine=args.machine)
         print(f"applying for {args.machine} resumed")
@@ -226,6 +231,13 @@ def format_status(res: dict[str, Any]) -> str:
                 f"    rpo:{'-' if rpo is None else f'{rpo:.1f}s'} points/min:{d.get('points_last_minute', 0)} "
                 f"dirty:{'-' if dirty is None else human_bytes(dirty)} cache-backlog:{human_bytes(d['backlog_bytes'])} "
                 f"tracker:{d.get('tracker') or '-'} tracker-cpu:{tcpu} applying:{d.get('applying')}"
+            )
+        if d.get("history_points") is not None:
+            fo = d.get("failover")
+            lines.append(
+                f"    history:{d['history_points']} points since {recoverycli.when(d.get('history_oldest'))} "
+                f"journal:{human_bytes(d.get('journal_bytes') or 0)}"
+                + (f" FAILED-OVER to point {fo['at']}{' (committed)' if fo.get('committed') else ''}" if fo else "")
             )
         rs = d.get("resync")
         if rs and rs.get("phase") != "complete":

@@ -29,12 +29,13 @@ class AdminClient:
             server = str(load_toml(conf).get("server", "127.0.0.1")) if conf.exists() else "127.0.0.1"
         self.host, self.port = parse_address(server)
 
-    async def acall(self, op: str, **args: Any) -> dict[str, Any]:
+    async def acall(self, op: str, timeout: float | None = 60.0, **args: Any) -> dict[str, Any]:
         link = await dial(self.host, self.port, client_context(self.identity), "admin")
         try:
-            return await link.call(op, **args)
+            return await link.call(op, timeout, **args)
         finally:
             await link.close()
 
-    def call(self, op: str, **args: Any) -> dict[str, Any]:
-        return asyncio.run(self.acall(op, **args))
+    def call(self, op: str, timeout: float | None = 60.0, **args: Any) -> dict[str, Any]:
+        """One request; `timeout` bounds the wait for its answer (None: as long as it takes)."""
+        return asyncio.run(self.acall(op, timeout, **args))

@@ -99,8 +99,21 @@ class LocalDeployment:
             name,
             "--dir",
             str(d),
+            *(["--retention-dir", str(self.root / f"retention-{name}")] if kind == "mt" else []),
         )
+        if kind == "mt":
+            (self.root / f"retention-{name}").mkdir(exist_ok=True)
         return d
+
+    def retention_dir(self, mt: str) -> Path:
+        return self.root / f"retention-{mt}"
+
+    def set_mt_option(self, mt: str, **retention: Any) -> None:
+        """Change [retention] in mt.toml (takes effect at the master target's next start)."""
+        conf = self.root / f"mt-{mt}" / "mt.toml"
+        raw = load_toml(conf)
+        raw.setdefault("retention", {}).update(retention)
+        save_toml(conf, raw)
 
     def add_disk(self, agent: str, disk: str, path: str | Path) -> None:
         self.run("agent", "add-disk", disk, str(path), "--dir", str(self.root / f"agent-{agent}"))

@@ -16,6 +16,7 @@ from .replicas import Replica
 class Applier:
     def __init__(self, key: bytes, uid: bytes, replica: Replica) -> None:
         self.opener = Opener(key, uid, MAX_BATCH_LOGICAL)
+        self.opener_key = key
         self.replica = replica
 
     def verify_batch(self, b: Batch) -> list[bytes | None]:

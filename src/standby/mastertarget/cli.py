@@ -12,13 +12,20 @@ from standby.plumbing.errors import run_main
 from standby.plumbing.logs import setup_logging
 from standby.plumbing.service import run_daemon, sd_notify
 
-from .config import DEFAULT_DIR, MTConfig
+from .config import DEFAULT_DIR, DEFAULT_RETENTION_DIR, MTConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="standby-mt", description="standby master target: writes replica disks")
     sub = p.add_subparsers(dest="cmd", required=True)
-    add_enroll_parser(sub, "master target", DEFAULT_DIR)
+    e = add_enroll_parser(sub, "master target", DEFAULT_DIR)
+    e.add_argument(
+        "--retention-dir",
+        type=Path,
+        default=DEFAULT_RETENTION_DIR,
+        help=f"the retention volume: history of every replica (default {DEFAULT_RETENTION_DIR}; a volume of its "
+        "own, not FAT, not the process server's cache, not holding replicas)",
+    )
     r = sub.add_parser("run", help="run the master target")
     r.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"state directory (default {DEFAULT_DIR})")
     r.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default INFO)")
@@ -45,7 +52,10 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     host, port = parse_address(args.server)
     passphrase = read_passphrase(args.passphrase_file)
     ident = enroll(host, port, args.fingerprint, args.name, "mt", passphrase, args.dir / "identity", args.replace)
-    save_toml(args.dir / "mt.toml", {"name": ident.name, "server": f"{host}:{port}"})
+    save_toml(
+        args.dir / "mt.toml",
+        {"name": ident.name, "server": f"{host}:{port}", "retention": {"dir": str(args.retention_dir.absolute())}},
+    )
     print(f"enrolled master target {ident.name!r} with {host}:{port}; state in {args.dir}")
     print(f"start it with: standby-mt run --dir {args.dir}")
     return 0

@@ -1,18 +1,68 @@
-"""The master target's configuration (mt.toml in its state directory): name and process server."""
+"""The master target's configuration (mt.toml in its state directory)::
+
+    name = "mt01"
+    server = "ps.example.net:9443"
+
+    [retention]
+    dir = "/mnt/retention"     # the retention volume: undo records of every replica (default /mnt/retention)
+    window = "24h"             # recovery points are kept this long (the seeds' failback policy: 24 h)
+    space_cap = "200G"         # at most this much history (optional); over it, the oldest points go first
+    tiers = [[3600, 0], [21600, 300], [86400, 3600]]   # [age, every]: up to `age` seconds old, one point
+                               # per `every` seconds (0: all) — all for 1 h, one per 5 min to 6 h, hourly
+
+Besides the cap, history never takes the retention volume's last `reserve` bytes (default 5 % of the
+volume, at most 4 GiB): space pressure prunes oldest points first, with an alert, instead of failing.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from standby.plumbing.config import ClientConfig, load_client_toml
+from standby.plumbing.config import ClientConfig, load_client_toml, parse_size
+from standby.plumbing.errors import BadInput, NotStarted
+
+from .retention import Policy, Tier
 
 DEFAULT_DIR = Path("/var/lib/standby/mt")
+DEFAULT_RETENTION_DIR = Path("/mnt/retention")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+
+
+def parse_duration(text: str | int | float) -> float:
+    """'24h', '90m', '3600', 3600 -> seconds."""
+    if isinstance(text, int | float):
+        return float(text)
+    m = _DURATION.match(str(text))
+    if not m:
+        raise BadInput(f"not a duration: {text!r} (examples: 24h, 90m, 3600)")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
 
 
 @dataclass(frozen=True)
 class MTConfig(ClientConfig):
+    retention_dir: Path = DEFAULT_RETENTION_DIR
+    policy: Policy = field(default_factory=Policy)
+    reserve: int | None = None  # bytes the journal leaves free on the retention volume (None: 5 %, <= 4 GiB)
+
     @classmethod
     def load(cls, state_dir: Path) -> MTConfig:
-        _, _, common = load_client_toml(state_dir, "mt.toml", "standby-mt enroll")
-        return cls(common.state_dir, common.name, common.host, common.port)
+        path, raw, common = load_client_toml(state_dir, "mt.toml", "standby-mt enroll")
+        r: dict[str, Any] = raw.get("retention", {})
+        try:
+            defaults = Policy()
+            tiers = defaults.tiers
+            if "tiers" in r:
+                tiers = tuple(Tier(parse_duration(a), parse_duration(e)) for a, e in r["tiers"])
+            policy = Policy(
+                window=parse_duration(r.get("window", defaults.window)),
+                space_cap=parse_size(r["space_cap"]) if r.get("space_cap") is not None else None,
+                tiers=tiers,
+            )
+            reserve = parse_size(r["reserve"]) if r.get("reserve") is not None else None
+            return cls(common.state_dir, common.name, common.host, common.port,
+                       Path(r.get("dir", DEFAULT_RETENTION_DIR)), policy, reserve)
+        except (TypeError, ValueError, BadInput) as exc:
+            raise NotStarted(f"{path}: invalid [retention] settings: {exc}") from None

@@ -16,12 +16,14 @@ import logging
 import os
 import stat
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from standby.plumbing.errors import NotStarted
 from standby.plumbing.identity import Identity, IdentityError
 from standby.plumbing.link import Link, RequestFailed, stay_connected
+from standby.plumbing.service import host_id
 from standby.plumbing.tls import client_context
 from standby.proto import hashtree
 from standby.proto.envelope import seal_hashes
@@ -31,24 +33,31 @@ from standby.proto.messages import Ack, Batch, Commit, Reject, Reply, Request
 
 from .apply import Applier
 from .config import MTConfig
-from .diskstate import Point, ReplicaState, append_points
-from .replicas import KINDS, ReplicaError, create_replica, open_replica
+from .diskstate import Point, ReplicaState
+from .history import DiskJournal, old_contents
+from .journal import JournalError
+from .operations import HANDLERS, OpError, point_list, prune, volume_pressure
+from .recovery import FailoverState, move
+from .replicas import KINDS, Replica, ReplicaError, create_replica, open_replica
 from .replicas.resize import resize_replica
+from .volume import VolumeError, check_retention_dir, overlaps
 
 log = logging.getLogger("standby.mt")
 RETRY_DELAY = 5.0
 POLL_INTERVAL = 1.0
 # Records applied under one sync at most (the process server sends at most MT_WINDOW ahead anyway).
 GROUP_MAX = 8
+UPKEEP_INTERVAL = 5.0
 
 
 class DiskWorker:
     """One replica: a queue of records from the process server and the task that applies them."""
 
-    def __init__(self, mt: MasterTarget, state: ReplicaState, applier: Applier) -> None:
+    def __init__(self, mt: MasterTarget, state: ReplicaState, applier: Applier, journal: DiskJournal) -> None:
         self.mt = mt
         self.state = state
         self.applier = applier
+        self.journal = journal
         self.queue: asyncio.Queue[Batch | Commit] = asyncio.Queue()
         self.blocked_until = 0.0  # after a reject: ignore records until the disk is pulled again
         self.task: asyncio.Task[None] | None = None
@@ -56,6 +65,17 @@ class DiskWorker:
         self.key = b""
         self.lock = asyncio.Lock()  # applying and hashing the replica never overlap
         self.tree: tuple[int, list[bytes]] | None = None  # (generation, levels) of the last resync hashing
+        self.halted = state.state == "FailedOver"  # failed over: records are no longer applied
+        self.before_failover = "UpToDate"
+        self.pins = 0  # test failovers reading the journal: no pruning meanwhile
+        self.space_cap_override: int | None = None  # set under retention-volume pressure
+        self.retention_alert = ""
+
+    def halt(self) -> None:
+        """Stop applying (failover): whatever is queued stays unacknowledged in the process server."""
+        self.halted = True
+        while not self.queue.empty():
+            self.queue.get_nowait()
 
     async def run(self, link: Link) -> None:
         """Apply records in order, a group at a time: whatever is queued (up to GROUP_MAX) is verified in
@@ -63,10 +83,13 @@ class DiskWorker:
         the cost of the syncs is shared when the master target is behind."""
         st = self.state
         while True:
+            # A group ends at a commit: every recovery point is a group boundary in the retention journal.
             group = [await self.queue.get()]
-            while not self.queue.empty() and len(group) < GROUP_MAX:
+            while not isinstance(group[-1], Commit) and not self.queue.empty() and len(group) < GROUP_MAX:
                 group.append(self.queue.get_nowait())
             ready: list[Batch | Commit] = []
+            if self.halted:
+                continue
             for msg in group:
                 if msg.sequence <= st.applied_seq:
                     await link.send(Ack(st.disk, msg.sequence, msg.generation))  # already applied: say so again
@@ -107,30 +130,42 @@ class DiskWorker:
             good.append((m, r))
         if good:
             batches = [(m, p) for m, p in good if isinstance(m, Batch) and p is not None]
+            journal = self.journal if (st.state == "UpToDate" or not self.journal.empty) else None
+            first, last = good[0][0].sequence, good[-1][0].sequence
             try:
                 # Shielded: a cancelled session must not close the replica under a thread still writing it;
                 # stop_workers waits for `inflight` before closing.
-                self.inflight = asyncio.ensure_future(asyncio.to_thread(self.applier.write_group, batches))
+                self.inflight = asyncio.ensure_future(asyncio.to_thread(self.write, journal, first, batches))
                 await asyncio.shield(self.inflight)
-                points = []
+                point: Point | None = None
+                changed = False
                 for m, _ in good:
                     kind = m.meta.get("kind") if isinstance(m, Commit) else None
                     if kind in ("initial-complete", "resync-complete"):
-                        st.state = "UpToDate"
+                        st.state, changed = "UpToDate", True
                         log.info("disk %s/%s: replica %s is up to date (%s)", st.machine, st.name, st.path, kind)
                     elif kind == "point" and isinstance(m, Commit):
                         if st.state == "UpToDate":
-                            points.append(Point.from_commit(m))
+                            point = Point.from_commit(m)
                         else:  # records were skipped or the disk grew: not a copy of the source until resynced
                             log.info("disk %d: point %d not recorded: the replica awaits a resync", st.disk, m.sequence)
+                    changed = changed or m.generation > st.generation
                     st.generation = max(st.generation, m.generation)
-                st.applied_seq = good[-1][0].sequence
-                st.error = None
-                if points:
-                    st.last_point = points[-1].as_dict()
-                    await asyncio.to_thread(append_points, self.mt.cfg.disks_dir, st.disk, points)
-                await asyncio.to_thread(st.save, self.mt.cfg.disks_dir)
-            except (OSError, ReplicaError) as exc:
+                st.applied_seq = last
+                if st.error is not None:
+                    st.error, changed = None, True
+                if journal is not None:
+                    c = good[-1][0]
+                    meta = dict(c.meta) if isinstance(c, Commit) else {"generation": c.generation, "kind": "batch"}
+                    if meta.get("kind") == "point" and point is None:
+                        meta["kind"] = "batch"  # applied, but not a point (see above)
+                    await asyncio.to_thread(journal.write_commit, first, last, meta)
+                if point is not None:
+                    st.last_point, changed = point.as_dict(), True
+                if changed or journal is None:
+                    # With the journal, its COMMIT records applied_seq durably; the state file only changes.
+                    await asyncio.to_thread(st.save, self.mt.cfg.disks_dir)
+            except (OSError, ReplicaError, JournalError) as exc:
                 reason = f"cannot write replica {st.path}: {exc.strerror if isinstance(exc, OSError) else exc}"
                 await self.reject(link, good[0][0].sequence, "write-failed", reason)
                 return
@@ -142,6 +177,38 @@ class DiskWorker:
                 await self.reject(link, m.sequence, "authentication-failed", str(exc))
             else:
                 raise exc
+
+    def write(self, journal: DiskJournal | None, first: int, batches: list[tuple[Batch, list[bytes | None]]]) -> None:
+        """Worker thread: old contents to the journal (synced), then the batches into the replica (synced).
+        If the replica write fails half-way, the old contents go back at once."""
+        rep = self.applier.replica
+        if journal is None or not batches:
+            self.applier.write_group(batches)
+            return
+        ranges = [(e.offset, e.length) for b, _ in batches for e in b.extents]
+        journal.write_undo(first, batches[0][0].generation, old_contents(rep.read, ranges))
+        try:
+            self.applier.write_group(batches)
+        except (OSError, ReplicaError):
+            try:
+                journal.abort(self.restore, rep.sync)
+            except (OSError, ReplicaError, JournalError) as exc:
+                log.critical("disk %d: cannot roll back a failed group: %s (start-up will)", self.state.disk, exc)
+            raise
+
+    def restore(self, offset: int, data: bytes | None, length: int) -> None:
+        """Write old contents back (zeros when `data` is None)."""
+        DiskWorker.restore_into(self.applier.replica)(offset, data, length)
+
+    @staticmethod
+    def restore_into(replica: Replica) -> Callable[[int, bytes | None, int], None]:
+        def write(offset: int, data: bytes | None, length: int) -> None:
+            if data is None:
+                replica.write_zeroes(offset, length)
+            else:
+                replica.write(offset, data)
+
+        return write
 
     async def reject(self, link: Link, seq: int, code: str, reason: str) -> None:
         log.error("disk %s/%s sequence %d rejected: %s", self.state.machine, self.state.name, seq, reason)
@@ -159,6 +226,10 @@ class MasterTarget:
             raise NotStarted(str(exc)) from None
         self.ssl = client_context(self.identity)
         cfg.disks_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            check_retention_dir(cfg.retention_dir, [Path(s.path) for s in ReplicaState.all(cfg.disks_dir)])
+        except VolumeError as exc:
+            raise NotStarted(str(exc)) from None
         self.workers: dict[int, DiskWorker] = {}
         self.failed: dict[int, str] = {}
         self.wakeup = asyncio.Event()
@@ -186,6 +257,7 @@ class MasterTarget:
 
     async def session(self, link: Link) -> None:
         poller = asyncio.create_task(self.poll(link))
+        upkeep = asyncio.create_task(self.upkeep(link))
         try:
             while True:
                 msg = await link.recv()
@@ -201,6 +273,8 @@ class MasterTarget:
                     await self.answer_check(link, msg)
                 elif isinstance(msg, Request) and msg.op == "resync_hashes":
                     self.spawn(self.answer_hashes(link, msg))
+                elif isinstance(msg, Request) and msg.op in HANDLERS:
+                    self.spawn(self.answer(link, msg))
                 elif isinstance(msg, Request) and msg.op == "wake":
                     self.wakeup.set()
                     await link.send(Reply(msg.id, True, {}))
@@ -208,7 +282,48 @@ class MasterTarget:
                     raise ProtocolError("unexpected-message", f"unexpected {type(msg).__name__}")
         finally:
             poller.cancel()
-            await asyncio.gather(poller, return_exceptions=True)
+            upkeep.cancel()
+            await asyncio.gather(poller, upkeep, return_exceptions=True)
+
+    async def answer(self, link: Link, req: Request) -> None:
+        try:
+            result = await HANDLERS[req.op](self, **req.args)
+            await link.send(Reply(req.id, True, result))
+        except OpError as exc:
+            await link.send(Reply(req.id, False, {}, exc.code, str(exc)))
+        except (TypeError, KeyError, ValueError) as exc:
+            await link.send(Reply(req.id, False, {}, "bad-input", f"bad arguments for {req.op}: {exc}"))
+
+    async def upkeep(self, link: Link) -> None:
+        """Every few seconds: prune history as the retention policy says, then tell the process server
+        what each disk's history holds (status shows it)."""
+        while True:
+            await asyncio.sleep(UPKEEP_INTERVAL)
+            try:
+                await asyncio.to_thread(volume_pressure, self)
+            except OSError as exc:
+                log.warning("retention volume %s: %s", self.cfg.retention_dir, exc)
+            report = {}
+            for w in list(self.workers.values()):
+                try:
+                    async with w.lock:
+                        if not w.halted and not w.pins:
+                            await asyncio.to_thread(prune, w)
+                        pts = await asyncio.to_thread(point_list, w)
+                except (OSError, JournalError) as exc:
+                    log.error("disk %d: retention upkeep: %s", w.state.disk, exc)
+                    continue
+                p = pts["points"]
+                report[str(w.state.disk)] = {
+                    "points": len(p),
+                    "oldest_point": p[0]["time"] if p else None,
+                    "newest_point": p[-1]["time"] if p else None,
+                    "journal_bytes": pts["journal_bytes"],
+                    "alert": pts["alert"],
+                    "failed_over": pts["failover"],
+                }
+            if report:
+                await link.send(Request(0, "mt_report", {"disks": report}))
 
     async def poll(self, link: Link) -> None:
         """Learn new assignments; re-pull disks whose last record was rejected, after a delay."""
@@ -216,6 +331,14 @@ class MasterTarget:
         while True:
             self.wakeup.clear()  # before asking, so a wake that arrives meanwhile is not lost
             res = await link.request("subscribe")
+            problem = self.volume_problem(res)
+            if problem:
+                for d in res["disks"]:
+                    if self.failed.get(d["disk"]) != problem:
+                        log.error("disk %d: %s", d["disk"], problem)
+                        self.failed[d["disk"]] = problem
+                        await link.send(Reject(d["disk"], 0, "replica-error", problem))
+                res["disks"] = []
             for d in res["disks"]:
                 if d["disk"] not in self.workers:
                     await self.start_disk(link, d)
@@ -229,6 +352,16 @@ class MasterTarget:
                 await asyncio.wait_for(self.wakeup.wait(), POLL_INTERVAL)  # a wake: a disk is ready now
             except TimeoutError:
                 pass
+
+    def volume_problem(self, res: dict[str, Any]) -> str:
+        """The retention volume must not be the process server's cache (when both are on this host)."""
+        cache = res.get("cache_dir")
+        if cache and res.get("host") == host_id():
+            try:
+                check_retention_dir(self.cfg.retention_dir, cache_dir=cache)
+            except VolumeError as exc:
+                return str(exc)
+        return ""
 
     async def start_disk(self, link: Link, d: dict[str, Any]) -> None:
         disk = int(d["disk"])
@@ -252,6 +385,15 @@ class MasterTarget:
             key = unwrap_key(
                 base64.b64decode(d["wrapped_key"]), self.identity.key_pem, b"disk:" + uuid.UUID(st.uid).bytes
             )
+            applier = Applier(key, uuid.UUID(st.uid).bytes, replica)
+            journal = await asyncio.to_thread(self.open_journal, st, applier)
+        except JournalError as exc:
+            msg = f"retention journal of disk {disk}: {exc}"
+            if self.failed.get(disk) != msg:
+                log.error("disk %d: %s", disk, msg)
+                self.failed[disk] = msg
+                await link.send(Reject(disk, 0, "replica-error", msg))
+            return
         except (ReplicaError, OSError, KeyWrapError) as exc:
             msg = str(exc) if not isinstance(exc, KeyWrapError) else f"cannot unwrap the disk's data key: {exc}"
             if self.failed.get(disk) != msg:
@@ -260,11 +402,34 @@ class MasterTarget:
                 await link.send(Reject(disk, 0, "replica-error", msg))
             return
         self.failed.pop(disk, None)
-        w = DiskWorker(self, st, Applier(key, uuid.UUID(st.uid).bytes, replica))
+        w = DiskWorker(self, st, applier, journal)
         w.key = key
         self.workers[disk] = w
         w.task = asyncio.create_task(w.run(link))
+        if w.halted:
+            log.info("disk %s/%s: failed over; not applying", st.machine, st.name)
+            return
         await self.pull(link, w)
+
+    def open_journal(self, st: ReplicaState, applier: Applier) -> DiskJournal:
+        """Open the disk's retention journal; roll back a group the last run did not commit (promise 5)."""
+        journal = DiskJournal(self.cfg.retention_dir / st.uid, st.disk, applier.opener_key, uuid.UUID(st.uid).bytes)
+        pending = journal.open()
+        if pending is not None:
+            journal.rollback_pending(pending, DiskWorker.restore_into(applier.replica), applier.replica.sync)
+            if st.applied_seq >= pending.record.sequence:
+                st.applied_seq = pending.record.sequence - 1
+        if journal.last_seq > st.applied_seq:
+            st.applied_seq = journal.last_seq  # committed after the replica sync; the state file lags
+        fo = FailoverState.load(journal.dir)
+        if fo is not None and fo.at != fo.target:
+            log.warning("disk %d: finishing an interrupted failover move from %d to %d", st.disk, fo.at, fo.target)
+            move(journal, applier.replica, fo, fo.target)
+        newest = journal.points()
+        if newest:
+            st.last_point = Point.from_group(newest[-1]).as_dict()
+        st.save(self.cfg.disks_dir)
+        return journal
 
     async def pull(self, link: Link, w: DiskWorker) -> None:
         try:
@@ -346,7 +511,9 @@ class MasterTarget:
 
     async def answer_check(self, link: Link, req: Request) -> None:
         path, kind, size = req.args.get("path", ""), req.args.get("format", ""), int(req.args.get("size", 0))
-        if req.args.get("existing"):
+        if path and overlaps(path, self.cfg.retention_dir):
+            code, message = "bad-input", f"replica {path} would be on the retention volume {self.cfg.retention_dir}"
+        elif req.args.get("existing"):
             code, message = await asyncio.to_thread(check_existing_replica, path, kind, size, self.used_paths())
         else:
             code, message = check_replica_path(path, kind, size, self.used_paths())

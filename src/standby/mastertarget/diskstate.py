@@ -7,8 +7,6 @@ restart — harmless, because a batch's writes are absolute (offset, bytes), nev
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -63,31 +61,9 @@ class Point:
     def from_commit(cls, c: Commit) -> Point:
         return cls(c.sequence, c.generation, float(c.meta.get("time", 0.0)), str(c.meta.get("consistency", "")))
 
+    @classmethod
+    def from_group(cls, g: Any) -> Point:
+        return cls(g.last, int(g.meta.get("generation", 0)), g.time, g.consistency)
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def append_points(directory: Path, disk: int, points: list[Point]) -> None:
-    """Append to disks/<disk>.points.jsonl and sync: the list of points the replica passed through. (The
-    retention journal will make older points recoverable; today the replica holds only the newest.)"""
-    path = directory / f"{disk}.points.jsonl"
-    data = "".join(json.dumps(p.as_dict(), separators=(",", ":")) + "\n" for p in points).encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_points(directory: Path, disk: int) -> list[Point]:
-    path = directory / f"{disk}.points.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(Point(**json.loads(line)))
-        except (ValueError, TypeError):
-            continue  # a torn last line after a crash
-    return out

@@ -1,5 +1,5 @@
-"""Retention-journal records (issue 4: groundwork — the journal files and the apply ordering that use
-them are not built yet). Pure encoding, decoding and scanning; no file I/O.
+"""Retention-journal records: pure encoding, decoding and scanning, no file I/O (the files are
+mastertarget.history's).
 
 Records are the self-verifying frames of proto.frames (as in the process server's cache), with frame
 types of their own that are only ever stored, never sent:
@@ -14,6 +14,8 @@ types of their own that are only ever stored, never sent:
     0x41 COMMIT  stream = disk id, sequence = the batch's sequence
                  payload: canonical JSON {generation, kind, time, consistency, tag}; written after the
                  replica is synced: an UNDO without its COMMIT is a batch to roll back at start-up.
+    0x42 REDO    as UNDO, under the REDO domain: during a failover, the contents a rollback is about to
+                 overwrite, so the operator can move to a newer point again before committing.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from standby.proto.envelope import UNDO, Opener, Sealer, seal_pieces
+from standby.proto.envelope import REDO, UNDO, Domain, Opener, Sealer, seal_pieces
 from standby.proto.errors import EnvelopeError, ProtocolError
 from standby.proto.frames import HEADER_SIZE, decode_header, encode_frame, scan_records
 from standby.proto.messages import MAX_BATCH_LOGICAL, SEAL_SIZE, ExtentKind, meta_bytes
 
 UNDO_TYPE = 0x40
 COMMIT_TYPE = 0x41
+REDO_TYPE = 0x42
 _HEAD = struct.Struct(">II")
 _ENTRY = struct.Struct(">QIIBxxx")
 
@@ -54,16 +57,29 @@ class CommitRecord:
     meta: dict[str, Any]
 
 
-def undo_sealer(key: bytes, uid: bytes, level: int = 1) -> Sealer:
-    return Sealer(key, uid, level, UNDO)
+def undo_sealer(key: bytes, uid: bytes, level: int = 1, domain: Domain = UNDO) -> Sealer:
+    return Sealer(key, uid, level, domain)
 
 
-def undo_opener(key: bytes, uid: bytes) -> Opener:
-    return Opener(key, uid, MAX_BATCH_LOGICAL, UNDO)
+def undo_opener(key: bytes, uid: bytes, domain: Domain = UNDO) -> Opener:
+    return Opener(key, uid, MAX_BATCH_LOGICAL, domain)
+
+
+def redo_sealer(key: bytes, uid: bytes) -> Sealer:
+    return undo_sealer(key, uid, 1, REDO)
+
+
+def redo_opener(key: bytes, uid: bytes) -> Opener:
+    return undo_opener(key, uid, REDO)
 
 
 def encode_undo(
-    disk: int, sequence: int, generation: int, pieces: list[tuple[int, bytes | memoryview]], sealer: Sealer
+    disk: int,
+    sequence: int,
+    generation: int,
+    pieces: list[tuple[int, bytes | memoryview]],
+    sealer: Sealer,
+    ftype: int = UNDO_TYPE,
 ) -> bytes:
     """One UNDO record holding the old contents `pieces` ((offset, data) in the order of the batch)."""
     runs = seal_pieces(sealer, generation, sequence, [(off, memoryview(data)) for off, data in pieces])
@@ -71,7 +87,7 @@ def encode_undo(
     blobs = [sealed for _, _, _, sealed in runs]
     head = _HEAD.pack(generation, len(table)) + b"".join(_ENTRY.pack(*e) for e in table)
     seal = sealer.seal_batch(generation, sequence, head)
-    return encode_frame(UNDO_TYPE, disk, sequence, b"".join([head, seal, *blobs]))
+    return encode_frame(ftype, disk, sequence, b"".join([head, seal, *blobs]))
 
 
 def decode_undo(disk: int, sequence: int, payload: bytes | memoryview, opener: Opener) -> UndoRecord:
@@ -128,6 +144,7 @@ class Scan:
     good_end: int  # offset after the last intact record
     torn: bool  # what follows good_end is a torn last write (cut it off)
     problem: str | None  # anything after good_end that is not a torn tail: damage (refuse to go on)
+    offsets: list[int]  # where each of `records` starts in the buffer
 
 
 def scan(buf: bytes | memoryview) -> Scan:
@@ -135,8 +152,9 @@ def scan(buf: bytes | memoryview) -> Scan:
     header whose record would reach past the end of the file. Anything else is corruption."""
     records, good_end, problem = scan_records(buf)
     out = [(r.header.type, r.header.stream, r.header.sequence, r.payload) for r in records]
+    offsets = [r.offset for r in records]
     if problem is None:
-        return Scan(out, good_end, False, None)
+        return Scan(out, good_end, False, None, offsets)
     rest = len(buf) - good_end
     torn = rest < HEADER_SIZE
     if not torn:
@@ -145,4 +163,4 @@ def scan(buf: bytes | memoryview) -> Scan:
             torn = good_end + HEADER_SIZE + h.length >= len(buf)
         except ProtocolError:
             torn = False
-    return Scan(out, good_end, torn, None if torn else problem)
+    return Scan(out, good_end, torn, None if torn else problem, offsets)

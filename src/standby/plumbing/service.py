@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from .errors import EXIT_INTERRUPTED, EXIT_NOT_STARTED, EXIT_OK, StandbyError
 
@@ -88,3 +89,11 @@ def run_daemon(name: str, main: Callable[[asyncio.Event], Awaitable[None]]) -> i
         log.error("%s: %s", name, exc)
         return exc.exit_code if started else EXIT_NOT_STARTED
     return EXIT_OK
+
+
+def host_id() -> str:
+    """This host's identity (systemd machine-id, else the host name): tells whether a peer shares it."""
+    try:
+        return Path("/etc/machine-id").read_text().strip() or socket.gethostname()
+    except OSError:
+        return socket.gethostname()

@@ -12,6 +12,7 @@ from standby.plumbing.link import Link, LinkClosed, RequestFailed
 from standby.proto.errors import RemoteProtocolError
 from standby.proto.messages import Reply, Request
 
+from .recovery import FAILED_OVER, RecoveryAdmin
 from .registry import DiskRow
 from .streams import DiskStream
 
@@ -27,6 +28,7 @@ class AdminSession:
     def __init__(self, ps: ProcessServer, link: Link) -> None:
         self.ps = ps
         self.link = link
+        self.recovery = RecoveryAdmin(ps)
 
     async def run(self) -> None:
         from .server import reply_to
@@ -38,6 +40,12 @@ class AdminSession:
             "pause": self.pause,
             "resume": self.resume,
             "resync": self.resync,
+            "points": self.recovery.points,
+            "failover": self.recovery.failover,
+            "commit": self.recovery.commit,
+            "test_failover": self.recovery.test_failover,
+            "test_failover_cleanup": self.recovery.test_failover_cleanup,
+            "app_point": self.recovery.app_point,
         }
         while True:
             msg = await self.link.recv()
@@ -146,6 +154,10 @@ class AdminSession:
         return {}
 
     async def resume(self, machine: str) -> dict[str, Any]:
+        from .server import Failure
+
+        if any(d.state in FAILED_OVER for d in self._machine_disks(machine)):
+            raise Failure("refused", f"{machine} is failed over: replication does not resume (reprotect is not built)")
         for d in self._machine_disks(machine):
             self.ps.registry.update_disk(d.id, paused=0)
             st = self.ps.open_stream(d)
@@ -228,7 +240,14 @@ class AdminSession:
         applying = "running"
         if st and st.pause:
             applying = "paused" if st.paused_at and st.applied_seq >= st.paused_at else "pausing"
+        hist = st.mt_report if st else {}
+        if hist.get("alert"):
+            alerts.append(str(hist["alert"]))
         return {
+            "history_points": hist.get("points"),
+            "history_oldest": hist.get("oldest_point"),
+            "journal_bytes": hist.get("journal_bytes"),
+            "failover": hist.get("failed_over"),
             "rpo_seconds": rpo,
             "last_point_time": d.last_point_at,
             "last_point_seq": d.last_point_seq,

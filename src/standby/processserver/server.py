@@ -20,6 +20,7 @@ from typing import Any
 from standby.plumbing import identity as ident
 from standby.plumbing.errors import NotStarted, StandbyError
 from standby.plumbing.link import Link, LinkClosed, RequestFailed
+from standby.plumbing.service import host_id
 from standby.plumbing.tls import server_context
 from standby.proto.connection import Connection, Role, choose_version
 from standby.proto.errors import RemoteProtocolError
@@ -38,6 +39,7 @@ from standby.proto.messages import (
 from .cache import DiskCache, record_info
 from .deployment import PSConfig
 from .enroll import Enrollment
+from .recovery import FAILED_OVER
 from .registry import DiskRow, Registry
 from .streams import DiskStream
 
@@ -103,6 +105,9 @@ class ProcessServer:
             or any(v.kind in ("initial-complete", "resync-complete") for v in st.records.values())
         )
         st.pause = bool(row.paused)
+        st.failed_over = row.state in FAILED_OVER
+        if st.failed_over:
+            st.paused_at = max(st.applied_seq, 1)
         cache.release(st.applied_seq)
         if st.received_seq != row.received_seq or st.cursor != row.cursor:
             self.registry.update_disk(row.id, received_seq=st.received_seq, cursor=st.cursor)
@@ -294,7 +299,8 @@ class AgentSession:
             while True:
                 msg = await self.link.recv()
                 if isinstance(msg, Reply):
-                    continue  # the answer to a wake
+                    self.link.deliver(msg)  # the answer to a wake (ignored) or to a request (app_point)
+                    continue
                 if isinstance(msg, Request):
                     handler = {
                         "disk_open": self.disk_open,
@@ -394,6 +400,8 @@ class AgentSession:
         st = self.ps.open_stream(row)
         if mode not in ("checksum", "full"):
             raise Failure("bad-input", f"unknown resync mode {mode!r}")
+        if row.state in FAILED_OVER:
+            raise Failure("refused", f"disk {row.name} is failed over: no resync")
         # A resync that broke off after some of its records were stored left its generation here: a
         # retry starts the next one.
         generation = max(generation, st.generation + 1)
@@ -460,6 +468,11 @@ class AgentSession:
                     records.append(q.get_nowait())
                 # The frames as received (already verified): stored byte for byte, not encoded again.
                 group = [m for m, _ in records]
+                if st.failed_over:
+                    # After a failover nothing more is replicated: the agent keeps its changes in its dirty map.
+                    for m in group:
+                        await self.link.send(Busy(m.disk, m.sequence, 10.0, "the machine is failed over"))
+                    continue
                 # Promise 8: records that would take the cache over its quota are neither stored nor acked
                 # (BUSY); the agent backs off and sends them again. The leading records that fit are stored.
                 room = ps.cfg.cache_quota - ps.cache_bytes
@@ -564,7 +577,7 @@ class MTSession:
                 if isinstance(msg, Reply):
                     self.link.deliver(msg)
                 elif isinstance(msg, Request):
-                    handler = {"subscribe": self.subscribe, "pull": self.pull}.get(msg.op)
+                    handler = {"subscribe": self.subscribe, "pull": self.pull, "mt_report": self.mt_report}.get(msg.op)
                     if handler is None:
                         await self.link.send(Reply(msg.id, False, {}, "bad-input", f"unknown request {msg.op!r}"))
                     else:
@@ -608,10 +621,26 @@ class MTSession:
                     "seed": bool(row.seed),
                 }
             )
-        return {"disks": disks}
+        # The master target refuses a retention volume that is this cache (same host, overlapping paths).
+        return {"disks": disks, "cache_dir": str(self.ps.cfg.cache_dir.absolute()), "host": host_id()}
+
+    async def mt_report(self, disks: dict[str, Any]) -> dict[str, Any]:
+        """The master target's periodic word on each disk's history, for status."""
+        for disk, rep in disks.items():
+            row = self.ps.registry.disk(int(disk))
+            if row is not None and row.mt == self.name and isinstance(rep, dict):
+                self.ps.open_stream(row).mt_report = rep
+        return {}
+
+    def stop_sender(self, disk: int) -> None:
+        t = self.senders.pop(disk, None)
+        if t is not None:
+            t.cancel()
 
     async def pull(self, disk: int, applied_seq: int) -> dict[str, Any]:
         row = self.assigned(disk)
+        if row.state in FAILED_OVER:
+            raise Failure("refused", f"disk {row.machine}/{row.name} is failed over: nothing is applied")
         st = self.ps.open_stream(row)
         skip = 0
         if applied_seq < st.applied_seq:

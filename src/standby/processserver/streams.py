@@ -64,6 +64,8 @@ class DiskStream:
         self.paused_at = 0
         self.resumed = asyncio.Event()
         self.rpo_alert = False
+        self.mt_report: dict[str, object] = {}  # the master target's word on this disk's history (points, bytes)
+        self.failed_over = False  # replication stopped by a failover: the agent's records are refused (BUSY)
 
     def points_since(self, t: float) -> int:
         return sum(1 for x in self.point_times if x >= t)

@@ -55,6 +55,8 @@ class Domain:
 
 WIRE = Domain(_DOMAIN_EXTENT, _DOMAIN_BATCH)
 UNDO = Domain(b"standby/undo/v1", b"standby/undo-table/v1")
+# The contents a failover rollback overwrote (to go forward again before commit): never an undo record.
+REDO = Domain(b"standby/redo/v1", b"standby/redo-table/v1")
 _AD = struct.Struct(">16sIQQI")  # disk uid, generation, sequence, offset, length
 
 

@@ -1,0 +1,388 @@
+"""A disk's retention journal on the retention volume: the files, the write order, rollback (promise 5).
+
+Layout: ``<retention dir>/<disk uid>/seg-<first sequence>.jrn``, segment files of journal records
+(mastertarget.journal). Each applied *group* of records (batches up to and including a commit) leaves:
+
+    UNDO   (sequence = the group's first)  old contents of every range the group overwrites — appended and
+           fsynced *before* the replica is written;
+    COMMIT (sequence = the group's last)   {generation, kind, first, time, consistency, tag} — appended and
+           fsynced *after* the replica is synced.
+
+A group without batches (an idle epoch's point) has only its COMMIT. So at any instant the journal ends
+either with a COMMIT (the replica holds exactly the committed groups) or with an UNDO without its COMMIT
+(the replica may hold part of that group): `open()` hands that UNDO back and `rollback_pending` writes
+it over the replica, syncs, and cuts it off. Applying an undo record is idempotent (absolute writes of
+old contents), so a crash during rollback just rolls back again.
+
+The replica always holds the newest state; the state after group g is reached by applying the UNDO
+records of every group after g, newest first. Groups end at commits, so every recovery point is a group
+boundary. Segments rotate at group boundaries; pruning deletes whole segments that only older points
+needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from standby.plumbing.durable import fsync_dir
+from standby.proto.frames import HEADER_SIZE
+
+from .journal import (
+    COMMIT_TYPE,
+    UNDO_TYPE,
+    JournalError,
+    UndoRecord,
+    decode_commit,
+    decode_undo,
+    encode_commit,
+    encode_undo,
+    scan,
+    undo_opener,
+    undo_sealer,
+)
+from .retention import APP, CRASH
+from .retention import Point as RPoint
+
+log = logging.getLogger("standby.mt.history")
+SEGMENT_MAX = 64 << 20  # a new segment file after this many bytes (at a group boundary)
+PIECE_MAX = 8 << 20  # old contents are read and sealed in pieces of at most this many bytes
+
+
+@dataclass(slots=True)
+class Group:
+    """One applied group of records as the journal knows it."""
+
+    first: int
+    last: int
+    meta: dict[str, Any]
+    segment: Path
+    undo_at: int = -1  # offset of the UNDO record in `segment` (-1: the group wrote nothing)
+    undo_bytes: int = 0  # size of that record
+
+    @property
+    def is_point(self) -> bool:
+        return self.meta.get("kind") == "point"
+
+    @property
+    def time(self) -> float:
+        return float(self.meta.get("time", 0.0))
+
+    @property
+    def consistency(self) -> str:
+        return str(self.meta.get("consistency", ""))
+
+
+@dataclass(slots=True)
+class Pending:
+    """An UNDO whose COMMIT never came: the replica may hold part of its group."""
+
+    segment: Path
+    offset: int
+    record: UndoRecord
+
+
+@dataclass
+class _Segment:
+    path: Path
+    first: int
+    size: int
+    groups: list[Group] = field(default_factory=list)
+
+
+def merge_ranges(ranges: list[tuple[int, int]], piece: int = PIECE_MAX) -> list[tuple[int, int]]:
+    """The union of (offset, length) ranges as sorted, non-overlapping (offset, length) pieces of at most
+    `piece` bytes: what a group overwrites, each byte once."""
+    out: list[tuple[int, int]] = []
+    cur_a = cur_b = -1
+    for a, n in sorted(ranges):
+        b = a + n
+        if a <= cur_b:
+            cur_b = max(cur_b, b)
+            continue
+        if cur_b > cur_a:
+            out.append((cur_a, cur_b - cur_a))
+        cur_a, cur_b = a, b
+    if cur_b > cur_a:
+        out.append((cur_a, cur_b - cur_a))
+    return [(a + i, min(piece, n - i)) for a, n in out for i in range(0, n, piece)]
+
+
+class DiskJournal:
+    """The retention journal of one replica. Not thread-safe: the disk's worker serialises use."""
+
+    def __init__(self, directory: Path, disk: int, key: bytes, uid: bytes) -> None:
+        self.dir = Path(directory)
+        self.disk = disk
+        self.key = key
+        self.uid = uid
+        self.sealer = undo_sealer(key, uid)
+        self.opener = undo_opener(key, uid)
+        self.segments: list[_Segment] = []
+        self._fd = -1  # the last segment, open for appending
+
+    # -- start-up -----------------------------------------------------------------------------------
+    def open(self) -> Pending | None:
+        """Read every segment. Returns the uncommitted UNDO at the end, if any (the caller rolls it back
+        with `rollback_pending`). A torn last record is cut off; damage anywhere else is refused."""
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        paths = sorted(self.dir.glob("seg-*.jrn"))
+        pending: Pending | None = None
+        for i, path in enumerate(paths):
+            last_segment = i == len(paths) - 1
+            data = path.read_bytes()
+            s = scan(data)
+            if s.problem is not None:
+                raise JournalError(f"retention journal {path} is damaged: {s.problem}")
+            if s.torn:
+                if not last_segment:
+                    raise JournalError(f"retention journal {path}: torn record before the last segment")
+                log.warning("disk %d: cutting a torn record off the end of %s", self.disk, path)
+                os.truncate(path, s.good_end)
+            seg = _Segment(path, int(path.stem[4:]), s.good_end)
+            undo: tuple[int, int, int] | None = None  # (first, offset, size) of an UNDO awaiting its COMMIT
+            for n, (ftype, disk, seq, payload) in enumerate(s.records):
+                at = s.offsets[n]
+                size = (s.offsets[n + 1] if n + 1 < len(s.offsets) else s.good_end) - at
+                if disk != self.disk:
+                    raise JournalError(f"retention journal {path}: record of disk {disk} in disk {self.disk}'s")
+                if ftype == UNDO_TYPE:
+                    if undo is not None:
+                        raise JournalError(f"retention journal {path}: two undo records without a commit")
+                    undo = (seq, at, size)
+                elif ftype == COMMIT_TYPE:
+                    c = decode_commit(disk, seq, payload)
+                    first = int(c.meta.get("first", seq))
+                    g = Group(first, seq, c.meta, path)
+                    if undo is not None:
+                        if undo[0] != first:
+                            raise JournalError(f"retention journal {path}: commit {seq} does not match undo {undo[0]}")
+                        g.undo_at, g.undo_bytes = undo[1], undo[2]
+                        undo = None
+                    seg.groups.append(g)
+                else:
+                    raise JournalError(f"retention journal {path}: unexpected record type {ftype:#x}")
+            if undo is not None:
+                if not last_segment:
+                    raise JournalError(f"retention journal {path}: uncommitted undo record before the last segment")
+                body = memoryview(data)[undo[1] + HEADER_SIZE : undo[1] + undo[2]]
+                rec = decode_undo(self.disk, undo[0], body, self.opener)
+                pending = Pending(path, undo[1], rec)
+            if not seg.groups and pending is None and not last_segment:
+                path.unlink()  # created just before a crash, never written: nothing needs it
+                continue
+            self.segments.append(seg)
+        return pending
+
+    def rollback_pending(self, pending: Pending, write: Callable[[int, bytes | None, int], None],
+                         sync: Callable[[], None]) -> None:
+        """Put the old contents of an uncommitted group back, sync, then forget the UNDO."""
+        apply_undo(pending.record, write)
+        sync()
+        os.truncate(pending.segment, pending.offset)
+        fd = os.open(pending.segment, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.segments[-1].size = pending.offset
+        log.warning("disk %d: rolled back the uncommitted group from sequence %d", self.disk, pending.record.sequence)
+
+    # -- appending ----------------------------------------------------------------------------------
+    @property
+    def groups(self) -> Iterator[Group]:
+        for s in self.segments:
+            yield from s.groups
+
+    @property
+    def last_seq(self) -> int:
+        for s in reversed(self.segments):
+            if s.groups:
+                return s.groups[-1].last
+        return 0
+
+    @property
+    def empty(self) -> bool:
+        return not any(s.groups for s in self.segments)
+
+    @property
+    def bytes(self) -> int:
+        return sum(s.size for s in self.segments)
+
+    def _append(self, data: bytes, first: int) -> int:
+        """Append one record to the last segment (a new one first if it is full) and fsync it; returns
+        the record's offset."""
+        if not self.segments or (self.segments[-1].size >= SEGMENT_MAX and self._open_undo is None):
+            self._new_segment(first)
+        seg = self.segments[-1]
+        if self._fd < 0:
+            self._fd = os.open(seg.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        at = seg.size
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        os.fsync(self._fd)
+        seg.size += len(data)
+        return at
+
+    _open_undo: tuple[int, int, int] | None = None  # (first, offset, size) of the UNDO being applied
+
+    def _new_segment(self, first: int) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        path = self.dir / f"seg-{first:020d}.jrn"
+        self.segments.append(_Segment(path, first, 0))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        os.close(fd)
+        fsync_dir(self.dir)
+
+    def write_undo(self, first: int, generation: int, pieces: list[tuple[int, bytes]]) -> None:
+        """Record the old contents of a group (sequences from `first`) before it is written: synced."""
+        rec = encode_undo(self.disk, first, generation, pieces, self.sealer)
+        at = self._append(rec, first)
+        self._open_undo = (first, at, len(rec))
+
+    def write_commit(self, first: int, last: int, meta: dict[str, Any]) -> Group:
+        """Record that the group first..last is in the replica (after its sync): synced."""
+        meta = {**meta, "first": first}
+        at_rec = encode_commit(self.disk, last, meta)
+        undo = self._open_undo
+        if undo is not None and undo[0] != first:
+            raise JournalError(f"commit for {first}..{last} while the undo of {undo[0]} is open")
+        self._append(at_rec, first)
+        seg = self.segments[-1]
+        g = Group(first, last, meta, seg.path)
+        if undo is not None:
+            g.undo_at, g.undo_bytes = undo[1], undo[2]
+            # The UNDO may sit in the previous segment only if a rotation happened in between: never
+            # (rotation waits for a group boundary).
+        self._open_undo = None
+        seg.groups.append(g)
+        return g
+
+    def abort(self, write: Callable[[int, bytes | None, int], None], sync: Callable[[], None]) -> None:
+        """The group whose UNDO is open failed half-way (an I/O error writing the replica): put the old
+        contents back now, so the journal and the replica agree again before anything else happens."""
+        if self._open_undo is None:
+            return
+        first, at, size = self._open_undo
+        seg = self.segments[-1]
+        with open(seg.path, "rb") as f:
+            f.seek(at + HEADER_SIZE)
+            body = f.read(size - HEADER_SIZE)
+        self.close()
+        self.rollback_pending(Pending(seg.path, at, decode_undo(self.disk, first, body, self.opener)), write, sync)
+        self._open_undo = None
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    # -- reading ------------------------------------------------------------------------------------
+    def read_undo(self, g: Group) -> UndoRecord | None:
+        if g.undo_at < 0:
+            return None
+        with open(g.segment, "rb") as f:
+            f.seek(g.undo_at)
+            data = f.read(g.undo_bytes)
+        s = scan(data)
+        if s.problem or s.torn or len(s.records) != 1 or s.records[0][0] != UNDO_TYPE:
+            raise JournalError(f"retention journal {g.segment}: undo record of {g.first} at {g.undo_at} is damaged")
+        _, disk, seq, payload = s.records[0]
+        return decode_undo(disk, seq, payload, self.opener)
+
+    def groups_after(self, seq: int) -> list[Group]:
+        return [g for g in self.groups if g.last > seq]
+
+    def points(self) -> list[Group]:
+        return [g for g in self.groups if g.is_point]
+
+    def retention_points(self) -> list[RPoint]:
+        """The points as retention planning sees them: each with the undo bytes up to the next point."""
+        out: list[RPoint] = []
+        pending = 0
+        for g in reversed(list(self.groups)):
+            pending += g.undo_bytes
+            if g.is_point:
+                kind = APP if g.consistency == APP else CRASH
+                out.append(RPoint(g.last, g.time, kind, pending))
+                pending = 0
+        out.reverse()
+        return out
+
+    def history_bytes(self) -> dict[int, int]:
+        """For each point, the undo bytes between it and the replica's newest state (what going back costs)."""
+        out: dict[int, int] = {}
+        total = 0
+        for g in reversed(list(self.groups)):
+            if g.is_point:
+                out[g.last] = total
+            total += g.undo_bytes
+        return out
+
+    def find_point(self, seq: int) -> Group | None:
+        return next((g for g in self.groups if g.last == seq and g.is_point), None)
+
+    # -- pruning and cutting ------------------------------------------------------------------------
+    def drop_before(self, seq: int) -> int:
+        """Delete the segments whose groups all end before `seq` (the oldest point kept): what only older
+        points needed. Never the last segment. Returns the bytes freed."""
+        freed = 0
+        while len(self.segments) > 1 and self.segments[0].groups and self.segments[0].groups[-1].last < seq:
+            seg = self.segments.pop(0)
+            freed += seg.size
+            seg.path.unlink(missing_ok=True)
+        if freed:
+            fsync_dir(self.dir)
+        return freed
+
+    def truncate_after(self, seq: int) -> None:
+        """Forget every group after `seq` (a committed failover discards newer history)."""
+        self.close()
+        self._open_undo = None
+        while self.segments:
+            seg = self.segments[-1]
+            later = [g for g in seg.groups if g.last > seq]
+            if not later:
+                break
+            cut = min((g.undo_at for g in later if g.undo_at >= 0), default=None)
+            keep = [g for g in seg.groups if g.last <= seq]
+            if not keep and len(self.segments) > 1:
+                self.segments.pop()
+                seg.path.unlink(missing_ok=True)
+                continue
+            # The first later group's UNDO (or, without one, its COMMIT) is where the segment now ends.
+            end = cut if cut is not None else self._commit_offset(seg, later[0])
+            os.truncate(seg.path, end)
+            seg.size, seg.groups = end, keep
+            break
+        fsync_dir(self.dir)
+
+    def _commit_offset(self, seg: _Segment, g: Group) -> int:
+        data = seg.path.read_bytes()
+        s = scan(data)
+        for n, (ftype, _, seq, _) in enumerate(s.records):
+            if ftype == COMMIT_TYPE and seq == g.last:
+                return s.offsets[n]
+        raise JournalError(f"retention journal {seg.path}: commit {g.last} not found")
+
+
+def apply_undo(rec: UndoRecord, write: Callable[[int, bytes | None, int], None]) -> int:
+    """Write an undo record's old contents through `write(offset, data or None for zeros, length)`.
+    Returns the bytes written."""
+    n = 0
+    for (offset, data), length in zip(rec.extents, rec.lengths, strict=True):
+        write(offset, data, length)
+        n += length
+    return n
+
+
+def old_contents(read: Callable[[int, int], bytes], ranges: list[tuple[int, int]]) -> list[tuple[int, bytes]]:
+    """Read what a group is about to overwrite, each byte once."""
+    return [(a, read(a, n)) for a, n in merge_ranges(ranges)]

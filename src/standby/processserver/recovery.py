@@ -1,0 +1,241 @@
+"""Recovery requests of the configuration service: list points, fail over, commit, test failover and its
+cleanup, app-consistent points on demand. The process server picks the point of each disk (it sees
+the whole machine) and relays the work to the master target and the agent.
+
+Choosing points (`choose`, pure): `latest` and `latest-processed` take each disk's newest point (for
+`latest` after the cache was drained into the replicas), `latest-app` the newest app-consistent one,
+`at` the newest at or before a time, and a point id (`SEQ`, or `DISK:SEQ` on a machine with several
+disks) that point — the other disks of the machine then take their newest point at or before its time.
+Points are per disk: disks of one machine are each crash-consistent, not consistent as a group
+(consistency groups come later).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from standby.plumbing.link import LinkClosed, RequestFailed
+
+from .registry import DiskRow
+
+if TYPE_CHECKING:
+    from .server import MTSession, ProcessServer
+
+log = logging.getLogger("standby.ps.recovery")
+FAILED_OVER = ("failed-over", "failover-committed")
+SELECTORS = ("latest", "latest-processed", "latest-app")
+DRAIN_TIMEOUT = 900.0
+LONG = 6 * 3600.0  # a rollback or a copy of a large disk may take long: the master target reports its end
+
+
+class ChoiceError(Exception):
+    pass
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def choose(points: dict[str, list[dict[str, Any]]], point: str | None, at: float | None) -> dict[str, dict[str, Any]]:
+    """The point each disk goes to. `points`: disk name -> listed points (oldest first)."""
+    if (point is None) == (at is None):
+        raise ChoiceError("give exactly one of --point and --at")
+    for disk, pts in points.items():
+        if not pts:
+            raise ChoiceError(f"disk {disk} has no recovery point yet")
+    if at is not None:
+        return {d: _at(d, pts, at) for d, pts in points.items()}
+    assert point is not None
+    if point in ("latest", "latest-processed"):
+        return {d: pts[-1] for d, pts in points.items()}
+    if point == "latest-app":
+        out = {}
+        for d, pts in points.items():
+            app = [p for p in pts if p["consistency"] == "app-consistent"]
+            if not app:
+                raise ChoiceError(f"disk {d} has no app-consistent point in its retention window "
+                                  "(make one with: standby app-point MACHINE)")
+            out[d] = app[-1]
+        return out
+    disk, sep, seq_text = point.rpartition(":")
+    if not sep:
+        if len(points) != 1:
+            raise ChoiceError(f"point ids of a machine with several disks are DISK:SEQ (disks: {', '.join(points)})")
+        disk = next(iter(points))
+    if disk not in points:
+        raise ChoiceError(f"no disk {disk!r} (disks: {', '.join(points)})")
+    if not seq_text.isdigit():
+        raise ChoiceError(
+            f"not a point: {point!r} (latest, latest-processed, latest-app, or an id from standby points)"
+        )
+    chosen = next((p for p in points[disk] if p["sequence"] == int(seq_text)), None)
+    if chosen is None:
+        raise ChoiceError(f"disk {disk} has no recovery point {seq_text} (see: standby points)")
+    out = {d: _at(d, pts, chosen["time"]) for d, pts in points.items() if d != disk}
+    out[disk] = chosen
+    return out
+
+
+def _at(disk: str, pts: list[dict[str, Any]], at: float) -> dict[str, Any]:
+    before = [p for p in pts if p["time"] <= at]
+    if not before:
+        raise ChoiceError(f"disk {disk} has no recovery point at or before {_when(at)}; its oldest is "
+                          f"{_when(pts[0]['time'])}")
+    return before[-1]
+
+
+class RecoveryAdmin:
+    """The recovery half of the admin session (see admin.AdminSession)."""
+
+    def __init__(self, ps: ProcessServer) -> None:
+        self.ps = ps
+
+    def _disks(self, machine: str) -> tuple[list[DiskRow], MTSession]:
+        from .server import Failure
+
+        disks = [d for d in self.ps.registry.disks(machine=machine) if d.mt is not None]
+        if not disks:
+            m = self.ps.registry.machine(machine)
+            if m is None or m["role"] != "agent":
+                raise Failure("unknown-machine", f"unknown machine {machine!r}")
+            raise Failure("bad-input", f"machine {machine!r} has no protected disk")
+        mts = {d.mt for d in disks}
+        if len(mts) != 1:
+            raise Failure("bad-input", f"machine {machine!r} has disks on several master targets: {sorted(mts)}")
+        mt = disks[0].mt or ""
+        session = self.ps.mt_sessions.get(mt)
+        if session is None:
+            raise Failure("unreachable", f"master target {mt!r} is not connected: start it and retry")
+        return disks, session
+
+    async def _mt(self, session: MTSession, op: str, timeout: float = 60.0, **args: Any) -> dict[str, Any]:
+        from .server import Failure
+
+        try:
+            return await session.link.request(op, timeout=timeout, **args)
+        except RequestFailed as exc:
+            raise Failure(exc.code, str(exc)) from None
+        except (TimeoutError, LinkClosed) as exc:
+            raise Failure("unreachable", f"master target {session.name!r} did not answer: {exc or 'timeout'}") from None
+
+    async def _points(self, disks: list[DiskRow], session: MTSession) -> dict[str, dict[str, Any]]:
+        return {d.name: await self._mt(session, "points", disk=d.id) for d in disks}
+
+    async def points(self, machine: str) -> dict[str, Any]:
+        disks, session = self._disks(machine)
+        listed = await self._points(disks, session)
+        return {"machine": machine, "disks": [{"disk": name, **res} for name, res in listed.items()]}
+
+    async def _drain(self, disks: list[DiskRow], hold: bool) -> None:
+        """Wait until everything the process server held at the start of the request is applied. With
+        `hold`, nothing newer is forwarded (the failover stops there)."""
+        from .server import Failure
+
+        fences = {}
+        for d in disks:
+            st = self.ps.open_stream(d)
+            fences[d.id] = st.received_seq
+            if hold:
+                st.pause, st.paused_at = True, max(st.received_seq, st.applied_seq)
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        while any(self.ps.open_stream(d).applied_seq < fences[d.id] for d in disks):
+            if time.monotonic() > deadline:
+                raise Failure(
+                    "failed", f"the master target did not apply the cached records within {DRAIN_TIMEOUT:.0f} s"
+                )
+            await asyncio.sleep(0.1)
+
+    def _choose(self, listed: dict[str, dict[str, Any]], point: str | None, at: float | None) -> dict[str, dict]:
+        from .server import Failure
+
+        try:
+            return choose({d: r["points"] for d, r in listed.items()}, point, at)
+        except ChoiceError as exc:
+            raise Failure("bad-input", str(exc)) from None
+
+    async def failover(self, machine: str, point: str | None = None, at: float | None = None) -> dict[str, Any]:
+        from .server import Failure
+
+        disks, session = self._disks(machine)
+        if (point is None) == (at is None):
+            raise Failure("bad-input", "give exactly one of --point and --at")
+        if point == "latest" and any(d.state in FAILED_OVER for d in disks):
+            raise Failure("bad-input", f"{machine} is already failed over: 'latest' would drain nothing; use "
+                                       "latest-processed or a point")
+        if any(d.state == "failover-committed" for d in disks):
+            raise Failure("refused", f"{machine}: the failover was committed")
+        if point == "latest":
+            await self._drain(disks, hold=True)
+        for d in disks:  # stop forwarding now: the master target stops applying at once
+            st = self.ps.open_stream(d)
+            if not st.pause or not st.paused_at:
+                st.pause, st.paused_at = True, max(st.applied_seq, 1)
+            session.stop_sender(d.id)
+        chosen = self._choose(await self._points(disks, session), point, at)
+        out = []
+        for d in disks:
+            res = await self._mt(session, "failover", timeout=LONG, disk=d.id, sequence=chosen[d.name]["sequence"])
+            self.ps.registry.update_disk(d.id, state="failed-over", paused=1)
+            self.ps.open_stream(d).failed_over = True
+            out.append({"disk": d.name, **res, "consistency": chosen[d.name]["consistency"],
+                        "tag": chosen[d.name]["tag"]})
+            log.info("%s/%s failed over to point %d", machine, d.name, res["sequence"])
+        return {"machine": machine, "disks": out}
+
+    async def commit(self, machine: str) -> dict[str, Any]:
+        from .server import Failure
+
+        disks, session = self._disks(machine)
+        if not all(d.state in FAILED_OVER for d in disks):
+            raise Failure("refused", f"{machine} is not failed over: run standby failover first")
+        out = []
+        for d in disks:
+            res = await self._mt(session, "failover_commit", timeout=LONG, disk=d.id)
+            self.ps.registry.update_disk(d.id, state="failover-committed")
+            out.append({"disk": d.name, **res})
+        log.info("%s: failover committed", machine)
+        return {"machine": machine, "disks": out}
+
+    async def test_failover(
+        self, machine: str, point: str | None = None, at: float | None = None, directory: str | None = None
+    ) -> dict[str, Any]:
+        from .server import Failure
+
+        disks, session = self._disks(machine)
+        if (point is None) == (at is None):
+            raise Failure("bad-input", "give exactly one of --point and --at")
+        if point == "latest":
+            await self._drain(disks, hold=False)
+        chosen = self._choose(await self._points(disks, session), point, at)
+        out = []
+        for d in disks:
+            res = await self._mt(session, "test_failover", timeout=LONG, disk=d.id,
+                                 sequence=chosen[d.name]["sequence"], directory=directory)
+            out.append({"disk": d.name, **res, "consistency": chosen[d.name]["consistency"],
+                        "tag": chosen[d.name]["tag"]})
+        return {"machine": machine, "disks": out}
+
+    async def test_failover_cleanup(self, machine: str) -> dict[str, Any]:
+        disks, session = self._disks(machine)
+        out = [{"disk": d.name, **await self._mt(session, "test_failover_cleanup", disk=d.id)} for d in disks]
+        return {"machine": machine, "disks": out}
+
+    async def app_point(self, machine: str, tag: str = "") -> dict[str, Any]:
+        from .server import Failure
+
+        disks, _ = self._disks(machine)
+        if any(d.state in FAILED_OVER for d in disks):
+            raise Failure("refused", f"{machine} is failed over: no new points")
+        agent = self.ps.agent_sessions.get(machine)
+        if agent is None:
+            raise Failure("unreachable", f"the agent of {machine!r} is not connected")
+        try:
+            res = await agent.link.request("app_point", timeout=300.0, tag=tag)
+        except RequestFailed as exc:
+            raise Failure(exc.code, f"{machine}: {exc}") from None
+        except (TimeoutError, LinkClosed) as exc:
+            raise Failure("unreachable", f"the agent of {machine!r} did not answer: {exc or 'timeout'}") from None
+        return {"machine": machine, **res}
