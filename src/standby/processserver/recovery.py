@@ -127,7 +127,8 @@ class RecoveryAdmin:
     async def points(self, machine: str) -> dict[str, Any]:
         disks, session = self._disks(machine)
         listed = await self._points(disks, session)
-        return {"machine": machine, "disks": [{"disk": name, **res} for name, res in listed.items()]}
+        out = [{**res, "disk": name, "disk_id": res["disk"]} for name, res in listed.items()]
+        return {"machine": machine, "disks": out}
 
     async def _drain(self, disks: list[DiskRow], hold: bool) -> None:
         """Wait until everything the process server held at the start of the request is applied. With
@@ -180,7 +181,7 @@ class RecoveryAdmin:
             res = await self._mt(session, "failover", timeout=LONG, disk=d.id, sequence=chosen[d.name]["sequence"])
             self.ps.registry.update_disk(d.id, state="failed-over", paused=1)
             self.ps.open_stream(d).failed_over = True
-            out.append({"disk": d.name, **res, "consistency": chosen[d.name]["consistency"],
+            out.append({**res, "disk": d.name, "disk_id": d.id, "consistency": chosen[d.name]["consistency"],
                         "tag": chosen[d.name]["tag"]})
             log.info("%s/%s failed over to point %d", machine, d.name, res["sequence"])
         return {"machine": machine, "disks": out}
@@ -195,7 +196,7 @@ class RecoveryAdmin:
         for d in disks:
             res = await self._mt(session, "failover_commit", timeout=LONG, disk=d.id)
             self.ps.registry.update_disk(d.id, state="failover-committed")
-            out.append({"disk": d.name, **res})
+            out.append({**res, "disk": d.name, "disk_id": d.id})
         log.info("%s: failover committed", machine)
         return {"machine": machine, "disks": out}
 
@@ -214,13 +215,13 @@ class RecoveryAdmin:
         for d in disks:
             res = await self._mt(session, "test_failover", timeout=LONG, disk=d.id,
                                  sequence=chosen[d.name]["sequence"], directory=directory)
-            out.append({"disk": d.name, **res, "consistency": chosen[d.name]["consistency"],
+            out.append({**res, "disk": d.name, "disk_id": d.id, "consistency": chosen[d.name]["consistency"],
                         "tag": chosen[d.name]["tag"]})
         return {"machine": machine, "disks": out}
 
     async def test_failover_cleanup(self, machine: str) -> dict[str, Any]:
         disks, session = self._disks(machine)
-        out = [{"disk": d.name, **await self._mt(session, "test_failover_cleanup", disk=d.id)} for d in disks]
+        out = [{**await self._mt(session, "test_failover_cleanup", disk=d.id), "disk": d.name} for d in disks]
         return {"machine": machine, "disks": out}
 
     async def app_point(self, machine: str, tag: str = "") -> dict[str, Any]:
