@@ -1,19 +1,26 @@
 """The proof behind a crash-consistent point (agent.delta.Tracking), driven by a scripted tracker: which
-epochs may be points, which may not. The end-to-end check against real writes is in
-tests/integration/test_delta.py (write-order records)."""
+epochs may be points, which may not; and app-consistent points through a Shipper on a fake link. The
+end-to-end check against real writes is in tests/integration/test_delta.py (write-order records)."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
-from standby.agent.config import DiskConfig
-from standby.agent.daemon import LocalDisk
-from standby.agent.delta import Tracking
+from standby.agent import appoint
+from standby.agent.appoint import AppPointBusy, AppPointFailed, AppPoints
+from standby.agent.config import AgentConfig, DiskConfig
+from standby.agent.daemon import Agent, LocalDisk
+from standby.agent.delta import AppCut, DeltaStats, Shipper, Tracking
+from standby.agent.reader import disk_size
 from standby.agent.tracker.base import TrackingLost
+from standby.proto.messages import Ack, Commit, Reply, Request
 
 MiB = 1024 * 1024
 
@@ -207,3 +214,250 @@ def test_idle_epoch_is_a_point_unless_late(late):
         t.now = 2005
         tr.drain()
     assert bool(tr.conflict([(2000, closed.extents())])) == late
+
+
+# -- app-consistent points: a Shipper on a fake link, driven by the coordinator ---------------------------
+# The Shipper and agent.appoint run for real; the link acknowledges at once, the "device" is read by a fake
+# builder that lets time pass on the scripted tracker (and may write meanwhile). Freezing real file systems
+# is tested in test_freeze.py.
+class FakeLink:
+    def __init__(self, disk: LocalDisk) -> None:
+        self.disk = disk
+        self.sent: list[Any] = []
+
+    async def send(self, record: Any) -> None:
+        self.sent.append(record)
+        seq = getattr(record, "sequence", None)
+        fut = self.disk.acks.get(seq) if seq is not None else None
+        if fut is not None and not fut.done():
+            fut.set_result(Ack(self.disk.id, seq, 0))
+
+    def commits(self) -> list[Commit]:
+        return [r for r in self.sent if isinstance(r, Commit)]
+
+
+class FakeBuilder:
+    """Reading takes 100 tracker ticks; `during_read` runs in the middle of each read."""
+
+    def __init__(self, tracker: ScriptedTracker, during_read: Callable[[], None] | None = None) -> None:
+        self.tracker = tracker
+        self.during_read = during_read
+        self.reads: list[list[tuple[int, int]]] = []
+
+    def read_extents(self, extents: list[tuple[int, int]]) -> list[tuple[int, memoryview]]:
+        self.reads.append(extents)
+        self.tracker.now += 50
+        if self.during_read is not None:
+            self.during_read()
+        self.tracker.now += 50
+        return [(off, memoryview(bytes(n))) for off, n in extents]
+
+    def delta_batch(self, generation: int, sequence: int, kind: Any, pieces: list[Any]) -> Any:
+        return SimpleNamespace(disk=1, sequence=sequence, logical_bytes=sum(len(p) for _, p in pieces))
+
+
+class FakeAgent:
+    """What Shipper and AppPoints use of an Agent (a real one needs an enrolled identity)."""
+
+    make_commit = Agent.make_commit  # uses only the disk's key and ids
+
+    def __init__(self, cfg: AgentConfig, disks: list[LocalDisk]) -> None:
+        self.cfg = cfg
+        self.disks = disks
+        self.delta_stats = {d.cfg.name: DeltaStats() for d in disks}
+        self.resync_wanted: dict[str, tuple[str, str]] = {}
+        self.shippers: dict[str, Shipper] = {}
+        self.app_points = AppPoints(self)  # type: ignore[arg-type]
+
+
+def script(path: Path, body: str) -> Path:
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(0o755)
+    return path
+
+
+class Harness:
+    """One disk in delta replication: `disk_path` is an image file unless a test passes a device; the
+    tracker is scripted unless a test passes a real one."""
+
+    def __init__(self, tmp_path: Path, disk_path: Path | None = None, tracker: Any = None, **cfg: Any) -> None:
+        if disk_path is None:
+            disk_path = tmp_path / "disk.img"
+            with open(disk_path, "wb") as f:
+                f.truncate(64 * MiB)
+        self.cfg = AgentConfig(tmp_path, "m1", "127.0.0.1", 9443, cut_interval=3600.0, **cfg)
+        self.disk = LocalDisk(DiskConfig("d0", disk_path), uuid.uuid4(), bytes(32), id=1)
+        self.tracker = tracker or ScriptedTracker()
+        self.tracking = Tracking(self.disk, self.tracker, disk_size(disk_path))
+        self.agent = FakeAgent(self.cfg, [self.disk])
+        self.link = FakeLink(self.disk)
+        self.builder = FakeBuilder(self.tracker)
+        self.shipper = Shipper(self.agent, self.link, self.disk, self.tracking, self.builder)  # type: ignore[arg-type]
+
+    async def app_point(self, tag: str) -> dict[str, Any]:
+        task = asyncio.create_task(self.shipper.run(0, 1))
+        poll = asyncio.Event()
+        poller = asyncio.create_task(self.tracking.run(poll))  # as the agent does: the ring never fills
+        try:
+            for _ in range(100):
+                if self.agent.shippers:
+                    break
+                await asyncio.sleep(0.01)
+            return await self.agent.app_points.make(tag)
+        finally:
+            poll.set()
+            task.cancel()
+            await asyncio.gather(task, poller, return_exceptions=True)
+
+
+def test_an_app_cut_commits_an_app_consistent_point_with_tag_and_freeze_time(tmp_path):
+    log = tmp_path / "scripts.log"
+    pre = script(tmp_path / "pre", f'echo "$STANDBY_PHASE $STANDBY_TAG" >> {log}')
+    post = script(tmp_path / "post", f'echo "$STANDBY_PHASE $STANDBY_TAG" >> {log}')
+    h = Harness(tmp_path, pre_script=pre, post_script=post)
+    h.tracker.write(100, 200, 0, 4096)
+    res = asyncio.run(h.app_point("nightly"))
+    assert res["warnings"] == []
+    [entry] = res["disks"]
+    assert entry["disk"] == "d0" and entry["consistency"] == "app-consistent" and entry["reason"] == ""
+    assert isinstance(entry["freeze_seconds"], float) and entry["freeze_seconds"] >= 0
+    [commit] = h.link.commits()
+    assert commit.sequence == entry["sequence"]
+    meta = commit.meta
+    assert meta["kind"] == "point" and meta["consistency"] == "app-consistent" and meta["tag"] == "nightly"
+    assert meta["freeze_seconds"] == entry["freeze_seconds"] and meta["time"] == entry["time"]
+    assert h.builder.reads == [[(0, 4096)]]  # the block dirty before the cut is in the point's epoch
+    assert log.read_text().split("\n")[:2] == ["pre nightly", "post nightly"]
+    st = h.agent.delta_stats["d0"]
+    assert st.app_points == 1 and st.last_app_point == {
+        "time": meta["time"],
+        "freeze_seconds": meta["freeze_seconds"],
+        "tag": "nightly",
+    }
+
+
+def test_a_failing_pre_script_gives_a_tagged_crash_consistent_point_and_a_warning(tmp_path, monkeypatch):
+    frozen: list[object] = []
+    monkeypatch.setattr(appoint, "Freeze", lambda *a, **k: frozen.append(a))  # must never be called
+    log = tmp_path / "scripts.log"
+    pre = script(tmp_path / "pre", "echo database refused to quiesce; exit 3")
+    post = script(tmp_path / "post", f'echo "$STANDBY_PHASE" >> {log}')
+    h = Harness(tmp_path, pre_script=pre, post_script=post)
+    h.tracker.write(100, 200, 0, 4096)
+    res = asyncio.run(h.app_point("before-upgrade"))
+    [entry] = res["disks"]
+    assert entry["consistency"] == "crash-consistent" and entry["freeze_seconds"] is None
+    assert "pre-script" in entry["reason"]
+    [warning] = res["warnings"]
+    assert "exit status 3" in warning and "database refused to quiesce" in warning
+    [commit] = h.link.commits()
+    assert commit.meta["consistency"] == "crash-consistent" and commit.meta["tag"] == "before-upgrade"
+    assert "freeze_seconds" not in commit.meta
+    assert frozen == []  # nothing was frozen
+    assert log.read_text() == "post\n"  # the application is released even so
+    assert h.agent.delta_stats["d0"].app_points == 0
+
+
+def test_a_raw_write_after_the_cut_before_the_read_makes_no_point(tmp_path):
+    """A freeze stops the file system, not a raw writer of the device: the proof still decides."""
+    h = Harness(tmp_path, pre_script=script(tmp_path / "pre", "true"))
+    h.tracker.write(100, 200, 0, 4096)
+    # Submitted during our read of that block (after the cut), completed before the read ended.
+    h.builder.during_read = lambda: h.tracker.write(h.tracker.now, h.tracker.now + 10, 0, 4096)
+    res = asyncio.run(h.app_point("t"))
+    [entry] = res["disks"]
+    assert entry["sequence"] is None and entry["consistency"] is None
+    assert "written after the cut" in entry["reason"]
+    assert h.link.commits() == []
+    assert (0, 4096) in h.tracking.map.extents()  # shipped again in the next epoch
+
+
+def test_a_disk_with_nothing_to_quiesce_gets_a_crash_consistent_point(tmp_path):
+    """No mounted file system and no pre-script: calling the point app-consistent would be a lie."""
+    h = Harness(tmp_path)
+    res = asyncio.run(h.app_point(""))
+    [entry] = res["disks"]
+    assert entry["consistency"] == "crash-consistent" and "nothing was quiesced" in entry["reason"]
+    assert h.link.commits()[0].meta["tag"] == ""
+
+
+def test_thawed_before_the_cut_is_not_app_consistent(tmp_path):
+    async def run() -> tuple[dict[str, Any], Any]:
+        h = Harness(tmp_path)
+        task = asyncio.create_task(h.shipper.run(0, 1))
+        await asyncio.sleep(0.02)
+        thawed = asyncio.get_running_loop().create_future()
+        thawed.set_result(0.25)
+        order = h.shipper.order_cut(AppCut("late", lambda: False, thawed))
+        out = await asyncio.wait_for(order.outcome, 5)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return out, h.link.commits()[0].meta
+
+    out, meta = asyncio.run(run())
+    assert out["consistency"] == meta["consistency"] == "crash-consistent"
+    assert "thawed" in out["reason"] and out["freeze_seconds"] == 0.25
+
+
+def test_one_app_point_at_a_time_and_none_without_delta_replication(tmp_path):
+    h = Harness(tmp_path, pre_script=script(tmp_path / "pre", "sleep 0.5"))
+
+    async def two() -> list[Any]:
+        task = asyncio.create_task(h.shipper.run(0, 1))
+        await asyncio.sleep(0.02)
+        first = asyncio.create_task(h.agent.app_points.make("a"))
+        await asyncio.sleep(0.1)
+        second = await asyncio.gather(h.agent.app_points.make("b"), return_exceptions=True)
+        out = [await first, *second]
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return out
+
+    first, second = asyncio.run(two())
+    assert first["disks"][0]["consistency"] == "app-consistent"
+    assert isinstance(second, AppPointBusy) and "already being made" in str(second)
+    with pytest.raises(AppPointFailed, match="no disk is in delta replication"):
+        asyncio.run(h.agent.app_points.make("c"))
+
+
+def test_the_agent_answers_app_point_requests(tmp_path):
+    """The reply the process server gets: Reply(id, True, {"disks", "warnings"}) or an error code."""
+    h = Harness(tmp_path, pre_script=script(tmp_path / "pre", "true"))
+    out = FakeLink(h.disk)
+
+    async def ask(args: dict[str, Any], shipping: bool = True) -> Reply:
+        task = asyncio.create_task(h.shipper.run(0, 1)) if shipping else None
+        await asyncio.sleep(0.02)
+        await Agent.answer_app_point(h.agent, out, Request(7, "app_point", args))  # type: ignore[arg-type]
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        return out.sent[-1]
+
+    ok = asyncio.run(ask({"tag": "op"}))
+    assert ok.id == 7 and ok.ok and ok.result["warnings"] == []
+    assert set(ok.result["disks"][0]) == {"disk", "sequence", "consistency", "time", "freeze_seconds", "reason"}
+    bad = asyncio.run(ask({"tag": 5}))
+    assert not bad.ok and bad.code == "bad-input"
+    none = asyncio.run(ask({}, shipping=False))
+    assert not none.ok and none.code == "failed" and "delta replication" in none.message
+
+
+def test_the_schedule_makes_tagged_points(tmp_path):
+    h = Harness(tmp_path, pre_script=script(tmp_path / "pre", "true"), app_consistent_every=0.2)
+
+    async def run() -> None:
+        task = asyncio.create_task(h.shipper.run(0, 1))
+        sched = asyncio.create_task(h.agent.app_points.schedule())
+        for _ in range(300):
+            if len(h.link.commits()) >= 2:
+                break
+            await asyncio.sleep(0.01)
+        for t in (task, sched):
+            t.cancel()
+        await asyncio.gather(task, sched, return_exceptions=True)
+
+    asyncio.run(run())
+    metas = [c.meta for c in h.link.commits()]
+    assert len(metas) >= 2 and all(m["tag"] == "scheduled" and m["consistency"] == "app-consistent" for m in metas)
+    assert metas[1]["time"] - metas[0]["time"] >= 0.15  # one per interval, not back to back

@@ -9,6 +9,14 @@ cut_interval = 1.0             # seconds between cuts (each consistent cut is a 
 cut_bytes = "64M"              # cut early when this much is dirty
 trace_buffer = "16M"           # tracefs ring buffer per CPU (never overwritten: a full one means resync)
 
+# App-consistent points (agent.appoint): pre-script, flush and freeze the file systems on the protected
+# disks, cut, thaw, post-script. A failing pre-script gives a crash-consistent point with the tag instead.
+pre_script = "/etc/standby/pre-freeze"    # optional; run with STANDBY_TAG, STANDBY_PHASE=pre
+post_script = "/etc/standby/post-thaw"    # optional; run after the thaw (also when the pre-script failed)
+script_timeout = 60            # seconds a script may run; then it is killed and counts as failed
+freeze_timeout = 10            # seconds at most frozen: then everything is thawed, whatever happens
+app_consistent_every = 3600    # seconds between scheduled app-consistent points (the seeds' 60 min); 0: off
+
 [[disks]]
 name = "sda"
 path = "/dev/sda"              # a block device or an image file
@@ -48,6 +56,11 @@ class AgentConfig(ClientConfig):
     cut_interval: float = 1.0
     cut_bytes: int = 64 * 1024 * 1024
     trace_buffer: int = 16 * 1024 * 1024
+    pre_script: Path | None = None
+    post_script: Path | None = None
+    script_timeout: float = 60.0
+    freeze_timeout: float = 10.0
+    app_consistent_every: float = 3600.0
 
     @classmethod
     def load(cls, state_dir: Path) -> AgentConfig:
@@ -60,6 +73,10 @@ class AgentConfig(ClientConfig):
             cut_interval = float(raw.get("cut_interval", 1.0))
             cut_bytes = parse_size(raw.get("cut_bytes", 64 * 1024 * 1024))
             trace_buffer = parse_size(raw.get("trace_buffer", 16 * 1024 * 1024))
+            pre, post = (Path(raw[k]) if raw.get(k) else None for k in ("pre_script", "post_script"))
+            script_timeout = float(raw.get("script_timeout", 60.0))
+            freeze_timeout = float(raw.get("freeze_timeout", 10.0))
+            app_every = float(raw.get("app_consistent_every", 3600.0))
             cfg = cls(
                 common.state_dir,
                 common.name,
@@ -72,6 +89,11 @@ class AgentConfig(ClientConfig):
                 cut_interval,
                 cut_bytes,
                 trace_buffer,
+                pre,
+                post,
+                script_timeout,
+                freeze_timeout,
+                app_every,
             )
         except (KeyError, TypeError, ValueError, BadInput) as exc:
             raise NotStarted(f"{path}: invalid config: {exc}") from None
@@ -88,4 +110,14 @@ class AgentConfig(ClientConfig):
             raise NotStarted(f"{path}: cut_interval must be 0.05..3600 seconds")
         if cut_bytes < batch or trace_buffer < 64 * 1024:
             raise NotStarted(f"{path}: cut_bytes must be at least batch_size, trace_buffer at least 64K")
+        for key, script in (("pre_script", pre), ("post_script", post)):
+            if script is not None and not script.is_absolute():
+                raise NotStarted(f"{path}: {key} must be an absolute path (it is run by a daemon), not {script}")
+        if not 1 <= script_timeout <= 3600:
+            raise NotStarted(f"{path}: script_timeout must be 1..3600 seconds")
+        # A freeze stops every writer on the machine: minutes would look like a hang, not a backup.
+        if not 0.1 <= freeze_timeout <= 300:
+            raise NotStarted(f"{path}: freeze_timeout must be 0.1..300 seconds")
+        if app_every != 0 and not 60 <= app_every <= 7 * 86400:
+            raise NotStarted(f"{path}: app_consistent_every must be 0 (off) or 60..604800 seconds")
         return cfg

@@ -12,6 +12,11 @@ Agent restarts (promise 3): on a clean stop the agent writes, per disk, its dirt
 kernel write counters and the boot id. At start that record is trusted only if the machine did not
 reboot and the counters did not move — i.e. nothing was written while no tracker ran. Otherwise the
 disk gets a checksum resync, with the reason.
+
+App-consistent points (agent.appoint) are made on the policy's schedule and when the process server
+asks: Request(id, "app_point", {"tag": T}) is answered, from its own task so the read loop goes on, with
+Reply(id, True, {"disks": [...], "warnings": [...]}) once every disk's COMMIT is sent, or with an error
+reply ("busy": one is being made; "bad-input": bad tag; "failed": nothing could be done).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from cryptography import x509
 from standby.plumbing import identity as ident
 from standby.plumbing.durable import load_json, make_private_dir, save_json
 from standby.plumbing.errors import NotStarted, StandbyError
-from standby.plumbing.link import Link, RequestFailed, stay_connected
+from standby.plumbing.link import Link, LinkClosed, RequestFailed, stay_connected
 from standby.plumbing.tls import client_context
 from standby.proto.envelope import Sealer
 from standby.proto.errors import ProtocolError
@@ -37,8 +42,10 @@ from standby.proto.keywrap import new_data_key, wrap_key
 from standby.proto.messages import Ack, Busy, Commit, Reply, Request, meta_bytes
 
 from . import cleanstop
+from .appoint import MARKER, MAX_TAG, AppPointBusy, AppPointFailed, AppPoints
 from .config import AgentConfig, DiskConfig
 from .delta import DeltaStats, DiskResized, Shipper, Tracking
+from .freeze import thaw_leftover
 from .reader import BatchBuilder, disk_size
 from .resync import Progress, resync
 from .tracker import TrackingLost, make_tracker
@@ -103,9 +110,14 @@ class Agent:
         self.delta_stats: dict[str, DeltaStats] = {d.cfg.name: DeltaStats() for d in self.disks}
         self.done: set[str] = set()  # disks whose delta replication was announced in the log
         self.tasks: list[asyncio.Task[None]] = []
+        self.shippers: dict[str, Shipper] = {}  # disks in delta replication now (Shipper.run registers)
+        self.app_points = AppPoints(self)
+        self.requests: set[asyncio.Task[None]] = set()  # requests from the process server being answered
 
     async def run(self, stop: asyncio.Event) -> None:
-        tasks = []
+        # An agent killed while it held a freeze must not leave the machine frozen until someone notices.
+        await asyncio.to_thread(thaw_leftover, self.cfg.state_dir / MARKER)
+        tasks = [asyncio.create_task(self.app_points.schedule())]
         try:
             for d in self.disks:
                 tr = self.start_tracking(d)
@@ -169,9 +181,10 @@ class Agent:
                 t.result()  # re-raise the first failure
             await reader
         finally:
-            for t in (reader, *workers):
+            requests, self.requests = list(self.requests), set()
+            for t in (reader, *workers, *requests):
                 t.cancel()
-            await asyncio.gather(reader, *workers, return_exceptions=True)
+            await asyncio.gather(reader, *workers, *requests, return_exceptions=True)
             for d in self.disks:
                 for fut in d.acks.values():
                     fut.cancel()
@@ -186,6 +199,11 @@ class Agent:
             elif isinstance(msg, Request) and msg.op == "wake":
                 self.wakeup.set()
                 await link.send(Reply(msg.id, True, {}))
+            elif isinstance(msg, Request) and msg.op == "app_point":
+                # Takes up to the freeze and script timeouts: answered from its own task.
+                task = asyncio.create_task(self.answer_app_point(link, msg))
+                self.requests.add(task)
+                task.add_done_callback(self.requests.discard)
             elif isinstance(msg, Ack | Busy):
                 if not by_id or msg.disk not in by_id:
                     by_id = {d.id: d for d in self.disks}
@@ -195,6 +213,26 @@ class Agent:
                     fut.set_result(msg)
             else:
                 raise ProtocolError("unexpected-message", f"process server sent {type(msg).__name__}")
+
+    async def answer_app_point(self, link: Link, msg: Request) -> None:
+        """Make an app-consistent point for the process server (the operator's `standby app-point`)."""
+        tag = msg.args.get("tag", "")
+        if not isinstance(tag, str) or len(tag) > MAX_TAG or not tag.isprintable():
+            reply = Reply(msg.id, False, {}, "bad-input", f"a tag is printable text of at most {MAX_TAG} characters")
+        else:
+            try:
+                reply = Reply(msg.id, True, await self.app_points.make(tag))
+            except AppPointBusy as exc:
+                reply = Reply(msg.id, False, {}, "busy", str(exc))
+            except AppPointFailed as exc:
+                reply = Reply(msg.id, False, {}, "failed", str(exc))
+            except Exception as exc:  # a bug: answer, so the operator's command does not wait for nothing
+                log.exception("app-consistent point %r failed", tag)
+                reply = Reply(msg.id, False, {}, "failed", f"app-consistent point failed: {exc}")
+        try:
+            await link.send(reply)
+        except LinkClosed as exc:
+            log.warning("app-consistent point %r: cannot send the answer: %s", tag, exc)
 
     async def protect_disk(self, link: Link, d: LocalDisk) -> None:
         """Open the disk at the process server until it is protected, then replicate it."""
@@ -310,6 +348,8 @@ class Agent:
                     "inconsistent_epochs": st.inconsistent,
                     "last_inconsistent_reason": st.last_inconsistent_reason,
                     "bytes_shipped": st.bytes_shipped,
+                    "app_points": st.app_points,
+                    "last_app_point": st.last_app_point,
                     "resync": prog.report() if prog else None,
                     "resync_pending": self.resync_wanted.get(name),
                 }

@@ -19,6 +19,12 @@ Shipping is pipelined (a window of batches in flight); a batch the process serve
 is lost with the connection is merged back into the dirty map with every batch after it, and sequence
 numbers restart at the first one not stored. While nothing is acknowledged the agent keeps only its
 dirty map (memory bounded by disk size) and never touches the source's I/O ("pull ahead").
+
+App-consistent points (agent.appoint) use the same loop: the coordinator hands each Shipper a
+`CutOrder`, the Shipper cuts at once (whatever its interval), says when the epoch's reads are done (the
+coordinator keeps the file systems frozen until then) and runs the same proof. A freeze stops file-system
+writes, not raw writes to the device, so an epoch that fails the proof makes no point at all; one that
+passes is `app-consistent` only if the file systems were still frozen after its cut instant.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from standby.proto.messages import Ack, BatchKind, Busy
@@ -64,6 +71,45 @@ class DeltaStats:
     inconsistent: int = 0
     bytes_shipped: int = 0
     last_inconsistent_reason: str = ""
+    app_points: int = 0
+    last_app_point: dict[str, Any] | None = None  # {time, freeze_seconds, tag}
+
+
+@dataclass(eq=False)
+class AppCut:
+    """One app-consistent point being made, shared by the CutOrders of all disks.
+
+    `frozen` tells whether the file systems are still frozen (None: nothing was frozen because the
+    pre-script or the freeze failed, so the points can only be crash-consistent, with the tag);
+    `thawed` gets the freeze duration once the coordinator has thawed (it is always set, also on errors).
+    """
+
+    tag: str
+    frozen: Callable[[], bool] | None
+    thawed: asyncio.Future[float | None]
+
+
+def _new_future() -> asyncio.Future[dict[str, Any]]:
+    return asyncio.get_running_loop().create_future()
+
+
+@dataclass(eq=False)
+class CutOrder:
+    """Asks a Shipper to cut now. `app` None: an ordinary early cut (the coordinator's flush epoch, which
+    empties the dirty map so the frozen epoch is small). `lesser`: why this disk's point cannot be
+    app-consistent even though the machine was frozen ("" if it can)."""
+
+    app: AppCut | None = None
+    lesser: str = ""
+    reads_done: asyncio.Event = field(default_factory=asyncio.Event)
+    outcome: asyncio.Future[dict[str, Any]] = field(default_factory=_new_future)
+
+    def finish(self, **result: Any) -> None:
+        """The disk's entry in the app_point reply: sequence, consistency, time, freeze_seconds, reason."""
+        self.reads_done.set()
+        if not self.outcome.done():
+            out = {"sequence": None, "consistency": None, "time": None, "freeze_seconds": None, "reason": ""}
+            self.outcome.set_result({**out, **result})
 
 
 class Tracking:
@@ -208,6 +254,16 @@ class Shipper:
         self.pending: list[Pending] = []
         self.busy_until = 0.0
         self.next_seq = 0  # after the last record sent
+        self.orders: list[CutOrder] = []  # cuts asked for by the app-point coordinator, oldest first
+        self.poke = asyncio.Event()  # an order arrived: stop waiting for the interval
+        self.current: CutOrder | None = None  # the order whose epoch is being shipped
+
+    def order_cut(self, app: AppCut | None = None, lesser: str = "") -> CutOrder:
+        """Ask for a cut now (only while `run` is running: agent.shippers lists those Shippers)."""
+        order = CutOrder(app, lesser)
+        self.orders.append(order)
+        self.poke.set()
+        return order
 
     async def send(self, seq: int, record: Any, extents: list[tuple[int, int]]) -> None:
         fut: asyncio.Future[Ack | Busy] = asyncio.get_running_loop().create_future()
@@ -249,7 +305,22 @@ class Shipper:
 
     # -- the epoch loop -----------------------------------------------------------------------------
     async def run(self, gen: int, seq: int) -> tuple[int, int]:
-        """Ship epochs until a resync is wanted; returns (generation, next sequence)."""
+        """Ship epochs until a resync is wanted; returns (generation, next sequence). While it runs, the
+        Shipper is listed in agent.shippers: it is in delta replication and takes CutOrders."""
+        name = self.d.cfg.name
+        self.agent.shippers[name] = self
+        try:
+            return await self._run(gen, seq)
+        finally:
+            if self.agent.shippers.get(name) is self:
+                del self.agent.shippers[name]
+            want = self.agent.resync_wanted.get(name)
+            why = f"a resync started: {want[1]}" if want else "delta replication stopped (connection lost?)"
+            for order in [o for o in (self.current, *self.orders) if o is not None]:
+                order.finish(reason=why)
+            self.orders.clear()
+
+    async def _run(self, gen: int, seq: int) -> tuple[int, int]:
         cfg = self.agent.cfg
         tr = self.tracking
         d = self.d
@@ -260,6 +331,7 @@ class Shipper:
         interval = cfg.cut_interval
         size_checked = time.monotonic()
         while True:
+            self.current = None
             restart = await self.settle(WINDOW)
             if restart is not None:
                 seq = restart
@@ -272,12 +344,20 @@ class Shipper:
                 size_checked = now
                 if await asyncio.to_thread(disk_size, d.cfg.path) != tr.size:
                     raise DiskResized(d.cfg.name)
+            order = self.current = self.orders.pop(0) if self.orders else None
             wait = max(last_cut + interval - now, self.busy_until - now)
-            if wait > 0 and (self.busy_until > now or tr.map.dirty_bytes < cfg.cut_bytes):
-                await asyncio.sleep(min(wait, 0.05))
+            if order is None and wait > 0 and (self.busy_until > now or tr.map.dirty_bytes < cfg.cut_bytes):
+                self.poke.clear()
+                try:
+                    await asyncio.wait_for(self.poke.wait(), min(wait, 0.05))
+                except TimeoutError:
+                    pass
                 continue
             last_cut = time.monotonic()
             closed = await tr.cut()
+            app = order.app if order is not None else None
+            # Frozen now means frozen at the cut instant: the freeze was complete before the order came.
+            frozen_at_cut = app is not None and app.frozen is not None and app.frozen()
             extents = closed.extents()
             reads: list[tuple[int, list[tuple[int, int]]]] = []
             groups = split_extents(extents, cfg.batch_size)
@@ -307,19 +387,54 @@ class Shipper:
             finally:
                 if ahead is not None and not ahead.done():
                     ahead.cancel()
-            if not aborted:
-                await tr.settle()
-                stats.epochs += 1
-                reason = tr.conflict(reads)
-                if reason:
-                    interval = max(interval / 2, MIN_CUT_INTERVAL)
-                    stats.inconsistent += 1
-                    stats.last_inconsistent_reason = reason
-                    log.debug("disk %s: epoch applied without a point: %s", d.cfg.name, reason)
-                    continue
-                interval = min(interval * 1.5, cfg.cut_interval)
-                t = tr.wall_time(tr.cut_ts)
-                meta = {"generation": gen, "kind": "point", "consistency": "crash-consistent", "time": t}
-                await self.send(seq, self.agent.make_commit(d, seq, meta), [])
-                seq += 1
-                stats.points += 1
+                if order is not None:
+                    order.reads_done.set()  # the coordinator may thaw now
+            if aborted:
+                if order is not None:
+                    order.finish(reason="the process server refused a batch of the epoch (busy); no point")
+                continue
+            await tr.settle()
+            stats.epochs += 1
+            reason = tr.conflict(reads)
+            if reason:
+                interval = max(interval / 2, MIN_CUT_INTERVAL)
+                stats.inconsistent += 1
+                stats.last_inconsistent_reason = reason
+                log.debug("disk %s: epoch applied without a point: %s", d.cfg.name, reason)
+                if order is not None:
+                    order.finish(reason=f"no point: {reason}")
+                continue
+            interval = min(interval * 1.5, cfg.cut_interval)
+            t = tr.wall_time(tr.cut_ts)
+            meta: dict[str, Any] = {"generation": gen, "kind": "point", "consistency": "crash-consistent", "time": t}
+            secs, lesser = None, ""
+            if app is not None:
+                meta["tag"] = app.tag
+                if app.frozen is None:
+                    lesser = order.lesser if order is not None and order.lesser else "nothing was frozen"
+                else:
+                    # Set by the coordinator in any case (its freeze has a watchdog); shielded so that
+                    # this task's cancellation leaves the coordinator's future alone.
+                    secs = await asyncio.shield(app.thawed)
+                    if not frozen_at_cut:
+                        lesser = "the file systems were thawed (freeze_timeout) before this disk's cut"
+                    elif order is not None and order.lesser:
+                        lesser = order.lesser
+                    else:
+                        meta["consistency"] = "app-consistent"
+                        meta["freeze_seconds"] = secs
+            await self.send(seq, self.agent.make_commit(d, seq, meta), [])
+            stats.points += 1
+            if meta["consistency"] == "app-consistent":
+                stats.app_points += 1
+                stats.last_app_point = {"time": t, "freeze_seconds": secs, "tag": meta["tag"]}
+                log.info(
+                    "disk %s: app-consistent point %r at sequence %d (frozen %.3f s)",
+                    d.cfg.name,
+                    meta["tag"],
+                    seq,
+                    secs or 0.0,
+                )
+            if order is not None:
+                order.finish(sequence=seq, consistency=meta["consistency"], time=t, freeze_seconds=secs, reason=lesser)
+            seq += 1
