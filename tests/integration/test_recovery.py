@@ -161,3 +161,131 @@ def test_fsck_passes_at_a_crash_consistent_point(deployment, protected, tmp_path
     fsck = subprocess.run(["e2fsck", "-f", "-n", str(copy)], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     cli_json(deployment, "test-failover-cleanup", "src")
+
+
+def test_app_consistent_point_and_failover_to_latest_app(deployment, protected, tmp_path):
+    """`standby app-point` through the process server: the pre-script writes a marker file, the file
+    system is frozen for the cut; failover to latest-app gives a replica whose file system is clean
+    (no journal recovery needed: it was frozen) and holds the marker the pre-script wrote."""
+    pre = tmp_path / "pre.sh"
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    pre.write_text(f"#!/bin/sh\necho \"quiesced $STANDBY_TAG\" > {mnt}/marker\n")
+    pre.chmod(0o755)
+    dev, replica = protected("raw", 64 * MiB, fill=False, cut_interval=0.3, pre_script=str(pre),
+                             app_consistent_every=0)
+    deployment.wait_synced("src", timeout=60)
+    subprocess.run(["mkfs.ext4", "-q", "-F", dev], check=True)
+    subprocess.run(["mount", dev, str(mnt)], check=True)
+    writer = subprocess.Popen(
+        ["bash", "-c", f"i=0; while [ $i -lt 100000 ]; do echo line $i >> {mnt}/log; i=$((i+1)); done"]
+    )
+    try:
+        time.sleep(1.5)
+        res = cli_json(deployment, "app-point", "src", "--tag", "nightly")
+        d = res["disks"][0]
+        assert d["consistency"] == "app-consistent", res
+        assert 0 < d["freeze_seconds"] < 10
+        text = deployment.cli("app-point", "src", "--tag", "again").stdout
+        assert "app-consistent point" in text and "frozen" in text
+        time.sleep(1.0)
+    finally:
+        writer.kill()
+        writer.wait()
+        subprocess.run(["umount", str(mnt)], check=False)
+    listed = points(deployment)
+    apps = [p for p in listed if p["consistency"] == "app-consistent"]
+    assert [p["tag"] for p in apps] == ["nightly", "again"]
+    assert "app-consistent" in deployment.cli("points", "src").stdout
+    res = cli_json(deployment, "failover", "src", "--point", "latest-app")
+    assert res["disks"][0]["sequence"] == apps[-1]["sequence"]
+    # Frozen at the cut: the file system needs no journal recovery and is clean.
+    fsck = subprocess.run(["e2fsck", "-f", "-n", str(replica)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    out = subprocess.run(["debugfs", "-R", "cat /marker", str(replica)], capture_output=True, text=True)
+    assert out.stdout.strip() == "quiesced again", out.stdout + out.stderr
+
+
+def _protect_with_retention(dep, make_loop, tmp_path, **retention) -> tuple[str, Path]:
+    dev = make_loop(32 * MiB, "source")
+    dep.enroll("mt", "mt1")
+    dep.set_mt_option("mt1", segment_size="256K", **retention)
+    dep.start("mt", "mt1")
+    dep.enroll("agent", "src")
+    dep.add_disk("src", "disk0", dev)
+    dep.set_agent_option("src", batch_size="1M", cut_interval=0.25)
+    dep.start("agent", "src")
+    dep.wait_disks_known("src", 1)
+    dep.wait_mt_connected("mt1")
+    rdir = tmp_path / "replicas"
+    rdir.mkdir()
+    res = dep.admin().call("protect", machine="src", mt="mt1", format="raw", replica_dir=str(rdir), replicas={})
+    dep.wait_synced("src", timeout=60)
+    return dev, Path(res["disks"][0]["replica"])
+
+
+def _judge_all_listed(dep, replica: Path, log: Path, since: float) -> int:
+    """Pause at a point and materialise every listed point newer than `since` from replica + journal."""
+    from tests.journalcheck import disk_key, walk_points
+
+    assert dep.cli("pause", "src", "--wait", "60").returncode == 0
+    try:
+        listed = dep.admin().call("points", machine="src")["disks"][0]
+        want = {p["sequence"] for p in listed["points"] if p["time"] > since}
+        key, uid = disk_key(dep.ps_dir, dep.root / "mt-mt1", listed["disk_id"])
+        judged = 0
+        for _, img in walk_points(dep.retention_dir("mt1"), listed["disk_id"], key, uid,
+                                  bytearray(replica.read_bytes()), want, oldest=min(want)):
+            v = writeorder.check(bytes(img[: SLOTS * writeorder.SLOT]), 0, SLOTS, log)
+            assert v.consistent, v.to_json()[:2000]
+            judged += 1
+        assert judged == len(want)
+        return judged
+    finally:
+        dep.cli("resume", "src")
+
+
+def test_pruning_under_a_small_window_keeps_every_listed_point_restorable(deployment, make_loop, tmp_path):
+    dev, replica = _protect_with_retention(deployment, make_loop, tmp_path, window="12s", tiers=[[4, 0], [12, 3]])
+    log = tmp_path / "writes.log"
+    proc = start_workload(dev, log, SLOTS, rate=300, seconds=600)
+    ready = time.time()
+    try:
+        time.sleep(25)  # two windows: the oldest history must be gone
+        listed = deployment.admin().call("points", machine="src")["disks"][0]
+        now = time.time()
+        pts = listed["points"]
+        ages = [now - p["time"] for p in pts]
+        assert pts and max(ages) < 12 + 7, f"points older than the window (+ one upkeep): {ages}"
+        # Thinning: older than 4 s, at most one point per 3 s bucket (+ the oldest in the window).
+        thinned = [p["time"] for p in pts if now - p["time"] > 5]
+        buckets = [int(t // 3) for t in thinned]
+        assert len(buckets) - len(set(buckets)) <= 1, f"not thinned: {thinned}"
+        assert len([a for a in ages if a < 3.5]) >= 5, "recent points must all be kept"
+        # Whole segments were deleted: the journal holds about a window of history, not all of it.
+        segs = sorted((deployment.retention_dir("mt1") / next(iter(
+            p.name for p in deployment.retention_dir("mt1").iterdir()))).glob("seg-*.jrn"))
+        first_seq = int(segs[0].stem[4:])
+        assert first_seq > 1, "no segment was ever pruned"
+        _judge_all_listed(deployment, replica, log, ready)
+    finally:
+        stop_workload(proc)
+
+
+def test_space_cap_prunes_oldest_first_with_an_alert(deployment, make_loop, tmp_path):
+    dev, replica = _protect_with_retention(deployment, make_loop, tmp_path, space_cap="3M")
+    log = tmp_path / "writes.log"
+    proc = start_workload(dev, log, SLOTS, rate=300, seconds=600)
+    ready = time.time()
+    try:
+        st = deployment.wait_for(
+            lambda s: any("space pressure" in a for a in disk(s)["alerts"]), 90, "a retention space alert"
+        )
+        assert (disk(st)["journal_bytes"] or 0) < 3 * MiB + 2 * 256 * 1024 + 4 * MiB
+        assert "retention space pressure" in deployment.log_text("mt-mt1")
+        listed = deployment.admin().call("points", machine="src")["disks"][0]
+        assert "space pressure" in listed["alert"]
+        assert len(listed["points"]) >= 2 and listed["points"][0]["time"] > ready
+        _judge_all_listed(deployment, replica, log, ready)
+    finally:
+        stop_workload(proc)

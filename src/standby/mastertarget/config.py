@@ -9,6 +9,7 @@
     space_cap = "200G"         # at most this much history (optional); over it, the oldest points go first
     tiers = [[3600, 0], [21600, 300], [86400, 3600]]   # [age, every]: up to `age` seconds old, one point
                                # per `every` seconds (0: all) — all for 1 h, one per 5 min to 6 h, hourly
+    segment_size = "64M"       # journal files: pruning frees whole files, so this is its granularity
 
 Besides the cap, history never takes the retention volume's last `reserve` bytes (default 5 % of the
 volume, at most 4 GiB): space pressure prunes oldest points first, with an alert, instead of failing.
@@ -24,6 +25,7 @@ from typing import Any
 from standby.plumbing.config import ClientConfig, load_client_toml, parse_size
 from standby.plumbing.errors import BadInput, NotStarted
 
+from .history import SEGMENT_MAX
 from .retention import Policy, Tier
 
 DEFAULT_DIR = Path("/var/lib/standby/mt")
@@ -46,6 +48,7 @@ class MTConfig(ClientConfig):
     retention_dir: Path = DEFAULT_RETENTION_DIR
     policy: Policy = field(default_factory=Policy)
     reserve: int | None = None  # bytes the journal leaves free on the retention volume (None: 5 %, <= 4 GiB)
+    segment_size: int = SEGMENT_MAX  # journal file size: pruning frees whole files
 
     @classmethod
     def load(cls, state_dir: Path) -> MTConfig:
@@ -62,7 +65,10 @@ class MTConfig(ClientConfig):
                 tiers=tiers,
             )
             reserve = parse_size(r["reserve"]) if r.get("reserve") is not None else None
+            segment = parse_size(r.get("segment_size", SEGMENT_MAX))
+            if not 64 * 1024 <= segment <= 1 << 30:
+                raise BadInput("segment_size must be 64K..1G")
             return cls(common.state_dir, common.name, common.host, common.port,
-                       Path(r.get("dir", DEFAULT_RETENTION_DIR)), policy, reserve)
+                       Path(r.get("dir", DEFAULT_RETENTION_DIR)), policy, reserve, segment)
         except (TypeError, ValueError, BadInput) as exc:
             raise NotStarted(f"{path}: invalid [retention] settings: {exc}") from None

@@ -413,7 +413,9 @@ class MasterTarget:
 
     def open_journal(self, st: ReplicaState, applier: Applier) -> DiskJournal:
         """Open the disk's retention journal; roll back a group the last run did not commit (promise 5)."""
-        journal = DiskJournal(self.cfg.retention_dir / st.uid, st.disk, applier.opener_key, uuid.UUID(st.uid).bytes)
+        journal = DiskJournal(
+            self.cfg.retention_dir / st.uid, st.disk, applier.opener_key, uuid.UUID(st.uid).bytes, self.cfg.segment_size
+        )
         pending = journal.open()
         if pending is not None:
             journal.rollback_pending(pending, DiskWorker.restore_into(applier.replica), applier.replica.sync)

@@ -115,8 +115,9 @@ def merge_ranges(ranges: list[tuple[int, int]], piece: int = PIECE_MAX) -> list[
 class DiskJournal:
     """The retention journal of one replica. Not thread-safe: the disk's worker serialises use."""
 
-    def __init__(self, directory: Path, disk: int, key: bytes, uid: bytes) -> None:
+    def __init__(self, directory: Path, disk: int, key: bytes, uid: bytes, segment_max: int = SEGMENT_MAX) -> None:
         self.dir = Path(directory)
+        self.segment_max = segment_max
         self.disk = disk
         self.key = key
         self.uid = uid
@@ -216,7 +217,7 @@ class DiskJournal:
     def _append(self, data: bytes, first: int) -> int:
         """Append one record to the last segment (a new one first if it is full) and fsync it; returns
         the record's offset."""
-        if not self.segments or (self.segments[-1].size >= SEGMENT_MAX and self._open_undo is None):
+        if not self.segments or (self.segments[-1].size >= self.segment_max and self._open_undo is None):
             self._new_segment(first)
         seg = self.segments[-1]
         if self._fd < 0:
