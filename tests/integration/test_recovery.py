@@ -11,9 +11,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from tests import writeorder
 
-from .conftest import MiB
+from .conftest import HAVE_QEMU, MiB, qemu_info
 from .test_delta import disk, start_workload, stop_workload
 
 SLOTS = 2048  # 8 MiB of write-order records at the start of the disk
@@ -289,3 +291,33 @@ def test_space_cap_prunes_oldest_first_with_an_alert(deployment, make_loop, tmp_
         _judge_all_listed(deployment, replica, log, ready)
     finally:
         stop_workload(proc)
+
+
+@pytest.mark.skipif(not HAVE_QEMU, reason="qemu-img is not installed")
+@pytest.mark.parametrize("fmt", ["vmdk", "vmdk-sparse"])
+def test_test_failover_copies_vmdk_replicas_qemu_reads_the_point(deployment, protected, tmp_path, fmt):
+    """Flat VMDKs are copied by data range in the kernel, sparse ones block by block under the apply
+    lock; either way the copy is a VMDK qemu-img reads, and it holds the point."""
+    dev, replica = protected(fmt, 32 * MiB, fill=False, cut_interval=0.25)
+    deployment.wait_synced("src", timeout=60)
+    log = tmp_path / "writes.log"
+    proc = start_workload(dev, log, SLOTS, rate=300, seconds=600)
+    try:
+        pts = wait_points(deployment, 8)
+        res = cli_json(deployment, "test-failover", "src", "--point", str(pts[-4]["sequence"]))
+        copy = Path(res["disks"][0]["path"])
+        assert res["disks"][0]["format"] == fmt and copy.suffix == ".vmdk"
+        time.sleep(1.0)
+    finally:
+        stop_workload(proc)
+    assert qemu_info(copy)["format"] == "vmdk"
+    raw = tmp_path / "copy.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(copy), str(raw)], check=True)
+    cut_test = cut_of(raw, log)
+    # The same point in place: the replica must say the same.
+    cli_json(deployment, "failover", "src", "--point", str(pts[-4]["sequence"]))
+    res = subprocess.run(["qemu-img", "compare", str(copy), str(replica)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert 0 < cut_test < writeorder.WriteLog.read(log).last
+    removed = cli_json(deployment, "test-failover-cleanup", "src")["disks"][0]["removed"]
+    assert removed and not any(Path(f).exists() for f in removed)

@@ -28,7 +28,7 @@ def parse_time(text: str, now: dt.datetime | None = None) -> float:
     if re.fullmatch(r"\d{9,}(\.\d+)?", t):
         return float(t)
     if re.fullmatch(r"\d{1,2}:\d{2}(:\d{2}(\.\d+)?)?", t):
-        t = f"{now.date().isoformat()} {t}"
+        t = f"{now.date().isoformat()} {t.zfill(len(t) + (t.index(':') == 1))}"
     try:
         when = dt.datetime.fromisoformat(t)
     except ValueError:

@@ -81,7 +81,10 @@ class AppPoints:
             )
         self.running = (tag, time.monotonic())
         try:
-            return await asyncio.wait_for(self._make(tag), self.limit)
+            # Not asyncio.wait_for: on 3.11 it can swallow a cancellation (see plumbing.aio), and then the
+            # schedule loop would outlive the agent's session.
+            async with asyncio.timeout(self.limit):
+                return await self._make(tag)
         except TimeoutError:
             raise AppPointFailed(f"the app-consistent point {tag!r} did not finish within {self.limit:.0f} s") from None
         finally:

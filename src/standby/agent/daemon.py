@@ -32,6 +32,7 @@ from typing import Any
 from cryptography import x509
 
 from standby.plumbing import identity as ident
+from standby.plumbing.aio import wait_event
 from standby.plumbing.durable import load_json, make_private_dir, save_json
 from standby.plumbing.errors import NotStarted, StandbyError
 from standby.plumbing.link import Link, LinkClosed, RequestFailed, stay_connected
@@ -361,10 +362,7 @@ class Agent:
 
     async def wait_for_wake(self, timeout: float) -> None:
         """Sleep until the process server says something changed (protect), or `timeout` passes."""
-        try:
-            await asyncio.wait_for(self.wakeup.wait(), timeout)
-        except TimeoutError:
-            pass
+        await wait_event(self.wakeup, timeout)
 
     async def send_key(self, link: Link, d: LocalDisk, mt_cert_pem: str | None) -> None:
         if not mt_cert_pem:

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from standby.plumbing.aio import wait_event
 from standby.proto.messages import Ack, BatchKind, Busy
 
 from .dirtymap import DirtyMap, split_extents
@@ -181,10 +182,7 @@ class Tracking:
         or disconnected."""
         while not stop.is_set() and not self.retired:
             self.drain()
-            try:
-                await asyncio.wait_for(stop.wait(), POLL_INTERVAL)
-            except TimeoutError:
-                pass
+            await wait_event(stop, POLL_INTERVAL)
 
     async def cut(self) -> DirtyMap:
         """Close the current epoch at the tracker's now; returns the closed map."""
@@ -348,10 +346,7 @@ class Shipper:
             wait = max(last_cut + interval - now, self.busy_until - now)
             if order is None and wait > 0 and (self.busy_until > now or tr.map.dirty_bytes < cfg.cut_bytes):
                 self.poke.clear()
-                try:
-                    await asyncio.wait_for(self.poke.wait(), min(wait, 0.05))
-                except TimeoutError:
-                    pass
+                await wait_event(self.poke, min(wait, 0.05))
                 continue
             last_cut = time.monotonic()
             closed = await tr.cut()

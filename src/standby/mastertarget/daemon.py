@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from standby.plumbing.aio import wait_event
 from standby.plumbing.errors import NotStarted
 from standby.plumbing.identity import Identity, IdentityError
 from standby.plumbing.link import Link, RequestFailed, stay_connected
@@ -348,10 +349,7 @@ class MasterTarget:
                 if w.blocked_until and loop.time() >= w.blocked_until:
                     w.blocked_until = 0.0
                     await self.pull(link, w)
-            try:
-                await asyncio.wait_for(self.wakeup.wait(), POLL_INTERVAL)  # a wake: a disk is ready now
-            except TimeoutError:
-                pass
+            await wait_event(self.wakeup, POLL_INTERVAL)  # a wake: a disk is ready now
 
     def volume_problem(self, res: dict[str, Any]) -> str:
         """The retention volume must not be the process server's cache (when both are on this host)."""

@@ -350,16 +350,17 @@ class DiskJournal:
         while self.segments:
             seg = self.segments[-1]
             later = [g for g in seg.groups if g.last > seq]
-            if not later:
-                break
-            cut = min((g.undo_at for g in later if g.undo_at >= 0), default=None)
             keep = [g for g in seg.groups if g.last <= seq]
-            if not keep and len(self.segments) > 1:
+            if not keep and len(self.segments) > 1 and (later or not seg.groups):
+                # Wholly newer (or empty: opened by a group that was rolled back): the file goes.
                 self.segments.pop()
                 seg.path.unlink(missing_ok=True)
                 continue
-            # The first later group's UNDO (or, without one, its COMMIT) is where the segment now ends.
-            end = cut if cut is not None else self._commit_offset(seg, later[0])
+            if not later:
+                break
+            # The segment now ends where the first later group began: its UNDO, or its COMMIT alone.
+            first = later[0]
+            end = first.undo_at if first.undo_at >= 0 else self._commit_offset(seg, first)
             os.truncate(seg.path, end)
             seg.size, seg.groups = end, keep
             break

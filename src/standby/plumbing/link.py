@@ -19,6 +19,7 @@ from standby.proto.connection import CLOSED, NEED_DATA, Connection, Role
 from standby.proto.errors import ProtocolError, RemoteProtocolError
 from standby.proto.messages import Goodbye, Hello, Message, Reply, Request, Welcome
 
+from .aio import wait_event
 from .errors import REPLY_CODES, Refused, StandbyError, Unreachable
 from .tls import PeerIdentity, peer_identity
 
@@ -189,10 +190,7 @@ async def dial(
 
 
 async def sleep_or_stop(stop: asyncio.Event, delay: float) -> None:
-    try:
-        await asyncio.wait_for(stop.wait(), delay)
-    except TimeoutError:
-        pass
+    await wait_event(stop, delay)
 
 
 async def stay_connected(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -67,7 +68,7 @@ def choose(points: dict[str, list[dict[str, Any]]], point: str | None, at: float
         disk = next(iter(points))
     if disk not in points:
         raise ChoiceError(f"no disk {disk!r} (disks: {', '.join(points)})")
-    if not seq_text.isdigit():
+    if not re.fullmatch(r"[0-9]+", seq_text):
         raise ChoiceError(
             f"not a point: {point!r} (latest, latest-processed, latest-app, or an id from standby points)"
         )

@@ -235,7 +235,7 @@ class ProcessServer:
             now = time.time()
             for row in self.registry.disks():
                 st = self.streams.get(row.id)
-                if st is None or row.mt is None or row.last_point_at is None:
+                if st is None or row.mt is None or row.last_point_at is None or row.state in FAILED_OVER:
                     continue
                 rpo = now - row.last_point_at
                 late = rpo > self.cfg.rpo_threshold

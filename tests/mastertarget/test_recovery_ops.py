@@ -1,0 +1,332 @@
+"""Going back to a recovery point (standby.mastertarget.recovery): failover in place with its REDO records
+(back, forward, back again; resuming an interrupted move), commit, and test failover (copy, then undo
+every group newer than the point, including groups applied during and after the copy).
+
+Driven by the simulated apply loop of test_history (`Sim`): the model knows the image at every point.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from standby.mastertarget import history, recovery
+from standby.mastertarget.history import DiskJournal
+from standby.mastertarget.journal import JournalError, UndoRecord
+from standby.mastertarget.recovery import FailoverState, RedoLog, commit, copy_replica, move, undo_into
+from standby.mastertarget.replicas import Replica, ReplicaError, open_replica
+from tests.mastertarget.test_history import Sim, check_files, check_model, check_restorable, snapshot
+
+Writer = Callable[[int, bytes | None, int], None]
+
+
+class Crash(Exception):
+    """The master target dies here."""
+
+
+def begin_failover(sim: Sim) -> FailoverState:
+    latest = sim.journal.last_seq
+    fo = FailoverState(latest=latest, at=latest, target=latest, started_at=1.0)
+    fo.save(sim.journal.dir)
+    return fo
+
+
+def restart(sim: Sim) -> tuple[DiskJournal, Replica]:
+    """A new process: the journal and the replica opened again from their files."""
+    sim.journal.close()
+    sim.replica.close()
+    sim.replica = open_replica("raw", sim.replica.path, sim.size)
+    sim.journal = sim.new_journal()
+    assert sim.journal.open() is None
+    return sim.journal, sim.replica
+
+
+def points(sim: Sim) -> list[int]:
+    return [g.last for g in sim.journal.points()]
+
+
+# -- failover in place ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [101, 102])
+def test_move_back_forward_and_back_again(tmp_path: Path, seed: int) -> None:
+    sim = Sim(tmp_path, seed, seg_max=64 << 10)
+    sim.run(120, idle_rate=0.15)
+    final = sim.read_replica()
+    j = sim.journal
+    before = snapshot(j)
+    fo = begin_failover(sim)
+    pts = points(sim)
+    p_old, p_mid, p_new = pts[5], pts[len(pts) // 2], pts[-4]
+    for target in [p_mid, p_new, p_old, p_mid, fo.latest, p_old, p_old, p_new]:
+        move(j, sim.replica, fo, target)
+        assert fo.at == fo.target == target
+        assert FailoverState.load(j.dir) == fo
+        assert sim.read_replica() == sim.image_at(target), f"wrong image at {target}"
+    move(j, sim.replica, fo, fo.latest)
+    assert sim.read_replica() == final
+    assert snapshot(j) == before  # moving never touches the retention journal
+    assert (j.dir / "redo.jrn").exists()
+    sim.close()
+
+
+def test_move_reports_bytes_and_refuses_the_impossible(tmp_path: Path) -> None:
+    sim = Sim(tmp_path, 103)
+    sim.run(30, idle_rate=0.0)
+    j = sim.journal
+    fo = begin_failover(sim)
+    pts = points(sim)
+    target = pts[3]
+    want = sum(sum(r.lengths) for g in j.groups_after(target) if (r := j.read_undo(g)) is not None)
+    assert move(j, sim.replica, fo, target) == want
+    assert move(j, sim.replica, fo, target) == 0  # already there
+    with pytest.raises(JournalError, match="newer than"):
+        move(j, sim.replica, fo, fo.latest + 1)
+    assert fo.at == target
+    RedoLog(j).remove()  # the way forward is gone
+    with pytest.raises(JournalError, match="no redo record"):
+        move(j, sim.replica, fo, fo.latest)
+    sim.close()
+
+
+@pytest.mark.parametrize("k", [0, 1, 6, 15])
+@pytest.mark.parametrize("how", ["before-write", "partial-write", "torn-redo"])
+def test_interrupted_backward_move_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, k: int, how: str) -> None:
+    sim = Sim(tmp_path, 110 + k, seg_max=48 << 10)
+    sim.run(50, idle_rate=0.1)
+    final = sim.read_replica()
+    fo = begin_failover(sim)
+    latest = fo.latest
+    target = points(sim)[4]
+    assert sum(1 for g in sim.journal.groups_after(target) if g.undo_at >= 0) > k + 1
+    real = history.apply_undo
+    calls = 0
+
+    def crashing(rec: UndoRecord, write: Writer) -> int:
+        nonlocal calls
+        if calls == k:
+            if how == "partial-write":
+                half = len(rec.extents) // 2 + 1
+                for (off, data), n in list(zip(rec.extents, rec.lengths, strict=True))[:half]:
+                    write(off, data, n)
+            raise Crash
+        calls += 1
+        return real(rec, write)
+
+    monkeypatch.setattr(recovery, "apply_undo", crashing)
+    with pytest.raises(Crash):
+        move(sim.journal, sim.replica, fo, target)
+    monkeypatch.setattr(recovery, "apply_undo", real)
+    if how == "torn-redo":  # the crash came while the REDO of the group was being appended
+        redo = sim.journal.dir / "redo.jrn"
+        os.truncate(redo, redo.stat().st_size - 9)
+
+    j, rep = restart(sim)
+    saved = FailoverState.load(j.dir)
+    assert saved is not None and (saved.latest, saved.at, saved.target) == (latest, latest, target)
+    move(j, rep, saved, saved.target)  # what start-up does
+    assert (saved.at, saved.target) == (target, target)
+    assert sim.read_replica() == sim.image_at(target)
+    # The REDO records were captured right: the way forward gives every newer point back.
+    mid = points(sim)[len(points(sim)) * 2 // 3]
+    move(j, rep, saved, mid)
+    assert sim.read_replica() == sim.image_at(mid)
+    move(j, rep, saved, latest)
+    assert sim.read_replica() == final
+    sim.close()
+
+
+@pytest.mark.parametrize("k", [0, 3, 10])
+def test_interrupted_forward_move_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, k: int) -> None:
+    sim = Sim(tmp_path, 120 + k)
+    sim.run(40, idle_rate=0.1)
+    final = sim.read_replica()
+    fo = begin_failover(sim)
+    pts = points(sim)
+    move(sim.journal, sim.replica, fo, pts[2])
+    real = history.apply_undo
+    calls = 0
+
+    def crashing(rec: UndoRecord, write: Writer) -> int:
+        nonlocal calls
+        if calls == k:
+            raise Crash
+        calls += 1
+        return real(rec, write)
+
+    monkeypatch.setattr(recovery, "apply_undo", crashing)
+    with pytest.raises(Crash):
+        move(sim.journal, sim.replica, fo, fo.latest)
+    monkeypatch.setattr(recovery, "apply_undo", real)
+    j, rep = restart(sim)
+    saved = FailoverState.load(j.dir)
+    assert saved is not None and (saved.at, saved.target) == (pts[2], saved.latest)
+    move(j, rep, saved, saved.target)
+    assert sim.read_replica() == final
+    move(j, rep, saved, pts[1])
+    assert sim.read_replica() == sim.image_at(pts[1])
+    sim.close()
+
+
+def test_redo_log_reopens_cuts_a_torn_tail_and_refuses_damage(tmp_path: Path) -> None:
+    sim = Sim(tmp_path, 125)
+    sim.run(3)
+    j = sim.journal
+    redo = RedoLog(j)
+    pieces = {1: [(0, b"a" * 4096)], 2: [(8192, bytes(4096)), (65536, b"b" * 512)], 3: [(4096, b"c" * 4096)]}
+    for first, p in pieces.items():
+        redo.append(first, 2, p)
+    again = RedoLog(j)
+    assert all(again.has(f) for f in pieces) and not again.has(4)
+    rec = again.read(2)
+    assert rec.sequence == 2 and rec.lengths == (4096, 512)
+    assert rec.extents == ((8192, None), (65536, b"b" * 512))
+    size = redo.path.stat().st_size
+    os.truncate(redo.path, size - 3)
+    torn = RedoLog(j)
+    assert torn.has(2) and not torn.has(3)
+    assert redo.path.stat().st_size < size - 3
+    data = bytearray(redo.path.read_bytes())
+    data[len(data) // 4] ^= 1
+    redo.path.write_bytes(bytes(data))
+    with pytest.raises(JournalError):
+        RedoLog(j)
+    torn.remove()
+    assert not redo.path.exists() and not torn.has(1)
+    sim.close()
+
+
+def test_commit_discards_newer_history_and_the_way_forward(tmp_path: Path) -> None:
+    sim = Sim(tmp_path, 130, seg_max=32 << 10)
+    sim.run(80, idle_rate=0.0)
+    j = sim.journal
+    fo = begin_failover(sim)
+    latest = fo.latest
+    pts = points(sim)
+    target = pts[len(pts) // 3]
+    move(j, sim.replica, fo, pts[len(pts) // 2])
+    move(j, sim.replica, fo, pts[-2])
+    move(j, sim.replica, fo, target)
+    commit(j, fo)
+    assert not (j.dir / "redo.jrn").exists()
+    saved = FailoverState.load(j.dir)
+    assert saved is not None and saved.committed
+    assert (saved.latest, saved.at, saved.target) == (target, target, target)
+    assert sim.read_replica() == sim.image_at(target)
+    sim.applied = [a for a in sim.applied if a.last <= target]
+    sim.image = sim.image_at(target)
+    assert [g.last for g in j.groups] == [a.last for a in sim.applied]
+    check_files(j)
+    sim.reopen()
+    check_model(sim)
+    check_restorable(sim)  # older points are still there, from the committed state
+    with pytest.raises(JournalError):
+        move(sim.journal, sim.replica, saved, latest)
+    sim.close()
+
+
+# -- test failover --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["raw", "vmdk-sparse"])
+def test_copy_then_undo_gives_each_point(tmp_path: Path, kind: str) -> None:
+    sim = Sim(tmp_path / "sim", 140, kind=kind)
+    sim.run(60, idle_rate=0.1)
+    final = sim.read_replica()
+    rng = random.Random(140)
+    for i, p in enumerate(sorted(rng.sample(points(sim), 4)) + [sim.journal.last_seq]):
+        dest = recovery.test_failover_path(str(sim.replica.path), kind, 0, tmp_path / f"copy{i}")
+        dest.parent.mkdir()
+        out = copy_replica(sim.replica, kind, dest, sim.replica.read)
+        assert out.kind == kind and dest.exists()
+        undo_into(sim.journal, sim.journal.groups_after(p), out)
+        assert out.read(0, sim.size) == sim.image_at(p)
+        out.close()
+    assert sim.read_replica() == final  # the source is untouched
+    sim.close()
+
+
+def test_groups_applied_after_the_copy_are_undone_too(tmp_path: Path) -> None:
+    sim = Sim(tmp_path / "sim", 141)
+    sim.run(40)
+    p = points(sim)[10]
+    out = copy_replica(sim.replica, "raw", tmp_path / "copy.img", sim.replica.read)
+    sim.run(25)  # replication goes on before the undo records are applied
+    groups = sim.journal.groups_after(p)  # the groups list as it is then
+    undo_into(sim.journal, groups, out)
+    assert out.read(0, sim.size) == sim.image_at(p)
+    out.close()
+    sim.close()
+
+
+def test_copy_taken_in_the_middle_of_a_group(tmp_path: Path) -> None:
+    sim = Sim(tmp_path / "sim", 142)
+    sim.run(30)
+    p = points(sim)[-3]
+    writes = sim.random_writes(at_least=4)
+    first, last = sim.begin(writes)
+    sim.write(writes[:2])
+    out = copy_replica(sim.replica, "raw", tmp_path / "copy.img", sim.replica.read)
+    sim.write(writes[2:])
+    sim.commit(first, last, writes, kind="point")
+    sim.run(3)
+    undo_into(sim.journal, sim.journal.groups_after(p), out)
+    assert out.read(0, sim.size) == sim.image_at(p)
+    out.close()
+    sim.close()
+
+
+def test_copy_through_read_locked_while_groups_are_applied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kinds that are not one flat file copy chunk by chunk; replication runs between the chunks."""
+    monkeypatch.setattr(recovery, "COPY_CHUNK", 64 << 10)
+    sim = Sim(tmp_path / "sim", 143, kind="vmdk-sparse")
+    sim.run(30)
+    p = points(sim)[-2]
+    chunks = 0
+
+    def read_locked(off: int, n: int) -> bytes:
+        nonlocal chunks
+        chunks += 1
+        if chunks % 2:
+            sim.group()
+        return sim.replica.read(off, n)
+
+    out = copy_replica(sim.replica, "vmdk-sparse", tmp_path / "copy.vmdk", read_locked)
+    assert chunks == sim.size // (64 << 10)
+    undo_into(sim.journal, sim.journal.groups_after(p), out)
+    assert out.read(0, sim.size) == sim.image_at(p)
+    out.close()
+    sim.close()
+
+
+def test_copy_failure_removes_the_copy_and_never_an_existing_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(recovery, "COPY_CHUNK", 64 << 10)
+    sim = Sim(tmp_path / "sim", 144, kind="vmdk-sparse")
+    sim.run(3)
+
+    def failing(off: int, n: int) -> bytes:
+        if off:
+            raise OSError(5, "I/O error")
+        return sim.replica.read(off, n)
+
+    dest = tmp_path / "copy.vmdk"
+    with pytest.raises(OSError):
+        copy_replica(sim.replica, "vmdk-sparse", dest, failing)
+    assert not dest.exists()
+    existing = tmp_path / "taken.img"
+    existing.write_bytes(b"keep me")
+    with pytest.raises(ReplicaError):
+        copy_replica(sim.replica, "raw", existing, sim.replica.read)
+    assert existing.read_bytes() == b"keep me"
+    sim.close()
+
+
+def test_test_failover_path() -> None:
+    f = recovery.test_failover_path
+    assert f("/r/web-disk0.img", "raw", 0, None) == Path("/r/web-disk0-test.img")
+    assert f("/r/web.vmdk", "vmdk", 1, None) == Path("/r/web-test.vmdk")
+    assert f("/r/web.vmdk", "vmdk-sparse", 1, Path("/t")) == Path("/t/web-test.vmdk")
+    assert f("/dev/sdb", "device", 2, Path("/t")) == Path("/t/test-failover-disk2.img")
+    assert f("/r/noext", "raw", 0, None) == Path("/r/noext-test")
