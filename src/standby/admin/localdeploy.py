@@ -103,6 +103,9 @@ class LocalDeployment:
         )
         if kind == "mt":
             (self.root / f"retention-{name}").mkdir(exist_ok=True)
+            # A local deployment shares the machine's disk: keep a small reserve there, not the default 5 %
+            # (up to 4 GiB) of that disk, or history would be pruned whenever the disk is fairly full.
+            self.set_mt_option(name, reserve="64M")
         return d
 
     def retention_dir(self, mt: str) -> Path:
