@@ -16,7 +16,6 @@ import logging
 import os
 import stat
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +37,8 @@ from .diskstate import Point, ReplicaState
 from .history import DiskJournal, old_contents
 from .journal import JournalError
 from .operations import HANDLERS, OpError, point_list, prune, volume_pressure
-from .recovery import FailoverState, move
-from .replicas import KINDS, Replica, ReplicaError, create_replica, open_replica
+from .recovery import FailoverState, move, replica_writer
+from .replicas import KINDS, ReplicaError, create_replica, open_replica
 from .replicas.resize import resize_replica
 from .volume import VolumeError, check_retention_dir, overlaps
 
@@ -192,24 +191,10 @@ class DiskWorker:
             self.applier.write_group(batches)
         except (OSError, ReplicaError):
             try:
-                journal.abort(self.restore, rep.sync)
+                journal.abort(replica_writer(rep), rep.sync)
             except (OSError, ReplicaError, JournalError) as exc:
                 log.critical("disk %d: cannot roll back a failed group: %s (start-up will)", self.state.disk, exc)
             raise
-
-    def restore(self, offset: int, data: bytes | None, length: int) -> None:
-        """Write old contents back (zeros when `data` is None)."""
-        DiskWorker.restore_into(self.applier.replica)(offset, data, length)
-
-    @staticmethod
-    def restore_into(replica: Replica) -> Callable[[int, bytes | None, int], None]:
-        def write(offset: int, data: bytes | None, length: int) -> None:
-            if data is None:
-                replica.write_zeroes(offset, length)
-            else:
-                replica.write(offset, data)
-
-        return write
 
     async def reject(self, link: Link, seq: int, code: str, reason: str) -> None:
         log.error("disk %s/%s sequence %d rejected: %s", self.state.machine, self.state.name, seq, reason)
@@ -416,7 +401,7 @@ class MasterTarget:
         )
         pending = journal.open()
         if pending is not None:
-            journal.rollback_pending(pending, DiskWorker.restore_into(applier.replica), applier.replica.sync)
+            journal.rollback_pending(pending, replica_writer(applier.replica), applier.replica.sync)
             if st.applied_seq >= pending.record.sequence:
                 st.applied_seq = pending.record.sequence - 1
         if journal.last_seq > st.applied_seq:

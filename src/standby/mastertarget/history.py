@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from standby.plumbing.durable import fsync_dir
+from standby.plumbing.durable import fsync_dir, write_synced
 from standby.proto.frames import HEADER_SIZE
 
 from .journal import (
@@ -223,10 +223,7 @@ class DiskJournal:
         if self._fd < 0:
             self._fd = os.open(seg.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         at = seg.size
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
-        os.fsync(self._fd)
+        write_synced(self._fd, data)
         seg.size += len(data)
         return at
 

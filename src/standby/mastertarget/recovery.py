@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from standby.plumbing.durable import load_json, save_json
+from standby.plumbing.durable import load_json, save_json, write_synced
 
 from .history import DiskJournal, Group, apply_undo
 from .journal import REDO_TYPE, JournalError, UndoRecord, decode_undo, encode_undo, redo_opener, redo_sealer, scan
@@ -94,10 +94,7 @@ class RedoLog:
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             at = os.fstat(fd).st_size
-            view = memoryview(rec)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            write_synced(fd, rec)
         finally:
             os.close(fd)
         self.index[first] = (at, len(rec))

@@ -20,16 +20,21 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def write_synced(fd: int, data: bytes | memoryview) -> None:
+    """Write all of `data` at the fd's position (appending, with O_APPEND), then fsync."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.fsync(fd)
+
+
 def save_file(path: Path, data: bytes, mode: int = 0o644) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        write_synced(fd, data)
     finally:
         os.close(fd)
     os.replace(tmp, path)

@@ -12,7 +12,7 @@ from standby.plumbing.link import Link, LinkClosed, RequestFailed
 from standby.proto.errors import RemoteProtocolError
 from standby.proto.messages import Reply, Request
 
-from .recovery import FAILED_OVER, RecoveryAdmin
+from .recovery import FAILED_OVER, RecoveryAdmin, protected_disks
 from .registry import DiskRow
 from .streams import DiskStream
 
@@ -133,15 +133,7 @@ class AdminSession:
         return {"disks": [{"disk": d.name, "replica": p} for d, p in plan]}
 
     def _machine_disks(self, machine: str) -> list[DiskRow]:
-        from .server import Failure
-
-        disks = [d for d in self.ps.registry.disks(machine=machine) if d.mt is not None]
-        if not disks:
-            m = self.ps.registry.machine(machine)
-            if m is None or m["role"] != "agent":
-                raise Failure("unknown-machine", f"unknown machine {machine!r}")
-            raise Failure("bad-input", f"machine {machine!r} has no protected disk")
-        return disks
+        return protected_disks(self.ps, machine)
 
     async def pause(self, machine: str) -> dict[str, Any]:
         """Stop applying for a machine after each disk's next recovery point (for inspection and tests)."""

@@ -88,6 +88,19 @@ def _at(disk: str, pts: list[dict[str, Any]], at: float) -> dict[str, Any]:
     return before[-1]
 
 
+def protected_disks(ps: ProcessServer, machine: str) -> list[DiskRow]:
+    """The machine's protected disks; a clear refusal for an unknown machine or one with none."""
+    from .server import Failure
+
+    disks = [d for d in ps.registry.disks(machine=machine) if d.mt is not None]
+    if not disks:
+        m = ps.registry.machine(machine)
+        if m is None or m["role"] != "agent":
+            raise Failure("unknown-machine", f"unknown machine {machine!r}")
+        raise Failure("bad-input", f"machine {machine!r} has no protected disk")
+    return disks
+
+
 class RecoveryAdmin:
     """The recovery half of the admin session (see admin.AdminSession)."""
 
@@ -97,12 +110,7 @@ class RecoveryAdmin:
     def _disks(self, machine: str) -> tuple[list[DiskRow], MTSession]:
         from .server import Failure
 
-        disks = [d for d in self.ps.registry.disks(machine=machine) if d.mt is not None]
-        if not disks:
-            m = self.ps.registry.machine(machine)
-            if m is None or m["role"] != "agent":
-                raise Failure("unknown-machine", f"unknown machine {machine!r}")
-            raise Failure("bad-input", f"machine {machine!r} has no protected disk")
+        disks = protected_disks(self.ps, machine)
         mts = {d.mt for d in disks}
         if len(mts) != 1:
             raise Failure("bad-input", f"machine {machine!r} has disks on several master targets: {sorted(mts)}")
