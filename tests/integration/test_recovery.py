@@ -129,8 +129,10 @@ def test_points_listing_and_choices(deployment, protected, tmp_path):
     assert res.returncode != 0 and "no recovery point 999999999" in res.stderr
     res = deployment.cli("points", "nosuch")
     assert res.returncode != 0 and "unknown machine" in res.stderr
+    # The master target reports history every few seconds.
+    deployment.wait_for(lambda s: disk(s)["history_points"], 20, "history in status")
     status = deployment.cli("status", "src").stdout
-    assert "history:" in status, status
+    assert "history:" in status and "journal:" in status, status
 
 
 def test_fsck_passes_at_a_crash_consistent_point(deployment, protected, tmp_path, make_loop):

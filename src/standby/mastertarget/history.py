@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from standby.plumbing.durable import fsync_dir, write_synced
-from standby.proto.frames import HEADER_SIZE
+from standby.proto.errors import ProtocolError
+from standby.proto.frames import HEADER_SIZE, check_payload, decode_header
 
 from .journal import (
     COMMIT_TYPE,
@@ -44,6 +45,7 @@ from .journal import (
     scan,
     undo_opener,
     undo_sealer,
+    undo_table,
 )
 from .retention import APP, CRASH
 from .retention import Point as RPoint
@@ -94,6 +96,49 @@ class _Segment:
     groups: list[Group] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class Walk:
+    records: list[tuple[int, int, int, int, int, bytes | None]]  # type, stream, sequence, offset, size, payload
+    good_end: int
+    torn: bool
+    problem: str | None
+
+
+def walk_records(path: Path, small: int = 1 << 16) -> Walk:
+    """Walk a journal file by its record headers without reading large payloads (start-up must not read
+    a whole retention window). Payloads up to `small` bytes, and the last record's, are read and
+    checked; the others are checked when they are used (an undo record when a point is restored).
+    A last record cut short — or, reaching exactly the end, failing its checksum — is a torn write."""
+    out: list[tuple[int, int, int, int, int, bytes | None]] = []
+    size = path.stat().st_size
+    pos = 0
+    with open(path, "rb") as f:
+        while pos < size:
+            f.seek(pos)
+            head = f.read(HEADER_SIZE)
+            if len(head) < HEADER_SIZE:
+                return Walk(out, pos, True, None)
+            try:
+                h = decode_header(head)
+            except ProtocolError as exc:
+                return Walk(out, pos, False, f"bad record at offset {pos}: {exc}")
+            end = pos + HEADER_SIZE + h.length
+            if end > size:
+                return Walk(out, pos, True, None)
+            payload = None
+            if h.length <= small or end == size:
+                payload = f.read(h.length)
+                try:
+                    check_payload(h, payload)
+                except ProtocolError as exc:
+                    if end == size:
+                        return Walk(out, pos, True, None)
+                    return Walk(out, pos, False, f"bad record at offset {pos}: {exc}")
+            out.append((h.type, h.stream, h.sequence, pos, end - pos, payload))
+            pos = end
+    return Walk(out, pos, False, None)
+
+
 def merge_ranges(ranges: list[tuple[int, int]], piece: int = PIECE_MAX) -> list[tuple[int, int]]:
     """The union of (offset, length) ranges as sorted, non-overlapping (offset, length) pieces of at most
     `piece` bytes: what a group overwrites, each byte once."""
@@ -135,27 +180,24 @@ class DiskJournal:
         pending: Pending | None = None
         for i, path in enumerate(paths):
             last_segment = i == len(paths) - 1
-            data = path.read_bytes()
-            s = scan(data)
-            if s.problem is not None:
-                raise JournalError(f"retention journal {path} is damaged: {s.problem}")
-            if s.torn:
+            w = walk_records(path)
+            if w.problem is not None:
+                raise JournalError(f"retention journal {path} is damaged: {w.problem}")
+            if w.torn:
                 if not last_segment:
                     raise JournalError(f"retention journal {path}: torn record before the last segment")
                 log.warning("disk %d: cutting a torn record off the end of %s", self.disk, path)
-                os.truncate(path, s.good_end)
-            seg = _Segment(path, int(path.stem[4:]), s.good_end)
+                os.truncate(path, w.good_end)
+            seg = _Segment(path, int(path.stem[4:]), w.good_end)
             undo: tuple[int, int, int] | None = None  # (first, offset, size) of an UNDO awaiting its COMMIT
-            for n, (ftype, disk, seq, payload) in enumerate(s.records):
-                at = s.offsets[n]
-                size = (s.offsets[n + 1] if n + 1 < len(s.offsets) else s.good_end) - at
+            for ftype, disk, seq, at, size, payload in w.records:
                 if disk != self.disk:
                     raise JournalError(f"retention journal {path}: record of disk {disk} in disk {self.disk}'s")
                 if ftype == UNDO_TYPE:
                     if undo is not None:
                         raise JournalError(f"retention journal {path}: two undo records without a commit")
                     undo = (seq, at, size)
-                elif ftype == COMMIT_TYPE:
+                elif ftype == COMMIT_TYPE and payload is not None:
                     c = decode_commit(disk, seq, payload)
                     first = int(c.meta.get("first", seq))
                     g = Group(first, seq, c.meta, path)
@@ -166,11 +208,13 @@ class DiskJournal:
                         undo = None
                     seg.groups.append(g)
                 else:
-                    raise JournalError(f"retention journal {path}: unexpected record type {ftype:#x}")
+                    raise JournalError(f"retention journal {path}: unexpected record type {ftype:#x} at {at}")
             if undo is not None:
                 if not last_segment:
                     raise JournalError(f"retention journal {path}: uncommitted undo record before the last segment")
-                body = memoryview(data)[undo[1] + HEADER_SIZE : undo[1] + undo[2]]
+                with open(path, "rb") as f:
+                    f.seek(undo[1] + HEADER_SIZE)
+                    body = f.read(undo[2] - HEADER_SIZE)
                 rec = decode_undo(self.disk, undo[0], body, self.opener)
                 pending = Pending(path, undo[1], rec)
             if not seg.groups and pending is None and not last_segment:
@@ -294,6 +338,21 @@ class DiskJournal:
             raise JournalError(f"retention journal {g.segment}: undo record of {g.first} at {g.undo_at} is damaged")
         _, disk, seq, payload = s.records[0]
         return decode_undo(disk, seq, payload, self.opener)
+
+    def undo_ranges(self, g: Group) -> list[tuple[int, int]]:
+        """The (offset, length) ranges `g`'s undo record covers, from its extent table only."""
+        if g.undo_at < 0:
+            return []
+        need = 256
+        with open(g.segment, "rb") as f:
+            while True:
+                f.seek(g.undo_at + HEADER_SIZE)
+                got = undo_table(g.first, f.read(min(need, g.undo_bytes - HEADER_SIZE)), self.opener)
+                if isinstance(got, list):
+                    return got
+                if got > g.undo_bytes - HEADER_SIZE:
+                    raise JournalError(f"retention journal {g.segment}: undo record of {g.first} is truncated")
+                need = got
 
     def groups_after(self, seq: int) -> list[Group]:
         return [g for g in self.groups if g.last > seq]

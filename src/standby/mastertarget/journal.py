@@ -16,6 +16,8 @@ types of their own that are only ever stored, never sent:
                  replica is synced: an UNDO without its COMMIT is a batch to roll back at start-up.
     0x42 REDO    as UNDO, under the REDO domain: during a failover, the contents a rollback is about to
                  overwrite, so the operator can move to a newer point again before committing.
+                 stream = disk id, sequence = the step's starting state, generation field = part number
+    0x43 MOVE    JSON {src, dst, parts}: a backward step of a failover, followed by its `parts` REDO records
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from standby.proto.messages import MAX_BATCH_LOGICAL, SEAL_SIZE, ExtentKind, met
 UNDO_TYPE = 0x40
 COMMIT_TYPE = 0x41
 REDO_TYPE = 0x42
+MOVE_TYPE = 0x43
 _HEAD = struct.Struct(">II")
 _ENTRY = struct.Struct(">QIIBxxx")
 
@@ -120,6 +123,24 @@ def decode_undo(disk: int, sequence: int, payload: bytes | memoryview, opener: O
     except EnvelopeError as exc:
         raise JournalError(f"undo record {sequence} failed authentication: {exc}") from None
     return UndoRecord(disk, sequence, generation, tuple(extents), tuple(lengths))
+
+
+def undo_table(sequence: int, prefix: bytes | memoryview, opener: Opener) -> list[tuple[int, int]] | int:
+    """The (offset, length) ranges of an UNDO/REDO payload from its first bytes, table seal checked; or,
+    if `prefix` is too short, how many bytes are needed. Lets a rollback plan its writes without
+    decrypting contents it may not use."""
+    p = memoryview(prefix)
+    if len(p) < _HEAD.size:
+        return _HEAD.size
+    generation, count = _HEAD.unpack_from(p, 0)
+    end = _HEAD.size + count * _ENTRY.size
+    if len(p) < end + SEAL_SIZE:
+        return end + SEAL_SIZE
+    try:
+        opener.check_batch(generation, sequence, bytes(p[:end]), p[end : end + SEAL_SIZE])
+    except EnvelopeError as exc:
+        raise JournalError(f"undo record {sequence} failed authentication: {exc}") from None
+    return [_ENTRY.unpack_from(p, _HEAD.size + i * _ENTRY.size)[:2] for i in range(count)]
 
 
 def encode_commit(disk: int, sequence: int, meta: dict[str, Any]) -> bytes:

@@ -16,18 +16,32 @@ group newer than the point gives that block's contents at the point, whatever ve
 
 from __future__ import annotations
 
+import bisect
 import errno
+import heapq
+import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from standby.plumbing.durable import load_json, save_json, write_synced
+from standby.plumbing.durable import load_json, save_json
+from standby.proto.frames import encode_frame
 
-from .history import DiskJournal, Group, apply_undo
-from .journal import REDO_TYPE, JournalError, UndoRecord, decode_undo, encode_undo, redo_opener, redo_sealer, scan
+from .history import PIECE_MAX, DiskJournal, Group, apply_undo, walk_records
+from .journal import (
+    MOVE_TYPE,
+    REDO_TYPE,
+    JournalError,
+    UndoRecord,
+    decode_undo,
+    encode_undo,
+    redo_opener,
+    redo_sealer,
+    scan,
+)
 from .replicas import Replica, create_replica
 from .replicas.raw import FileReplica
 
@@ -55,6 +69,7 @@ class FailoverState:
     point_time: float = 0.0
     started_at: float = 0.0
     committed: bool = False
+    step: dict[str, int] | None = None  # the step under way: {"op": 0 undo / 1 redo, "src", "dst"}
 
     @classmethod
     def load(cls, directory: Path) -> FailoverState | None:
@@ -65,88 +80,235 @@ class FailoverState:
         save_json(directory / "failover.json", asdict(self), 0o600)
 
 
+UNDO_STEP, REDO_STEP = 0, 1
+REDO_PART = 32 << 20  # bytes of saved contents per REDO record (bounds memory)
+
+
+@dataclass
+class Move:
+    """One backward step in the redo log: the contents at `src` of everything rolling back to `dst`
+    overwrote, in `parts` REDO records after a MOVE record at `offset`."""
+
+    src: int
+    dst: int
+    parts: int
+    offset: int
+    records: list[tuple[int, int]]  # (offset, size) of each REDO record present
+
+    @property
+    def complete(self) -> bool:
+        return len(self.records) == self.parts
+
+
 class RedoLog:
-    """REDO records of one disk's failover: what rolling back overwrote, by group (its first sequence)."""
+    """The way forward during a failover: a stack of backward steps, newest last (`redo.jrn`)."""
 
     def __init__(self, journal: DiskJournal) -> None:
         self.path = journal.dir / "redo.jrn"
         self.disk = journal.disk
         self.sealer = redo_sealer(journal.key, journal.uid)
         self.opener = redo_opener(journal.key, journal.uid)
-        self.index: dict[int, tuple[int, int]] = {}
-        if self.path.exists():
-            data = self.path.read_bytes()
-            s = scan(data)
-            if s.problem:
-                raise JournalError(f"redo log {self.path} is damaged: {s.problem}")
-            if s.torn:
-                os.truncate(self.path, s.good_end)
-            for n, (ftype, _, seq, _) in enumerate(s.records):
-                end = s.offsets[n + 1] if n + 1 < len(s.offsets) else s.good_end
-                if ftype == REDO_TYPE:
-                    self.index[seq] = (s.offsets[n], end - s.offsets[n])
+        self.moves: list[Move] = []
+        if not self.path.exists():
+            return
+        walk = walk_records(self.path, small=1 << 16)
+        if walk.problem:
+            raise JournalError(f"redo log {self.path} is damaged: {walk.problem}")
+        if walk.torn:
+            os.truncate(self.path, walk.good_end)
+        for ftype, _, _, at, size, payload in walk.records:
+            if ftype == MOVE_TYPE and payload is not None:
+                meta = json.loads(payload)
+                self.moves.append(Move(int(meta["src"]), int(meta["dst"]), int(meta["parts"]), at, []))
+            elif ftype == REDO_TYPE and self.moves:
+                self.moves[-1].records.append((at, size))
+            else:
+                raise JournalError(f"redo log {self.path}: unexpected record at {at}")
 
-    def has(self, first: int) -> bool:
-        return first in self.index
-
-    def append(self, first: int, generation: int, pieces: list[tuple[int, bytes]]) -> None:
-        rec = encode_undo(self.disk, first, generation, pieces, self.sealer, REDO_TYPE)
+    def push(self, src: int, dst: int, chunks: list[list[tuple[int, int]]], read: Callable[[int, int], bytes]) -> None:
+        """Append one step — a MOVE record, then the current contents of `chunks` (lists of (offset,
+        length)), one REDO record per chunk, read as they are written — and fsync once: all before the
+        replica is touched."""
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             at = os.fstat(fd).st_size
-            write_synced(fd, rec)
+            meta = json.dumps({"src": src, "dst": dst, "parts": len(chunks)}).encode()
+            head = encode_frame(MOVE_TYPE, self.disk, src, meta)
+            os.write(fd, head)
+            move = Move(src, dst, len(chunks), at, [])
+            pos = at + len(head)
+            for i, ranges in enumerate(chunks):
+                rec = encode_undo(self.disk, src, i, [(a, read(a, n)) for a, n in ranges], self.sealer, REDO_TYPE)
+                view = memoryview(rec)
+                while view:
+                    view = view[os.write(fd, view) :]
+                move.records.append((pos, len(rec)))
+                pos += len(rec)
+            os.fsync(fd)
         finally:
             os.close(fd)
-        self.index[first] = (at, len(rec))
+        self.moves.append(move)
 
-    def read(self, first: int) -> UndoRecord:
-        at, size = self.index[first]
+    def read(self, move: Move) -> Iterator[UndoRecord]:
         with open(self.path, "rb") as f:
-            f.seek(at)
-            data = f.read(size)
-        s = scan(data)
-        if s.problem or s.torn or len(s.records) != 1:
-            raise JournalError(f"redo log {self.path}: record of {first} is damaged")
-        _, disk, seq, payload = s.records[0]
-        return decode_undo(disk, seq, payload, self.opener)
+            for at, size in move.records:
+                f.seek(at)
+                s = scan(f.read(size))
+                if s.problem or s.torn or len(s.records) != 1:
+                    raise JournalError(f"redo log {self.path}: record at {at} is damaged")
+                _, disk, seq, payload = s.records[0]
+                yield decode_undo(disk, seq, payload, self.opener)
+
+    def pop(self) -> None:
+        """Forget the newest step (its contents are back in the replica, synced)."""
+        move = self.moves.pop()
+        os.truncate(self.path, move.offset)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def drop_incomplete(self) -> None:
+        """A step whose REDO records were not all written (a crash while appending): the replica was not
+        touched for it yet (records are synced before any write), so it is simply forgotten."""
+        if self.moves and not self.moves[-1].complete:
+            self.pop()
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
-        self.index.clear()
+        self.moves.clear()
+
+
+def oldest_cover(spans: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Given (start, end, rank) spans, the disjoint pieces (start, end, rank) where each covered byte gets
+    the smallest rank covering it — adjacent pieces of one rank merged. A sweep over the span ends."""
+    spans = sorted(spans)
+    cuts = sorted({x for a, b, _ in spans for x in (a, b)})
+    heap: list[tuple[int, int]] = []  # (rank, end)
+    out: list[tuple[int, int, int]] = []
+    i = 0
+    for x, y in zip(cuts, cuts[1:], strict=False):
+        while i < len(spans) and spans[i][0] <= x:
+            heapq.heappush(heap, (spans[i][2], spans[i][1]))
+            i += 1
+        while heap and heap[0][1] <= x:
+            heapq.heappop(heap)
+        if not heap:
+            continue
+        rank = heap[0][0]
+        if out and out[-1][2] == rank and out[-1][1] == x:
+            out[-1] = (out[-1][0], y, rank)
+        else:
+            out.append((x, y, rank))
+    return out
+
+
+def _put(write: Writer, rec: UndoRecord, pieces: list[tuple[int, int]]) -> int:
+    """Write the parts of `rec` that lie in `pieces` (sorted, disjoint, each inside `rec`'s extents)."""
+    starts = [off for off, _ in rec.extents]
+    n = 0
+    for a, b in pieces:
+        k = max(bisect.bisect_right(starts, a) - 1, 0)
+        while a < b and k < len(rec.extents):
+            off, data = rec.extents[k]
+            end = off + rec.lengths[k]
+            lo, hi = max(a, off), min(b, end)
+            if lo < hi:
+                write(lo, None if data is None else data[lo - off : hi - off], hi - lo)
+                n += hi - lo
+                a = hi
+            k += 1
+    return n
+
+
+def _undo_step(journal: DiskJournal, replica: Replica, redo: RedoLog, src: int, dst: int) -> int:
+    """Roll the replica back from `src` to `dst`, each block written once: the oldest undo record
+    newer than `dst` that covers a block holds its contents at `dst`. What is overwritten is saved
+    (synced) as one redo step first."""
+    groups = [g for g in journal.groups if dst < g.last <= src and g.undo_at >= 0]
+    spans = [(off, off + n, rank) for rank, g in enumerate(groups) for off, n in journal.undo_ranges(g)]
+    pieces = oldest_cover(spans)  # ranks are oldest first: rank 0 wins
+    if not (redo.moves and redo.moves[-1].src == src and redo.moves[-1].dst == dst):
+        chunks: list[list[tuple[int, int]]] = [[]] if pieces else []
+        size = 0
+        for a, b, _ in pieces:
+            for x in range(a, b, PIECE_MAX):
+                y = min(b, x + PIECE_MAX)
+                if size + (y - x) > REDO_PART and chunks[-1]:
+                    chunks.append([])
+                    size = 0
+                chunks[-1].append((x, y - x))
+                size += y - x
+        redo.push(src, dst, chunks, replica.read)
+    by_rank: dict[int, list[tuple[int, int]]] = {}
+    for a, b, rank in pieces:
+        by_rank.setdefault(rank, []).append((a, b))
+    write = replica_writer(replica)
+    n = 0
+    for rank, ranges in by_rank.items():
+        rec = journal.read_undo(groups[rank])
+        assert rec is not None
+        n += _put(write, rec, ranges)
+    replica.sync()
+    return n
+
+
+def _redo_step(replica: Replica, redo: RedoLog) -> int:
+    """Put back what the newest backward step overwrote: the replica is at that step's `src` again."""
+    write = replica_writer(replica)
+    n = 0
+    for rec in redo.read(redo.moves[-1]):
+        n += apply_undo(rec, write)
+    replica.sync()
+    redo.pop()
+    return n
 
 
 def move(journal: DiskJournal, replica: Replica, fo: FailoverState, target: int) -> int:
     """Move the replica from `fo.at` to the state after group `target` (<= fo.latest); returns the bytes
-    written. `fo` is saved with the target first and with `at` once the replica is synced."""
+    written. Forward means replaying redo steps (newest first) until at or past the target, backward one
+    undo step. Each step is recorded in `fo` before it starts and when it is done, so a crash resumes it
+    (`resume`): replaying a step is idempotent."""
     if target > fo.latest:
         raise JournalError(f"sequence {target} is newer than the replica's newest state {fo.latest}")
     redo = RedoLog(journal)
+    n = resume(journal, replica, fo, redo)
     fo.target = target
     fo.save(journal.dir)
-    write = replica_writer(replica)
-    n = 0
-    groups = list(journal.groups)
-    if target < fo.at:
-        for g in reversed([g for g in groups if target < g.last <= fo.at]):
-            rec = journal.read_undo(g)
-            if rec is None:
-                continue
-            if not redo.has(g.first):
-                now = [(off, replica.read(off, length)) for (off, _), length in zip(rec.extents, rec.lengths,
-                                                                                   strict=True)]
-                redo.append(g.first, rec.generation, now)
-            n += apply_undo(rec, write)
+    while fo.at < target:
+        if not redo.moves or redo.moves[-1].dst != fo.at:
+            raise JournalError(f"no redo step from {fo.at}: cannot move forward to {target}")
+        top = redo.moves[-1]
+        n += _step(journal, replica, fo, redo, REDO_STEP, fo.at, top.src)
+    if fo.at > target:
+        n += _step(journal, replica, fo, redo, UNDO_STEP, fo.at, target)
+    return n
+
+
+def _step(journal: DiskJournal, replica: Replica, fo: FailoverState, redo: RedoLog, op: int, src: int,
+          dst: int) -> int:
+    fo.step = {"op": op, "src": src, "dst": dst}
+    fo.save(journal.dir)
+    if op == UNDO_STEP:
+        n = _undo_step(journal, replica, redo, src, dst)
+    elif redo.moves and redo.moves[-1].src == dst and redo.moves[-1].dst == src:
+        n = _redo_step(replica, redo)
     else:
-        for g in [g for g in groups if fo.at < g.last <= target]:
-            if g.undo_at < 0:
-                continue
-            if not redo.has(g.first):
-                raise JournalError(f"no redo record for sequence {g.first}: cannot move forward past it")
-            n += apply_undo(redo.read(g.first), write)
-    replica.sync()
-    fo.at = target
+        n = 0  # popped before a crash: the replica was synced at `dst` already
+    fo.at, fo.step = dst, None
     fo.save(journal.dir)
     return n
+
+
+def resume(journal: DiskJournal, replica: Replica, fo: FailoverState, redo: RedoLog | None = None) -> int:
+    """Finish a step a crash interrupted (start-up, or the next move)."""
+    redo = redo or RedoLog(journal)
+    redo.drop_incomplete()
+    if fo.step is None:
+        return 0
+    st = fo.step
+    return _step(journal, replica, fo, redo, int(st["op"]), int(st["src"]), int(st["dst"]))
 
 
 def commit(journal: DiskJournal, fo: FailoverState) -> None:
