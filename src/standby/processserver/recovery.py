@@ -151,11 +151,15 @@ class RecoveryAdmin:
             if hold:
                 st.pause, st.paused_at = True, max(st.received_seq, st.applied_seq)
         deadline = time.monotonic() + DRAIN_TIMEOUT
+        mt = disks[0].mt or ""
         while any(self.ps.open_stream(d).applied_seq < fences[d.id] for d in disks):
+            left = sum(fences[d.id] - self.ps.open_stream(d).applied_seq for d in disks)
+            if mt not in self.ps.mt_sessions:
+                raise Failure("unreachable", f"master target {mt!r} went away with {left} record(s) still to apply; "
+                              "start it and retry, or fail over to latest-processed")
             if time.monotonic() > deadline:
-                raise Failure(
-                    "failed", f"the master target did not apply the cached records within {DRAIN_TIMEOUT:.0f} s"
-                )
+                raise Failure("failed", f"the master target did not apply the cached records within "
+                              f"{DRAIN_TIMEOUT:.0f} s ({left} left); retry, or fail over to latest-processed")
             await asyncio.sleep(0.1)
 
     def _choose(self, listed: dict[str, dict[str, Any]], point: str | None, at: float | None) -> dict[str, dict]:
