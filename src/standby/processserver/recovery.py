@@ -145,11 +145,27 @@ class RecoveryAdmin:
         from .server import Failure
 
         fences = {}
+        held = []
         for d in disks:
             st = self.ps.open_stream(d)
             fences[d.id] = st.received_seq
             if hold:
+                if not st.pause:
+                    held.append(st)
+                # An operator's pause included: everything received so far is applied, nothing newer.
                 st.pause, st.paused_at = True, max(st.received_seq, st.applied_seq)
+                st.resumed.set()
+        try:
+            await self._wait_applied(disks, fences)
+        except Failure:
+            for st in held:  # the failover did not happen: replication goes on as before
+                st.pause, st.paused_at = False, 0
+                st.resumed.set()
+            raise
+
+    async def _wait_applied(self, disks: list[DiskRow], fences: dict[int, int]) -> None:
+        from .server import Failure
+
         deadline = time.monotonic() + DRAIN_TIMEOUT
         mt = disks[0].mt or ""
         while any(self.ps.open_stream(d).applied_seq < fences[d.id] for d in disks):
