@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from standby.plumbing.durable import fsync_dir, write_synced
+from standby.plumbing.durable import fsync_dir, truncate_synced, write_synced
 from standby.proto.errors import ProtocolError
 from standby.proto.frames import HEADER_SIZE, check_payload, decode_header
 
@@ -187,7 +187,7 @@ class DiskJournal:
                 if not last_segment:
                     raise JournalError(f"retention journal {path}: torn record before the last segment")
                 log.warning("disk %d: cutting a torn record off the end of %s", self.disk, path)
-                os.truncate(path, w.good_end)
+                truncate_synced(path, w.good_end)
             seg = _Segment(path, int(path.stem[4:]), w.good_end)
             undo: tuple[int, int, int] | None = None  # (first, offset, size) of an UNDO awaiting its COMMIT
             for ftype, disk, seq, at, size, payload in w.records:
@@ -228,12 +228,7 @@ class DiskJournal:
         """Put the old contents of an uncommitted group back, sync, then forget the UNDO."""
         apply_undo(pending.record, write)
         sync()
-        os.truncate(pending.segment, pending.offset)
-        fd = os.open(pending.segment, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        truncate_synced(pending.segment, pending.offset)
         self.segments[-1].size = pending.offset
         log.warning("disk %d: rolled back the uncommitted group from sequence %d", self.disk, pending.record.sequence)
 
@@ -417,7 +412,7 @@ class DiskJournal:
             # The segment now ends where the first later group began: its UNDO, or its COMMIT alone.
             first = later[0]
             end = first.undo_at if first.undo_at >= 0 else self._commit_offset(seg, first)
-            os.truncate(seg.path, end)
+            truncate_synced(seg.path, end)
             seg.size, seg.groups = end, keep
             break
         fsync_dir(self.dir)

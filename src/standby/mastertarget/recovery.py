@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from standby.plumbing.durable import load_json, save_json
+from standby.plumbing.durable import load_json, save_json, truncate_synced
 from standby.proto.frames import encode_frame
 
 from .history import PIECE_MAX, DiskJournal, Group, apply_undo, walk_records
@@ -115,7 +115,7 @@ class RedoLog:
         if walk.problem:
             raise JournalError(f"redo log {self.path} is damaged: {walk.problem}")
         if walk.torn:
-            os.truncate(self.path, walk.good_end)
+            truncate_synced(self.path, walk.good_end)
         for ftype, _, _, at, size, payload in walk.records:
             if ftype == MOVE_TYPE and payload is not None:
                 meta = json.loads(payload)
@@ -162,12 +162,7 @@ class RedoLog:
     def pop(self) -> None:
         """Forget the newest step (its contents are back in the replica, synced)."""
         move = self.moves.pop()
-        os.truncate(self.path, move.offset)
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        truncate_synced(self.path, move.offset)
 
     def drop_incomplete(self) -> None:
         """A step whose REDO records were not all written (a crash while appending): the replica was not

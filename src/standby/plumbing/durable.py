@@ -28,6 +28,16 @@ def write_synced(fd: int, data: bytes | memoryview) -> None:
     os.fsync(fd)
 
 
+def truncate_synced(path: Path, size: int) -> None:
+    """Cut a file to `size` bytes, durably (a cut-off torn or rolled-back record must stay cut off)."""
+    os.truncate(path, size)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_file(path: Path, data: bytes, mode: int = 0o644) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
