@@ -70,6 +70,7 @@ class DiskWorker:
         self.pins = 0  # test failovers reading the journal: no pruning meanwhile
         self.space_cap_override: int | None = None  # set under retention-volume pressure
         self.retention_alert = ""
+        self.retention_alert_at = 0.0
 
     def halt(self) -> None:
         """Stop applying (failover): whatever is queued stays unacknowledged in the process server."""

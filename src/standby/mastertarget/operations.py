@@ -28,6 +28,10 @@ if TYPE_CHECKING:
     from .daemon import DiskWorker, MasterTarget
 
 log = logging.getLogger("standby.mt.ops")
+# A space-pressure alert stays up this long after the last pruning it caused (pruning makes the pressure
+# go away until the next minutes of churn bring it back: the operator must still see it), and is logged
+# again at most this often.
+ALERT_HOLD = 600.0
 
 
 class OpError(Exception):
@@ -65,12 +69,16 @@ def point_list(w: DiskWorker, now: float | None = None) -> dict[str, Any]:
             }
         )
     fo = FailoverState.load(j.dir)
+    alert = kept.alert
+    if not alert and w.retention_alert and time.time() - w.retention_alert_at < ALERT_HOLD:
+        when = time.strftime("%H:%M:%S", time.localtime(w.retention_alert_at))
+        alert = f"{w.retention_alert} (last at {when})"  # pruning fixed it for now; it keeps coming back
     return {
         "disk": w.state.disk,
         "points": points,
         "journal_bytes": j.bytes,
         "applied_seq": w.state.applied_seq,
-        "alert": kept.alert,
+        "alert": alert,
         "failover": None if fo is None else vars(fo),
     }
 
@@ -90,9 +98,10 @@ def prune(w: DiskWorker) -> dict[str, Any]:
     freed = 0
     if p.keep:
         freed = w.journal.drop_before(p.keep[0].sequence)
-    if p.alert and p.alert != w.retention_alert:
-        log.warning("ALERT disk %s/%s: %s", w.state.machine, w.state.name, p.alert)
-    w.retention_alert = p.alert
+    if p.alert:
+        if time.time() - w.retention_alert_at >= ALERT_HOLD or not w.retention_alert:
+            log.warning("ALERT disk %s/%s: %s", w.state.machine, w.state.name, p.alert)
+        w.retention_alert, w.retention_alert_at = p.alert, time.time()
     return {"freed": freed, "kept": len(p.keep), "alert": p.alert}
 
 
