@@ -13,7 +13,6 @@ from standby.plumbing.errors import BadInput
 
 from .client import AdminClient
 
-SELECTORS = ("latest", "latest-processed", "latest-app")
 _AGO = re.compile(r"^\s*-?(\d+(?:\.\d+)?)\s*([smhd])(?:\s+ago)?\s*$")
 
 

@@ -91,7 +91,6 @@ class Pending:
 @dataclass
 class _Segment:
     path: Path
-    first: int
     size: int
     groups: list[Group] = field(default_factory=list)
 
@@ -170,6 +169,7 @@ class DiskJournal:
         self.opener = undo_opener(key, uid)
         self.segments: list[_Segment] = []
         self._fd = -1  # the last segment, open for appending
+        self._open_undo: tuple[int, int, int] | None = None  # (first, offset, size) of the UNDO being applied
 
     # -- start-up -----------------------------------------------------------------------------------
     def open(self) -> Pending | None:
@@ -188,7 +188,7 @@ class DiskJournal:
                     raise JournalError(f"retention journal {path}: torn record before the last segment")
                 log.warning("disk %d: cutting a torn record off the end of %s", self.disk, path)
                 truncate_synced(path, w.good_end)
-            seg = _Segment(path, int(path.stem[4:]), w.good_end)
+            seg = _Segment(path, w.good_end)
             undo: tuple[int, int, int] | None = None  # (first, offset, size) of an UNDO awaiting its COMMIT
             for ftype, disk, seq, at, size, payload in w.records:
                 if disk != self.disk:
@@ -266,14 +266,12 @@ class DiskJournal:
         seg.size += len(data)
         return at
 
-    _open_undo: tuple[int, int, int] | None = None  # (first, offset, size) of the UNDO being applied
-
     def _new_segment(self, first: int) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
         path = self.dir / f"seg-{first:020d}.jrn"
-        self.segments.append(_Segment(path, first, 0))
+        self.segments.append(_Segment(path, 0))
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         os.close(fd)
         fsync_dir(self.dir)
@@ -287,11 +285,11 @@ class DiskJournal:
     def write_commit(self, first: int, last: int, meta: dict[str, Any]) -> Group:
         """Record that the group first..last is in the replica (after its sync): synced."""
         meta = {**meta, "first": first}
-        at_rec = encode_commit(self.disk, last, meta)
+        rec = encode_commit(self.disk, last, meta)
         undo = self._open_undo
         if undo is not None and undo[0] != first:
             raise JournalError(f"commit for {first}..{last} while the undo of {undo[0]} is open")
-        self._append(at_rec, first)
+        self._append(rec, first)
         seg = self.segments[-1]
         g = Group(first, last, meta, seg.path)
         if undo is not None:

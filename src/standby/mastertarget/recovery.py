@@ -1,17 +1,20 @@
 """Going back to a recovery point: failover in place (with the way forward kept until commit) and test
 failover into a separate copy. Runs in worker threads; the daemon serialises per disk.
 
-**Failover** rolls the replica back in place: the undo records of every group newer than the point,
-newest first. Before a group's old contents overwrite the replica, what they overwrite is saved as a
-REDO record (synced) — so the operator can move to a *newer* point again (REDO records replayed oldest
-first) until `commit` discards everything newer. `failover.json` says where the replica is (`at`) and
-where it is going (`target`); a crash in between resumes the move at start-up: replaying undo records
-(REDO already saved, never captured twice) and replaying redo records are both idempotent.
+**Rolling back** over the groups newer than a point is, in effect, applying their undo records newest
+first; it is done with each block written once: the oldest of those records that covers a block holds
+its contents at the point (planned from the records' extent tables, `oldest_cover`).
 
-**Test failover** copies the replica while replication goes on, then applies every undo record newer
-than the point, newest first, *including those written during the copy*: any block the copy caught
-half-way through replication was written after its group's undo record was synced, so undoing every
-group newer than the point gives that block's contents at the point, whatever version was copied.
+**Failover** rolls the replica back in place in steps. Before a backward step writes, what it will
+overwrite is saved as a redo step (REDO records, synced) — so the operator can move to a *newer* point
+again (redo steps replayed newest first) until `commit` discards everything newer. `failover.json`
+says where the replica is (`at`), where it is going (`target`) and the step under way; a crash resumes
+that step at start-up (a redo step is never captured twice, and replaying either kind is idempotent).
+
+**Test failover** copies the replica while replication goes on, then rolls the copy back over every
+group newer than the point, *including those written during the copy*: any block the copy caught
+half-way through replication was written after its group's undo record was synced, so the roll-back
+gives that block's contents at the point, whatever version was copied.
 """
 
 from __future__ import annotations
@@ -222,8 +225,7 @@ def _undo_step(journal: DiskJournal, replica: Replica, redo: RedoLog, src: int, 
     newer than `dst` that covers a block holds its contents at `dst`. What is overwritten is saved
     (synced) as one redo step first."""
     groups = [g for g in journal.groups if dst < g.last <= src and g.undo_at >= 0]
-    spans = [(off, off + n, rank) for rank, g in enumerate(groups) for off, n in journal.undo_ranges(g)]
-    pieces = oldest_cover(spans)  # ranks are oldest first: rank 0 wins
+    pieces = _rollback_plan(journal, groups)
     if not (redo.moves and redo.moves[-1].src == src and redo.moves[-1].dst == dst):
         chunks: list[list[tuple[int, int]]] = [[]] if pieces else []
         size = 0
@@ -236,16 +238,29 @@ def _undo_step(journal: DiskJournal, replica: Replica, redo: RedoLog, src: int, 
                 chunks[-1].append((x, y - x))
                 size += y - x
         redo.push(src, dst, chunks, replica.read)
+    n = _roll_back(journal, groups, pieces, replica_writer(replica))
+    replica.sync()
+    return n
+
+
+def _rollback_plan(journal: DiskJournal, groups: list[Group]) -> list[tuple[int, int, int]]:
+    """Rolling back `groups` (oldest first): for each block, the oldest of them whose undo record covers
+    it holds its contents before them all. (start, end, index into `groups`) pieces, from the records'
+    extent tables only."""
+    spans = [(off, off + n, rank) for rank, g in enumerate(groups) for off, n in journal.undo_ranges(g)]
+    return oldest_cover(spans)
+
+
+def _roll_back(journal: DiskJournal, groups: list[Group], pieces: list[tuple[int, int, int]], write: Writer) -> int:
+    """Write the planned pieces, each block once, each undo record opened once."""
     by_rank: dict[int, list[tuple[int, int]]] = {}
     for a, b, rank in pieces:
         by_rank.setdefault(rank, []).append((a, b))
-    write = replica_writer(replica)
     n = 0
     for rank, ranges in by_rank.items():
         rec = journal.read_undo(groups[rank])
         assert rec is not None
         n += _put(write, rec, ranges)
-    replica.sync()
     return n
 
 
@@ -366,13 +381,10 @@ def _copy_data_ranges(src: Path, dest: Path, size: int) -> None:
 
 
 def undo_into(journal: DiskJournal, groups: list[Group], out: Replica) -> int:
-    """Apply the undo records of `groups` (all newer than the point) to `out`, newest first."""
-    write = replica_writer(out)
-    n = 0
-    for g in reversed(groups):
-        rec = journal.read_undo(g)
-        if rec is not None:
-            n += apply_undo(rec, write)
+    """Roll `out` back over `groups` (all newer than the point, oldest first): the same as applying their
+    undo records newest first, with each block written once."""
+    with_undo = [g for g in groups if g.undo_at >= 0]
+    n = _roll_back(journal, with_undo, _rollback_plan(journal, with_undo), replica_writer(out))
     out.sync()
     return n
 

@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("standby.ps.recovery")
 FAILED_OVER = ("failed-over", "failover-committed")
-SELECTORS = ("latest", "latest-processed", "latest-app")
 DRAIN_TIMEOUT = 900.0
 LONG = 6 * 3600.0  # a rollback or a copy of a large disk may take long: the master target reports its end
 
