@@ -5,6 +5,7 @@ end-to-end check against real writes is in tests/integration/test_delta.py (writ
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from standby.agent.daemon import Agent, LocalDisk
 from standby.agent.delta import AppCut, DeltaStats, Shipper, Tracking
 from standby.agent.reader import disk_size
 from standby.agent.tracker.base import TrackingLost
+from standby.plumbing.serve import serve_request
 from standby.proto.messages import Ack, Commit, Reply, Request
 
 MiB = 1024 * 1024
@@ -221,6 +223,8 @@ def test_idle_epoch_is_a_point_unless_late(late):
 # builder that lets time pass on the scripted tracker (and may write meanwhile). Freezing real file systems
 # is tested in test_freeze.py.
 class FakeLink:
+    name = "fake link"
+
     def __init__(self, disk: LocalDisk) -> None:
         self.disk = disk
         self.sent: list[Any] = []
@@ -428,7 +432,8 @@ def test_the_agent_answers_app_point_requests(tmp_path):
     async def ask(args: dict[str, Any], shipping: bool = True) -> Reply:
         task = asyncio.create_task(h.shipper.run(0, 1)) if shipping else None
         await asyncio.sleep(0.02)
-        await Agent.answer_app_point(h.agent, out, Request(7, "app_point", args))  # type: ignore[arg-type]
+        handler = functools.partial(Agent.answer_app_point, h.agent)  # type: ignore[arg-type]
+        await serve_request(out, Request(7, "app_point", args), "ps", "agent", handler)  # type: ignore[arg-type]
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)

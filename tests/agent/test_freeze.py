@@ -381,3 +381,29 @@ def test_app_point_settings_have_the_seeds_defaults(tmp_path):
 def test_bad_app_point_settings_are_refused_clearly(tmp_path, extra, message):
     with pytest.raises(NotStarted, match=message):
         AgentConfig.load(agent_toml(tmp_path, extra))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the scripts are run as root and chowned to another user")
+def test_a_script_other_users_may_change_is_not_run_as_root(tmp_path):
+    """Issue 9, finding 7: on 47f798a a pre-script writable by any user was run as root."""
+    from standby.agent.freeze import ScriptFailed, run_script, unsafe_script
+
+    d = tmp_path / "scripts"
+    d.mkdir(mode=0o755)
+    ok = d / "pre"
+    ok.write_text("#!/bin/sh\necho ran\n")
+    ok.chmod(0o755)
+    assert unsafe_script(ok) == ""
+    assert run_script(ok, "pre", "t", 10).strip() == "ran"
+    ok.chmod(0o757)  # writable by others
+    with pytest.raises(ScriptFailed, match="writable by its group or by others"):
+        run_script(ok, "pre", "t", 10)
+    ok.chmod(0o755)
+    d.chmod(0o777)  # anyone may swap the file for another
+    assert "writable by its group or by others" in unsafe_script(ok)
+    d.chmod(0o755)
+    os.chown(ok, 65534, 65534)  # another user's file
+    assert "belongs to user 65534" in unsafe_script(ok)
+    link = tmp_path / "link"
+    link.symlink_to(ok)  # the check follows links to what would really run
+    assert "belongs to user 65534" in unsafe_script(link)

@@ -50,11 +50,19 @@ MAX_TAG = 200
 
 
 class AppPointFailed(StandbyError):
-    """No point could be made at all (no disk in delta replication, or the whole attempt timed out)."""
+    """No point could be made at all (no disk in delta replication, or the whole attempt timed out).
+    `code`: the reply's error code."""
+
+    def __init__(self, message: str, code: str = "failed") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class AppPointBusy(AppPointFailed):
     """Another app-consistent point of this agent is being made."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "busy")
 
 
 class AppPoints:

@@ -26,6 +26,7 @@ import base64
 import logging
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,8 @@ from standby.plumbing.aio import wait_event
 from standby.plumbing.durable import load_json, make_private_dir, save_json
 from standby.plumbing.errors import NotStarted, StandbyError
 from standby.plumbing.link import Link, LinkClosed, RequestFailed, stay_connected
+from standby.plumbing.serve import serve_request
+from standby.plumbing.supervise import describe, spawn, supervise
 from standby.plumbing.tls import client_context
 from standby.proto.envelope import Sealer
 from standby.proto.errors import ProtocolError
@@ -43,18 +46,21 @@ from standby.proto.keywrap import new_data_key, wrap_key
 from standby.proto.messages import Ack, Busy, Commit, Reply, Request, meta_bytes
 
 from . import cleanstop
-from .appoint import MARKER, MAX_TAG, AppPointBusy, AppPointFailed, AppPoints
+from .appoint import MARKER, MAX_TAG, AppPointFailed, AppPoints
 from .config import AgentConfig, DiskConfig
 from .delta import DeltaStats, DiskResized, Shipper, Tracking
 from .freeze import thaw_leftover
 from .reader import BatchBuilder, disk_size
 from .resync import Progress, resync
 from .tracker import TrackingLost, make_tracker
+from .window import WINDOW, SendWindow
 
 log = logging.getLogger("standby.agent")
-# Batches in flight per disk: enough to keep the network and the server's fsync busy, bounded so the
-# agent's memory stays ~ WINDOW x batch size per disk.
-WINDOW = 8
+# What ends a session (the connection), not a disk: these propagate out of a disk's supervision.
+CONNECTION_ENDS = (LinkClosed, ProtocolError, ConnectionError)
+# Initial-replication batches read and sealed ahead of the one being sent (threads: reads and zstd/AES
+# release the GIL).
+READ_AHEAD = 4
 POLL_INTERVAL = 2.0
 REPORT_INTERVAL = 2.0
 RESYNC_RETRY = 10.0
@@ -114,16 +120,17 @@ class Agent:
         self.shippers: dict[str, Shipper] = {}  # disks in delta replication now (Shipper.run registers)
         self.app_points = AppPoints(self)
         self.requests: set[asyncio.Task[None]] = set()  # requests from the process server being answered
+        self.disk_errors: dict[str, str] = {}  # disk -> why its replication failed (until it works again)
 
     async def run(self, stop: asyncio.Event) -> None:
         # An agent killed while it held a freeze must not leave the machine frozen until someone notices.
         await asyncio.to_thread(thaw_leftover, self.cfg.state_dir / MARKER)
-        tasks = [asyncio.create_task(self.app_points.schedule())]
+        tasks = [asyncio.create_task(supervise("app-consistent schedule", self.app_points.schedule))]
         try:
             for d in self.disks:
                 tr = self.start_tracking(d)
                 if tr is not None:
-                    tasks.append(asyncio.create_task(tr.run(stop)))
+                    tasks.append(asyncio.create_task(self.supervise_tracking(tr, stop)))
             await stay_connected(stop, self.cfg.host, self.cfg.port, self.ssl, "agent", self.session)
         finally:
             tasks += self.tasks
@@ -131,6 +138,13 @@ class Agent:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self.stop_tracking()
+
+    async def supervise_tracking(self, tr: Tracking, stop: asyncio.Event) -> None:
+        def failed(exc: BaseException) -> None:
+            # What the poll missed cannot be vouched for (promise 3).
+            tr.lost = tr.lost or f"the tracker's poll task failed: {describe(exc)}"
+
+        await supervise(f"disk {tr.disk.cfg.name} tracking", lambda: tr.run(stop), on_failure=failed)
 
     def start_tracking(self, d: LocalDisk) -> Tracking | None:
         """Start the disk's tracker (before anything reads the disk) and decide whether the writes made
@@ -174,8 +188,9 @@ class Agent:
 
     async def session(self, link: Link) -> None:
         reader = asyncio.create_task(self.read_loop(link))
-        workers = [asyncio.create_task(self.protect_disk(link, d)) for d in self.disks]
-        workers.append(asyncio.create_task(self.report(link)))
+        workers = [asyncio.create_task(self.supervise_disk(link, d)) for d in self.disks]
+        workers.append(asyncio.create_task(supervise("status report", lambda: self.report(link),
+                                                     passthrough=CONNECTION_ENDS)))
         try:
             done, _ = await asyncio.wait([reader, *workers], return_when=asyncio.FIRST_EXCEPTION)
             for t in done:
@@ -191,6 +206,22 @@ class Agent:
                     fut.cancel()
                 d.acks.clear()
 
+    async def supervise_disk(self, link: Link, d: LocalDisk) -> None:
+        """One disk's replication under supervision: a bug fails this disk (its reason goes to the process
+        server with the next report; what it held is back in the dirty map), and it starts again after a
+        backoff; the other disks and the connection go on."""
+        name = d.cfg.name
+
+        def failed(exc: BaseException) -> None:
+            self.disk_errors[name] = f"replication failed unexpectedly: {describe(exc)} (retrying)"
+            self.wakeup.set()  # report it now
+
+        def recovered() -> None:
+            self.disk_errors.pop(name, None)
+
+        await supervise(f"disk {name} replication", lambda: self.protect_disk(link, d), on_failure=failed,
+                        on_recovery=recovered, passthrough=CONNECTION_ENDS, healthy_after=10.0)
+
     async def read_loop(self, link: Link) -> None:
         by_id = {}
         while True:
@@ -200,11 +231,11 @@ class Agent:
             elif isinstance(msg, Request) and msg.op == "wake":
                 self.wakeup.set()
                 await link.send(Reply(msg.id, True, {}))
-            elif isinstance(msg, Request) and msg.op == "app_point":
-                # Takes up to the freeze and script timeouts: answered from its own task.
-                task = asyncio.create_task(self.answer_app_point(link, msg))
-                self.requests.add(task)
-                task.add_done_callback(self.requests.discard)
+            elif isinstance(msg, Request):
+                # app_point takes up to the freeze and script timeouts: answered from its own task; any other
+                # op gets its `unknown-request` answer the same way.
+                spawn(serve_request(link, msg, "ps", "agent", {"app_point": self.answer_app_point}.get(msg.op)),
+                      f"request {msg.op}", self.requests)
             elif isinstance(msg, Ack | Busy):
                 if not by_id or msg.disk not in by_id:
                     by_id = {d.id: d for d in self.disks}
@@ -215,25 +246,12 @@ class Agent:
             else:
                 raise ProtocolError("unexpected-message", f"process server sent {type(msg).__name__}")
 
-    async def answer_app_point(self, link: Link, msg: Request) -> None:
-        """Make an app-consistent point for the process server (the operator's `standby app-point`)."""
-        tag = msg.args.get("tag", "")
-        if not isinstance(tag, str) or len(tag) > MAX_TAG or not tag.isprintable():
-            reply = Reply(msg.id, False, {}, "bad-input", f"a tag is printable text of at most {MAX_TAG} characters")
-        else:
-            try:
-                reply = Reply(msg.id, True, await self.app_points.make(tag))
-            except AppPointBusy as exc:
-                reply = Reply(msg.id, False, {}, "busy", str(exc))
-            except AppPointFailed as exc:
-                reply = Reply(msg.id, False, {}, "failed", str(exc))
-            except Exception as exc:  # a bug: answer, so the operator's command does not wait for nothing
-                log.exception("app-consistent point %r failed", tag)
-                reply = Reply(msg.id, False, {}, "failed", f"app-consistent point failed: {exc}")
-        try:
-            await link.send(reply)
-        except LinkClosed as exc:
-            log.warning("app-consistent point %r: cannot send the answer: %s", tag, exc)
+    async def answer_app_point(self, tag: str = "") -> dict[str, Any]:
+        """Make an app-consistent point for the process server (the operator's `standby app-point`). The
+        tag was validated at the boundary (proto.requests); AppPointBusy/AppPointFailed carry their code."""
+        if len(tag) > MAX_TAG or not tag.isprintable():
+            raise AppPointFailed(f"a tag is printable text of at most {MAX_TAG} characters", "bad-input")
+        return await self.app_points.make(tag)
 
     async def protect_disk(self, link: Link, d: LocalDisk) -> None:
         """Open the disk at the process server until it is protected, then replicate it."""
@@ -276,7 +294,7 @@ class Agent:
                 if tr is None:
                     await asyncio.sleep(POLL_INTERVAL * 15)
                     continue
-                self.tasks.append(asyncio.create_task(tr.run(asyncio.Event())))
+                self.tasks.append(asyncio.create_task(self.supervise_tracking(tr, asyncio.Event())))
             if info.get("resync"):
                 self.resync_wanted.setdefault(name, (info["resync"]["mode"], info["resync"]["reason"]))
             why = self.unproven.pop(name, None)
@@ -316,13 +334,13 @@ class Agent:
                                     RESYNC_RETRY)
                         await asyncio.sleep(RESYNC_RETRY)
                         restart = await sh.settle(1)
-                        seq = restart if restart is not None else max(seq, sh.next_seq)
+                        seq = restart if restart is not None else max(seq, sh.window.next_seq)
                         continue
                     if self.resync_wanted.get(d.cfg.name) == want:
                         del self.resync_wanted[d.cfg.name]
                 gen, seq = await sh.run(gen, seq)
         finally:
-            sh.rewind()
+            sh.window.put_back()  # promise 3: nothing unacknowledged is forgotten, however this ends
 
     def make_commit(self, d: LocalDisk, seq: int, meta: dict[str, Any]) -> Commit:
         sealer = Sealer(d.key, d.uid.bytes)
@@ -353,8 +371,13 @@ class Agent:
                     "last_app_point": st.last_app_point,
                     "resync": prog.report() if prog else None,
                     "resync_pending": self.resync_wanted.get(name),
+                    "error": self.disk_errors.get(name),
                 }
-                res = await link.request("disk_report", disk=d.id, report=rep)
+                try:
+                    res = await link.request("disk_report", disk=d.id, report=rep)
+                except RequestFailed as exc:  # refused (a value out of range?): say so, keep replicating
+                    log.warning("disk %s: status report refused: %s", name, exc)
+                    continue
                 want = res.get("resync")
                 if want and name not in self.resync_wanted:
                     self.resync_wanted[name] = (want["mode"], want["reason"])
@@ -378,24 +401,11 @@ class Agent:
         await link.request("disk_key", disk=d.id, wrapped_key=base64.b64encode(wrapped).decode())
         log.info("disk %s: data key handed to its master target (wrapped)", d.cfg.name)
 
-    async def send_record(
-        self, link: Link, d: LocalDisk, seq: int, record: Any, sent: asyncio.Event | None = None
-    ) -> None:
-        """Send one record and wait until it is acknowledged; on BUSY wait and resend (pull back)."""
-        while True:
-            fut: asyncio.Future[Ack | Busy] = asyncio.get_running_loop().create_future()
-            d.acks[seq] = fut
-            await link.send(record)
-            if sent is not None:
-                sent.set()
-            res = await fut
-            d.acks.pop(seq, None)
-            if isinstance(res, Ack):
-                return
-            log.info("disk %s: process server busy (%s); retrying in %.1f s", d.cfg.name, res.reason, res.retry_after)
-            await asyncio.sleep(res.retry_after)
-
     async def initial_replication(self, link: Link, d: LocalDisk, info: dict[str, Any]) -> None:
+        """Copy the disk in large sequential batches through the disk's send window, a few read and sealed
+        ahead in threads. A BUSY makes the copy go on from the refused batch after the delay asked for; a
+        lost connection ends the session and the next one resumes from the acknowledged cursor the process
+        server reports (blocks written meanwhile are in the dirty map: tracking started first)."""
         gen, seq, cursor = int(info["generation"]), int(info["next_sequence"]), int(info["cursor"])
         size, step = d.size, self.cfg.batch_size
         tr = self.trackings.get(d.cfg.name)
@@ -406,56 +416,58 @@ class Agent:
         else:
             log.info("disk %s: starting initial replication of %d bytes", d.cfg.name, size)
         t0 = last_log = time.monotonic()
-        window = asyncio.Semaphore(WINDOW)
-        progress = {"acked": cursor}
-        tasks: list[asyncio.Task[None]] = []
-        prev_sent: asyncio.Event | None = None
+        win = SendWindow(d, link)
+        ahead: deque[tuple[int, int, asyncio.Future[Any]]] = deque()  # (sequence, offset, batch being built)
+        offset = cursor
 
-        async def ship(seq: int, build: asyncio.Future[Any], prev: asyncio.Event | None, sent: asyncio.Event) -> None:
-            try:
-                batch = await build
-                if prev is not None:
-                    await prev.wait()  # records go out strictly in sequence order
-                await self.send_record(link, d, seq, batch, sent)
-                progress["acked"] = max(progress["acked"], batch.cursor)
-            finally:
-                window.release()
+        def drop_ahead() -> None:
+            for _, _, fut in ahead:
+                fut.cancel()
+            ahead.clear()
 
         try:
-            offset = cursor
-            while offset < size:
-                await window.acquire()
-                for t in [t for t in tasks if t.done()]:
-                    t.result()  # a failed batch ends the session; it resumes from the acked cursor
-                    tasks.remove(t)
-                n = min(step, size - offset)
-                build = asyncio.ensure_future(asyncio.to_thread(builder.initial_batch, gen, seq, offset, n))
-                sent = asyncio.Event()
-                tasks.append(asyncio.create_task(ship(seq, build, prev_sent, sent)))
-                prev_sent = sent
-                seq += 1
-                offset += n
+            while True:
+                # Answers first: room in the window, or a BUSY to go back for.
+                refused = await win.settle(WINDOW if (ahead or offset < size) else 1)
+                if refused is not None:
+                    log.info("disk %s: process server busy (%s); going on from %d MiB in %.1f s", d.cfg.name,
+                             refused.reason, refused.tag >> 20, refused.retry_after)
+                    drop_ahead()
+                    seq, offset = refused.sequence, refused.tag
+                    await asyncio.sleep(max(win.busy_until - time.monotonic(), 0.0))
+                    continue
+                while offset < size and len(ahead) < READ_AHEAD:
+                    n = min(step, size - offset)
+                    build = asyncio.ensure_future(asyncio.to_thread(builder.initial_batch, gen, seq, offset, n))
+                    ahead.append((seq, offset, build))
+                    seq += 1
+                    offset += n
+                if not ahead:
+                    if win.pending:
+                        continue  # wait for the last answers (settle with room 1 above)
+                    break
+                bseq, boff, build = ahead[0]
+                batch = await build
+                ahead.popleft()
+                await win.send(bseq, batch, tag=boff)
                 now = time.monotonic()
                 if now - last_log >= PROGRESS_LOG_INTERVAL:
-                    acked = progress["acked"]
-                    rate = (acked - cursor) / (now - t0)
-                    eta = f"{(size - acked) / rate:.0f} s" if rate else "unknown"
+                    rate = (boff - cursor) / (now - t0)
+                    eta = f"{(size - boff) / rate:.0f} s" if rate else "unknown"
                     log.info(
                         "disk %s: initial replication %.0f%% (%d of %d MiB), %.0f MB/s, ETA %s",
                         d.cfg.name,
-                        100 * acked / size,
-                        acked >> 20,
+                        100 * boff / size,
+                        boff >> 20,
                         size >> 20,
                         rate / 1e6,
                         eta,
                     )
                     last_log = now
-            await asyncio.gather(*tasks)
-            await self.commit(link, d, gen, seq, "initial-complete")
+            await self.commit(win, d, gen, seq, "initial-complete")
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            drop_ahead()
+            win.put_back()
         el = time.monotonic() - t0
         log.info(
             "disk %s: initial replication sent %d MiB in %.1f s (%.0f MB/s)",
@@ -465,7 +477,11 @@ class Agent:
             (size - cursor) / max(el, 1e-6) / 1e6,
         )
 
-    async def commit(self, link: Link, d: LocalDisk, gen: int, seq: int, kind: str) -> None:
-        c = self.make_commit(d, seq, {"generation": gen, "kind": kind, "time": time.time()})
-        await self.send_record(link, d, seq, c)
+    async def commit(self, win: SendWindow, d: LocalDisk, gen: int, seq: int, kind: str) -> None:
+        """Send a commit and wait until it is acknowledged (resent after each BUSY's delay)."""
+        while True:
+            await win.send(seq, self.make_commit(d, seq, {"generation": gen, "kind": kind, "time": time.time()}))
+            if await win.drain() is None:
+                break
+            await asyncio.sleep(max(win.busy_until - time.monotonic(), 0.0))
         log.info("disk %s: %s committed (sequence %d)", d.cfg.name, kind, seq)

@@ -15,10 +15,11 @@ earlier epoch whose read came after that write. Cuts happen every `cut_interval`
 dirty set passes a bound). An idle epoch still makes a point: nothing changed, so the replica after all
 earlier batches equals the source at t.
 
-Shipping is pipelined (a window of batches in flight); a batch the process server refuses (BUSY) or that
-is lost with the connection is merged back into the dirty map with every batch after it, and sequence
-numbers restart at the first one not stored. While nothing is acknowledged the agent keeps only its
-dirty map (memory bounded by disk size) and never touches the source's I/O ("pull ahead").
+Shipping is pipelined through the disk's send window (agent.window): an epoch's blocks leave the dirty map
+at the cut but stay held by the window until the batch holding them is acknowledged; a BUSY, a lost
+connection or a cancellation anywhere puts back exactly what was not acknowledged, and sequence numbers
+go on from the first one not stored. While nothing is acknowledged the agent keeps only its dirty map
+(memory bounded by disk size) and never touches the source's I/O ("pull ahead").
 
 App-consistent points (agent.appoint) use the same loop: the coordinator hands each Shipper a
 `CutOrder`, the Shipper cuts at once (whatever its interval), says when the epoch's reads are done (the
@@ -36,12 +37,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from standby.plumbing import failpoints
 from standby.plumbing.aio import wait_event
-from standby.proto.messages import Ack, BatchKind, Busy
+from standby.proto.messages import BatchKind
 
 from .dirtymap import DirtyMap, split_extents
 from .reader import disk_size
 from .tracker.base import TrackingLost
+from .window import WINDOW, SendWindow
 
 if TYPE_CHECKING:
     from standby.plumbing.link import Link
@@ -55,14 +58,6 @@ GRACE = 0.005
 MIN_CUT_INTERVAL = 0.05
 SIZE_CHECK_INTERVAL = 2.0
 POLL_INTERVAL = 0.1
-WINDOW = 8  # batches in flight per disk
-
-
-@dataclass
-class Pending:
-    sequence: int
-    extents: list[tuple[int, int]]
-    future: asyncio.Future[Ack | Busy]
 
 
 @dataclass
@@ -191,10 +186,25 @@ class Tracking:
         self.closed, self.map = self.map, DirtyMap(self.size, self.map.granularity)
         self.late = False
         self.collecting, self.queued = True, []
-        await asyncio.sleep(GRACE)
-        self.drain()
+        try:
+            await asyncio.sleep(GRACE)
+            self.drain()
+        except BaseException:
+            # Cancelled during the grace (connection lost, agent stopping): the closed map belongs to
+            # nobody yet, so it goes back, or its blocks would be forgotten (promise 3).
+            if self.closed is not None:
+                self.map.merge(self.closed)
+            self.closed = None
+            self.collecting = False
+            raise
         closed, self.closed = self.closed, None
         return closed
+
+    def take_all(self) -> DirtyMap:
+        """Everything dirty now, without the proof's bookkeeping (a resync makes no point)."""
+        self.drain()
+        taken, self.map = self.map, DirtyMap(self.size, self.map.granularity)
+        return taken
 
     async def settle(self) -> None:
         """Wait one grace and take in everything stamped until then."""
@@ -241,7 +251,8 @@ class DiskResized(Exception):
 
 
 class Shipper:
-    """Ships one disk's epochs over one connection; what is not stored goes back into the dirty map."""
+    """Ships one disk's epochs over one connection through its send window (agent.window): a block cut
+    from the dirty map goes back into it unless the batch holding it is acknowledged."""
 
     def __init__(self, agent: Agent, link: Link, d: LocalDisk, tracking: Tracking, builder: BatchBuilder) -> None:
         self.agent = agent
@@ -249,9 +260,9 @@ class Shipper:
         self.d = d
         self.tracking = tracking
         self.builder = builder
-        self.pending: list[Pending] = []
-        self.busy_until = 0.0
-        self.next_seq = 0  # after the last record sent
+        # `dirty` is read at each put-back: a resync replaces the tracking's map.
+        self.window = SendWindow(d, link, lambda: self.tracking.map)
+        self.busy_since = 0.0  # when the process server started refusing (0: it is not)
         self.orders: list[CutOrder] = []  # cuts asked for by the app-point coordinator, oldest first
         self.poke = asyncio.Event()  # an order arrived: stop waiting for the interval
         self.current: CutOrder | None = None  # the order whose epoch is being shipped
@@ -263,43 +274,27 @@ class Shipper:
         self.poke.set()
         return order
 
-    async def send(self, seq: int, record: Any, extents: list[tuple[int, int]]) -> None:
-        fut: asyncio.Future[Ack | Busy] = asyncio.get_running_loop().create_future()
-        self.d.acks[seq] = fut
-        self.pending.append(Pending(seq, extents, fut))
-        self.next_seq = seq + 1
-        await self.link.send(record)
-
-    async def settle(self, room: int) -> int | None:
-        """Process answers until fewer than `room` records are in flight. Returns the sequence to restart
-        at when the process server refused one (everything from it was merged back), else None."""
-        while self.pending and (len(self.pending) >= room or self.pending[0].future.done()):
-            head = self.pending[0]
-            res = await head.future
-            if isinstance(res, Ack):
-                self.d.acks.pop(head.sequence, None)
-                self.pending.pop(0)
-                continue
-            # BUSY: the server stores in order, so it refuses every record after this one too. Wait for
-            # all their answers (so none is mistaken for the answer to a resent number), then merge back.
-            for p in self.pending[1:]:
-                await p.future
-            self.busy_until = time.monotonic() + res.retry_after
-            log.info("disk %s: process server busy (%s): keeping changes in the dirty map", self.d.cfg.name, res.reason)
-            return self.rewind()
-        return None
-
-    def rewind(self) -> int | None:
-        """Put every unacknowledged batch's blocks back into the dirty map; returns the first sequence."""
-        self.tracking.collecting, self.tracking.queued = False, []
-        if not self.pending:
+    async def settle(self, room: int = WINDOW) -> int | None:
+        """Process answers until fewer than `room` records are in flight. Returns the sequence to go on
+        from when the process server refused one (everything unacknowledged is back in the dirty map)."""
+        refused = await self.window.settle(room)
+        if refused is None:
+            if self.busy_since and not self.window.pending:
+                log.info("disk %s: the process server accepts data again after %.0f s", self.d.cfg.name,
+                         time.monotonic() - self.busy_since)
+                self.busy_since = 0.0
             return None
-        first = self.pending[0].sequence
-        for p in self.pending:
-            self.tracking.map.mark_extents(p.extents)
-            self.d.acks.pop(p.sequence, None)
-        self.pending.clear()
-        return first
+        if not self.busy_since:
+            self.busy_since = time.monotonic()
+            log.info("disk %s: process server busy (%s): keeping changes in the dirty map", self.d.cfg.name,
+                     refused.reason)
+        return refused.sequence
+
+    async def wait_busy(self) -> None:
+        """Wait until the process server's last BUSY said to try again."""
+        delay = self.window.busy_until - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
 
     # -- the epoch loop -----------------------------------------------------------------------------
     async def run(self, gen: int, seq: int) -> tuple[int, int]:
@@ -343,19 +338,22 @@ class Shipper:
                 if await asyncio.to_thread(disk_size, d.cfg.path) != tr.size:
                     raise DiskResized(d.cfg.name)
             order = self.current = self.orders.pop(0) if self.orders else None
-            wait = max(last_cut + interval - now, self.busy_until - now)
-            if order is None and wait > 0 and (self.busy_until > now or tr.map.dirty_bytes < cfg.cut_bytes):
+            busy_until = self.window.busy_until
+            wait = max(last_cut + interval - now, busy_until - now)
+            if order is None and wait > 0 and (busy_until > now or tr.map.dirty_bytes < cfg.cut_bytes):
                 self.poke.clear()
                 await wait_event(self.poke, min(wait, 0.05))
                 continue
             last_cut = time.monotonic()
+            failpoints.hit("agent.epoch")
             closed = await tr.cut()
+            # From here the epoch's blocks are the window's until acknowledged (put back otherwise).
+            self.window.hold(split_extents(closed.extents(), cfg.batch_size))
             app = order.app if order is not None else None
             # Frozen now means frozen at the cut instant: the freeze was complete before the order came.
             frozen_at_cut = app is not None and app.frozen is not None and app.frozen()
-            extents = closed.extents()
             reads: list[tuple[int, list[tuple[int, int]]]] = []
-            groups = split_extents(extents, cfg.batch_size)
+            groups = list(self.window.held)
             # The next group is read while this one is sealed and sent (its recorded read end is then a
             # little late: that only makes the proof stricter).
             ahead = asyncio.ensure_future(asyncio.to_thread(self.builder.read_extents, groups[0])) if groups else None
@@ -369,12 +367,11 @@ class Shipper:
                     if i + 1 < len(groups):
                         ahead = asyncio.ensure_future(asyncio.to_thread(self.builder.read_extents, groups[i + 1]))
                     batch = await asyncio.to_thread(self.builder.delta_batch, gen, seq, BatchKind.DELTA, pieces)
-                    await self.send(seq, batch, group)
+                    await self.window.send(seq, batch, group)
                     seq += 1
                     stats.bytes_shipped += batch.logical_bytes
                     restart = await self.settle(WINDOW)
-                    if restart is not None:
-                        tr.map.mark_extents(extents)  # the rest of this epoch too: it was never read
+                    if restart is not None:  # the rest of the epoch is back in the dirty map too
                         seq = restart
                         tr.collecting = False
                         aborted = True
@@ -418,8 +415,11 @@ class Shipper:
                     else:
                         meta["consistency"] = "app-consistent"
                         meta["freeze_seconds"] = secs
-            await self.send(seq, self.agent.make_commit(d, seq, meta), [])
+            await self.window.send(seq, self.agent.make_commit(d, seq, meta))
             stats.points += 1
+            errors = getattr(self.agent, "disk_errors", None)
+            if errors and errors.pop(d.cfg.name, None) is not None:
+                self.agent.wakeup.set()  # a point made: this disk's replication works again; report it now
             if meta["consistency"] == "app-consistent":
                 stats.app_points += 1
                 stats.last_app_point = {"time": t, "freeze_seconds": secs, "tag": meta["tag"]}

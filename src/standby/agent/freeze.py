@@ -345,6 +345,9 @@ def run_script(path: Path, phase: str, tag: str, timeout: float) -> str:
     name = f"{phase}-script {path}"
     if not path.exists():
         raise ScriptFailed(f"{name} does not exist")
+    problem = unsafe_script(path)
+    if problem:
+        raise ScriptFailed(f"{name} not run: {problem}")
     env = {**os.environ, "STANDBY_TAG": tag, "STANDBY_PHASE": phase}
     try:
         proc = subprocess.Popen(
@@ -374,6 +377,31 @@ def run_script(path: Path, phase: str, tag: str, timeout: float) -> str:
         how = f"exit status {proc.returncode}" if proc.returncode > 0 else f"signal {-proc.returncode}"
         raise ScriptFailed(f"{name} failed ({how}){_tail(out)}")
     return out.decode(errors="replace")
+
+
+def unsafe_script(path: Path) -> str:
+    """Why the agent (root) must not run `path`, or "": threat — a local user who may change the script,
+    or a directory on its way, would get their commands run as root at the next app-consistent point.
+    The file and every directory up to / must belong to root (or to the agent's own user) and must not be
+    writable by group or others — except a sticky directory such as /tmp, whose users cannot rename or
+    remove what they do not own (and the next component is checked to be root's)."""
+    me = os.geteuid()
+    try:
+        real = path.resolve(strict=True)
+        st = os.stat(real)
+    except OSError as exc:
+        return f"cannot check it: {exc.strerror or exc}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{real} is not a regular file"
+    for p in [real, *real.parents]:
+        st = os.stat(p)
+        if st.st_uid not in (0, me):
+            return f"{p} belongs to user {st.st_uid}, not root: another user could change what runs as root"
+        sticky_dir = p != real and st.st_mode & stat.S_ISVTX
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky_dir:
+            return (f"{p} is writable by its group or by others: another user could change what runs as root "
+                    f"(chmod go-w {p})")
+    return ""
 
 
 def _tail(out: bytes | None) -> str:

@@ -19,6 +19,7 @@ import base64
 import json
 import logging
 import os
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,7 @@ from standby.proto.envelope import open_hashes
 from standby.proto.messages import BatchKind
 
 from .dirtymap import DirtyMap, split_extents
+from .window import WINDOW
 
 if TYPE_CHECKING:
     from .delta import Shipper
@@ -36,6 +38,10 @@ log = logging.getLogger("standby.agent.resync")
 PARENTS_PER_QUERY = 512
 HASH_TIMEOUT = 3600.0  # the first query waits for the master target to hash its whole replica
 HASH_THREADS = 4  # parts of the disk read and hashed at once
+
+
+class HashingStopped(Exception):
+    """The resync that asked for these hashes has ended."""
 
 
 class Progress:
@@ -77,9 +83,9 @@ async def resync(sh: Shipper, gen: int, seq: int, mode: str, reason: str) -> tup
     prog = Progress(mode, reason, tr.size)
     sh.agent.resync_progress[name] = prog
     # Everything sent before must be stored first, so the master target hashes a replica that has it.
-    restart = await sh.settle(1)
-    if restart is not None:
+    while (restart := await sh.settle(1)) is not None:
         seq = restart
+        await sh.wait_busy()  # what was refused is back in the dirty map: the resync covers it
     res = await link.request("resync_begin", disk=d.id, generation=gen + 1, mode=mode, reason=reason)
     gen = int(res.get("generation", gen + 1))
     log.warning("disk %s: %s resync (generation %d): %s", name, mode, gen, reason)
@@ -93,32 +99,42 @@ async def resync(sh: Shipper, gen: int, seq: int, mode: str, reason: str) -> tup
     prog.phase = "shipping"
     prog.done = 0
     prog.total = sum(n for _, n in extents) or 1
-    for group in split_extents(extents, sh.agent.cfg.batch_size):
-        pieces = await asyncio.to_thread(sh.builder.read_extents, group)
-        batch = await asyncio.to_thread(sh.builder.delta_batch, gen, seq, BatchKind.RESYNC, pieces)
-        await sh.send(seq, batch, group)
-        seq += 1
-        prog.done += sum(n for _, n in group)
-        prog.bytes_shipped += batch.logical_bytes
-        restart = await sh.settle(8)
-        if restart is not None:
-            # Not stored: those blocks are shipped by the epochs after the resync.
-            tr.map.mark_extents(extents)
-            seq = restart
-            break
+    batch_size = sh.agent.cfg.batch_size
+    win = sh.window
+    win.hold(split_extents(extents, batch_size))
     meta = {
         "generation": gen,
         "kind": "resync-complete",
         "mode": mode,
         "reason": reason,
         "bytes_differing": prog.bytes_differing,
-        "time": time.time(),
     }
-    await sh.send(seq, sh.agent.make_commit(d, seq, meta), [])
-    seq += 1
-    restart = await sh.settle(1)
-    if restart is not None:
-        seq = restart
+    # The differing blocks, then the resync-complete commit, all acknowledged. A BUSY puts what was not
+    # stored back into the dirty map (agent.window); the resync then takes the dirty map again (what is
+    # in it since the resync began is shipped with it, harmlessly: no point is made before the commit)
+    # and goes on after the delay the process server asked for.
+    while True:
+        refused = False
+        while (group := win.next_group()) is not None:
+            pieces = await asyncio.to_thread(sh.builder.read_extents, group)
+            batch = await asyncio.to_thread(sh.builder.delta_batch, gen, seq, BatchKind.RESYNC, pieces)
+            await win.send(seq, batch, group)
+            seq += 1
+            prog.done = min(prog.done + sum(n for _, n in group), prog.total)
+            prog.bytes_shipped += batch.logical_bytes
+            restart = await sh.settle(WINDOW)
+            if restart is not None:
+                seq, refused = restart, True
+                break
+        if not refused:
+            await win.send(seq, sh.agent.make_commit(d, seq, {**meta, "time": time.time()}))
+            seq += 1
+            restart = await sh.settle(1)
+            if restart is None:
+                break
+            seq = restart
+        await sh.wait_busy()
+        win.hold(split_extents(tr.take_all().extents(), batch_size))
     prog.phase = "complete"
     prog.finished = time.time()
     log.info(
@@ -137,10 +153,16 @@ async def differing_extents(sh: Shipper, gen: int, prog: Progress) -> list[tuple
     size = tr.size
     prog.phase = "hashing"
 
+    stopped = threading.Event()
+
     def read(pos: int, n: int) -> memoryview:
         return sh.builder.read_extents([(pos, n)])[0][1]
 
     def progress(done: int) -> None:
+        # A cancelled resync (connection lost, agent stopping) must not leave threads hashing the whole
+        # disk: the agent's exit would wait for them.
+        if stopped.is_set():
+            raise HashingStopped("resync stopped")
         prog.done = done
 
     # Ours and theirs at once: the master target hashes its replica while we hash the source.
@@ -152,6 +174,7 @@ async def differing_extents(sh: Shipper, gen: int, prog: Progress) -> list[tuple
         leaves = await ours_task
         levels = hashtree.build(leaves)
     finally:
+        stopped.set()
         ours_task.cancel()
     prog.phase = "comparing"
     k = len(levels) - 1
