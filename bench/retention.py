@@ -48,7 +48,7 @@ from typing import Any
 
 from churn import RESULTS, code_state, machine_facts, now_utc, sigterm_as_interrupt, write_result
 
-import standby.mastertarget.daemon as mt_daemon
+import standby.mastertarget.history as mt_history
 import standby.mastertarget.recovery as mt_recovery
 from standby.admin.testdisk import PATTERN, REGION, make_test_disk
 from standby.agent.config import DEFAULT_LEVEL
@@ -120,7 +120,7 @@ def instrument() -> None:
     """Phases of apply and recovery: reading old contents, the journal's records, redo capture, applying undo
     records, the syncs (every os.fsync: journal, replica, redo log, durable files)."""
     METER.wrap(os, "fsync", "os.fsync")
-    METER.wrap(mt_daemon, "old_contents", "old_contents_read")
+    METER.wrap(mt_history, "old_contents", "old_contents_read")
     METER.wrap(DiskJournal, "write_undo", "journal.write_undo")
     METER.wrap(DiskJournal, "write_commit", "journal.write_commit")
     METER.wrap(DiskJournal, "read_undo", "journal.read_undo")

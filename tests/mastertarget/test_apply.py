@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from standby.agent.reader import ZERO_GRAIN, BatchBuilder
-from standby.mastertarget.apply import Applier
+from standby.mastertarget.apply import Applier, BadCommit
 from standby.mastertarget.replicas import Replica, create_replica
 from standby.proto.envelope import Sealer
 from standby.proto.errors import EnvelopeError
@@ -159,13 +159,23 @@ def test_valid_batch_applies(env: Env) -> None:
 
 
 def test_valid_commit_verifies(env: Env) -> None:
-    meta = {"generation": GEN, "kind": "initial-complete", "time": 1.5}
+    meta = {"generation": GEN, "kind": "initial-complete", "time": 1_800_000_000.5}
     seal = Sealer(KEY, UID).seal_batch(GEN, 9, meta_bytes(meta))
     env.applier.verify_commit(Commit(DISK, 9, meta, seal))
     with pytest.raises(EnvelopeError, match="failed authentication"):
         env.applier.verify_commit(Commit(DISK, 9, {**meta, "kind": "something-else"}, seal))
     with pytest.raises(EnvelopeError, match="failed authentication"):
         env.applier.verify_commit(Commit(DISK, 10, meta, seal))  # replayed at another sequence
+
+
+@pytest.mark.parametrize("time", [10**400, None, [1.0], "1800000000", {"t": 1}, -1, 1.0, True])
+def test_an_authentic_commit_with_an_invalid_time_is_refused(env: Env, time: object) -> None:
+    """Issue 9, finding 5: a point whose time is 10**400 or not a number at all (sealed by an enrolled
+    agent, so it authenticates) must be refused, not crash the master target's point parsing."""
+    meta = {"generation": GEN, "kind": "point", "consistency": "crash-consistent", "time": time}
+    seal = Sealer(KEY, UID).seal_batch(GEN, 9, meta_bytes(meta))
+    with pytest.raises(BadCommit, match="authentic but invalid"):
+        env.applier.verify_commit(Commit(DISK, 9, meta, seal))
 
 
 # ---- tampering: each must raise and leave the replica untouched ------------------------------------------
@@ -400,7 +410,7 @@ def test_point_is_recorded_only_while_the_replica_is_a_faithful_copy(env: Env, s
     journal = DiskJournal(env.root / "retention", DISK, KEY, UID)
     assert journal.open() is None
     worker = DiskWorker(mt, st, env.applier, journal)  # type: ignore[arg-type]
-    meta = {"generation": GEN, "kind": "point", "consistency": "crash-consistent", "time": 1.0}
+    meta = {"generation": GEN, "kind": "point", "consistency": "crash-consistent", "time": 1_800_000_001.0}
     point = Commit(DISK, 2, meta, Sealer(KEY, UID).seal_batch(GEN, 2, meta_bytes(meta)))
     sent: list[object] = []
 

@@ -369,3 +369,120 @@ def test_test_failover_path() -> None:
     assert f("/r/web.vmdk", "vmdk-sparse", 1, Path("/t")) == Path("/t/web-test.vmdk")
     assert f("/dev/sdb", "device", 2, Path("/t")) == Path("/t/test-failover-disk2.img")
     assert f("/r/noext", "raw", 0, None) == Path("/r/noext-test")
+
+
+# -- groups larger than the frame limit (issue 9, finding 2) ---------------------------------------------
+def big_sim(tmp_path: Path, size: int = 96 << 20) -> Sim:
+    """A disk whose groups overwrite tens of MiB of incompressible contents at once (a file copy, fio bs=4M):
+    the old contents of one group are more than one journal record can hold."""
+    sim = Sim(tmp_path, 9, size=size, seg_max=64 << 20)
+    return sim
+
+
+def random_span(sim: Sim, n: int) -> list[tuple[int, bytes | None, int]]:
+    off = sim.rng.randrange(0, (sim.size - n) // 4096 + 1) * 4096
+    return [(off, os.urandom(n), n)]
+
+
+def test_a_group_over_the_frame_limit_is_journaled_in_parts_restored_and_rolled_back(tmp_path: Path) -> None:
+    from standby.mastertarget.history import UNDO_PART
+    from standby.proto.frames import MAX_PAYLOAD, scan_records
+
+    sim = big_sim(tmp_path)
+    sim.group(random_span(sim, 80 << 20), kind="point")  # old contents: zeros (cheap)
+    sim.group(random_span(sim, 72 << 20), kind="point")  # old contents: mostly incompressible
+    sim.group(random_span(sim, 40 << 20) + random_span(sim, 30 << 20), kind="point")
+    g = list(sim.journal.groups)[-1]
+    assert len(g.parts) >= 3, g.parts  # > 64 MiB of old contents: several records
+    for seg in sim.journal.segments:
+        records, _, problem = scan_records(seg.path.read_bytes())
+        assert problem is None
+        assert all(r.end - r.offset <= MAX_PAYLOAD for r in records)
+    assert max(n for grp in sim.journal.groups for _, n in grp.parts) <= UNDO_PART + (1 << 20)
+    check_restorable(sim)
+    # A crash after the parts were synced and half of the replica was written: start-up rolls back all parts.
+    before = sim.read_replica()
+    writes = random_span(sim, 48 << 20)
+    first = sim.next_seq
+    sim.journal.write_undo_ranges(first, 2, [(o, n) for o, _, n in writes], sim.replica.read)
+    off, data, n = writes[0]
+    assert data is not None
+    sim.replica.write(off, data[: n // 2])
+    sim.replica.sync()
+    sim.journal.close()
+    j = sim.new_journal()
+    pending = j.open()
+    assert pending is not None and len(pending.records) >= 3
+    j.rollback_pending(pending, sim_writer(sim), sim.replica.sync)
+    assert sim.read_replica() == before
+    j.close()
+    sim.journal = sim.new_journal()
+    assert sim.journal.open() is None
+    check_restorable(sim)
+    sim.close()
+
+
+def sim_writer(sim: Sim) -> Writer:
+    def write(off: int, data: bytes | None, n: int) -> None:
+        if data is None:
+            sim.replica.write_zeroes(off, n)
+        else:
+            sim.replica.write(off, data)
+
+    return write
+
+
+def test_failover_over_more_than_the_frame_limit_and_forward_again(tmp_path: Path) -> None:
+    """Rolling back tens of MiB of distinct incompressible blocks makes redo steps larger than one record
+    (the failover hung on 47f798a: a REDO record over the frame limit)."""
+    from standby.proto.frames import MAX_PAYLOAD, scan_records
+
+    sim = big_sim(tmp_path)
+    sim.group(random_span(sim, 64 << 20), kind="point")
+    p0 = sim.journal.last_seq
+    for _ in range(3):
+        sim.group(random_span(sim, 40 << 20), kind="point")
+    final = sim.read_replica()
+    fo = begin_failover(sim)
+    move(sim.journal, sim.replica, fo, p0)
+    assert sim.read_replica() == sim.image_at(p0)
+    records, _, problem = scan_records((sim.journal.dir / "redo.jrn").read_bytes())
+    assert problem is None and len(records) > 3
+    assert all(r.end - r.offset <= MAX_PAYLOAD for r in records)
+    move(sim.journal, sim.replica, fo, fo.latest)
+    assert sim.read_replica() == final
+    sim.close()
+
+
+def test_an_undo_that_cannot_be_written_is_discarded_and_the_group_retried(tmp_path: Path, monkeypatch) -> None:
+    """A full retention volume in the middle of a group's UNDO parts (found by the small-volume fault
+    test): the parts written so far are cut off and the group can be journaled again, instead of every
+    retry failing with 'undo while the undo is open'."""
+    from standby.mastertarget import history
+
+    sim = big_sim(tmp_path, size=64 << 20)
+    sim.group(random_span(sim, 8 << 20), kind="point")
+    writes = random_span(sim, 40 << 20)
+    ranges = [(o, n) for o, _, n in writes]
+    real = history.encode_undo
+    calls = {"n": 0}
+
+    def failing(*a, **k):  # the third part finds the volume full
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(28, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(history, "encode_undo", failing)
+    size_before = sim.journal.bytes
+    with pytest.raises(OSError):
+        sim.journal.write_undo_ranges(sim.next_seq, 2, ranges, sim.replica.read)
+    sim.journal.discard_undo()
+    assert sim.journal.bytes == size_before
+    monkeypatch.setattr(history, "encode_undo", real)
+    first = sim.next_seq
+    sim.journal.write_undo_ranges(first, 2, ranges, sim.replica.read)  # tried again: works
+    sim.write(writes)
+    sim.commit(first, first, writes, kind="point")
+    check_restorable(sim)
+    sim.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import logging
 import os
@@ -19,28 +20,32 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from standby.plumbing import failpoints
 from standby.plumbing.aio import wait_event
 from standby.plumbing.errors import NotStarted
 from standby.plumbing.identity import Identity, IdentityError
-from standby.plumbing.link import Link, RequestFailed, stay_connected
+from standby.plumbing.link import Link, LinkClosed, RequestFailed, stay_connected
+from standby.plumbing.serve import serve_request
 from standby.plumbing.service import host_id
+from standby.plumbing.supervise import describe, spawn, supervise
 from standby.plumbing.tls import client_context
 from standby.proto import hashtree
 from standby.proto.envelope import seal_hashes
 from standby.proto.errors import EnvelopeError, ProtocolError
 from standby.proto.keywrap import KeyWrapError, unwrap_key
 from standby.proto.messages import Ack, Batch, Commit, Reject, Reply, Request
+from standby.proto.requests import BadRequest, parse_subscribe
 
-from .apply import Applier
+from .apply import Applier, BadCommit
 from .config import MTConfig
 from .diskstate import Point, ReplicaState
-from .history import DiskJournal, old_contents
+from .history import DiskJournal
 from .journal import JournalError
 from .operations import HANDLERS, OpError, point_list, prune, volume_pressure
 from .recovery import FailoverState, move, replica_writer
 from .replicas import KINDS, ReplicaError, create_replica, open_replica
 from .replicas.resize import resize_replica
-from .volume import VolumeError, check_retention_dir, overlaps
+from .volume import VolumeError, check_retention_dir, free_bytes, overlaps
 
 log = logging.getLogger("standby.mt")
 RETRY_DELAY = 5.0
@@ -71,6 +76,8 @@ class DiskWorker:
         self.space_cap_override: int | None = None  # set under retention-volume pressure
         self.retention_alert = ""
         self.retention_alert_at = 0.0
+        self.failover_problem: str | None = None  # why the last failover move broke off
+        self.error: str | None = None  # why applying this disk failed (status shows it until it works again)
 
     def halt(self) -> None:
         """Stop applying (failover): whatever is queued stays unacknowledged in the process server."""
@@ -109,6 +116,7 @@ class DiskWorker:
                     continue
                 ready.append(msg)
             if ready:
+                failpoints.hit("mt.apply")
                 async with self.lock:
                     await self.apply_group(link, ready)
 
@@ -167,17 +175,30 @@ class DiskWorker:
                     # With the journal, its COMMIT records applied_seq durably; the state file only changes.
                     await asyncio.to_thread(st.save, self.mt.cfg.disks_dir)
             except (OSError, ReplicaError, JournalError) as exc:
+                await asyncio.to_thread(self.roll_back_open_group)
                 reason = f"cannot write replica {st.path}: {exc.strerror if isinstance(exc, OSError) else exc}"
                 await self.reject(link, good[0][0].sequence, "write-failed", reason)
                 return
+            except Exception as exc:  # a bug: logged with its traceback; the disk is failed, others go on
+                log.exception("disk %d: applying sequences %d..%d failed unexpectedly", st.disk, first, last)
+                await asyncio.to_thread(self.roll_back_open_group)
+                await self.reject(link, first, "failed", f"applying failed unexpectedly: {exc!r}")
+                return
+            if self.error is not None:
+                log.info("disk %s/%s: applying works again", st.machine, st.name)
+                self.error = None
             for m, _ in good:
                 await link.send(Ack(st.disk, m.sequence, m.generation))
         if failure is not None:
             m, exc = failure
             if isinstance(exc, EnvelopeError):
                 await self.reject(link, m.sequence, "authentication-failed", str(exc))
+            elif isinstance(exc, BadCommit):
+                await self.reject(link, m.sequence, "bad-commit", str(exc))
             else:
-                raise exc
+                log.error("disk %d: verifying sequence %d failed unexpectedly", st.disk, m.sequence,
+                          exc_info=(type(exc), exc, exc.__traceback__))
+                await self.reject(link, m.sequence, "failed", f"verifying failed unexpectedly: {exc!r}")
 
     def write(self, journal: DiskJournal | None, first: int, batches: list[tuple[Batch, list[bytes | None]]]) -> None:
         """Worker thread: old contents to the journal (synced), then the batches into the replica (synced).
@@ -186,16 +207,34 @@ class DiskWorker:
         if journal is None or not batches:
             self.applier.write_group(batches)
             return
+        if journal.open_undo:  # a failed group whose roll-back failed too: first things first
+            journal.abort(replica_writer(rep), rep.sync)
         ranges = [(e.offset, e.length) for b, _ in batches for e in b.extents]
-        journal.write_undo(first, batches[0][0].generation, old_contents(rep.read, ranges))
+        try:
+            journal.write_undo_ranges(first, batches[0][0].generation, ranges, rep.read)
+        except BaseException:
+            journal.discard_undo()  # nothing was written to the replica yet: the group is retried whole
+            raise
         try:
             self.applier.write_group(batches)
-        except (OSError, ReplicaError):
+        except Exception:
             try:
                 journal.abort(replica_writer(rep), rep.sync)
             except (OSError, ReplicaError, JournalError) as exc:
                 log.critical("disk %d: cannot roll back a failed group: %s (start-up will)", self.state.disk, exc)
             raise
+
+    def roll_back_open_group(self) -> None:
+        """Worker thread: a group that failed after its UNDO parts were written (the replica write, the
+        COMMIT append or the state file) is rolled back now, so the journal and the replica agree and the
+        group can be applied again whole. If that fails too, the next attempt (or start-up) does it."""
+        if not self.journal.open_undo:
+            return
+        rep = self.applier.replica
+        try:
+            self.journal.abort(replica_writer(rep), rep.sync)
+        except (OSError, ReplicaError, JournalError) as exc:
+            log.critical("disk %d: cannot roll back a failed group yet: %s (retried)", self.state.disk, exc)
 
     async def reject(self, link: Link, seq: int, code: str, reason: str) -> None:
         log.error("disk %s/%s sequence %d rejected: %s", self.state.machine, self.state.name, seq, reason)
@@ -214,11 +253,19 @@ class MasterTarget:
         self.ssl = client_context(self.identity)
         cfg.disks_dir.mkdir(parents=True, exist_ok=True)
         try:
-            check_retention_dir(cfg.retention_dir, [Path(s.path) for s in ReplicaState.all(cfg.disks_dir)])
+            has_history = cfg.retention_dir.is_dir() and any(cfg.retention_dir.glob("*/seg-*.jrn"))
+            check_retention_dir(cfg.retention_dir, [Path(s.path) for s in ReplicaState.all(cfg.disks_dir)],
+                                allow_full=has_history)
         except VolumeError as exc:
             raise NotStarted(str(exc)) from None
+        self.segment_size = segment_size_for(cfg.segment_size, free_bytes(cfg.retention_dir)[1])
+        if self.segment_size < cfg.segment_size:
+            log.info("retention journal segments of %d KiB (the retention volume is small: pruning frees whole "
+                     "segments)", self.segment_size >> 10)
         self.workers: dict[int, DiskWorker] = {}
         self.failed: dict[int, str] = {}
+        self.failover_problems: dict[int, str] = {}  # disk -> why the move resumed at start-up broke off
+        self.retry_at: dict[int, float] = {}  # disk -> when opening it may be tried again (loop clock)
         self.wakeup = asyncio.Event()
         self.background: set[asyncio.Task[Any]] = set()
 
@@ -243,43 +290,50 @@ class MasterTarget:
                 log.warning("closing %s: %s", w.state.path, exc)
 
     async def session(self, link: Link) -> None:
-        poller = asyncio.create_task(self.poll(link))
-        upkeep = asyncio.create_task(self.upkeep(link))
+        passthrough = (LinkClosed, ProtocolError, ConnectionError)
+        helpers = [
+            asyncio.create_task(supervise("assignment poll", lambda: self.poll(link), passthrough=passthrough)),
+            asyncio.create_task(supervise("retention upkeep", lambda: self.upkeep(link), passthrough=passthrough)),
+            asyncio.create_task(self.read_loop(link)),
+        ]
         try:
-            while True:
-                msg = await link.recv()
-                if isinstance(msg, Batch | Commit):
-                    log.debug("disk %d: received sequence %d", msg.disk, msg.sequence)
-                    w = self.workers.get(msg.disk)
-                    if w is None:
-                        raise ProtocolError("unexpected-message", f"record for disk {msg.disk}, not pulled")
-                    w.queue.put_nowait(msg)  # bounded by the process server's window
-                elif isinstance(msg, Reply):
-                    link.deliver(msg)
-                elif isinstance(msg, Request) and msg.op == "check_replica":
-                    await self.answer_check(link, msg)
-                elif isinstance(msg, Request) and msg.op == "resync_hashes":
-                    self.spawn(self.answer_hashes(link, msg))
-                elif isinstance(msg, Request) and msg.op in HANDLERS:
-                    self.spawn(self.answer(link, msg))
-                elif isinstance(msg, Request) and msg.op == "wake":
-                    self.wakeup.set()
-                    await link.send(Reply(msg.id, True, {}))
-                else:
-                    raise ProtocolError("unexpected-message", f"unexpected {type(msg).__name__}")
+            # The session ends when the connection does, or when a helper ends it (its exception re-raised).
+            done, _ = await asyncio.wait(helpers, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                t.result()
         finally:
-            poller.cancel()
-            upkeep.cancel()
-            await asyncio.gather(poller, upkeep, return_exceptions=True)
+            for t in helpers:
+                t.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+
+    async def read_loop(self, link: Link) -> None:
+        while True:
+            msg = await link.recv()
+            if isinstance(msg, Batch | Commit):
+                log.debug("disk %d: received sequence %d", msg.disk, msg.sequence)
+                w = self.workers.get(msg.disk)
+                if w is None:
+                    raise ProtocolError("unexpected-message", f"record for disk {msg.disk}, not pulled")
+                w.queue.put_nowait(msg)  # bounded by the process server's window
+            elif isinstance(msg, Reply):
+                link.deliver(msg)
+            elif isinstance(msg, Request) and msg.op == "wake":
+                self.wakeup.set()
+                await link.send(Reply(msg.id, True, {}))
+            elif isinstance(msg, Request):
+                self.spawn(self.answer(link, msg), f"request {msg.op}")  # answered in its own task, always
+            else:
+                raise ProtocolError("unexpected-message", f"unexpected {type(msg).__name__}")
 
     async def answer(self, link: Link, req: Request) -> None:
-        try:
-            result = await HANDLERS[req.op](self, **req.args)
-            await link.send(Reply(req.id, True, result))
-        except OpError as exc:
-            await link.send(Reply(req.id, False, {}, exc.code, str(exc)))
-        except (TypeError, KeyError, ValueError) as exc:
-            await link.send(Reply(req.id, False, {}, "bad-input", f"bad arguments for {req.op}: {exc}"))
+        """Run a request from the process server and always answer it (plumbing.serve): validated at the
+        boundary; a failure is an error reply, never silence."""
+        handlers: dict[str, Any] = {
+            "check_replica": self.answer_check,
+            "resync_hashes": lambda **a: self.answer_hashes(link, **a),
+            **{op: functools.partial(fn, self) for op, fn in HANDLERS.items()},
+        }
+        await serve_request(link, req, "ps", "mt", handlers.get(req.op))
 
     async def upkeep(self, link: Link) -> None:
         """Every few seconds: prune history as the retention policy says, then tell the process server
@@ -308,7 +362,10 @@ class MasterTarget:
                     "journal_bytes": pts["journal_bytes"],
                     "alert": pts["alert"],
                     "failed_over": pts["failover"],
+                    "error": w.error,
                 }
+            for disk, why in self.failed.items():  # disks that could not be opened: still said every time
+                report.setdefault(str(disk), {"error": why})
             if report:
                 await link.send(Request(0, "mt_report", {"disks": report}))
 
@@ -317,21 +374,42 @@ class MasterTarget:
         loop = asyncio.get_running_loop()
         while True:
             self.wakeup.clear()  # before asking, so a wake that arrives meanwhile is not lost
-            res = await link.request("subscribe")
+            try:
+                got, invalid = parse_subscribe(await link.request("subscribe"))
+            except BadRequest as exc:
+                raise ProtocolError(exc.code, str(exc)) from None  # not a subscribe reply: end this session
+            for disk, why in invalid:  # one poisoned assignment fails that disk alone
+                if disk is not None:
+                    await self.disk_failed(link, disk, why)
+                else:
+                    log.error("%s", why)
+            res = got.to_wire()
             problem = self.volume_problem(res)
             if problem:
                 for d in res["disks"]:
-                    if self.failed.get(d["disk"]) != problem:
-                        log.error("disk %d: %s", d["disk"], problem)
-                        self.failed[d["disk"]] = problem
-                        await link.send(Reject(d["disk"], 0, "replica-error", problem))
+                    w = self.workers.get(d["disk"])
+                    if w is None:
+                        await self.disk_failed(link, d["disk"], problem)
+                    else:
+                        w.error = problem  # in status with the next report; applying goes on as it was
                 res["disks"] = []
+            failpoints.hit("mt.poll")
             for d in res["disks"]:
-                if d["disk"] not in self.workers:
-                    await self.start_disk(link, d)
-                elif int(d["size"]) != self.workers[d["disk"]].state.size:
-                    await self.resize(link, self.workers[d["disk"]], int(d["size"]))
-            for w in self.workers.values():
+                # One disk's trouble (even a bug) must not keep the others from starting (promise 9).
+                try:
+                    if d["disk"] not in self.workers:
+                        await self.start_disk(link, d)
+                    elif int(d["size"]) != self.workers[d["disk"]].state.size:
+                        await self.resize(link, self.workers[d["disk"]], int(d["size"]))
+                except (LinkClosed, ConnectionError):
+                    raise
+                except Exception as exc:
+                    disk = d.get("disk") if isinstance(d, dict) else None
+                    log.exception("disk %s: cannot start it (a bug: please report it with this trace)", disk)
+                    if isinstance(disk, int) and not isinstance(disk, bool):
+                        self.retry_at[disk] = asyncio.get_running_loop().time() + RETRY_DELAY * 6
+                        await self.disk_failed(link, disk, f"cannot open the disk: {exc!r}")
+            for w in list(self.workers.values()):
                 if w.blocked_until and loop.time() >= w.blocked_until:
                     w.blocked_until = 0.0
                     await self.pull(link, w)
@@ -340,15 +418,18 @@ class MasterTarget:
     def volume_problem(self, res: dict[str, Any]) -> str:
         """The retention volume must not be the process server's cache (when both are on this host)."""
         cache = res.get("cache_dir")
-        if cache and res.get("host") == host_id():
-            try:
-                check_retention_dir(self.cfg.retention_dir, cache_dir=cache)
-            except VolumeError as exc:
-                return str(exc)
+        if cache and res.get("host") == host_id() and overlaps(self.cfg.retention_dir, cache):
+            # Only this rule here: a full volume is not a reason to stop (pruning frees it, upkeep alerts).
+            return (f"retention volume {self.cfg.retention_dir} is the process server's cache volume ({cache}): "
+                    "give the retention journal a volume of its own")
         return ""
 
     async def start_disk(self, link: Link, d: dict[str, Any]) -> None:
         disk = int(d["disk"])
+        loop = asyncio.get_running_loop()
+        if self.retry_at.get(disk, 0.0) > loop.time():
+            return  # failed lately: not every poll (opening a journal can take a while)
+        replica = None
         try:
             st = ReplicaState.load(self.cfg.disks_dir, disk)
             if st is None:
@@ -371,34 +452,54 @@ class MasterTarget:
             )
             applier = Applier(key, uuid.UUID(st.uid).bytes, replica)
             journal = await asyncio.to_thread(self.open_journal, st, applier)
-        except JournalError as exc:
-            msg = f"retention journal of disk {disk}: {exc}"
-            if self.failed.get(disk) != msg:
-                log.error("disk %d: %s", disk, msg)
-                self.failed[disk] = msg
-                await link.send(Reject(disk, 0, "replica-error", msg))
-            return
-        except (ReplicaError, OSError, KeyWrapError) as exc:
-            msg = str(exc) if not isinstance(exc, KeyWrapError) else f"cannot unwrap the disk's data key: {exc}"
-            if self.failed.get(disk) != msg:
-                log.error("disk %d: %s", disk, msg)
-                self.failed[disk] = msg
-                await link.send(Reject(disk, 0, "replica-error", msg))
+        except BaseException as exc:
+            if replica is not None:
+                replica.close()
+            self.retry_at[disk] = loop.time() + RETRY_DELAY * 6
+            if isinstance(exc, JournalError):
+                msg = f"retention journal of disk {disk}: {exc}"
+            elif isinstance(exc, KeyWrapError):
+                msg = f"cannot unwrap the disk's data key: {exc}"
+            elif isinstance(exc, ReplicaError | OSError):
+                msg = str(exc)
+            else:
+                raise  # a bug: the caller logs its traceback and fails the disk
+            await self.disk_failed(link, disk, msg)
             return
         self.failed.pop(disk, None)
+        self.retry_at.pop(disk, None)
         w = DiskWorker(self, st, applier, journal)
         w.key = key
+        w.failover_problem = self.failover_problems.pop(disk, None)
         self.workers[disk] = w
-        w.task = asyncio.create_task(w.run(link))
+        w.task = asyncio.create_task(self.run_worker(link, w))
         if w.halted:
             log.info("disk %s/%s: failed over; not applying", st.machine, st.name)
             return
         await self.pull(link, w)
 
+    async def run_worker(self, link: Link, w: DiskWorker) -> None:
+        """A disk's apply task under supervision: a bug fails this disk (status shows why, the records it
+        held are pulled again) and the task starts again after a backoff; other disks go on."""
+        st = w.state
+
+        def failed(exc: BaseException) -> None:
+            w.error = f"applying failed unexpectedly: {describe(exc)}"
+            w.blocked_until = asyncio.get_running_loop().time() + RETRY_DELAY  # pull what it held again
+
+        await supervise(f"disk {st.machine}/{st.name} apply", lambda: w.run(link), on_failure=failed,
+                        passthrough=(LinkClosed, ConnectionError, ProtocolError))
+
+    async def disk_failed(self, link: Link, disk: int, msg: str) -> None:
+        if self.failed.get(disk) != msg:
+            log.error("disk %d: %s", disk, msg)
+            self.failed[disk] = msg
+            await link.send(Reject(disk, 0, "replica-error", msg))
+
     def open_journal(self, st: ReplicaState, applier: Applier) -> DiskJournal:
         """Open the disk's retention journal; roll back a group the last run did not commit (promise 5)."""
         journal = DiskJournal(
-            self.cfg.retention_dir / st.uid, st.disk, applier.opener_key, uuid.UUID(st.uid).bytes, self.cfg.segment_size
+            self.cfg.retention_dir / st.uid, st.disk, applier.opener_key, uuid.UUID(st.uid).bytes, self.segment_size
         )
         pending = journal.open()
         if pending is not None:
@@ -408,9 +509,15 @@ class MasterTarget:
         if journal.last_seq > st.applied_seq:
             st.applied_seq = journal.last_seq  # committed after the replica sync; the state file lags
         fo = FailoverState.load(journal.dir)
-        if fo is not None and fo.at != fo.target:
+        if fo is not None and (fo.at != fo.target or fo.step is not None):
             log.warning("disk %d: finishing an interrupted failover move from %d to %d", st.disk, fo.at, fo.target)
-            move(journal, applier.replica, fo, fo.target)
+            try:
+                move(journal, applier.replica, fo, fo.target)
+            except Exception as exc:
+                # The disk still opens (halted, failed over) so that the operator can see why and move
+                # again; status names no point while the replica is between two states.
+                log.exception("disk %d: the interrupted failover move cannot be finished", st.disk)
+                self.failover_problems[st.disk] = f"{type(exc).__name__}: {exc}"
         newest = journal.points()
         if newest:
             st.last_point = Point.from_group(newest[-1]).as_dict()
@@ -454,59 +561,68 @@ class MasterTarget:
             st.size, st.state, w.tree = size, "Inconsistent", None
             await asyncio.to_thread(st.save, self.cfg.disks_dir)
 
-    def spawn(self, coro: Any) -> None:
-        t = asyncio.get_running_loop().create_task(coro)
-        self.background.add(t)
-        t.add_done_callback(self.background.discard)
+    def spawn(self, coro: Any, name: str = "task") -> None:
+        spawn(coro, name, self.background)
 
-    async def answer_hashes(self, link: Link, req: Request) -> None:
+    async def answer_hashes(self, link: Link, disk: int, generation: int, query: dict[str, Any],
+                            size: int | None = None) -> dict[str, Any]:
         """A resync hash query from the disk's agent (through the process server): the top level of the
         replica's checksum tree (computed afresh), or children of given nodes. Encrypted for the agent."""
+        w = self.workers.get(disk)
+        if w is None:
+            raise OpError("failed", f"disk {disk} is not open on this master target")
         try:
-            disk, gen, q = int(req.args["disk"]), int(req.args["generation"]), dict(req.args["query"])
-            w = self.workers.get(disk)
-            if w is None:
-                raise ReplicaError(f"disk {disk} is not open on this master target")
-            if int(req.args.get("size", w.state.size)) != w.state.size:
-                await self.resize(link, w, int(req.args["size"]))
-                if int(req.args["size"]) != w.state.size:
+            if size is not None and size != w.state.size:
+                await self.resize(link, w, size)
+                if size != w.state.size:
                     raise ReplicaError(w.state.error or "the replica could not be resized")
             async with w.lock:
-                if q.get("level") is None or w.tree is None or w.tree[0] != gen:
+                if query.get("level") is None or w.tree is None or w.tree[0] != generation:
                     log.info("disk %s/%s: hashing replica %s for a resync", w.state.machine, w.state.name, w.state.path)
                     # Sparse VMDK reads walk shared grain tables: one thread; the flat kinds read with pread.
                     threads = 1 if w.state.kind == "vmdk-sparse" else 4
                     leaves = await asyncio.to_thread(
                         hashtree.leaf_hashes, w.applier.replica.read, w.state.size, hashtree.LEAF, None, threads
                     )
-                    w.tree = (gen, hashtree.build(leaves))
-            levels = w.tree[1]
-            if q.get("level") is None:
-                hashes = levels[-1]
-            else:
-                level = int(q["level"])
-                kids = hashtree.children([int(p) for p in q["parents"]], hashtree.count(levels[level]))
-                hashes = hashtree.pick(levels[level], kids)
-            qbytes = json.dumps(q, sort_keys=True, separators=(",", ":")).encode()
-            sealed = seal_hashes(w.key, uuid.UUID(w.state.uid).bytes, gen, qbytes, hashes)
-            await link.send(Reply(req.id, True, {"sealed": base64.b64encode(sealed).decode()}))
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            await link.send(Reply(req.id, False, {}, "bad-input", f"bad hash query: {exc}"))
+                    w.tree = (generation, hashtree.build(leaves))
         except (ReplicaError, OSError) as exc:
-            await link.send(Reply(req.id, False, {}, "failed", f"cannot hash the replica: {exc}"))
-
-    async def answer_check(self, link: Link, req: Request) -> None:
-        path, kind, size = req.args.get("path", ""), req.args.get("format", ""), int(req.args.get("size", 0))
-        if path and overlaps(path, self.cfg.retention_dir):
-            code, message = "bad-input", f"replica {path} would be on the retention volume {self.cfg.retention_dir}"
-        elif req.args.get("existing"):
-            code, message = await asyncio.to_thread(check_existing_replica, path, kind, size, self.used_paths())
+            raise OpError("failed", f"cannot hash the replica: {exc}") from None
+        levels = w.tree[1]
+        if query.get("level") is None:
+            hashes = levels[-1]
         else:
-            code, message = check_replica_path(path, kind, size, self.used_paths())
-        await link.send(Reply(req.id, not code, {}, code, message))
+            level = int(query["level"])
+            if level >= len(levels):
+                raise OpError("bad-input", f"bad hash query: level {level}, the tree has {len(levels)}")
+            n = hashtree.count(levels[level])
+            kids = hashtree.children([int(p) for p in query["parents"]], n)
+            if any(k < 0 or k >= n for k in kids):
+                raise OpError("bad-input", "bad hash query: a node beyond the tree")
+            hashes = hashtree.pick(levels[level], kids)
+        qbytes = json.dumps(query, sort_keys=True, separators=(",", ":")).encode()
+        sealed = seal_hashes(w.key, uuid.UUID(w.state.uid).bytes, generation, qbytes, hashes)
+        return {"sealed": base64.b64encode(sealed).decode()}
+
+    async def answer_check(self, path: str, format: str, size: int, existing: bool = False) -> dict[str, Any]:
+        if overlaps(path, self.cfg.retention_dir):
+            code, message = "bad-input", f"replica {path} would be on the retention volume {self.cfg.retention_dir}"
+        elif existing:
+            code, message = await asyncio.to_thread(check_existing_replica, path, format, size, self.used_paths())
+        else:
+            code, message = check_replica_path(path, format, size, self.used_paths())
+        if code:
+            raise OpError(code, message)
+        return {}
 
     def used_paths(self) -> set[str]:
         return {s.path for s in ReplicaState.all(self.cfg.disks_dir)}
+
+
+def segment_size_for(configured: int, volume_bytes: int) -> int:
+    """Journal segment size on a volume of `volume_bytes`: pruning frees whole segments and never the
+    newest, so a segment must be a small part of the volume (a 64 MiB volume with 64 MiB segments could
+    never prune anything: finding 7 of issue 9). At most 1/16 of the volume, at least 1 MiB."""
+    return max(min(configured, volume_bytes // 16), min(configured, 1 << 20))
 
 
 def check_existing_replica(path: str, kind: str, size: int, used: set[str]) -> tuple[str, str]:

@@ -59,11 +59,20 @@ class Point:
 
     @classmethod
     def from_commit(cls, c: Commit) -> Point:
-        return cls(c.sequence, c.generation, float(c.meta.get("time", 0.0)), str(c.meta.get("consistency", "")))
+        return cls(c.sequence, c.generation, meta_time(c.meta), str(c.meta.get("consistency", "")))
 
     @classmethod
     def from_group(cls, g: Any) -> Point:
-        return cls(g.last, int(g.meta.get("generation", 0)), g.time, g.consistency)
+        gen = g.meta.get("generation", 0)
+        return cls(g.last, gen if type(gen) is int else 0, g.time, g.consistency)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def meta_time(meta: dict[str, Any]) -> float:
+    """A commit's `time`, or 0.0 when it is not a plausible wall-clock time (a peer's value: validated)."""
+    t = meta.get("time")
+    if isinstance(t, int | float) and not isinstance(t, bool) and 0 <= t < 1e11:
+        return float(t)
+    return 0.0

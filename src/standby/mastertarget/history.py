@@ -3,16 +3,20 @@
 Layout: ``<retention dir>/<disk uid>/seg-<first sequence>.jrn``, segment files of journal records
 (mastertarget.journal). Each applied *group* of records (batches up to and including a commit) leaves:
 
-    UNDO   (sequence = the group's first)  old contents of every range the group overwrites — appended and
-           fsynced *before* the replica is written;
+    UNDO…  (sequence = the group's first)  old contents of every range the group overwrites, in one or more
+           UNDO records ("parts", each at most UNDO_PART bytes of contents, so every record stays within
+           the frame limit whatever the group's size) — appended, then fsynced once, *before* the replica
+           is written;
     COMMIT (sequence = the group's last)   {generation, kind, first, time, consistency, tag} — appended and
            fsynced *after* the replica is synced.
 
 A group without batches (an idle epoch's point) has only its COMMIT. So at any instant the journal ends
-either with a COMMIT (the replica holds exactly the committed groups) or with an UNDO without its COMMIT
-(the replica may hold part of that group): `open()` hands that UNDO back and `rollback_pending` writes
-it over the replica, syncs, and cuts it off. Applying an undo record is idempotent (absolute writes of
-old contents), so a crash during rollback just rolls back again.
+either with a COMMIT (the replica holds exactly the committed groups) or with UNDO parts without their
+COMMIT (the replica may hold part of that group): `open()` hands those parts back and `rollback_pending`
+writes them over the replica, syncs, and cuts them off. (A crash while the parts were being appended
+leaves some of them: the replica was not touched yet, and rolling them back is harmless.) Applying an
+undo record is idempotent (absolute writes of old contents), so a crash during rollback just rolls back
+again.
 
 The replica always holds the newest state; the state after group g is reached by applying the UNDO
 records of every group after g, newest first. Groups end at commits, so every recovery point is a group
@@ -29,10 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from standby.plumbing.durable import fsync_dir, truncate_synced, write_synced
+from standby.plumbing.durable import fsync_dir, truncate_synced, write_all, write_synced
 from standby.proto.errors import ProtocolError
 from standby.proto.frames import HEADER_SIZE, check_payload, decode_header
 
+from .diskstate import meta_time
 from .journal import (
     COMMIT_TYPE,
     UNDO_TYPE,
@@ -53,6 +58,10 @@ from .retention import Point as RPoint
 log = logging.getLogger("standby.mt.history")
 SEGMENT_MAX = 64 << 20  # a new segment file after this many bytes (at a group boundary)
 PIECE_MAX = 8 << 20  # old contents are read and sealed in pieces of at most this many bytes
+# Old contents per UNDO record. A sealed record of incompressible contents is a little larger than its
+# contents (an extent-table entry and an AEAD tag per run); 16 MiB keeps it well under the 32 MiB frame
+# limit (proto.frames.MAX_PAYLOAD) — a group's old contents may be far larger (a zeroed range of GiBs).
+UNDO_PART = 16 << 20
 
 
 @dataclass(slots=True)
@@ -63,8 +72,16 @@ class Group:
     last: int
     meta: dict[str, Any]
     segment: Path
-    undo_at: int = -1  # offset of the UNDO record in `segment` (-1: the group wrote nothing)
-    undo_bytes: int = 0  # size of that record
+    parts: list[tuple[int, int]] = field(default_factory=list)  # (offset, size) of its UNDO records in `segment`
+
+    @property
+    def undo_at(self) -> int:
+        """Offset of the group's first UNDO record (-1: the group wrote nothing)."""
+        return self.parts[0][0] if self.parts else -1
+
+    @property
+    def undo_bytes(self) -> int:
+        return sum(n for _, n in self.parts)
 
     @property
     def is_point(self) -> bool:
@@ -72,7 +89,7 @@ class Group:
 
     @property
     def time(self) -> float:
-        return float(self.meta.get("time", 0.0))
+        return meta_time(self.meta)
 
     @property
     def consistency(self) -> str:
@@ -81,11 +98,16 @@ class Group:
 
 @dataclass(slots=True)
 class Pending:
-    """An UNDO whose COMMIT never came: the replica may hold part of its group."""
+    """UNDO parts whose COMMIT never came: the replica may hold part of their group. `offset` is where
+    the first part starts (the segment is cut there after the rollback)."""
 
     segment: Path
     offset: int
-    record: UndoRecord
+    records: list[UndoRecord]
+
+    @property
+    def record(self) -> UndoRecord:
+        return self.records[0]
 
 
 @dataclass
@@ -169,7 +191,8 @@ class DiskJournal:
         self.opener = undo_opener(key, uid)
         self.segments: list[_Segment] = []
         self._fd = -1  # the last segment, open for appending
-        self._open_undo: tuple[int, int, int] | None = None  # (first, offset, size) of the UNDO being applied
+        # The group being applied: its first sequence and the (offset, size) of its UNDO parts.
+        self._open_undo: tuple[int, list[tuple[int, int]]] | None = None
 
     # -- start-up -----------------------------------------------------------------------------------
     def open(self) -> Pending | None:
@@ -189,22 +212,26 @@ class DiskJournal:
                 log.warning("disk %d: cutting a torn record off the end of %s", self.disk, path)
                 truncate_synced(path, w.good_end)
             seg = _Segment(path, w.good_end)
-            undo: tuple[int, int, int] | None = None  # (first, offset, size) of an UNDO awaiting its COMMIT
+            undo: tuple[int, list[tuple[int, int]]] | None = None  # (first, parts) of UNDOs awaiting a COMMIT
             for ftype, disk, seq, at, size, payload in w.records:
                 if disk != self.disk:
                     raise JournalError(f"retention journal {path}: record of disk {disk} in disk {self.disk}'s")
                 if ftype == UNDO_TYPE:
-                    if undo is not None:
-                        raise JournalError(f"retention journal {path}: two undo records without a commit")
-                    undo = (seq, at, size)
+                    if undo is None:
+                        undo = (seq, [(at, size)])
+                    elif undo[0] == seq:
+                        undo[1].append((at, size))  # the next part of the same group
+                    else:
+                        raise JournalError(f"retention journal {path}: undo records of {undo[0]} and {seq} "
+                                           "without a commit between them")
                 elif ftype == COMMIT_TYPE and payload is not None:
                     c = decode_commit(disk, seq, payload)
-                    first = int(c.meta.get("first", seq))
+                    first = _int(c.meta.get("first", seq), f"{path}: commit {seq}")
                     g = Group(first, seq, c.meta, path)
                     if undo is not None:
                         if undo[0] != first:
                             raise JournalError(f"retention journal {path}: commit {seq} does not match undo {undo[0]}")
-                        g.undo_at, g.undo_bytes = undo[1], undo[2]
+                        g.parts = undo[1]
                         undo = None
                     seg.groups.append(g)
                 else:
@@ -212,21 +239,25 @@ class DiskJournal:
             if undo is not None:
                 if not last_segment:
                     raise JournalError(f"retention journal {path}: uncommitted undo record before the last segment")
-                with open(path, "rb") as f:
-                    f.seek(undo[1] + HEADER_SIZE)
-                    body = f.read(undo[2] - HEADER_SIZE)
-                rec = decode_undo(self.disk, undo[0], body, self.opener)
-                pending = Pending(path, undo[1], rec)
+                recs = [self._decode_part(path, undo[0], at, size) for at, size in undo[1]]
+                pending = Pending(path, undo[1][0][0], recs)
             if not seg.groups and pending is None and not last_segment:
                 path.unlink()  # created just before a crash, never written: nothing needs it
                 continue
             self.segments.append(seg)
         return pending
 
+    def _decode_part(self, path: Path, first: int, at: int, size: int) -> UndoRecord:
+        with open(path, "rb") as f:
+            f.seek(at + HEADER_SIZE)
+            body = f.read(size - HEADER_SIZE)
+        return decode_undo(self.disk, first, body, self.opener)
+
     def rollback_pending(self, pending: Pending, write: Callable[[int, bytes | None, int], None],
                          sync: Callable[[], None]) -> None:
-        """Put the old contents of an uncommitted group back, sync, then forget the UNDO."""
-        apply_undo(pending.record, write)
+        """Put the old contents of an uncommitted group back, sync, then forget its UNDO parts."""
+        for rec in pending.records:  # the parts cover disjoint ranges: any order
+            apply_undo(rec, write)
         sync()
         truncate_synced(pending.segment, pending.offset)
         self.segments[-1].size = pending.offset
@@ -246,6 +277,11 @@ class DiskJournal:
         return 0
 
     @property
+    def open_undo(self) -> bool:
+        """A group's UNDO parts are written and its COMMIT is not (it is being applied, or it failed)."""
+        return self._open_undo is not None
+
+    @property
     def empty(self) -> bool:
         return not any(s.groups for s in self.segments)
 
@@ -253,16 +289,25 @@ class DiskJournal:
     def bytes(self) -> int:
         return sum(s.size for s in self.segments)
 
-    def _append(self, data: bytes, first: int) -> int:
-        """Append one record to the last segment (a new one first if it is full) and fsync it; returns
-        the record's offset."""
-        if not self.segments or (self.segments[-1].size >= self.segment_max and self._open_undo is None):
+    def _append(self, data: bytes, first: int, sync: bool = True) -> int:
+        """Append one record to the last segment (a new one first if it is full, never inside a group)
+        and fsync it unless told not to; returns the record's offset."""
+        inside = self._open_undo is not None and bool(self._open_undo[1])  # a group's parts stay together
+        if not self.segments or (self.segments[-1].size >= self.segment_max and not inside):
             self._new_segment(first)
         seg = self.segments[-1]
         if self._fd < 0:
             self._fd = os.open(seg.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         at = seg.size
-        write_synced(self._fd, data)
+        try:
+            if sync:
+                write_synced(self._fd, data)
+            else:
+                write_all(self._fd, data)
+        except OSError:
+            # Leave no partial record for a later append to bury inside the segment (ENOSPC, EIO).
+            os.ftruncate(self._fd, at)
+            raise
         seg.size += len(data)
         return at
 
@@ -277,10 +322,66 @@ class DiskJournal:
         fsync_dir(self.dir)
 
     def write_undo(self, first: int, generation: int, pieces: list[tuple[int, bytes]]) -> None:
-        """Record the old contents of a group (sequences from `first`) before it is written: synced."""
+        """Record the old contents `pieces` of a group (sequences from `first`) before it is written:
+        synced. Split into parts of at most UNDO_PART bytes."""
+        self._begin_undo(first)
+        parts: list[list[tuple[int, bytes]]] = [[]]
+        size = 0
+        for off, data in pieces:
+            if parts[-1] and size + len(data) > UNDO_PART:
+                parts.append([])
+                size = 0
+            parts[-1].append((off, data))
+            size += len(data)
+        for part in parts:
+            self._undo_part(first, generation, part)
+        self._sync()
+
+    def write_undo_ranges(self, first: int, generation: int, ranges: list[tuple[int, int]],
+                          read: Callable[[int, int], bytes]) -> None:
+        """Record what a group is about to overwrite — the union of (offset, length) `ranges`, each byte
+        once, read with `read` — part by part (memory stays ~UNDO_PART whatever the group covers), then
+        one fsync. The replica may be written after this returns."""
+        self._begin_undo(first)
+        part: list[tuple[int, int]] = []
+        size = 0
+        for a, n in merge_ranges(ranges):
+            if part and size + n > UNDO_PART:
+                self._undo_part(first, generation, old_contents(read, part))
+                part, size = [], 0
+            part.append((a, n))
+            size += n
+        if part:
+            self._undo_part(first, generation, old_contents(read, part))
+        self._sync()
+
+    def discard_undo(self) -> None:
+        """The UNDO parts of the open group could not all be written (ENOSPC, EIO) and the replica was not
+        touched: cut them off, so the group can be tried again from scratch."""
+        if self._open_undo is None:
+            return
+        _, parts = self._open_undo
+        self._open_undo = None
+        if parts:
+            seg = self.segments[-1]
+            self.close()
+            truncate_synced(seg.path, parts[0][0])
+            seg.size = parts[0][0]
+
+    def _begin_undo(self, first: int) -> None:
+        if self._open_undo is not None:
+            raise JournalError(f"undo of {first} while the undo of {self._open_undo[0]} is open")
+        self._open_undo = (first, [])
+
+    def _undo_part(self, first: int, generation: int, pieces: list[tuple[int, bytes]]) -> None:
+        assert self._open_undo is not None
         rec = encode_undo(self.disk, first, generation, pieces, self.sealer)
-        at = self._append(rec, first)
-        self._open_undo = (first, at, len(rec))
+        at = self._append(rec, first, sync=False)
+        self._open_undo[1].append((at, len(rec)))
+
+    def _sync(self) -> None:
+        if self._fd >= 0:
+            os.fsync(self._fd)
 
     def write_commit(self, first: int, last: int, meta: dict[str, Any]) -> Group:
         """Record that the group first..last is in the replica (after its sync): synced."""
@@ -293,9 +394,8 @@ class DiskJournal:
         seg = self.segments[-1]
         g = Group(first, last, meta, seg.path)
         if undo is not None:
-            g.undo_at, g.undo_bytes = undo[1], undo[2]
-            # The UNDO may sit in the previous segment only if a rotation happened in between: never
-            # (rotation waits for a group boundary).
+            # The parts sit in this segment: rotation waits for a group boundary.
+            g.parts = list(undo[1])
         self._open_undo = None
         seg.groups.append(g)
         return g
@@ -305,13 +405,14 @@ class DiskJournal:
         contents back now, so the journal and the replica agree again before anything else happens."""
         if self._open_undo is None:
             return
-        first, at, size = self._open_undo
+        first, parts = self._open_undo
         seg = self.segments[-1]
-        with open(seg.path, "rb") as f:
-            f.seek(at + HEADER_SIZE)
-            body = f.read(size - HEADER_SIZE)
         self.close()
-        self.rollback_pending(Pending(seg.path, at, decode_undo(self.disk, first, body, self.opener)), write, sync)
+        if not parts:
+            self._open_undo = None
+            return
+        recs = [self._decode_part(seg.path, first, at, size) for at, size in parts]
+        self.rollback_pending(Pending(seg.path, parts[0][0], recs), write, sync)
         self._open_undo = None
 
     def close(self) -> None:
@@ -320,32 +421,43 @@ class DiskJournal:
             self._fd = -1
 
     # -- reading ------------------------------------------------------------------------------------
+    def undo_records(self, g: Group) -> Iterator[UndoRecord]:
+        """The group's UNDO parts, opened one at a time (each verified before it is returned)."""
+        for at, size in g.parts:
+            with open(g.segment, "rb") as f:
+                f.seek(at)
+                data = f.read(size)
+            s = scan(data)
+            if s.problem or s.torn or len(s.records) != 1 or s.records[0][0] != UNDO_TYPE:
+                raise JournalError(f"retention journal {g.segment}: undo record of {g.first} at {at} is damaged")
+            _, disk, seq, payload = s.records[0]
+            yield decode_undo(disk, seq, payload, self.opener)
+
     def read_undo(self, g: Group) -> UndoRecord | None:
-        if g.undo_at < 0:
+        """All of the group's old contents as one record (tests and small groups; rollbacks go part by
+        part with `undo_records`)."""
+        recs = list(self.undo_records(g))
+        if not recs:
             return None
-        with open(g.segment, "rb") as f:
-            f.seek(g.undo_at)
-            data = f.read(g.undo_bytes)
-        s = scan(data)
-        if s.problem or s.torn or len(s.records) != 1 or s.records[0][0] != UNDO_TYPE:
-            raise JournalError(f"retention journal {g.segment}: undo record of {g.first} at {g.undo_at} is damaged")
-        _, disk, seq, payload = s.records[0]
-        return decode_undo(disk, seq, payload, self.opener)
+        return UndoRecord(recs[0].disk, recs[0].sequence, recs[0].generation,
+                          tuple(e for r in recs for e in r.extents), tuple(n for r in recs for n in r.lengths))
 
     def undo_ranges(self, g: Group) -> list[tuple[int, int]]:
-        """The (offset, length) ranges `g`'s undo record covers, from its extent table only."""
-        if g.undo_at < 0:
-            return []
-        need = 256
+        """The (offset, length) ranges `g`'s undo records cover, from their extent tables only."""
+        out: list[tuple[int, int]] = []
         with open(g.segment, "rb") as f:
-            while True:
-                f.seek(g.undo_at + HEADER_SIZE)
-                got = undo_table(g.first, f.read(min(need, g.undo_bytes - HEADER_SIZE)), self.opener)
-                if isinstance(got, list):
-                    return got
-                if got > g.undo_bytes - HEADER_SIZE:
-                    raise JournalError(f"retention journal {g.segment}: undo record of {g.first} is truncated")
-                need = got
+            for at, size in g.parts:
+                need = 256
+                while True:
+                    f.seek(at + HEADER_SIZE)
+                    got = undo_table(g.first, f.read(min(need, size - HEADER_SIZE)), self.opener)
+                    if isinstance(got, list):
+                        out += got
+                        break
+                    if got > size - HEADER_SIZE:
+                        raise JournalError(f"retention journal {g.segment}: undo record of {g.first} is truncated")
+                    need = got
+        return out
 
     def groups_after(self, seq: int) -> list[Group]:
         return [g for g in self.groups if g.last > seq]
@@ -437,3 +549,9 @@ def apply_undo(rec: UndoRecord, write: Callable[[int, bytes | None, int], None])
 def old_contents(read: Callable[[int, int], bytes], ranges: list[tuple[int, int]]) -> list[tuple[int, bytes]]:
     """Read what a group is about to overwrite, each byte once."""
     return [(a, read(a, n)) for a, n in merge_ranges(ranges)]
+
+
+def _int(v: Any, where: str) -> int:
+    if type(v) is not int or v < 0:
+        raise JournalError(f"retention journal {where}: bad value {v!r}")
+    return v

@@ -69,6 +69,12 @@ def point_list(w: DiskWorker, now: float | None = None) -> dict[str, Any]:
             }
         )
     fo = FailoverState.load(j.dir)
+    failover = None
+    if fo is not None:
+        # Named as a point only where the replica is settled at a listed point: a move that broke off
+        # leaves it between two states (promise 9: status never names as a point what is not one).
+        settled = fo.at == fo.target and fo.step is None and j.find_point(fo.at) is not None
+        failover = {**vars(fo), "point": fo.at if settled else None, "problem": w.failover_problem}
     alert = kept.alert
     if not alert and w.retention_alert and time.time() - w.retention_alert_at < ALERT_HOLD:
         when = time.strftime("%H:%M:%S", time.localtime(w.retention_alert_at))
@@ -79,7 +85,7 @@ def point_list(w: DiskWorker, now: float | None = None) -> dict[str, Any]:
         "journal_bytes": j.bytes,
         "applied_seq": w.state.applied_seq,
         "alert": alert,
-        "failover": None if fo is None else vars(fo),
+        "failover": failover,
     }
 
 
@@ -110,6 +116,7 @@ def volume_pressure(mt: MasterTarget) -> None:
     minus its share of the shortfall (oldest points go first)."""
     free, total = free_bytes(mt.cfg.retention_dir)
     reserve = mt.cfg.reserve if mt.cfg.reserve is not None else min(total // 20, 4 << 30)
+    reserve = min(reserve, total // 4)  # on a small volume a fixed reserve must still leave room for history
     workers = [w for w in mt.workers.values() if not w.halted]
     short = reserve - free
     for w in workers:
@@ -154,8 +161,13 @@ async def failover(mt: MasterTarget, disk: int, sequence: int) -> dict[str, Any]
         fo.point_time = point_time
         try:
             written = await asyncio.to_thread(move, j, w.applier.replica, fo, int(sequence))
-        except (OSError, ReplicaError, JournalError) as exc:
-            raise OpError("failed", f"disk {w.state.name}: cannot roll back to point {sequence}: {exc}") from None
+        except Exception as exc:
+            if not isinstance(exc, OSError | ReplicaError | JournalError):
+                log.exception("disk %s/%s: failover move failed unexpectedly", w.state.machine, w.state.name)
+            w.failover_problem = f"{type(exc).__name__}: {exc}"
+            raise OpError("failed", f"disk {w.state.name}: cannot move to point {sequence}: {exc}; the replica "
+                          "is between two states, not at a recovery point: run standby failover again") from None
+        w.failover_problem = None
         w.state.last_point = Point.from_group(j.find_point(int(sequence))).as_dict()  # type: ignore[arg-type]
         await asyncio.to_thread(w.state.save, mt.cfg.disks_dir)
     log.info("disk %s/%s: failed over to point %s (%.3f s, %d bytes written)", w.state.machine, w.state.name,

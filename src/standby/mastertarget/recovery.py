@@ -33,7 +33,7 @@ from pathlib import Path
 from standby.plumbing.durable import load_json, save_json, truncate_synced
 from standby.proto.frames import encode_frame
 
-from .history import PIECE_MAX, DiskJournal, Group, apply_undo, walk_records
+from .history import PIECE_MAX, UNDO_PART, DiskJournal, Group, apply_undo, walk_records
 from .journal import (
     MOVE_TYPE,
     REDO_TYPE,
@@ -84,7 +84,9 @@ class FailoverState:
 
 
 UNDO_STEP, REDO_STEP = 0, 1
-REDO_PART = 32 << 20  # bytes of saved contents per REDO record (bounds memory)
+# Bytes of saved contents per REDO record: bounds memory, and keeps a record of incompressible contents
+# within the frame limit (proto.frames.MAX_PAYLOAD, 32 MiB) with room for its tables and tags.
+REDO_PART = UNDO_PART
 
 
 @dataclass
@@ -258,9 +260,8 @@ def _roll_back(journal: DiskJournal, groups: list[Group], pieces: list[tuple[int
         by_rank.setdefault(rank, []).append((a, b))
     n = 0
     for rank, ranges in by_rank.items():
-        rec = journal.read_undo(groups[rank])
-        assert rec is not None
-        n += _put(write, rec, ranges)
+        for rec in journal.undo_records(groups[rank]):  # parts cover disjoint ranges: each writes its share
+            n += _put(write, rec, ranges)
     return n
 
 

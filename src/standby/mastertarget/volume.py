@@ -49,8 +49,11 @@ def overlaps(a: Path | str, b: Path | str) -> bool:
     return pa == pb or pa.is_relative_to(pb) or pb.is_relative_to(pa)
 
 
-def check_retention_dir(path: Path, replica_paths: list[Path] | None = None, cache_dir: str | None = None) -> None:
-    """Raise VolumeError with the reason if `path` cannot be the retention volume."""
+def check_retention_dir(path: Path, replica_paths: list[Path] | None = None, cache_dir: str | None = None,
+                        allow_full: bool = False) -> None:
+    """Raise VolumeError with the reason if `path` cannot be the retention volume. `allow_full`: a volume
+    that holds history may be full (a crash while it filled up): pruning frees it, so it is no reason to
+    refuse."""
     where = f"retention volume {path}"
     if not path.is_dir():
         raise VolumeError(
@@ -64,7 +67,7 @@ def check_retention_dir(path: Path, replica_paths: list[Path] | None = None, cac
         raise VolumeError(f"{where} is on a {fstype} (FAT/FAT32) file system ({mnt}): not supported for the "
                           "retention journal; use ext4 or xfs")
     st = os.statvfs(path)
-    if st.f_bavail * st.f_frsize <= 0:
+    if st.f_bavail * st.f_frsize <= 0 and not allow_full:
         raise VolumeError(f"{where} has no free capacity")
     if cache_dir is not None and overlaps(path, cache_dir):
         raise VolumeError(f"{where} is the process server's cache volume ({cache_dir}): give the retention "
