@@ -7,7 +7,7 @@ import os
 import pytest
 
 from standby.processserver import cache as cache_mod
-from standby.processserver.cache import CacheCorrupt, DiskCache
+from standby.processserver.cache import DiskCache
 from standby.proto.messages import Batch, BatchKind, Commit, Extent, ExtentKind
 
 SEAL = bytes(28)
@@ -51,19 +51,51 @@ def test_torn_tail_is_cut_and_never_counted(tmp_path):
     assert seg.stat().st_size == good
 
 
-def test_corruption_before_the_tail_is_refused(tmp_path, monkeypatch):
+def test_corruption_before_the_tail_is_set_aside_never_skipped(tmp_path, monkeypatch):
+    """Damage in an older segment: the records before it stay, the damaged segment and all after it go
+    to quarantine/ (kept), and the damage is reported so the disk gets resynced (issue 9, finding 7: on
+    47f798a one damaged segment stopped the process server for every disk)."""
     monkeypatch.setattr(cache_mod, "SEGMENT_BYTES", 150)  # one record per segment
+    c = DiskCache(tmp_path)
+    for s in range(1, 5):
+        c.append(s, batch(s, s * 512))
+    c.close()
+    segs = sorted(tmp_path.glob("seg-*.log"))
+    assert len(segs) == 4
+    data = bytearray(segs[1].read_bytes())
+    data[60] ^= 0xFF
+    segs[1].write_bytes(bytes(data))
+    r = DiskCache(tmp_path)
+    rec = r.recover(acked=4)
+    assert rec.last_seq == 1 and [e.sequence for e in r.index] == [1]
+    assert rec.damage is not None and "records 2..4 are lost" in rec.damage
+    assert sorted(p.name for p in tmp_path.glob("seg-*.log")) == [segs[0].name]
+    assert len(list((tmp_path / "quarantine").iterdir())) == 3  # nothing thrown away
+
+
+def test_a_damaged_acknowledged_last_record_is_not_cut_as_a_torn_tail(tmp_path):
+    """Issue 9, finding 4: on 47f798a a damaged last record of the newest segment was cut off as "never
+    acknowledged" although it had been acknowledged; the master target then waited for it for ever."""
     c = DiskCache(tmp_path)
     for s in range(1, 4):
         c.append(s, batch(s, s * 512))
     c.close()
-    segs = sorted(tmp_path.glob("seg-*.log"))
-    assert len(segs) == 3
-    data = bytearray(segs[0].read_bytes())
-    data[60] ^= 0xFF
-    segs[0].write_bytes(bytes(data))
-    with pytest.raises(CacheCorrupt, match="before its end"):
-        DiskCache(tmp_path).recover()
+    seg = sorted(tmp_path.glob("seg-*.log"))[-1]
+    data = bytearray(seg.read_bytes())
+    data[-5] ^= 0xFF  # inside record 3's payload: it fails its checksum, and it is the last record
+    seg.write_bytes(bytes(data))
+    # Record 3 was never acknowledged: a torn tail, cut off as before.
+    r = DiskCache(tmp_path)
+    rec = r.recover(acked=2)
+    assert rec.last_seq == 2 and rec.damage is None
+    # The same damage after record 3 was acknowledged: lost data, reported, the file kept in quarantine.
+    seg.write_bytes(bytes(data))
+    r = DiskCache(tmp_path)
+    rec = r.recover(acked=3)
+    assert rec.last_seq == 2 and rec.damage is not None and "records 3..3 are lost" in rec.damage
+    assert [e.sequence for e in r.index] == [1, 2]
+    assert (tmp_path / "quarantine").exists()
+    assert seg.stat().st_size == len(batch(1, 512)) + len(batch(2, 1024))
 
 
 def test_release_deletes_applied_segments(tmp_path, monkeypatch):
@@ -98,7 +130,7 @@ def test_failed_append_leaves_no_half_record(tmp_path, monkeypatch):
     assert rec.last_seq == 1
 
 
-def test_damage_mid_newest_segment_is_refused_not_cut(tmp_path):
+def test_damage_mid_newest_segment_is_set_aside_not_cut(tmp_path):
     c = DiskCache(tmp_path)
     for s in range(1, 4):
         c.append(s, batch(s, s * 512))
@@ -107,6 +139,30 @@ def test_damage_mid_newest_segment_is_refused_not_cut(tmp_path):
     data = bytearray(seg.read_bytes())
     data[len(batch(1, 512)) - 5] ^= 0xFF  # inside record 1's payload; records 2 and 3 follow intact
     seg.write_bytes(bytes(data))
-    with pytest.raises(CacheCorrupt, match="before its end"):
-        DiskCache(tmp_path).recover()
-    assert seg.stat().st_size == len(data)  # nothing was cut
+    rec = DiskCache(tmp_path).recover(acked=3)
+    assert rec.damage is not None and "records 1..3 are lost" in rec.damage
+    [kept] = (tmp_path / "quarantine").iterdir()
+    assert kept.read_bytes() == bytes(data)  # the damaged file as it was, for inspection
+    assert not seg.exists()  # nothing intact was before the damage
+
+
+def test_a_record_that_does_not_decode_is_damage(tmp_path):
+    """A record with a good checksum and a payload no decoder accepts (a poisoned record stored by an
+    older release): set aside, never a crash at start-up."""
+    from standby.proto.frames import encode_frame
+    from standby.proto.messages import FrameType
+
+    c = DiskCache(tmp_path)
+    c.append(1, batch(1, 512))
+    c.append(2, encode_frame(FrameType.COMMIT, 1, 2, b"\x00\x00\x00\x05junk!" + bytes(28)))
+    c.append(3, batch(3, 1536))
+    c.close()
+    r = DiskCache(tmp_path)
+    rec = r.recover(acked=3)
+    assert rec.last_seq == 1 and rec.damage is not None and "does not decode" in rec.damage
+
+
+def test_record_info_never_trusts_a_commit_time():
+    for bad in (10**400, float("inf"), float("nan"), -5, True, "1", [1], None, {"a": 1}):
+        info = cache_mod.record_info(Commit(1, 1, {"generation": 1, "kind": "point", "time": bad}, SEAL))
+        assert info.time == 0.0 and info.kind == "point"

@@ -9,9 +9,11 @@ from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from standby.plumbing.link import Link, LinkClosed, RequestFailed
+from standby.plumbing.serve import serve_request
 from standby.proto.errors import RemoteProtocolError
-from standby.proto.messages import Reply, Request
+from standby.proto.messages import Request
 
+from .health import ALERT, ERROR
 from .recovery import FAILED_OVER, RecoveryAdmin, protected_disks
 from .registry import DiskRow
 from .streams import DiskStream
@@ -31,8 +33,6 @@ class AdminSession:
         self.recovery = RecoveryAdmin(ps)
 
     async def run(self) -> None:
-        from .server import reply_to
-
         handlers = {
             "status": self.status,
             "machines": self.machines,
@@ -51,11 +51,7 @@ class AdminSession:
             msg = await self.link.recv()
             if not isinstance(msg, Request):
                 raise RemoteProtocolError("unexpected-message", f"admin sent {type(msg).__name__}")
-            handler = handlers.get(msg.op)
-            if handler is None:
-                await self.link.send(Reply(msg.id, False, {}, "bad-input", f"unknown request {msg.op!r}"))
-            else:
-                await reply_to(self.link, msg, handler)
+            await serve_request(self.link, msg, "admin", "ps", handlers.get(msg.op))
 
     async def machines(self) -> dict[str, Any]:
         return {"machines": self.ps.registry.machines()}
@@ -165,6 +161,19 @@ class AdminSession:
         if not disks:
             raise Failure("unknown-disk", f"machine {machine!r} has no protected disk {disk!r}")
         for d in disks:
+            st = self.ps.open_stream(d)
+            if st.quarantined_from is not None:
+                # The cached records from the refused one on are never applied: set them aside (kept in
+                # quarantine/), let the master target skip them, and repair the replica by the resync.
+                n = st.cache.set_aside_from(st.quarantined_from)
+                for s in [s for s in st.records if s >= st.quarantined_from]:
+                    del st.records[s]
+                log.warning("disk %s/%s: %d cached record(s) from sequence %d set aside (quarantine)", d.machine,
+                            d.name, n, st.quarantined_from)
+                self.ps.after_loss(st, d)
+                self.ps.skip_lost(st, d)
+                st.quarantined_from = None
+                st.health.clear("quarantine")
             if d.resync_request:
                 continue
             self.ps.request_resync(d, "full" if full else "checksum", "requested by the operator")
@@ -204,7 +213,9 @@ class AdminSession:
                     "applied_seq": d.applied_seq,
                     "backlog_records": st.backlog_records if st else 0,
                     "cache_bytes": st.cache.bytes if st else 0,
-                    "error": (st.last_error if st and st.last_error else d.error),
+                    "error": "; ".join(st.health.texts(ERROR)) or None if st else None,
+                    "problems": [p.as_dict() for p in st.health.active.values()] if st else [],
+                    "cleared": st.health.recent(wall) if st else [],
                     "synced_at": d.synced_at,
                     **self._continuous(d, st, wall),
                 }
@@ -217,6 +228,29 @@ class AdminSession:
             "rpo_threshold": self.ps.cfg.rpo_threshold,
         }
 
+    def applying(self, d: DiskRow, st: DiskStream | None) -> str:
+        """What applying this disk is doing now — never `running` unless a master target is connected and
+        pulling this disk with nothing wrong known (promise 9)."""
+        if d.mt is None or st is None:
+            return "-"
+        if d.state in FAILED_OVER:
+            return "failed-over"
+        if st.quarantined_from is not None:
+            return "quarantined"
+        if st.pause:
+            return "paused" if st.paused_at and st.applied_seq >= st.paused_at else "pausing"
+        mt = self.ps.mt_sessions.get(d.mt)
+        if mt is None:
+            return "stopped"
+        if st.health.has("stalled"):
+            return "stalled"
+        if st.health.has("mt-replica") or st.health.has("mt-reject"):
+            return "failed"
+        sender = mt.senders.get(d.id)
+        if sender is None or sender.done():
+            return "stopped"
+        return "running"
+
     def _continuous(self, d: DiskRow, st: DiskStream | None, wall: float) -> dict[str, Any]:
         """Delta replication health of one disk: RPO, points, the agent's dirty bytes, cache backlog,
         resync progress and reason, alerts."""
@@ -224,17 +258,8 @@ class AdminSession:
         rep = dict(st.agent_report) if st else {}
         fresh = st is not None and wall - st.agent_report_at < 30
         backlog = sum(v.nbytes for v in st.records.values()) if st else 0
-        alerts = []
-        if d.mt and d.state in ("up-to-date", "resyncing") and rpo is not None and rpo > self.ps.cfg.rpo_threshold:
-            alerts.append(f"RPO {rpo:.0f} s exceeds the {self.ps.cfg.rpo_threshold:.0f} s threshold")
-        if fresh and rep.get("tracking_lost"):
-            alerts.append(f"change tracking: {rep['tracking_lost']}")
-        applying = "running"
-        if st and st.pause:
-            applying = "paused" if st.paused_at and st.applied_seq >= st.paused_at else "pausing"
+        alerts = st.health.texts(ALERT) if st else []
         hist = st.mt_report if st else {}
-        if hist.get("alert"):
-            alerts.append(str(hist["alert"]))
         return {
             "history_points": hist.get("points"),
             "history_oldest": hist.get("oldest_point"),
@@ -242,6 +267,9 @@ class AdminSession:
             "failover": hist.get("failed_over"),
             "rpo_seconds": rpo,
             "last_point_time": d.last_point_at,
+            # `latest` also counts points still in the cache (DESIGN §6): what a failover to latest reaches.
+            "latest_point_time": max([v.time for v in st.records.values() if v.kind == "point"]
+                                     + [d.last_point_at or 0.0]) or None if st else d.last_point_at,
             "last_point_seq": d.last_point_seq,
             "points_last_minute": st.points_since(wall - 60) if st else 0,
             "dirty_bytes": rep.get("dirty_bytes") if fresh else None,
@@ -261,7 +289,7 @@ class AdminSession:
             }
             if d.resync_reason
             else None,
-            "applying": applying,
+            "applying": self.applying(d, st),
             "paused_at_seq": st.paused_at if st and st.pause else None,
             "alerts": alerts,
         }

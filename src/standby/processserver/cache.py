@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -50,6 +52,7 @@ class Recovered:
     last_cursor: int  # cursor of the newest INITIAL batch cached, 0 if none
     generation: int
     records: dict[int, RecordInfo]
+    damage: str | None = None  # what was set aside as damaged (then the disk needs a resync)
 
 
 def _is_torn_tail(seg: Path, good_end: int, size: int) -> bool:
@@ -79,7 +82,8 @@ class RecordInfo(NamedTuple):
 def record_info(msg: object) -> RecordInfo:
     if isinstance(msg, Commit):
         t = msg.meta.get("time")
-        return RecordInfo(str(msg.meta["kind"]), 0, 0, float(t) if isinstance(t, int | float) else 0.0)
+        ok = isinstance(t, int | float) and not isinstance(t, bool) and 0 <= t < 1e11  # a peer's value: never trusted
+        return RecordInfo(str(msg.meta.get("kind", "")), 0, 0, float(t) if ok else 0.0)
     if isinstance(msg, Batch):
         return RecordInfo("batch", msg.cursor if msg.kind == BatchKind.INITIAL else 0, msg.logical_bytes)
     return RecordInfo("other", 0, 0)
@@ -100,22 +104,38 @@ class DiskCache:
         self._seg_size = 0
 
     # -- start-up -----------------------------------------------------------------------------------
-    def recover(self) -> Recovered:
-        """Rebuild the index from the segments on disk."""
+    def recover(self, acked: int = 0) -> Recovered:
+        """Rebuild the index from the segments on disk. `acked`: the highest sequence this server may
+        have acknowledged (the registry's received_seq) — nothing at or below it is ever cut off as a
+        torn tail (promise 1).
+
+        A torn last record that was never acknowledged (a crash mid-append) is cut off. Any other damage
+        — a record that fails its checksum, does not decode, or an acknowledged record torn — is not
+        skipped and does not stop the server: the records before it stay (they are intact and in order),
+        the damaged segment and everything after it are moved to `quarantine/` (kept for inspection), and
+        `Recovered.damage` says what was lost, so the caller can have the disk resynced (promise 3)."""
         segs = sorted(self.dir.glob("seg-*.log"))
         last_seq, cursor, gen = 0, 0, 0
-        info: dict[int, tuple[str, int, int]] = {}
+        info: dict[int, RecordInfo] = {}
+        damage: str | None = None
         for i, seg in enumerate(segs):
+            newest = i == len(segs) - 1
             size = seg.stat().st_size
             if size == 0:
-                if i == len(segs) - 1:
+                if newest:
                     seg.unlink()
                     continue
-                raise CacheCorrupt(f"cache segment {seg} is empty but is not the newest")
+                damage = f"cache segment {seg.name} is empty but is not the newest"
+                self._quarantine(segs[i:], None)
+                break
             records, good_end, problem = scan_records(seg.read_bytes())  # segments are at most ~64 MiB
             for r in records:
+                try:
+                    msg = decode_message(r.header, r.payload)
+                except ProtocolError as exc:
+                    problem, good_end = f"record {r.header.sequence} does not decode: {exc}", r.offset
+                    break
                 self.index.append(Entry(r.header.sequence, seg, r.offset, r.end - r.offset))
-                msg = decode_message(r.header, r.payload)
                 if isinstance(msg, Batch | Commit):
                     gen = max(gen, msg.generation)
                 info[r.header.sequence] = record_info(msg)
@@ -123,19 +143,45 @@ class DiskCache:
                     cursor = msg.cursor
                 last_seq = r.header.sequence
             if problem:
-                if i != len(segs) - 1 or not _is_torn_tail(seg, good_end, size):
-                    # Acknowledged records may follow the damage: refuse loudly rather than cut them off.
-                    raise CacheCorrupt(
-                        f"cache segment {seg} is damaged ({problem}) before its end; "
-                        "acknowledged data may be affected — move the segment aside to continue"
-                    )
-                log.warning("cache %s: cutting a torn tail (%s); it was never acknowledged", seg, problem)
-                with open(seg, "r+b") as f:
-                    f.truncate(good_end)
-                    os.fsync(f.fileno())
-                size = good_end
+                if newest and last_seq >= acked and _is_torn_tail(seg, good_end, size):
+                    log.warning("cache %s: cutting a torn tail (%s); it was never acknowledged", seg, problem)
+                    with open(seg, "r+b") as f:
+                        f.truncate(good_end)
+                        os.fsync(f.fileno())
+                    size = good_end
+                else:
+                    # Acknowledged records may be in or after the damage: keep the intact prefix, set the
+                    # rest aside, say what is lost.
+                    damage = f"cache segment {seg.name} is damaged at offset {good_end} ({problem})"
+                    self._quarantine(segs[i:], (seg, good_end))
+                    self.index = [e for e in self.index if e.segment != seg or e.offset < good_end]
+                    self.bytes += good_end
+                    break
             self.bytes += size
-        return Recovered(last_seq, cursor, gen, info)
+        if damage is not None and acked > last_seq:
+            damage += f"; records {last_seq + 1}..{acked} are lost"
+        return Recovered(last_seq, cursor, gen, info, damage)
+
+    def _quarantine(self, segs: list[Path], keep: tuple[Path, int] | None) -> None:
+        """Move damaged segments into `quarantine/`; `keep`: a segment whose intact first bytes stay in
+        place (a copy of the whole file goes to quarantine)."""
+        qdir = self.dir / "quarantine"
+        qdir.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for seg in segs:
+            dest = qdir / f"{seg.name}.{stamp}"
+            if keep is not None and seg == keep[0]:
+                shutil.copy2(seg, dest)
+                with open(seg, "r+b") as f:
+                    f.truncate(keep[1])
+                    os.fsync(f.fileno())
+                if keep[1] == 0:
+                    seg.unlink()
+            else:
+                os.replace(seg, dest)
+            log.error("cache: damaged segment %s set aside as %s", seg, dest)
+        fsync_dir(qdir)
+        fsync_dir(self.dir)
 
     # -- append -------------------------------------------------------------------------------------
     def append(self, sequence: int, record: bytes | bytearray) -> None:
@@ -180,6 +226,28 @@ class DiskCache:
         self._fd = os.open(self._seg, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._seg_size = os.fstat(self._fd).st_size
         fsync_dir(self.dir)
+
+    def set_aside_from(self, sequence: int) -> int:
+        """Move every record from `sequence` on into quarantine/ (an operator's resync after the master
+        target refused one as not authentic: the copies are kept for inspection, never applied). Returns
+        how many records were set aside."""
+        with self._lock:
+            gone = [e for e in self.index if e.sequence >= sequence]
+            if not gone:
+                return 0
+            first = gone[0]
+            later = sorted({e.segment for e in gone} - {first.segment})
+            if self._seg is not None and (self._seg == first.segment or self._seg in later):
+                if self._fd is not None:
+                    os.close(self._fd)
+                    self._fd = None
+                self._seg, self._seg_size = None, 0  # the next append starts a new segment
+            before = sum(p.stat().st_size for p in {first.segment, *later} if p.exists())
+            self._quarantine([first.segment, *later], (first.segment, first.offset))
+            after = first.segment.stat().st_size if first.segment.exists() else 0
+            self.bytes -= before - after
+            self.index = [e for e in self.index if e.sequence < sequence]
+            return len(gone)
 
     # -- read and release ---------------------------------------------------------------------------
     def after(self, sequence: int) -> list[Entry]:

@@ -17,10 +17,13 @@ import ssl
 import time
 from typing import Any
 
+from standby.plumbing import failpoints
 from standby.plumbing import identity as ident
-from standby.plumbing.errors import NotStarted, StandbyError
+from standby.plumbing.errors import NotStarted
 from standby.plumbing.link import Link, LinkClosed, RequestFailed
+from standby.plumbing.serve import serve_request
 from standby.plumbing.service import host_id
+from standby.plumbing.supervise import describe, spawn, supervise
 from standby.plumbing.tls import server_context
 from standby.proto.connection import Connection, Role, choose_version
 from standby.proto.errors import RemoteProtocolError
@@ -35,10 +38,13 @@ from standby.proto.messages import (
     Request,
     Welcome,
 )
+from standby.proto.requests import BadRequest, CommitMeta
 
 from .cache import DiskCache, record_info
 from .deployment import PSConfig
 from .enroll import Enrollment
+from .gate import Gate, Listener
+from .health import ALERT, ERROR
 from .recovery import FAILED_OVER
 from .registry import DiskRow, Registry
 from .streams import DiskStream
@@ -53,7 +59,11 @@ GROUP_MAX = 8
 HANDSHAKE_TIMEOUT = 15.0
 # How long a resync hash query waits for the master target to apply what is cached before it.
 DRAIN_TIMEOUT = 600.0
-RPO_CHECK_INTERVAL = 5.0
+WATCH_INTERVAL = 5.0
+# A disk with a backlog that applies nothing this long is `stalled` (status, alert).
+STALL_AFTER = 30.0
+# After a failed cache write the agent is asked to wait this long before sending again.
+CACHE_RETRY = 5.0
 
 
 class Failure(Exception):
@@ -78,22 +88,27 @@ class ProcessServer:
         self.mt_sessions: dict[str, MTSession] = {}
         self.agent_sessions: dict[str, AgentSession] = {}
         self.enrollment = Enrollment(self.registry, self.identity, self.ca_key)
-        self.server: asyncio.base_events.Server | None = None
+        self.gate = Gate(self.ssl, handshake_timeout=HANDSHAKE_TIMEOUT)
+        self.server: Listener | None = None
         self.port = cfg.port
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- start-up -----------------------------------------------------------------------------------
     def recover(self) -> None:
         for row in self.registry.disks():
-            self.open_stream(row)
+            try:
+                self.open_stream(row)
+            except Exception:  # one disk's cache must not keep the server from serving every other disk
+                log.exception("disk %s/%s: cannot open its cache (a bug: please report it with this trace); the "
+                              "disk is not served", row.machine, row.name)
 
     def open_stream(self, row: DiskRow) -> DiskStream:
         st = self.streams.get(row.id)
         if st is not None:
             return st
         cache = DiskCache(self.cfg.cache_dir / f"disk-{row.id}")
-        rec = cache.recover()
-        st = DiskStream(row.id, row.machine, cache)
+        rec = cache.recover(acked=row.received_seq)
+        st = DiskStream(row.id, row.machine, cache, row.name)
         st.applied_seq = row.applied_seq
         st.received_seq = max(row.received_seq, rec.last_seq, row.applied_seq)
         st.cursor = max(row.cursor, rec.last_cursor)
@@ -112,6 +127,16 @@ class ProcessServer:
         if st.received_seq != row.received_seq or st.cursor != row.cursor:
             self.registry.update_disk(row.id, received_seq=st.received_seq, cursor=st.cursor)
         self.streams[row.id] = st
+        if rec.damage is not None:
+            # Records the agent was told are durable may be gone: the replica cannot catch up by itself
+            # (promise 3). The master target skips what is lost (see MTSession.pull) and a checksum resync
+            # repairs the replica; the damaged files are kept in quarantine/ for inspection.
+            msg = f"{rec.damage}; moved to {cache.dir / 'quarantine'}; a checksum resync was requested"
+            st.health.set("cache-damage", msg)
+            self.after_loss(st, row)
+            self.skip_lost(st, row)
+            if row.mt is not None:
+                self.request_resync(row, "checksum", f"the process server's cache was damaged: {rec.damage}")
         return st
 
     @property
@@ -120,14 +145,7 @@ class ProcessServer:
 
     async def serve(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         self.recover()
-        self.server = await asyncio.start_server(
-            self.handle,
-            self.cfg.listen,
-            self.cfg.port,
-            ssl=self.ssl,
-            ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
-            limit=1 << 20,
-        )
+        self.server = await self.gate.start_server(self.handle, self.cfg.listen, self.cfg.port)
         self.port = self.server.sockets[0].getsockname()[1]
         log.info(
             "process server %s listening on %s:%d (cache %s, quota %d MiB)",
@@ -139,7 +157,7 @@ class ProcessServer:
         )
         if ready is not None:
             ready.set()
-        self.spawn(self.watch_rpo())
+        self.spawn(supervise("disk watchdog", self.watch))
         try:
             await stop.wait()
         finally:
@@ -159,6 +177,7 @@ class ProcessServer:
         self._tasks.add(task)
         addr = writer.get_extra_info("peername")
         link = Link(reader, writer, Connection(Role.SERVER), f"{addr[0]}:{addr[1]}" if addr else "peer")
+        link.role = "ps"
         try:
             await self._session(link, addr[0] if addr else "?")
         except RemoteProtocolError as exc:
@@ -191,6 +210,7 @@ class ProcessServer:
                 log.warning("%s: refused: certificate %s/%s is not current", link.name, peer.role, peer.name)
                 await link.close("forbidden", f"certificate for {peer.role} {peer.name!r} is not (or no longer) valid")
                 return
+            self.gate.admit(link.writer)  # an enrolled identity: no longer a stranger (gate.py)
         version = choose_version(hello)
         assert version is not None  # the connection refuses a HELLO without a common version
         name = peer.name if peer else "?"
@@ -228,29 +248,76 @@ class ProcessServer:
         except LinkClosed:
             pass
 
-    async def watch_rpo(self) -> None:
-        """Log an alert once when a disk's RPO passes the policy threshold, and once when it recovers."""
+    async def watch(self) -> None:
+        """Every few seconds, for each disk: the RPO against the policy's threshold (an alert), and the
+        progress watchdog — a disk with a backlog that applies nothing for STALL_AFTER seconds is
+        `stalled` (an error in status, with what is known of why), cleared when applying moves again."""
         while True:
-            await asyncio.sleep(RPO_CHECK_INTERVAL)
-            now = time.time()
-            for row in self.registry.disks():
-                st = self.streams.get(row.id)
-                if st is None or row.mt is None or row.last_point_at is None or row.state in FAILED_OVER:
-                    continue
-                rpo = now - row.last_point_at
-                late = rpo > self.cfg.rpo_threshold
-                if late and not st.rpo_alert:
-                    log.warning(
-                        "ALERT disk %s/%s: RPO %.0f s exceeds the threshold of %.0f s (newest point at %s)",
-                        row.machine,
-                        row.name,
-                        rpo,
-                        self.cfg.rpo_threshold,
-                        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.last_point_at)),
-                    )
-                elif not late and st.rpo_alert:
-                    log.info("disk %s/%s: RPO back to %.0f s", row.machine, row.name, rpo)
-                st.rpo_alert = late
+            await asyncio.sleep(WATCH_INTERVAL)
+            self.check_disks(time.time(), time.monotonic())
+
+    def check_disks(self, now: float, mono: float) -> None:
+        for row in self.registry.disks():
+            st = self.streams.get(row.id)
+            if st is None:
+                continue
+            failed_over = row.state in FAILED_OVER
+            rpo = now - row.last_point_at if row.last_point_at is not None else None
+            if row.mt is not None and rpo is not None and not failed_over and rpo > self.cfg.rpo_threshold:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.last_point_at or 0))
+                st.health.set("rpo", f"RPO {rpo:.0f} s exceeds the {self.cfg.rpo_threshold:.0f} s threshold "
+                                     f"(newest point at {when})", ALERT, now)
+            else:
+                st.health.clear("rpo", now)
+            waiting = st.received_seq - st.applied_seq
+            if waiting <= 0 or failed_over or st.pause or row.mt is None:
+                st.progress_at = mono
+                st.health.clear("stalled", now)
+                continue
+            idle = mono - st.progress_at
+            if idle < STALL_AFTER:
+                continue
+            why = self.stall_reason(row, st)
+            st.health.set("stalled", f"stalled: {waiting} record(s) waiting in the cache, nothing applied for "
+                                     f"{idle:.0f} s ({why})", ERROR, now)
+
+    def stall_reason(self, row: DiskRow, st: DiskStream) -> str:
+        mt = self.mt_sessions.get(row.mt or "")
+        if mt is None:
+            return f"master target {row.mt} is not connected"
+        others = [p.text for k, p in st.health.active.items() if k != "stalled" and p.level == ERROR]
+        if others:
+            return others[0]
+        if st.id not in mt.senders or mt.senders[st.id].done():
+            return f"master target {row.mt} has not pulled this disk"
+        return f"master target {row.mt} is connected but applies nothing; see its log"
+
+    def skip_lost(self, st: DiskStream, row: DiskRow) -> None:
+        """Records after what is applied were received but are lost (set aside as damaged): nothing will
+        ever apply them, so they count as passed (the resync already asked for repairs the replica). The
+        master target skips them the next time it pulls (MTSession.pull)."""
+        if st.received_seq > st.applied_seq and not st.cache.after(st.applied_seq):
+            log.warning("disk %s/%s: records %d..%d are lost: passed over (a resync repairs the replica)",
+                        row.machine, row.name, st.applied_seq + 1, st.received_seq)
+            st.lost = (st.applied_seq + 1, st.received_seq)
+            st.applied_seq = st.received_seq
+            self.registry.update_disk(row.id, applied_seq=st.applied_seq)
+
+    def after_loss(self, st: DiskStream, row: DiskRow) -> None:
+        """Cached records were set aside (damaged, or refused by the master target): an initial copy goes
+        on from what is still held — the newest cached INITIAL batch, else what was applied — so the agent
+        sends the lost part again (the master target skips the lost sequence numbers; see MTSession.pull)."""
+        cursor = max([v.cursor for v in st.records.values() if v.cursor] + [row.applied_cursor])
+        st.initial_committed = (
+            row.synced_at is not None
+            or row.state == "up-to-date"
+            or any(v.kind in ("initial-complete", "resync-complete") for v in st.records.values())
+        )
+        if not st.initial_committed and cursor != st.cursor:
+            log.warning("disk %s/%s: the initial copy goes on from %d bytes (was %d)", row.machine, row.name, cursor,
+                        st.cursor)
+            st.cursor = cursor
+            self.registry.update_disk(row.id, cursor=cursor)
 
     def request_resync(self, row: DiskRow, mode: str, reason: str) -> None:
         """Ask the disk's agent for a resync (it learns at its next report, or now if connected)."""
@@ -262,24 +329,8 @@ class ProcessServer:
         if agent is not None:
             self.spawn(self.wake(agent.link))
 
-    def spawn(self, coro: Any) -> asyncio.Task[Any]:
-        t = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
-        return t
-
-
-async def reply_to(link: Link, req: Request, fn: Any) -> None:
-    """Run a request handler and send its REPLY: ok with the result, or the failure's code and message."""
-    try:
-        result = await fn(**req.args)
-        await link.send(Reply(req.id, True, result or {}))
-    except Failure as exc:
-        await link.send(Reply(req.id, False, {}, exc.code, str(exc)))
-    except StandbyError as exc:
-        await link.send(Reply(req.id, False, {}, "failed", str(exc)))
-    except TypeError as exc:
-        await link.send(Reply(req.id, False, {}, "bad-input", f"bad arguments for {req.op}: {exc}"))
+    def spawn(self, coro: Any, name: str = "task") -> asyncio.Task[Any]:
+        return spawn(coro, name, self._tasks)
 
 
 class AgentSession:
@@ -309,14 +360,13 @@ class AgentSession:
                         "resync_begin": self.resync_begin,
                         "resync_hashes": self.resync_hashes,
                     }.get(msg.op)
-                    if handler is None:
-                        await self.link.send(Reply(msg.id, False, {}, "bad-input", f"unknown request {msg.op!r}"))
-                    elif msg.op == "resync_hashes":
+                    if msg.op == "resync_hashes":
                         # Slow (the master target hashes its whole replica): answered in its own task so this
                         # session keeps receiving batches and requests meanwhile.
-                        self.spawned.add(self.ps.spawn(reply_to(self.link, msg, handler)))
+                        self.spawned.add(self.ps.spawn(serve_request(self.link, msg, "agent", "ps", handler),
+                                                       "resync_hashes"))
                     else:
-                        await reply_to(self.link, msg, handler)
+                        await serve_request(self.link, msg, "agent", "ps", handler)
                 elif isinstance(msg, Batch | Commit):
                     await self.enqueue(msg, self.link.conn.last_frame)
                 else:
@@ -346,21 +396,20 @@ class AgentSession:
         elif size < row.size:
             # Records for the old end may still be queued; shrinking replicas is not built: stop, say so.
             msg = f"disk {name} shrank from {row.size} to {size} bytes: not supported (replication stopped)"
-            if row.error != msg:
-                log.error("machine %s: %s", self.machine, msg)
-                reg.update_disk(row.id, error=msg)
+            self.ps.open_stream(row).health.set("shrunk", msg)
             raise Failure("size-mismatch", msg)
         elif row.size != size:
             # Promise 3: the replica no longer matches; its master target resizes it and a checksum resync
             # repairs the contents (the old part mostly compares equal).
             log.warning("machine %s: disk %s changed size from %d to %d bytes", self.machine, name, row.size, size)
-            reg.update_disk(row.id, size=size, error=None)
+            reg.update_disk(row.id, size=size)
             if row.mt is not None:
                 self.ps.request_resync(row, "checksum", f"disk size changed from {row.size} to {size} bytes")
                 mt = self.ps.mt_sessions.get(row.mt)
                 await self.ps.wake(mt.link if mt else None)
             row = reg.disk(row.id) or row
         st = self.ps.open_stream(row)
+        st.health.clear("shrunk")
         result: dict[str, Any] = {
             "disk": row.id,
             "state": row.state,
@@ -393,6 +442,15 @@ class AgentSession:
         row = self.own_row(disk)
         st = self.ps.open_stream(row)
         st.agent_report, st.agent_report_at = report, time.time()
+        lost, failed = report.get("tracking_lost"), report.get("error")
+        if isinstance(lost, str) and lost:
+            st.health.set("tracking", f"change tracking: {lost}", ALERT)
+        else:
+            st.health.clear("tracking")
+        if isinstance(failed, str) and failed:
+            st.health.set("agent", f"agent: {failed}")
+        else:
+            st.health.clear("agent")
         return {"resync": json.loads(row.resync_request) if row.resync_request else None}
 
     async def resync_begin(self, disk: int, generation: int, mode: str, reason: str) -> dict[str, Any]:
@@ -423,7 +481,7 @@ class AgentSession:
         row = self.own_row(disk)
         st = self.ps.open_stream(row)
         deadline = time.monotonic() + DRAIN_TIMEOUT
-        while st.applied_seq < st.received_seq:
+        while st.cache.after(st.applied_seq):  # records lost in between cannot be waited for
             if time.monotonic() > deadline:
                 raise Failure("unreachable", "the master target did not apply the backlog in time")
             if st.pause:
@@ -442,6 +500,16 @@ class AgentSession:
             raise Failure("unreachable", f"master target {row.mt} went away: {exc}") from None
 
     async def enqueue(self, msg: Batch | Commit, frame: bytes | bytearray) -> None:
+        if isinstance(msg, Commit):
+            try:
+                CommitMeta.from_commit(msg.meta)  # never stored: a bad time would poison start-up (finding 5)
+            except BadRequest as exc:
+                st = self.ps.streams.get(msg.disk)
+                if st is not None and st.machine == self.machine:
+                    st.health.set("agent-record", f"the agent sent an invalid record (sequence {msg.sequence}): "
+                                                  f"{exc}; it was refused, nothing stored")
+                log.warning("%s: refused commit %d of disk %d: %s", self.link.name, msg.sequence, msg.disk, exc)
+                raise RemoteProtocolError("bad-commit", str(exc)) from None
         q = self.queues.get(msg.disk)
         if q is None:
             row = self.ps.registry.disk(msg.disk)
@@ -453,71 +521,117 @@ class AgentSession:
                 raise RemoteProtocolError("not-protected", f"disk {row.name} is not protected yet")
             q = asyncio.Queue(maxsize=4)
             self.queues[msg.disk] = q
-            self.writers.append(asyncio.get_running_loop().create_task(self.writer(self.ps.streams[msg.disk], q)))
+            st = self.ps.open_stream(row)
+            self.writers.append(asyncio.get_running_loop().create_task(self.run_writer(st, q)))
         await q.put((msg, frame))
+
+    async def run_writer(self, st: DiskStream, q: asyncio.Queue[tuple[Batch | Commit, bytes | bytearray]]) -> None:
+        """The disk's writer; if it fails unexpectedly (a bug), the records it held would never be
+        answered: log the traceback, fail the disk in status, and end the session so the agent sends
+        again from what is stored (nothing is lost: it keeps what was not acknowledged)."""
+        try:
+            await self.writer(st, q)
+        except (asyncio.CancelledError, LinkClosed):
+            raise
+        except Exception as exc:
+            log.exception("%s: the cache writer of disk %d failed unexpectedly (a bug: please report it with "
+                          "this trace)", self.link.name, st.id)
+            st.health.set("ps-writer", f"the process server's cache writer failed: {describe(exc)} (the agent "
+                          "reconnects and sends again)")
+            await self.link.close("internal-error", "the process server failed to store a record; send again")
 
     async def writer(self, st: DiskStream, q: asyncio.Queue[tuple[Batch | Commit, bytes | bytearray]]) -> None:
         """Append one disk's records in order and ack each once fsynced (promise 1). Whatever is queued
-        is appended as a group under one fsync (group commit)."""
+        is appended as a group under one fsync (group commit).
+
+        Refusals keep the order (agent.window relies on it): once a record is refused (BUSY: the cache is
+        over its quota, its file system is full or failing, the machine is failed over), every record
+        after it is refused too until the refused one arrives again — even if room appeared meanwhile. Only
+        a record that skips ahead with nothing refused before it is a real sequence gap."""
         ps = self.ps
-        refusing = False
+        refused_from: int | None = None  # the first sequence refused since the last one stored in order
         try:
             while True:
                 records = [await q.get()]
                 while not q.empty() and len(records) < GROUP_MAX:
                     records.append(q.get_nowait())
                 # The frames as received (already verified): stored byte for byte, not encoded again.
-                group = [m for m, _ in records]
                 if st.failed_over:
                     # After a failover nothing more is replicated: the agent keeps its changes in its dirty map.
-                    for m in group:
+                    for m, _ in records:
                         await self.link.send(Busy(m.disk, m.sequence, 10.0, "the machine is failed over"))
                     continue
                 # Promise 8: records that would take the cache over its quota are neither stored nor acked
                 # (BUSY); the agent backs off and sends them again. The leading records that fit are stored.
                 room = ps.cfg.cache_quota - ps.cache_bytes
-                fit = 0
+                take: list[tuple[Batch | Commit, bytes | bytearray]] = []
+                refuse: list[Batch | Commit] = []
+                expect = st.received_seq + 1
+                why = f"process server cache over quota ({ps.cfg.cache_quota >> 20} MiB)"
                 for m, r in records:
-                    if m.sequence > st.received_seq:
+                    if refuse:
+                        refuse.append(m)  # behind a refused record: refused too, the agent resends in order
+                    elif m.sequence < expect:
+                        take.append((m, r))  # a retransmission of a stored record: acknowledged again
+                    elif m.sequence == expect:
                         room -= len(r)
                         if room < 0:
-                            break
-                    fit += 1
-                refused_now = fit < len(records)
-                if refused_now:
-                    if not refusing:
-                        log.warning(
-                            "cache over quota (%d MiB): refusing data for disk %d", ps.cfg.cache_quota >> 20, st.id
-                        )
-                    refusing = True
-                    for m in group[fit:]:
-                        await self.link.send(Busy(m.disk, m.sequence, 1.0, "process server cache is over its quota"))
-                    records, group = records[:fit], group[:fit]
-                    if not records:
-                        continue
-                # Shielded: once an append has started, the session ending (agent gone) must not cut it off
-                # between the fsync and the bookkeeping, or the resent record would be cached twice.
-                stored = await asyncio.shield(asyncio.ensure_future(self.store(st, records)))
-                for m in group[:stored]:
-                    await self.link.send(Ack(m.disk, m.sequence, m.generation))
-                if stored < len(group):
-                    seq = group[stored].sequence
-                    if refusing:  # pipelined behind a record we refused: refuse it too, the agent resends in order
-                        for m in group[stored:]:
-                            await self.link.send(
-                                Busy(m.disk, m.sequence, 1.0, "process server cache is over its quota")
-                            )
-                        continue
-                    log.warning("%s: disk %d sequence gap (%d after %d)", self.link.name, st.id, seq, st.received_seq)
-                    await self.link.close("sequence-gap", f"expected sequence {st.received_seq + 1}, got {seq}")
-                    return
-                refusing = refused_now
+                            refuse.append(m)
+                        else:
+                            take.append((m, r))
+                            expect += 1
+                            refused_from = None
+                    elif refused_from is not None and refused_from <= expect:
+                        refuse.append(m)  # sent before our BUSY for an earlier record reached the agent
+                    else:
+                        log.warning("%s: disk %d sequence gap (%d after %d)", self.link.name, st.id, m.sequence,
+                                    expect - 1)
+                        await self.link.close("sequence-gap", f"expected sequence {expect}, got {m.sequence}")
+                        return
+                failpoints.hit("ps.writer")
+                if take:
+                    # Shielded: once an append has started, the session ending (agent gone) must not cut it
+                    # off between the fsync and the bookkeeping, or the resent record would be cached twice.
+                    try:
+                        stored = await asyncio.shield(asyncio.ensure_future(self.store(st, take)))
+                    except OSError as exc:
+                        # A full or failing cache file system: back-pressure, like the quota (promise 8),
+                        # with the reason in status; this disk only, and replication goes on once it clears.
+                        why = f"process server cannot write its cache: {exc.strerror or exc}"
+                        refuse = [m for m, _ in take if m.sequence > st.received_seq] + refuse
+                        take = [(m, r) for m, r in take if m.sequence <= st.received_seq]
+                        self.cache_failed(st, why)
+                    else:
+                        self.cache_ok(st)
+                        if stored < len(take):  # another session of this machine stored in between
+                            m = take[stored][0]
+                            await self.link.close("sequence-gap", f"sequence {m.sequence} is out of order")
+                            return
+                    for m, _ in take:
+                        await self.link.send(Ack(m.disk, m.sequence, m.generation))
+                if refuse:
+                    if refused_from is None:
+                        refused_from = refuse[0].sequence
+                        log.log(logging.INFO if st.refusing else logging.WARNING, "disk %d: %s: refusing data",
+                                st.id, why)
+                        st.refusing = True
+                    for m in refuse:
+                        await self.link.send(Busy(m.disk, m.sequence, CACHE_RETRY if "cannot write" in why else 1.0,
+                                                  why))
+                elif take and st.refusing:
+                    st.refusing = False
+                    log.info("disk %d: the cache accepts data again", st.id)
         except LinkClosed:
             pass
-        except OSError as exc:
-            log.error("disk %d: cannot write the cache: %s", st.id, exc)
-            st.last_error = f"process server cache write failed: {exc}"
-            await self.link.close("cache-error", st.last_error)
+
+    def cache_failed(self, st: DiskStream, why: str) -> None:
+        st.health.set("cache-write", f"{why}; refusing this disk's data until it can be written (the agent keeps "
+                                     "its changes and sends them again)")
+
+    def cache_ok(self, st: DiskStream) -> None:
+        st.health.clear("cache-write")
+        st.health.clear("ps-writer")
+        st.health.clear("agent-record")
 
     async def store(self, st: DiskStream, records: list[tuple[Batch | Commit, bytes | bytearray]]) -> int:
         """Append the records that follow what is cached, as one step with their accounting. Returns how
@@ -578,10 +692,7 @@ class MTSession:
                     self.link.deliver(msg)
                 elif isinstance(msg, Request):
                     handler = {"subscribe": self.subscribe, "pull": self.pull, "mt_report": self.mt_report}.get(msg.op)
-                    if handler is None:
-                        await self.link.send(Reply(msg.id, False, {}, "bad-input", f"unknown request {msg.op!r}"))
-                    else:
-                        await reply_to(self.link, msg, handler)
+                    await serve_request(self.link, msg, "mt", "ps", handler)
                 elif isinstance(msg, Ack):
                     log.debug("disk %d: %s acked sequence %d", msg.disk, self.name, msg.sequence)
                     self.on_ack(msg)
@@ -629,7 +740,17 @@ class MTSession:
         for disk, rep in disks.items():
             row = self.ps.registry.disk(int(disk))
             if row is not None and row.mt == self.name and isinstance(rep, dict):
-                self.ps.open_stream(row).mt_report = rep
+                st = self.ps.open_stream(row)
+                st.mt_report = rep
+                alert, failed = rep.get("alert"), rep.get("error")
+                if isinstance(alert, str) and alert:
+                    st.health.set("retention", alert, ALERT)
+                else:
+                    st.health.clear("retention")
+                if isinstance(failed, str) and failed:
+                    st.health.set("mt-replica", f"master target {self.name}: {failed}")
+                else:
+                    st.health.clear("mt-replica")
         return {}
 
     def stop_sender(self, disk: int) -> None:
@@ -643,31 +764,49 @@ class MTSession:
             raise Failure("refused", f"disk {row.machine}/{row.name} is failed over: nothing is applied")
         st = self.ps.open_stream(row)
         skip = 0
-        if applied_seq < st.applied_seq:
-            entries = st.cache.after(applied_seq)
-            if not entries or entries[0].sequence != applied_seq + 1:
-                # The replica is older than anything cached (its state was restored or lost): the records in
-                # between are gone. Promise 3: never guess — skip ahead and have the disk resynced.
-                log.error(
-                    "disk %s/%s: replica at sequence %d, cache holds from %d: sequence gap",
-                    row.machine,
-                    row.name,
-                    applied_seq,
-                    st.applied_seq + 1,
-                )
-                gap = f"sequence gap: the replica was at {applied_seq}, applied {st.applied_seq}"
+        entries = st.cache.after(applied_seq)
+        nxt = entries[0].sequence if entries else st.received_seq + 1
+        if applied_seq < st.received_seq and nxt != applied_seq + 1:
+            # The records the replica needs next are gone: its state is older than the cache (restored or
+            # lost), or cached records were damaged and set aside. Promise 3: never guess — skip ahead to
+            # what the cache holds and have the disk resynced.
+            skip_to = max(nxt - 1, st.applied_seq)
+            log.error("disk %s/%s: the replica is at sequence %d but the cache holds from %d: records %d..%d "
+                      "are lost", row.machine, row.name, applied_seq, nxt, applied_seq + 1, skip_to)
+            known = st.lost is not None and st.lost[0] <= applied_seq + 1 and skip_to <= st.lost[1]
+            if not known:  # lost records already passed over had their resync asked for (skip_lost)
+                gap = f"sequence gap: the replica was at {applied_seq}, records up to {skip_to} are lost"
                 self.ps.request_resync(row, "checksum", gap)
-                row = self.ps.registry.disk(disk) or row  # skipped records must not count as points
-                skip = applied_seq = st.applied_seq
+            row = self.ps.registry.disk(disk) or row  # skipped records must not count as points
+            skip = applied_seq = skip_to
+            for s in [s for s in st.records if s <= skip_to]:
+                st.records.pop(s)
+        if st.quarantined_from is not None:
+            raise Failure("refused", st.health.active["quarantine"].text if st.health.has("quarantine")
+                          else f"disk {row.name} is quarantined")
         self.set_applied(st, row, applied_seq, release=False)
         old = self.senders.pop(disk, None)
         if old is not None:
             old.cancel()
-        st.last_error = None
-        self.ps.registry.update_disk(disk, error=None)
+        st.health.clear("mt-replica")  # the master target has the replica open again
         self.inflight[disk] = applied_seq
-        self.senders[disk] = asyncio.get_running_loop().create_task(self.sender(st, applied_seq))
+        self.senders[disk] = asyncio.get_running_loop().create_task(self.run_sender(st, applied_seq))
         return {"received_seq": st.received_seq, "skip_to": skip}
+
+    async def run_sender(self, st: DiskStream, after: int) -> None:
+        """The disk's sender under supervision: after a failure (a bug, or the cache unreadable) the
+        reason is in status and it starts again from what the master target acknowledged."""
+        start = [after]
+
+        def failed(exc: BaseException) -> None:
+            st.health.set("ps-sender", f"sending to master target {self.name} failed: {describe(exc)} (retrying)")
+            start[0] = st.applied_seq
+
+        def recovered() -> None:
+            st.health.clear("ps-sender")
+
+        await supervise(f"sender of disk {st.id}", lambda: self.sender(st, start[0]), on_failure=failed,
+                        on_recovery=recovered, passthrough=(LinkClosed, ConnectionError))
 
     async def sender(self, st: DiskStream, after: int) -> None:
         """Send records after `after` in order, at most MT_WINDOW ahead of the acks."""
@@ -687,15 +826,17 @@ class MTSession:
                     while st.pause and st.paused_at and st.paused_at < e.sequence:
                         st.resumed.clear()
                         await st.resumed.wait()  # paused after a point: hold everything newer
+                    failpoints.hit("ps.sender")
                     record = await asyncio.to_thread(st.cache.read, e)
                     await self.link.send_frame(record)  # a verified frame, forwarded byte for byte
+                    st.health.clear("ps-sender")
                     sent = e.sequence
                     info = st.records.get(sent)
                     if st.pause and not st.paused_at and info is not None and info.kind == "point":
                         st.paused_at = sent
                         log.info("disk %d: applying paused after point %d", st.id, sent)
                     log.debug("disk %d: sent sequence %d to %s", st.id, sent, self.name)
-        except (ConnectionError, LinkClosed, OSError) as exc:
+        except (ConnectionError, LinkClosed) as exc:
             log.info("%s: sender for disk %d stopped: %s", self.link.name, st.id, exc)
 
     def set_applied(self, st: DiskStream, row: DiskRow, seq: int, release: bool = True) -> None:
@@ -721,6 +862,7 @@ class MTSession:
                 log.info("disk %s/%s: initial replication complete; replica is up to date", row.machine, row.name)
             if kind == "resync-complete":
                 fields["state"] = "up-to-date"
+                st.health.clear("cache-damage")  # what was lost is repaired
                 faithful = row.resync_request is None
                 fields["resync_done_at"] = time.time()
                 if row.synced_at is None:
@@ -740,19 +882,33 @@ class MTSession:
         if ack.sequence != st.applied_seq + 1:
             raise RemoteProtocolError("bad-ack", f"ack for sequence {ack.sequence}, expected {st.applied_seq + 1}")
         self.set_applied(st, row, ack.sequence)
+        self.ps.skip_lost(st, row)
+        st.progress_at = time.monotonic()
+        st.health.clear("mt-reject")
+        st.health.clear("stalled")
         self.acked.set()
 
     def on_reject(self, rej: Reject) -> None:
+        row = self.ps.registry.disk(rej.disk)
         st = self.ps.streams.get(rej.disk)
-        if st is None:
+        if st is None or row is None or row.mt != self.name:
             return
-        msg = f"master target {self.name} rejected sequence {rej.sequence}: {rej.reason}"
-        log.error("disk %d: %s", rej.disk, msg)
-        st.last_error = msg
-        self.ps.registry.update_disk(rej.disk, error=msg)
         t = self.senders.pop(rej.disk, None)
         if t is not None:
             t.cancel()
+        if rej.sequence == 0:  # about the disk, not a record: the replica cannot be opened or used
+            st.health.set("mt-replica", f"master target {self.name}: {rej.reason}")
+        elif rej.code in ("authentication-failed", "bad-commit"):
+            # Promise 6: nothing of it was written. Retrying the same cached record cannot help: quarantine
+            # the disk until the operator has it resynced (which sets the cached records aside).
+            st.quarantined_from = rej.sequence
+            st.health.set("quarantine", f"quarantined: master target {self.name} rejected sequence {rej.sequence}: "
+                          f"{rej.reason}. The process server's cached copy was altered or damaged; nothing of it "
+                          f"was written. Run: standby resync {row.machine} (sets the cached records aside and "
+                          "repairs the replica)")
+        else:
+            st.health.set("mt-reject", f"master target {self.name} rejected sequence {rej.sequence}: {rej.reason} "
+                          "(retried; see the master target's log)")
 
     async def check_replica(self, path: str, fmt: str, size: int, existing: bool = False) -> None:
         await self.link.request("check_replica", path=path, format=fmt, size=size, existing=existing, timeout=30)

@@ -12,6 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .cache import DiskCache, RecordInfo
+from .health import Health
 
 
 @dataclass
@@ -38,9 +39,10 @@ class Rate:
 
 
 class DiskStream:
-    def __init__(self, disk_id: int, machine: str, cache: DiskCache) -> None:
+    def __init__(self, disk_id: int, machine: str, cache: DiskCache, name: str = "") -> None:
         self.id = disk_id
         self.machine = machine
+        self.health = Health(f"{machine}/{name or disk_id}")
         self.cache = cache
         self.received_seq = 0
         self.applied_seq = 0
@@ -51,7 +53,13 @@ class DiskStream:
         self.append_lock = asyncio.Lock()
         self.receive_rate = Rate()
         self.apply_rate = Rate()
-        self.last_error: str | None = None
+        # Progress watchdog: when applying last advanced, or the backlog began (monotonic clock).
+        self.progress_at = time.monotonic()
+        # A record the master target refused as not authentic: the disk is quarantined from it until the
+        # operator's resync sets the cached records aside (None: not quarantined).
+        self.quarantined_from: int | None = None
+        # Sequences received but lost (damaged cache) and passed over, whose resync was asked for.
+        self.lost: tuple[int, int] | None = None
         self.initial_committed = False  # an initial-complete commit is in the cache or applied
         # Recovery points the master target has applied (promise 4: only what it holds counts for RPO; the
         # newest is in the registry row).
@@ -63,9 +71,10 @@ class DiskStream:
         self.pause = False
         self.paused_at = 0
         self.resumed = asyncio.Event()
-        self.rpo_alert = False
         self.mt_report: dict[str, object] = {}  # the master target's word on this disk's history (points, bytes)
         self.failed_over = False  # replication stopped by a failover: the agent's records are refused (BUSY)
+        self.refusing = False  # the agent's records are being refused (BUSY): logged once per episode
+        self.cache_error: str | None = None  # the cache cannot be written (file system full, I/O error)
 
     def points_since(self, t: float) -> int:
         return sum(1 for x in self.point_times if x >= t)
