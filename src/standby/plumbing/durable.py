@@ -20,11 +20,16 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_synced(fd: int, data: bytes | memoryview) -> None:
-    """Write all of `data` at the fd's position (appending, with O_APPEND), then fsync."""
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """Write all of `data` at the fd's position (appending, with O_APPEND)."""
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def write_synced(fd: int, data: bytes | memoryview) -> None:
+    """Write all of `data` at the fd's position (appending, with O_APPEND), then fsync."""
+    write_all(fd, data)
     os.fsync(fd)
 
 

@@ -54,6 +54,7 @@ REPLY_CODES: dict[str, type[StandbyError]] = {
     "unknown-disk": BadInput,
     "replica-exists": BadInput,
     "size-mismatch": BadInput,
+    "unknown-request": BadInput,
     "forbidden": Refused,
     "not-enrolled": Refused,
     "bad-passphrase": Refused,

@@ -18,6 +18,7 @@ from typing import Any
 from standby.proto.connection import CLOSED, NEED_DATA, Connection, Role
 from standby.proto.errors import ProtocolError, RemoteProtocolError
 from standby.proto.messages import Goodbye, Hello, Message, Reply, Request, Welcome
+from standby.proto.requests import OPS, BadRequest, parse_reply
 
 from .aio import wait_event
 from .errors import REPLY_CODES, Refused, StandbyError, Unreachable
@@ -59,6 +60,9 @@ class Link:
         self._wlock = asyncio.Lock()
         self.closed = False
         self.quiet = False  # owner's hint: log this link's comings and goings at DEBUG
+        # Our HELLO role on this link ("ps" on the server's side): replies to our requests are validated
+        # against their typed definitions for it (proto.requests); None: not validated (tests' fakes).
+        self.role: str | None = None
 
     async def recv(self) -> Message:
         while True:
@@ -113,7 +117,19 @@ class Link:
             self._pending.pop(rid, None)
         if not reply.ok:
             raise RequestFailed(reply.code, reply.message)
-        return reply.result
+        return self.checked(op, reply.result)
+
+    def checked(self, op: str, result: dict[str, Any]) -> dict[str, Any]:
+        """A peer's reply result, validated at the boundary (promise 9): its typed definition for `op`
+        as sent by our role, back as the JSON dict it stands for. `subscribe` is checked by its caller
+        (one bad assignment must fail that disk alone, not the whole reply)."""
+        if self.role is None or op == "subscribe" or (op, self.role) not in OPS:
+            return result  # only what proto.requests defines (every op the daemons send; test fakes add some)
+        try:
+            return parse_reply(op, result, self.role).to_wire()
+        except BadRequest as exc:
+            log.warning("%s: invalid reply to %s: %s", self.name, op, exc)
+            raise RequestFailed(exc.code, f"{self.name} sent an invalid reply: {exc}") from None
 
     async def call(self, op: str, timeout: float | None = 60.0, **args: Any) -> dict[str, Any]:
         """Send a request and read the reply inline (for simple one-request-at-a-time clients)."""
@@ -124,7 +140,7 @@ class Link:
             if isinstance(msg, Reply) and msg.id == rid:
                 if not msg.ok:
                     raise RequestFailed(msg.code, msg.message)
-                return msg.result
+                return self.checked(op, msg.result)
 
     def deliver(self, reply: Reply) -> None:
         fut = self._pending.get(reply.id)
@@ -157,7 +173,17 @@ class Link:
 async def dial(
     host: str, port: int, ctx: ssl.SSLContext, role: str, server_hostname: str | None = None, timeout: float = 15.0
 ) -> Link:
-    """Connect over TLS and do the handshake. Raises Unreachable or Refused with a clear message."""
+    """Connect over TLS and do the handshake. Raises Unreachable or Refused with a clear message.
+
+    Refused (exit 4) when either side turns the other's certificate down; Unreachable (exit 3) when the
+    connection cannot be made or is lost. Under TLS 1.3 the client's handshake is complete before the
+    server has checked the client's certificate, so a server that refuses it shows only at our first
+    read — and asyncio's and uvloop's servers send no alert then, they just close. What tells a refusal
+    from a loss is the session ticket: a TLS 1.3 server sends its tickets right after it accepted the
+    client's certificate and Finished, so a connection that ends before any ticket arrived was refused
+    by the handshake, while one that ends after was accepted and then lost (or closed at the protocol
+    level, which comes with a GOODBYE and its code). An alert, if the server sends one, says so outright.
+    """
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(host, port, ssl=ctx, server_hostname=server_hostname or host, limit=READ_CHUNK),
@@ -165,20 +191,30 @@ async def dial(
         )
     except ssl.SSLCertVerificationError as exc:
         raise Refused(
-            f"the server at {host}:{port} is not the deployment's process server: {exc.verify_message}"
+            f"the server at {host}:{port} is not this deployment's process server: its certificate failed "
+            f"verification ({exc.verify_message}); check the address, and that this identity belongs to that "
+            "deployment"
         ) from None
     except ssl.SSLError as exc:
         raise Refused(f"TLS handshake with {host}:{port} failed: {exc.reason or exc}") from None
     except (OSError, TimeoutError) as exc:
         raise Unreachable(f"cannot reach the process server at {host}:{port}: {exc or 'timed out'}") from None
     link = Link(reader, writer, Connection(Role.CLIENT), f"{host}:{port}")
+    link.role = role
     try:
         await link.send(Hello(role=role))
         msg = await asyncio.wait_for(link.recv(), timeout)
     except LinkClosed as exc:
+        refusal = _tls_refusal(writer, exc)
         await link.close()
         if exc.code in ("forbidden", "not-enrolled"):
             raise Refused(str(exc)) from None
+        if refusal is not None:
+            raise Refused(
+                f"the process server at {host}:{port} refused this machine's certificate ({refusal}): it was not "
+                "issued by this deployment's CA, or it has expired; enroll this machine with this deployment "
+                "(or use the right identity directory); the process server's log says which"
+            ) from None
         raise Unreachable(f"the process server at {host}:{port} closed the connection: {exc}") from None
     except (RemoteProtocolError, TimeoutError) as exc:
         await link.close()
@@ -187,6 +223,41 @@ async def dial(
         await link.close("unexpected-message", "expected WELCOME")
         raise Unreachable(f"unexpected answer from {host}:{port}: {type(msg).__name__}")
     return link
+
+
+# TLS alerts by which a server says it will not take our certificate (OpenSSL reason names).
+_CERT_ALERTS = (
+    "CERTIFICATE_REQUIRED",
+    "UNKNOWN_CA",
+    "BAD_CERTIFICATE",
+    "CERTIFICATE_EXPIRED",
+    "CERTIFICATE_REVOKED",
+    "CERTIFICATE_UNKNOWN",
+    "UNSUPPORTED_CERTIFICATE",
+    "ACCESS_DENIED",
+    "DECRYPT_ERROR",
+)
+
+
+def _tls_refusal(writer: asyncio.StreamWriter, closed: LinkClosed) -> str | None:
+    """How the server refused our TLS handshake, or None if it did not (see `dial`).
+
+    `closed` ended the first exchange after the handshake; `Link` raises it from the read or write error,
+    which stays reachable as its `__context__`. A GOODBYE is the protocol speaking, never a TLS refusal.
+    """
+    if closed.code != "closed":
+        return None
+    cause = closed.__context__
+    if isinstance(cause, ssl.SSLError):
+        reason = (cause.reason or "").upper()
+        alert = next((a for a in _CERT_ALERTS if reason.endswith("ALERT_" + a)), None)
+        if alert is not None:
+            return "TLS alert: " + alert.replace("_", " ").lower()
+    sslobj = writer.get_extra_info("ssl_object")
+    session = getattr(sslobj, "session", None) if sslobj is not None else None
+    if session is not None and sslobj.version() == "TLSv1.3" and not session.has_ticket:
+        return "it ended the connection during the TLS handshake"
+    return None
 
 
 async def sleep_or_stop(stop: asyncio.Event, delay: float) -> None:

@@ -8,13 +8,20 @@ Stored form (self-describing, so the cost parameters can be raised later without
 Threat: theft of the configuration database. The passphrase is never stored in clear; scrypt is memory-
 hard (n=2**14, r=8: 16 MiB per guess) and salted, so a stolen hash costs a GPU farm dearly per guess and
 precomputed tables are useless. Threat: online guessing over the network. `RateLimiter` slows each
-client exponentially after a few failures.
+client exponentially after a few failures (the process server keeps a global key too).
+
+Two implementations of scrypt, on purpose: `hash_passphrase` (once, at `standby-ps init`) uses
+`cryptography`; `verify_passphrase` (on the process server, per enrollment attempt) uses OpenSSL through
+`hashlib`, which releases the GIL while it hashes, so a verification in a worker thread does not stall the
+event loop — `cryptography`'s scrypt holds the GIL for its whole ~35 ms. Both are RFC 7914; the tests
+check one against the other.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
 import os
 import unicodedata
@@ -46,6 +53,19 @@ def _scrypt(passphrase: str, salt: bytes, n: int, r: int, p: int, length: int) -
     return Scrypt(salt=salt, length=length, n=n, r=r, p=p).derive(_normalize(passphrase))
 
 
+# OpenSSL refuses to allocate more than `maxmem` (default 32 MiB) and hashlib caps maxmem at INT_MAX.
+_HASHLIB_MAXMEM_LIMIT = 2**31 - 1
+
+
+def _scrypt_nogil(passphrase: str, salt: bytes, n: int, r: int, p: int, length: int) -> bytes:
+    """scrypt through hashlib (GIL released while hashing); `cryptography` where hashlib cannot: no
+    hashlib.scrypt in this Python's OpenSSL, or parameters needing more than 2 GiB."""
+    need = 128 * r * (n + p + 2) + (1 << 20)  # OpenSSL's own accounting (B + V + XY), plus slack
+    if not hasattr(hashlib, "scrypt") or need > _HASHLIB_MAXMEM_LIMIT:
+        return _scrypt(passphrase, salt, n, r, p, length)
+    return hashlib.scrypt(_normalize(passphrase), salt=salt, n=n, r=r, p=p, maxmem=need, dklen=length)
+
+
 def hash_passphrase(passphrase: str) -> str:
     """Hash for storage with a fresh random salt: "scrypt$n$r$p$salt_b64$hash_b64"."""
     if not _normalize(passphrase):
@@ -63,7 +83,7 @@ def verify_passphrase(passphrase: str, stored: str) -> bool:
     fix, not as "wrong passphrase" forever.
     """
     params = _parse(stored)
-    candidate = _scrypt(passphrase, params.salt, params.n, params.r, params.p, len(params.digest))
+    candidate = _scrypt_nogil(passphrase, params.salt, params.n, params.r, params.p, len(params.digest))
     return hmac.compare_digest(candidate, params.digest)
 
 
@@ -110,8 +130,10 @@ class RateLimiter:
     first attempts cost nothing (typos happen), and a guesser gets at most one attempt per max_delay in
     the long run: under 300 guesses a day per address against a 125-bit passphrase.
 
-    Threat: guessing from many addresses at once. The caller may also keep one global key (say "*")
-    and check both. Threat: filling memory with keys. `prune` drops keys idle for `forget_after`.
+    Threat: guessing from many addresses at once. The caller may also keep one global key (say "*"),
+    usually in a second limiter with a larger allowance and a shorter ceiling, and check both
+    (processserver/enroll.py does). Threat: filling memory with keys. `prune` drops keys idle for
+    `forget_after`.
     """
 
     def __init__(self, free: int = 3, max_delay: float = 300.0, forget_after: float = 86400.0) -> None:

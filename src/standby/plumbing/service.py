@@ -9,14 +9,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import socket
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from .errors import EXIT_INTERRUPTED, EXIT_NOT_STARTED, EXIT_OK, StandbyError
 
 log = logging.getLogger("standby.service")
+# Seconds a stopping daemon waits for its worker threads after its own shutdown is done.
+EXIT_GRACE = 5.0
 
 
 def sd_notify(state: str) -> None:
@@ -56,8 +60,41 @@ def install_loop() -> None:
         pass
 
 
+def raise_open_file_limit() -> int:
+    """Raise this process's open-file soft limit to its hard limit; returns the soft limit now in force.
+
+    Why: the soft limit is often 1,024 (a shell's default; systemd gives services 1,024 soft, 524,288 hard)
+    while a daemon with many disks and peers legitimately holds more — cache segments, journal files,
+    sockets. Running out fails whatever opens a file next, e.g. a cache append (finding 6). The hard limit
+    is what the administrator allows; the soft one is only a guard for programs using select(), which we
+    do not (uvloop and asyncio use epoll). The value is logged so an operator can see it in the journal.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:  # Linux refuses an infinite RLIMIT_NOFILE: use the kernel's ceiling
+        try:
+            target = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            target = soft
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            log.info("open-file limit raised from %d to %d (the hard limit)", soft, target)
+            return target
+        except (OSError, ValueError) as exc:
+            log.warning("open-file limit stays at %d: cannot raise it to %d: %s", soft, target, exc)
+            return soft
+    log.info("open-file limit: %s (hard limit %s)", _limit(soft), _limit(hard))
+    return soft
+
+
+def _limit(value: int) -> str:
+    return "unlimited" if value == resource.RLIM_INFINITY else str(value)
+
+
 def run_daemon(name: str, main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
     """Run `main(stop)` until it returns; `stop` is set on the first SIGTERM/SIGINT."""
+    raise_open_file_limit()
     install_loop()
     started = False
 
@@ -83,12 +120,44 @@ def run_daemon(name: str, main: Callable[[asyncio.Event], Awaitable[None]]) -> i
         started = True
         await main(stop)
 
+    code = EXIT_OK
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
     try:
-        asyncio.run(runner())
+        loop.run_until_complete(runner())
     except StandbyError as exc:
         log.error("%s: %s", name, exc)
-        return exc.exit_code if started else EXIT_NOT_STARTED
-    return EXIT_OK
+        code = exc.exit_code if started else EXIT_NOT_STARTED
+    finally:
+        busy = _close_loop(loop, name)
+    if busy:
+        # Durable state is written by now (each daemon's own shutdown did it); what is left are worker
+        # threads busy with work nobody waits for any more (hashing a disk for a resync that ended). An
+        # interpreter exit would wait for them — minutes, past systemd's stop timeout (issue 9, finding 7).
+        logging.shutdown()
+        os._exit(code)
+    return code
+
+
+def _close_loop(loop: asyncio.AbstractEventLoop, name: str) -> bool:
+    """Cancel what still runs, then give worker threads EXIT_GRACE seconds. True if some are still busy."""
+    try:
+        tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        try:
+            loop.run_until_complete(asyncio.wait_for(loop.shutdown_default_executor(), EXIT_GRACE))
+        except TimeoutError:
+            busy = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+            log.warning("%s: %d worker thread(s) still busy after %.0f s (%s): exiting without them", name,
+                        len(busy), EXIT_GRACE, ", ".join(busy[:8]))
+            return True
+        return False
+    finally:
+        loop.close()
 
 
 def host_id() -> str:

@@ -1,0 +1,52 @@
+"""Fail points: named places in the daemons where a test can make an unexpected exception happen, to
+prove that supervision catches it (promise 9: "a test kills one on purpose").
+
+Off unless the environment sets `STANDBY_FAILPOINTS`, a comma-separated list of `NAME` or `NAME=COUNT`
+(how many times it fires; default once), read once at import. Production never sets it; the cost of an
+unset fail point is one dictionary lookup. The names in use are listed in FAILPOINTS.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+log = logging.getLogger("standby.failpoints")
+
+FAILPOINTS = {
+    "mt.apply": "the master target's apply task of a disk, before it writes a group",
+    "mt.poll": "the master target's task that learns disk assignments",
+    "ps.writer": "the process server's cache writer of a disk, before it appends",
+    "ps.sender": "the process server's task that sends a disk's records to its master target",
+    "agent.epoch": "the agent's delta epoch loop of a disk, before a cut",
+}
+
+
+class InjectedFault(RuntimeError):
+    """An exception a fail point raised on purpose."""
+
+
+def _parse(text: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        name, _, count = item.partition("=")
+        out[name] = int(count) if count.isdigit() else 1
+    return out
+
+
+_armed = _parse(os.environ.get("STANDBY_FAILPOINTS", ""))
+_lock = threading.Lock()
+
+
+def hit(name: str) -> None:
+    """Raise InjectedFault if fail point `name` is armed (and count it down)."""
+    if not _armed:
+        return
+    with _lock:
+        left = _armed.get(name, 0)
+        if left <= 0:
+            return
+        _armed[name] = left - 1
+    log.warning("fail point %s fires (STANDBY_FAILPOINTS)", name)
+    raise InjectedFault(f"injected fault at {name}")
