@@ -71,6 +71,9 @@ def test_failover_test_failover_change_point_commit(deployment, protected, tmp_p
         stop_workload(proc)
     last = writeorder.WriteLog.read(log).last
     assert 0 < cut_old < last
+    # The agent has shipped a point after the last write (it may still be in the cache: `latest` drains it).
+    end = time.time()
+    deployment.wait_for(lambda s: (disk(s)["latest_point_time"] or 0) >= end, 60, "a point after the last write")
 
     # Failover to latest: the cache is drained first, so the replica holds every record.
     res = cli_json(deployment, "failover", "src", "--point", "latest")

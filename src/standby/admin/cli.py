@@ -204,6 +204,17 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def failover_text(fo: dict[str, Any] | None) -> str:
+    """The failover part of a disk's status line: a point only when the replica is settled at one (a move
+    that broke off leaves it between two states, which is no point at all)."""
+    if not fo:
+        return ""
+    if fo.get("point") is not None:
+        return f" FAILED-OVER to point {fo['point']}{' (committed)' if fo.get('committed') else ''}"
+    return (f" FAILED-OVER, NOT AT A RECOVERY POINT: the move to point {fo.get('target')} did not finish"
+            f"{': ' + fo['problem'] if fo.get('problem') else ''} (run standby failover again)")
+
+
 def format_status(res: dict[str, Any]) -> str:
     """One block per disk, `key:value` tokens that people and grep both read."""
     lines = []
@@ -233,11 +244,9 @@ def format_status(res: dict[str, Any]) -> str:
                 f"tracker:{d.get('tracker') or '-'} tracker-cpu:{tcpu} applying:{d.get('applying')}"
             )
         if d.get("history_points") is not None:
-            fo = d.get("failover")
             lines.append(
                 f"    history:{d['history_points']} points since {recoverycli.when(d.get('history_oldest'))} "
-                f"journal:{human_bytes(d.get('journal_bytes') or 0)}"
-                + (f" FAILED-OVER to point {fo['at']}{' (committed)' if fo.get('committed') else ''}" if fo else "")
+                f"journal:{human_bytes(d.get('journal_bytes') or 0)}" + failover_text(d.get("failover"))
             )
         rs = d.get("resync")
         if rs and rs.get("phase") != "complete":
@@ -253,6 +262,9 @@ def format_status(res: dict[str, Any]) -> str:
             lines.append(f"    ALERT: {a}")
         if d["error"]:
             lines.append(f"    error: {d['error']}")
+        for c in d.get("cleared", []):
+            lines.append(f"    cleared {time.strftime('%H:%M:%S', time.localtime(c['cleared_at']))} "
+                         f"(since {time.strftime('%H:%M:%S', time.localtime(c['since']))}): {c['text']}")
     mts = ", ".join(res.get("master_targets", [])) or "none"
     lines.append(
         f"cache:{human_bytes(res['cache_bytes'])} of {human_bytes(res['cache_quota'])} master-targets-connected:{mts}"

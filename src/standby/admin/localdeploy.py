@@ -52,8 +52,8 @@ class LocalDeployment:
     def server(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def run(self, kind: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run(command(kind, *args), capture_output=True, text=True, timeout=120)
+    def run(self, kind: str, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run(command(kind, *args), capture_output=True, text=True, timeout=timeout)
         if check and res.returncode != 0:
             raise StandbyError(f"{COMMANDS[kind]} {' '.join(args)} failed ({res.returncode}): {res.stderr.strip()}")
         return res
@@ -202,8 +202,9 @@ class LocalDeployment:
     def admin(self) -> AdminClient:
         return AdminClient(self.ps_dir / "admin", self.server)
 
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return self.run("admin", "--admin", str(self.ps_dir / "admin"), "--server", self.server, *args, check=False)
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return self.run("admin", "--admin", str(self.ps_dir / "admin"), "--server", self.server, *args, check=False,
+                        timeout=timeout)
 
     def status(self, machine: str | None = None) -> dict[str, Any]:
         return self.admin().call("status", machine=machine)
