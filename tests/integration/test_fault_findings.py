@@ -37,19 +37,25 @@ from .test_delta import disk, start_workload, stop_workload
 pytestmark = [needs_loop]
 
 
-def burst(dev: str, total: int, chunk: int, seed: int, region: tuple[int, int]) -> None:
-    """`total` bytes of random (incompressible) writes of `chunk` bytes at random offsets in `region`."""
+def burst(dev: str, total: int, chunk: int, seed: int, region: tuple[int, int], direct: bool = True) -> None:
+    """`total` bytes of random (incompressible) writes of `chunk` bytes at random offsets in `region`,
+    with O_DIRECT by default: each write reaches the device (and the change tracker) at once, as fio's
+    do, instead of waiting in the page cache for a flush."""
+    import mmap
     import random
 
     rng = random.Random(seed)
     lo, hi = region
-    fd = os.open(dev, os.O_WRONLY)
+    fd = os.open(dev, os.O_WRONLY | (os.O_DIRECT if direct else 0))
+    buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
     try:
         for _ in range(total // chunk):
             off = lo + rng.randrange(0, (hi - lo - chunk) // 4096 + 1) * 4096
-            os.pwrite(fd, os.urandom(chunk), off)
+            buf[:] = os.urandom(chunk)
+            os.pwrite(fd, buf, off)
         os.fsync(fd)
     finally:
+        buf.close()
         os.close(fd)
 
 
@@ -87,7 +93,10 @@ def test_an_epoch_survives_a_connection_reset_in_the_middle_of_a_cut(deployment,
         writer = threading.Thread(target=burst, args=(dev, 150 * MiB, 1 * MiB, trial, (0, size)))
         writer.start()
         time.sleep(0.3)
-        reset_connections(deployment)
+        reset_connections(deployment)  # the finding's moment; then a few more while the burst is shipped
+        for _ in range(3):
+            time.sleep(0.7)
+            reset_connections(deployment)
         writer.join(timeout=120)
         end = time.time()
         deployment.wait_caught_up("src", end, timeout=180)

@@ -53,6 +53,13 @@ class Health:
             else:
                 log.warning("ALERT disk %s: %s", self.name, text)
 
+    def update(self, key: str, text: str | None, level: str = ERROR) -> None:
+        """Set `key` with `text`, or clear it when there is no text (a peer's periodic word on a condition)."""
+        if text:
+            self.set(key, text, level)
+        else:
+            self.clear(key)
+
     def clear(self, key: str, now: float | None = None) -> None:
         """The condition `key` ended (a no-op if it was not set)."""
         p = self.active.pop(key, None)

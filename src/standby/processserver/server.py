@@ -442,15 +442,9 @@ class AgentSession:
         row = self.own_row(disk)
         st = self.ps.open_stream(row)
         st.agent_report, st.agent_report_at = report, time.time()
-        lost, failed = report.get("tracking_lost"), report.get("error")
-        if isinstance(lost, str) and lost:
-            st.health.set("tracking", f"change tracking: {lost}", ALERT)
-        else:
-            st.health.clear("tracking")
-        if isinstance(failed, str) and failed:
-            st.health.set("agent", f"agent: {failed}")
-        else:
-            st.health.clear("agent")
+        lost, failed = report.get("tracking_lost"), report.get("error")  # validated: text or None
+        st.health.update("tracking", lost and f"change tracking: {lost}", ALERT)
+        st.health.update("agent", failed and f"agent: {failed}")
         return {"resync": json.loads(row.resync_request) if row.resync_request else None}
 
     async def resync_begin(self, disk: int, generation: int, mode: str, reason: str) -> dict[str, Any]:
@@ -742,15 +736,9 @@ class MTSession:
             if row is not None and row.mt == self.name and isinstance(rep, dict):
                 st = self.ps.open_stream(row)
                 st.mt_report = rep
-                alert, failed = rep.get("alert"), rep.get("error")
-                if isinstance(alert, str) and alert:
-                    st.health.set("retention", alert, ALERT)
-                else:
-                    st.health.clear("retention")
-                if isinstance(failed, str) and failed:
-                    st.health.set("mt-replica", f"master target {self.name}: {failed}")
-                else:
-                    st.health.clear("mt-replica")
+                alert, failed = rep.get("alert"), rep.get("error")  # validated: text or None
+                st.health.update("retention", alert, ALERT)
+                st.health.update("mt-replica", failed and f"master target {self.name}: {failed}")
         return {}
 
     def stop_sender(self, disk: int) -> None:
