@@ -124,7 +124,7 @@ def test_a_file_copy_with_large_writes_is_applied(deployment, protected, tmp_pat
     4 MiB random writes: apply groups whose old contents are far over the 32 MiB frame limit. On
     47f798a the master target's apply task died and status kept saying `applying: running`."""
     size = 512 * MiB
-    dev, replica = protected("vmdk", size, fill=False, batch="8M")
+    dev, replica = protected("vmdk", size, batch="8M")  # filled with mixed data: old contents that matter
     deployment.wait_synced("src", timeout=120)
     with mounted(dev, tmp_path / "mnt") as mnt:
         for i in range(10):
