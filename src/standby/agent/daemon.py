@@ -417,6 +417,7 @@ class Agent:
             log.info("disk %s: starting initial replication of %d bytes", d.cfg.name, size)
         t0 = last_log = time.monotonic()
         win = SendWindow(d, link)
+        busy_since, acked_then = 0.0, 0
         ahead: deque[tuple[int, int, asyncio.Future[Any]]] = deque()  # (sequence, offset, batch being built)
         offset = cursor
 
@@ -430,8 +431,10 @@ class Agent:
                 # Answers first: room in the window, or a BUSY to go back for.
                 refused = await win.settle(WINDOW if (ahead or offset < size) else 1)
                 if refused is not None:
-                    log.info("disk %s: process server busy (%s); going on from %d MiB in %.1f s", d.cfg.name,
-                             refused.reason, refused.tag >> 20, refused.retry_after)
+                    if not busy_since:  # once per episode: under back-pressure this repeats every second
+                        busy_since, acked_then = time.monotonic(), win.acked_records
+                        log.info("disk %s: process server busy (%s); going on from %d MiB when it takes data again",
+                                 d.cfg.name, refused.reason, refused.tag >> 20)
                     drop_ahead()
                     seq, offset = refused.sequence, refused.tag
                     await asyncio.sleep(max(win.busy_until - time.monotonic(), 0.0))
@@ -450,6 +453,10 @@ class Agent:
                 batch = await build
                 ahead.popleft()
                 await win.send(bseq, batch, tag=boff)
+                if busy_since and win.acked_records > acked_then:
+                    log.info("disk %s: the process server takes data again after %.0f s", d.cfg.name,
+                             time.monotonic() - busy_since)
+                    busy_since = 0.0
                 now = time.monotonic()
                 if now - last_log >= PROGRESS_LOG_INTERVAL:
                     rate = (boff - cursor) / (now - t0)

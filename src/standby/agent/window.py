@@ -76,6 +76,7 @@ class SendWindow:
     busy_until: float = 0.0
     next_seq: int = 0  # after the last record sent
     acked_bytes: int = 0  # logical bytes of tracked blocks acknowledged (status, tests)
+    acked_records: int = 0  # records acknowledged through this window
 
     # -- holding and sending ------------------------------------------------------------------------
     def hold(self, groups: list[Extents]) -> None:
@@ -114,6 +115,7 @@ class SendWindow:
                 self.pending.popleft()
                 self.disk.acks.pop(head.sequence, None)
                 self.acked_bytes += sum(n for _, n in head.extents)
+                self.acked_records += 1
                 continue
             # BUSY: the server refuses everything after this one too. Wait for all their answers (so none
             # is mistaken for the answer to a resent number), then put back what was not stored.

@@ -213,6 +213,7 @@ class AdminSession:
                     "applied_seq": d.applied_seq,
                     "backlog_records": st.backlog_records if st else 0,
                     "cache_bytes": st.cache.bytes if st else 0,
+                    "refused_records": st.refused_records if st else 0,  # BUSY answers (back-pressure)
                     "error": "; ".join(st.health.texts(ERROR)) or None if st else None,
                     "problems": [p.as_dict() for p in st.health.active.values()] if st else [],
                     "cleared": st.health.recent(wall) if st else [],

@@ -609,6 +609,7 @@ class AgentSession:
                         log.log(logging.INFO if st.refusing else logging.WARNING, "disk %d: %s: refusing data",
                                 st.id, why)
                         st.refusing = True
+                    st.refused_records += len(refuse)
                     for m in refuse:
                         await self.link.send(Busy(m.disk, m.sequence, CACHE_RETRY if "cannot write" in why else 1.0,
                                                   why))

@@ -74,6 +74,7 @@ class DiskStream:
         self.mt_report: dict[str, object] = {}  # the master target's word on this disk's history (points, bytes)
         self.failed_over = False  # replication stopped by a failover: the agent's records are refused (BUSY)
         self.refusing = False  # the agent's records are being refused (BUSY): logged once per episode
+        self.refused_records = 0  # records refused so far (back-pressure, status)
         self.cache_error: str | None = None  # the cache cannot be written (file system full, I/O error)
 
     def points_since(self, t: float) -> int:
