@@ -60,8 +60,11 @@ def load(directory: Path, name: str, path: str, size: int) -> tuple[list[tuple[i
         now = write_counters(path)
         if now is None or now != rec["counters"]:
             return [], "the disk was written while the agent was stopped (kernel write counters moved)"
-        return [(int(a), int(b)) for a, b in rec["extents"]], ""
-    except (KeyError, TypeError, ValueError, OSError) as exc:
+        extents = [(int(a), int(b)) for a, b in rec["extents"]]
+        if any(not (0 <= a < size and 0 < b <= size - a) for a, b in extents):
+            raise ValueError("an extent lies outside the disk")
+        return extents, ""
+    except (KeyError, TypeError, ValueError, OverflowError, RecursionError, OSError) as exc:
         return [], f"the clean-stop record is unreadable ({exc})"
     finally:
         p.unlink(missing_ok=True)

@@ -95,7 +95,7 @@ class AgentConfig(ClientConfig):
                 freeze_timeout,
                 app_every,
             )
-        except (KeyError, TypeError, ValueError, BadInput) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError, BadInput) as exc:
             raise NotStarted(f"{path}: invalid config: {exc}") from None
         names = [d.name for d in disks]
         if len(set(names)) != len(names) or not all(DISK_NAME.match(n) for n in names):

@@ -41,7 +41,7 @@ from standby.plumbing.serve import serve_request
 from standby.plumbing.supervise import describe, spawn, supervise
 from standby.plumbing.tls import client_context
 from standby.proto.envelope import Sealer
-from standby.proto.errors import ProtocolError
+from standby.proto.errors import ProtocolError, RemoteProtocolError
 from standby.proto.keywrap import new_data_key, wrap_key
 from standby.proto.messages import Ack, Busy, Commit, Reply, Request, meta_bytes
 
@@ -57,7 +57,8 @@ from .window import WINDOW, SendWindow
 
 log = logging.getLogger("standby.agent")
 # What ends a session (the connection), not a disk: these propagate out of a disk's supervision.
-CONNECTION_ENDS = (LinkClosed, ProtocolError, ConnectionError)
+# A request the process server leaves unanswered in its time (TimeoutError) ends the session the same way.
+CONNECTION_ENDS = (LinkClosed, ProtocolError, ConnectionError, TimeoutError)
 # Initial-replication batches read and sealed ahead of the one being sent (threads: reads and zstd/AES
 # release the GIL).
 READ_AHEAD = 4
@@ -244,7 +245,7 @@ class Agent:
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
             else:
-                raise ProtocolError("unexpected-message", f"process server sent {type(msg).__name__}")
+                raise RemoteProtocolError("unexpected-message", f"process server sent {type(msg).__name__}")
 
     async def answer_app_point(self, tag: str = "") -> dict[str, Any]:
         """Make an app-consistent point for the process server (the operator's `standby app-point`). The

@@ -55,6 +55,8 @@ class MTConfig(ClientConfig):
         path, raw, common = load_client_toml(state_dir, "mt.toml", "standby-mt enroll")
         r: dict[str, Any] = raw.get("retention", {})
         try:
+            if not isinstance(r, dict):
+                raise TypeError("[retention] must be a table")
             defaults = Policy()
             tiers = defaults.tiers
             if "tiers" in r:
@@ -70,5 +72,5 @@ class MTConfig(ClientConfig):
                 raise BadInput("segment_size must be 64K..1G")
             return cls(common.state_dir, common.name, common.host, common.port,
                        Path(r.get("dir", DEFAULT_RETENTION_DIR)), policy, reserve, segment)
-        except (TypeError, ValueError, BadInput) as exc:
+        except (TypeError, ValueError, OverflowError, KeyError, BadInput) as exc:
             raise NotStarted(f"{path}: invalid [retention] settings: {exc}") from None

@@ -31,7 +31,7 @@ from standby.plumbing.supervise import describe, spawn, supervise
 from standby.plumbing.tls import client_context
 from standby.proto import hashtree
 from standby.proto.envelope import seal_hashes
-from standby.proto.errors import EnvelopeError, ProtocolError
+from standby.proto.errors import EnvelopeError, ProtocolError, RemoteProtocolError
 from standby.proto.keywrap import KeyWrapError, unwrap_key
 from standby.proto.messages import Ack, Batch, Commit, Reject, Reply, Request
 from standby.proto.requests import BadRequest, parse_subscribe
@@ -41,7 +41,7 @@ from .config import MTConfig
 from .diskstate import Point, ReplicaState
 from .history import DiskJournal
 from .journal import JournalError
-from .operations import HANDLERS, OpError, point_list, prune, volume_pressure
+from .operations import HANDLERS, OpError, free_space, point_list, prune, reserve_bytes, volume_pressure
 from .recovery import FailoverState, move, replica_writer
 from .replicas import KINDS, ReplicaError, create_replica, open_replica
 from .replicas.resize import resize_replica
@@ -49,10 +49,16 @@ from .volume import VolumeError, check_retention_dir, free_bytes, overlaps
 
 log = logging.getLogger("standby.mt")
 RETRY_DELAY = 5.0
+SESSION_ENDS = (LinkClosed, ProtocolError, ConnectionError, TimeoutError)
 POLL_INTERVAL = 1.0
 # Records applied under one sync at most (the process server sends at most MT_WINDOW ahead anyway).
 GROUP_MAX = 8
 UPKEEP_INTERVAL = 5.0
+
+
+def record_bytes(m: Batch | Commit) -> int:
+    """How much old contents applying `m` can save in the journal (its extents' lengths, zeros included)."""
+    return m.logical_bytes if isinstance(m, Batch) else 0
 
 
 class DiskWorker:
@@ -64,6 +70,7 @@ class DiskWorker:
         self.applier = applier
         self.journal = journal
         self.queue: asyncio.Queue[Batch | Commit] = asyncio.Queue()
+        self.carry: Batch | Commit | None = None  # taken from the queue, starts the next group
         self.blocked_until = 0.0  # after a reject: ignore records until the disk is pulled again
         self.task: asyncio.Task[None] | None = None
         self.inflight: asyncio.Future[None] | None = None
@@ -79,6 +86,14 @@ class DiskWorker:
         self.failover_problem: str | None = None  # why the last failover move broke off
         self.error: str | None = None  # why applying this disk failed (status shows it until it works again)
 
+    def oldest_point_time(self) -> float:
+        pts = self.journal.points()
+        return pts[0].time if pts else float("inf")
+
+    def journal_on(self) -> bool:
+        """Groups are journaled from the first up-to-date state on (the initial copy is not: no point yet)."""
+        return self.state.state == "UpToDate" or not self.journal.empty
+
     def halt(self) -> None:
         """Stop applying (failover): whatever is queued stays unacknowledged in the process server."""
         self.halted = True
@@ -92,9 +107,18 @@ class DiskWorker:
         st = self.state
         while True:
             # A group ends at a commit: every recovery point is a group boundary in the retention journal.
-            group = [await self.queue.get()]
+            # It also ends before its old contents would pass `group_bytes`: they must fit in the room the
+            # retention volume has (a small volume gets small groups), and they are read into memory.
+            group = [self.carry or await self.queue.get()]
+            self.carry = None
+            size = record_bytes(group[0])
             while not isinstance(group[-1], Commit) and not self.queue.empty() and len(group) < GROUP_MAX:
-                group.append(self.queue.get_nowait())
+                nxt = self.queue.get_nowait()
+                if size + record_bytes(nxt) > self.mt.group_bytes:
+                    self.carry = nxt
+                    break
+                group.append(nxt)
+                size += record_bytes(nxt)
             ready: list[Batch | Commit] = []
             if self.halted:
                 continue
@@ -117,6 +141,10 @@ class DiskWorker:
                 ready.append(msg)
             if ready:
                 failpoints.hit("mt.apply")
+                if self.journal_on():
+                    # Room for this group's old contents first (pruning takes other disks' locks: never
+                    # while holding ours).
+                    await self.mt.make_room(self, sum(record_bytes(m) for m in ready))
                 async with self.lock:
                     await self.apply_group(link, ready)
 
@@ -139,7 +167,7 @@ class DiskWorker:
             good.append((m, r))
         if good:
             batches = [(m, p) for m, p in good if isinstance(m, Batch) and p is not None]
-            journal = self.journal if (st.state == "UpToDate" or not self.journal.empty) else None
+            journal = self.journal if self.journal_on() else None
             first, last = good[0][0].sequence, good[-1][0].sequence
             try:
                 # Shielded: a cancelled session must not close the replica under a thread still writing it;
@@ -168,7 +196,11 @@ class DiskWorker:
                     meta = dict(c.meta) if isinstance(c, Commit) else {"generation": c.generation, "kind": "batch"}
                     if meta.get("kind") == "point" and point is None:
                         meta["kind"] = "batch"  # applied, but not a point (see above)
-                    await asyncio.to_thread(journal.write_commit, first, last, meta)
+                    try:
+                        await asyncio.to_thread(journal.write_commit, first, last, meta)
+                    except OSError as exc:
+                        raise JournalError(f"cannot write the retention journal in {journal.dir}: "
+                                           f"{exc.strerror or exc}") from exc
                 if point is not None:
                     st.last_point, changed = point.as_dict(), True
                 if changed or journal is None:
@@ -176,7 +208,8 @@ class DiskWorker:
                     await asyncio.to_thread(st.save, self.mt.cfg.disks_dir)
             except (OSError, ReplicaError, JournalError) as exc:
                 await asyncio.to_thread(self.roll_back_open_group)
-                reason = f"cannot write replica {st.path}: {exc.strerror if isinstance(exc, OSError) else exc}"
+                reason = str(exc) if isinstance(exc, JournalError) else (
+                    f"cannot write replica {st.path}: {exc.strerror if isinstance(exc, OSError) else exc}")
                 await self.reject(link, good[0][0].sequence, "write-failed", reason)
                 return
             except Exception as exc:  # a bug: logged with its traceback; the disk is failed, others go on
@@ -212,8 +245,11 @@ class DiskWorker:
         ranges = [(e.offset, e.length) for b, _ in batches for e in b.extents]
         try:
             journal.write_undo_ranges(first, batches[0][0].generation, ranges, rep.read)
-        except BaseException:
+        except OSError as exc:
             journal.discard_undo()  # nothing was written to the replica yet: the group is retried whole
+            raise JournalError(f"cannot write the retention journal in {journal.dir}: {exc.strerror or exc}") from exc
+        except BaseException:
+            journal.discard_undo()
             raise
         try:
             self.applier.write_group(batches)
@@ -258,7 +294,11 @@ class MasterTarget:
                                 allow_full=has_history)
         except VolumeError as exc:
             raise NotStarted(str(exc)) from None
-        self.segment_size = segment_size_for(cfg.segment_size, free_bytes(cfg.retention_dir)[1])
+        volume = free_bytes(cfg.retention_dir)[1]
+        self.segment_size = segment_size_for(cfg.segment_size, volume)
+        # Old contents of one apply group at most: a sixteenth of the volume, at most 32 MiB (a group may
+        # still be one batch larger than that: a batch is never split).
+        self.group_bytes = max(min(32 << 20, volume // 16), 1 << 20)
         if self.segment_size < cfg.segment_size:
             log.info("retention journal segments of %d KiB (the retention volume is small: pruning frees whole "
                      "segments)", self.segment_size >> 10)
@@ -290,7 +330,9 @@ class MasterTarget:
                 log.warning("closing %s: %s", w.state.path, exc)
 
     async def session(self, link: Link) -> None:
-        passthrough = (LinkClosed, ProtocolError, ConnectionError)
+        # A request to the process server unanswered in its time (TimeoutError) means this session is broken
+        # as surely as a reset: these end the session, which reconnects; they are not bugs of a task.
+        passthrough = SESSION_ENDS
         helpers = [
             asyncio.create_task(supervise("assignment poll", lambda: self.poll(link), passthrough=passthrough)),
             asyncio.create_task(supervise("retention upkeep", lambda: self.upkeep(link), passthrough=passthrough)),
@@ -313,7 +355,7 @@ class MasterTarget:
                 log.debug("disk %d: received sequence %d", msg.disk, msg.sequence)
                 w = self.workers.get(msg.disk)
                 if w is None:
-                    raise ProtocolError("unexpected-message", f"record for disk {msg.disk}, not pulled")
+                    raise RemoteProtocolError("unexpected-message", f"record for disk {msg.disk}, not pulled")
                 w.queue.put_nowait(msg)  # bounded by the process server's window
             elif isinstance(msg, Reply):
                 link.deliver(msg)
@@ -323,7 +365,7 @@ class MasterTarget:
             elif isinstance(msg, Request):
                 self.spawn(self.answer(link, msg), f"request {msg.op}")  # answered in its own task, always
             else:
-                raise ProtocolError("unexpected-message", f"unexpected {type(msg).__name__}")
+                raise RemoteProtocolError("unexpected-message", f"unexpected {type(msg).__name__}")
 
     async def answer(self, link: Link, req: Request) -> None:
         """Run a request from the process server and always answer it (plumbing.serve): validated at the
@@ -377,7 +419,7 @@ class MasterTarget:
             try:
                 got, invalid = parse_subscribe(await link.request("subscribe"))
             except BadRequest as exc:
-                raise ProtocolError(exc.code, str(exc)) from None  # not a subscribe reply: end this session
+                raise RemoteProtocolError(exc.code, str(exc)) from None  # not a subscribe reply: end this session
             for disk, why in invalid:  # one poisoned assignment fails that disk alone
                 if disk is not None:
                     await self.disk_failed(link, disk, why)
@@ -401,7 +443,7 @@ class MasterTarget:
                         await self.start_disk(link, d)
                     elif int(d["size"]) != self.workers[d["disk"]].state.size:
                         await self.resize(link, self.workers[d["disk"]], int(d["size"]))
-                except (LinkClosed, ConnectionError):
+                except SESSION_ENDS:
                     raise
                 except Exception as exc:
                     disk = d.get("disk") if isinstance(d, dict) else None
@@ -488,7 +530,7 @@ class MasterTarget:
             w.blocked_until = asyncio.get_running_loop().time() + RETRY_DELAY  # pull what it held again
 
         await supervise(f"disk {st.machine}/{st.name} apply", lambda: w.run(link), on_failure=failed,
-                        passthrough=(LinkClosed, ConnectionError, ProtocolError))
+                        passthrough=SESSION_ENDS)
 
     async def disk_failed(self, link: Link, disk: int, msg: str) -> None:
         if self.failed.get(disk) != msg:
@@ -561,6 +603,31 @@ class MasterTarget:
             st.size, st.state, w.tree = size, "Inconsistent", None
             await asyncio.to_thread(st.save, self.cfg.disks_dir)
 
+    async def make_room(self, w: DiskWorker, need: int) -> None:
+        """Before a group's old contents go to the journal: if they would take the retention volume into
+        its reserve, prune history now (oldest points first, from every disk in proportion to its history)
+        instead of failing on ENOSPC and retrying for ever (the fault campaign's retention-full wedge)."""
+        free, total = await asyncio.to_thread(free_bytes, self.cfg.retention_dir)
+        short = reserve_bytes(self.cfg.reserve, total) + need - free
+        log.debug("disk %d: %d bytes of old contents to journal, %d free on the retention volume", w.state.disk,
+                  need, free)
+        if short <= 0:
+            return
+        # Oldest history first: the disks whose oldest point is oldest give first.
+        workers = sorted((x for x in self.workers.values() if not x.halted and not x.pins),
+                         key=lambda x: x.oldest_point_time())
+        for x in workers:
+            async with x.lock:
+                if x.halted or x.pins:
+                    continue
+                freed = await asyncio.to_thread(free_space, x, short)
+            short -= freed
+            if short <= 0:
+                return
+        log.warning("the retention volume %s has %d bytes free, %d too few for the next group of disk %s/%s even "
+                    "after pruning: what fills it is not history", self.cfg.retention_dir, free, short,
+                    w.state.machine, w.state.name)
+
     def spawn(self, coro: Any, name: str = "task") -> None:
         spawn(coro, name, self.background)
 
@@ -592,13 +659,13 @@ class MasterTarget:
             hashes = levels[-1]
         else:
             level = int(query["level"])
-            if level >= len(levels):
+            if level >= len(levels) - 1:
                 raise OpError("bad-input", f"bad hash query: level {level}, the tree has {len(levels)}")
-            n = hashtree.count(levels[level])
-            kids = hashtree.children([int(p) for p in query["parents"]], n)
-            if any(k < 0 or k >= n for k in kids):
-                raise OpError("bad-input", "bad hash query: a node beyond the tree")
-            hashes = hashtree.pick(levels[level], kids)
+            try:
+                kids = hashtree.children([int(p) for p in query["parents"]], hashtree.count(levels[level]))
+                hashes = hashtree.pick(levels[level], kids)
+            except ValueError as exc:
+                raise OpError("bad-input", f"bad hash query: {exc}") from None
         qbytes = json.dumps(query, sort_keys=True, separators=(",", ":")).encode()
         sealed = seal_hashes(w.key, uuid.UUID(w.state.uid).bytes, generation, qbytes, hashes)
         return {"sealed": base64.b64encode(sealed).decode()}

@@ -7,12 +7,15 @@ restart — harmless, because a batch's writes are absolute (offset, bytes), nev
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from standby.plumbing.durable import load_json, save_json
+from standby.plumbing.durable import DamagedFile, load_record, save_json
 from standby.proto.messages import Commit
+
+log = logging.getLogger("standby.mt.state")
 
 
 @dataclass
@@ -38,13 +41,20 @@ class ReplicaState:
         p = directory / f"{disk}.json"
         if not p.exists():
             return None
-        return cls(**load_json(p))
+        return load_record(cls, p)
 
     @staticmethod
     def all(directory: Path) -> list[ReplicaState]:
         if not directory.exists():
             return []
-        return [ReplicaState(**load_json(p)) for p in sorted(directory.glob("*.json")) if p.stem.isdigit()]
+        out = []
+        for p in sorted(directory.glob("*.json")):
+            if p.stem.isdigit():
+                try:
+                    out.append(load_record(ReplicaState, p))
+                except DamagedFile as exc:  # that disk fails when it is opened (with this reason); not the rest
+                    log.error("%s", exc)
+        return out
 
 
 @dataclass

@@ -492,6 +492,15 @@ class DiskJournal:
         return next((g for g in self.groups if g.last == seq and g.is_point), None)
 
     # -- pruning and cutting ------------------------------------------------------------------------
+    def freeable_before(self, seq: int) -> int:
+        """What `drop_before(seq)` would free, in bytes."""
+        freed = 0
+        for seg in self.segments[:-1]:
+            if not seg.groups or seg.groups[-1].last >= seq:
+                break
+            freed += seg.size
+        return freed
+
     def drop_before(self, seq: int) -> int:
         """Delete the segments whose groups all end before `seq` (the oldest point kept): what only older
         points needed. Never the last segment. Returns the bytes freed."""
@@ -502,6 +511,20 @@ class DiskJournal:
             seg.path.unlink(missing_ok=True)
         if freed:
             fsync_dir(self.dir)
+        return freed
+
+    def drop_all(self) -> int:
+        """Delete every segment (no open group): all history goes, the replica stays as it is. The last
+        resort of a retention volume too small for the churn between two points. Returns the bytes freed."""
+        if self._open_undo is not None:
+            return 0
+        self.close()
+        freed = 0
+        for seg in self.segments:
+            freed += seg.size
+            seg.path.unlink(missing_ok=True)
+        self.segments = []
+        fsync_dir(self.dir)
         return freed
 
     def truncate_after(self, seq: int) -> None:

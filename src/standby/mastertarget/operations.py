@@ -111,12 +111,50 @@ def prune(w: DiskWorker) -> dict[str, Any]:
     return {"freed": freed, "kept": len(p.keep), "alert": p.alert}
 
 
+def free_space(w: DiskWorker, want: int) -> int:
+    """Worker thread, under the disk's lock: delete the oldest history of the disk until at least `want`
+    bytes are freed (or only the newest point is left), whatever the policy would keep: space on the
+    retention volume is needed now for the next group (promise 8: prune oldest first, alert, go on).
+    Pruning frees whole segments, so this walks the points oldest first until the segments before one of
+    them free enough. Returns the bytes freed."""
+    j = w.journal
+    pts = j.points()
+    cut = pts[-1] if pts else None
+    for p in pts[1:]:
+        if j.freeable_before(p.last) >= want:
+            cut = p
+            break
+    dropped = sum(1 for p in pts if cut is not None and p.last < cut.last)
+    freed = j.drop_before(cut.last) if cut is not None else 0
+    if freed < want and j.bytes > 0:
+        # Not even dropping every point but the newest frees enough: the history after the newest point (a
+        # long stretch of churn without a point, e.g. under back-pressure) fills the volume. Replication
+        # must not stop (promise 8): all history goes; points start again with the next one.
+        freed += j.drop_all()
+        dropped = len(pts)
+    if freed:
+        w.retention_alert = (f"retention space pressure: removed the {dropped} oldest point(s) to make room for "
+                             f"new history ({freed} bytes freed)"
+                             + (": the retention volume is too small for this churn, no point is left"
+                                if dropped == len(pts) and pts else ""))
+        w.retention_alert_at = time.time()
+        log.warning("ALERT disk %s/%s: %s", w.state.machine, w.state.name, w.retention_alert)
+    return freed
+
+
+def reserve_bytes(configured: int | None, total: int) -> int:
+    """Free space history leaves on a retention volume of `total` bytes: the configured reserve (default
+    5 %, at most 4 GiB), and never more than a quarter of the volume (a small volume must keep room for
+    history)."""
+    reserve = configured if configured is not None else min(total // 20, 4 << 30)
+    return min(reserve, total // 4)
+
+
 def volume_pressure(mt: MasterTarget) -> None:
     """Leave the retention volume's reserve free: over it, each disk's history is capped at what it holds
     minus its share of the shortfall (oldest points go first)."""
     free, total = free_bytes(mt.cfg.retention_dir)
-    reserve = mt.cfg.reserve if mt.cfg.reserve is not None else min(total // 20, 4 << 30)
-    reserve = min(reserve, total // 4)  # on a small volume a fixed reserve must still leave room for history
+    reserve = reserve_bytes(mt.cfg.reserve, total)
     workers = [w for w in mt.workers.values() if not w.halted]
     short = reserve - free
     for w in workers:

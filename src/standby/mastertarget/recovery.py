@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from standby.plumbing.durable import load_json, save_json, truncate_synced
+from standby.plumbing.durable import load_record, save_json, truncate_synced
 from standby.proto.frames import encode_frame
 
 from .history import PIECE_MAX, UNDO_PART, DiskJournal, Group, apply_undo, walk_records
@@ -77,7 +77,7 @@ class FailoverState:
     @classmethod
     def load(cls, directory: Path) -> FailoverState | None:
         p = directory / "failover.json"
-        return cls(**load_json(p)) if p.exists() else None
+        return load_record(cls, p) if p.exists() else None
 
     def save(self, directory: Path) -> None:
         save_json(directory / "failover.json", asdict(self), 0o600)
@@ -123,8 +123,14 @@ class RedoLog:
             truncate_synced(self.path, walk.good_end)
         for ftype, _, _, at, size, payload in walk.records:
             if ftype == MOVE_TYPE and payload is not None:
-                meta = json.loads(payload)
-                self.moves.append(Move(int(meta["src"]), int(meta["dst"]), int(meta["parts"]), at, []))
+                try:
+                    meta = json.loads(payload)
+                    src, dst, parts = (meta[k] for k in ("src", "dst", "parts"))
+                    if not all(type(v) is int and 0 <= v < 2**63 for v in (src, dst, parts)):
+                        raise ValueError("src, dst and parts must be sequences")
+                except (ValueError, TypeError, KeyError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+                    raise JournalError(f"redo log {self.path}: bad step record at {at}: {exc}") from None
+                self.moves.append(Move(src, dst, parts, at, []))
             elif ftype == REDO_TYPE and self.moves:
                 self.moves[-1].records.append((at, size))
             else:

@@ -23,7 +23,7 @@ def load_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(f)
     except FileNotFoundError:
         raise NotStarted(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise NotStarted(f"config file {path} is not valid TOML: {exc}") from None
 
 
@@ -33,10 +33,10 @@ def save_toml(path: Path, data: dict[str, Any], mode: int = 0o644) -> None:
 
 def parse_size(text: str | int) -> int:
     """'10G', '512MiB', '1.5T', 4096 -> bytes (binary units: operators size disks in GiB)."""
-    if isinstance(text, int):
+    if isinstance(text, int) and not isinstance(text, bool):
         return text
-    m = _SIZE.match(text)
-    if not m:
+    m = _SIZE.match(text) if isinstance(text, str) else None
+    if not m or len(m.group(1)) > 20:
         raise BadInput(f"not a size: {text!r} (examples: 1G, 512M, 4096)")
     n, unit = float(m.group(1)), m.group(2).lower()
     return int(n * 1024 ** " kmgtp".index(unit or " "))

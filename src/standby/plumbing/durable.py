@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def fsync_dir(directory: Path) -> None:
@@ -60,8 +62,28 @@ def save_json(path: Path, obj: Any, mode: int = 0o644) -> None:
     save_file(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), mode)
 
 
+class DamagedFile(OSError):
+    """A state file that cannot be read back as what was written (no checksum guards these small files:
+    a damaged disk, an editor). An OSError, so whoever handles an unreadable file handles this one."""
+
+
 def load_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """A JSON document written by `save_json`; DamagedFile (with the path and why) if it is not one."""
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, 4300-digit ints
+        raise DamagedFile(f"{path} is damaged: {str(exc)[:200]}") from None
+
+
+def load_record(cls: type[T], path: Path) -> T:
+    """A dataclass saved with `save_json(asdict(...))`; DamagedFile if the file does not hold one."""
+    raw = load_json(path)
+    try:
+        if not isinstance(raw, dict):
+            raise TypeError("not an object")
+        return cls(**raw)
+    except (TypeError, ValueError) as exc:
+        raise DamagedFile(f"{path} is damaged: {str(exc)[:200]}") from None
 
 
 def make_private_dir(path: Path) -> Path:

@@ -116,11 +116,17 @@ class Identity:
             cert_pem, key_pem, ca_pem = (p.read_bytes() for p in paths)
         except OSError as exc:
             raise IdentityError(f"cannot read identity in {directory}: {exc}") from exc
-        cert = _load_cert(cert_pem, f"{directory / CERT_FILE}")
-        key = _load_private_key(key_pem, f"{directory / KEY_FILE}")
-        if _public_der(key.public_key()) != _public_der(cert.public_key()):
-            raise IdentityError(f"{directory / KEY_FILE} does not belong to {directory / CERT_FILE}")
-        name, role = subject_name_role(cert)
+        try:
+            cert = _load_cert(cert_pem, f"{directory / CERT_FILE}")
+            key = _load_private_key(key_pem, f"{directory / KEY_FILE}")
+            if _public_der(key.public_key()) != _public_der(cert.public_key()):
+                raise IdentityError(f"{directory / KEY_FILE} does not belong to {directory / CERT_FILE}")
+            name, role = subject_name_role(cert)
+        except IdentityError:
+            raise
+        except Exception as exc:  # cryptography's parsers: ValueError, UnsupportedAlgorithm, KeyError...
+            raise IdentityError(f"the identity in {directory} is damaged ({type(exc).__name__}: {exc}); enroll "
+                                f"again with '{command}'") from None
         if name is None or role is None:
             raise IdentityError(f"{directory / CERT_FILE} is not a standby certificate (no CN or role)")
         return cls(name=name, role=role, cert_pem=cert_pem, key_pem=key_pem, ca_pem=ca_pem)

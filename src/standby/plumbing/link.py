@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from standby.proto.connection import CLOSED, NEED_DATA, Connection, Role
-from standby.proto.errors import ProtocolError, RemoteProtocolError
+from standby.proto.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from standby.proto.messages import Goodbye, Hello, Message, Reply, Request, Welcome
 from standby.proto.requests import OPS, BadRequest, parse_reply
 
@@ -98,12 +98,19 @@ class Link:
 
     async def _locked_write(self, item: Message | bytes | bytearray) -> None:
         async with self._wlock:
-            data = item if isinstance(item, bytes | bytearray) else self.conn.send(item)
+            # Checked again under the lock: a write queued while the link was being closed must not reach a
+            # closed transport (asyncio then fails with AttributeError) or a closed protocol state.
+            if self.closed or self.writer.is_closing():
+                raise LinkClosed(f"connection to {self.name} is closed")
+            try:
+                data = item if isinstance(item, bytes | bytearray) else self.conn.send(item)
+            except LocalProtocolError as exc:  # the protocol is closed (a GOODBYE went or came)
+                raise LinkClosed(f"connection to {self.name}: {exc}") from None
             try:
                 self.writer.write(data)
                 await self.writer.drain()
-            except (ConnectionError, ssl.SSLError, OSError) as exc:
-                raise LinkClosed(f"connection to {self.name} lost: {exc}") from None
+            except (ConnectionError, ssl.SSLError, OSError, AttributeError) as exc:
+                raise LinkClosed(f"connection to {self.name} lost: {exc!r}") from None
 
     async def request(self, op: str, timeout: float | None = 60.0, **args: Any) -> dict[str, Any]:
         """Send a request; the read loop must be running elsewhere (see `deliver`)."""
@@ -292,14 +299,19 @@ async def stay_connected(
         stopper.cancel()
         if not task.done():
             task.cancel()
+        code, reason = None, ""
         try:
             await task
-        except (asyncio.CancelledError, LinkClosed, ProtocolError, ConnectionError, OSError, StandbyError) as exc:
+        except RemoteProtocolError as exc:  # the process server broke the protocol: say why before closing
+            code, reason = exc.code, str(exc)
+            log.warning("session ended: the process server sent something invalid (%s): %s", exc.code, exc)
+        except (asyncio.CancelledError, LinkClosed, ProtocolError, ConnectionError, OSError, StandbyError,
+                TimeoutError) as exc:
             if not stop.is_set():
                 log.warning("session ended: %s", exc or type(exc).__name__)
         except Exception:  # a bug must not take the daemon down: log it and reconnect
             log.exception("session ended by an unexpected error (a bug: please report it)")
-        await link.close()
+        await link.close(code, reason)
         if after is not None:
             await after()
         if not stop.is_set():

@@ -135,6 +135,10 @@ class DiskCache:
                 except ProtocolError as exc:
                     problem, good_end = f"record {r.header.sequence} does not decode: {exc}", r.offset
                     break
+                if self.index and r.header.sequence <= last_seq:
+                    # Written in order, one sequence each (append_group checks): a crafted or mixed-up file.
+                    problem, good_end = f"sequence {r.header.sequence} is not after {last_seq}", r.offset
+                    break
                 self.index.append(Entry(r.header.sequence, seg, r.offset, r.end - r.offset))
                 if isinstance(msg, Batch | Commit):
                     gen = max(gen, msg.generation)

@@ -61,7 +61,7 @@ class PSConfig:
                 cache_quota=parse_size(raw.get("cache_quota", DEFAULT_QUOTA)),
                 rpo_threshold=float(raw.get("rpo_threshold", DEFAULT_RPO_THRESHOLD)),
             )
-        except (KeyError, ValueError, BadInput) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError, BadInput) as exc:
             raise NotStarted(f"{state_dir / 'ps.toml'}: invalid config: {exc}") from None
         if not 0 <= cfg.port < 65536 or cfg.cache_quota <= 0:
             raise NotStarted(f"{state_dir / 'ps.toml'}: port must be 0..65535 and cache_quota positive")

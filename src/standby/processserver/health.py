@@ -21,6 +21,13 @@ log = logging.getLogger("standby.ps.health")
 CLEARED_KEEP = 600.0
 CLEARED_MAX = 20
 ERROR, ALERT = "error", "alert"
+MAX_TEXT = 2000
+
+
+def clean(text: str, limit: int = MAX_TEXT) -> str:
+    """Printable, bounded text for status, logs and the typed status reply (which refuses control bytes)."""
+    text = "".join(c if c.isprintable() else "?" for c in str(text))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass
@@ -41,7 +48,9 @@ class Health:
         self.cleared: deque[tuple[Problem, float]] = deque(maxlen=CLEARED_MAX)
 
     def set(self, key: str, text: str, level: str = ERROR, now: float | None = None) -> None:
-        """The condition `key` holds, described by `text` (logged when it begins or its text changes)."""
+        """The condition `key` holds, described by `text` (logged when it begins or its text changes). The
+        text may quote a peer (a master target's reject reason): control characters and excess go."""
+        text = clean(text)
         old = self.active.get(key)
         if old is not None and old.text == text and old.level == level:
             return

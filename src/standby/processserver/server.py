@@ -92,6 +92,7 @@ class ProcessServer:
         self.server: Listener | None = None
         self.port = cfg.port
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._storing: set[asyncio.Future[Any]] = set()
 
     # -- start-up -----------------------------------------------------------------------------------
     def recover(self) -> None:
@@ -166,6 +167,8 @@ class ProcessServer:
             for t in list(self._tasks):
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            # Appends already under way finish (with their bookkeeping) before the registry closes.
+            await asyncio.gather(*self._storing, return_exceptions=True)
             for st in self.streams.values():
                 st.cache.close()
             self.registry.close()
@@ -328,6 +331,14 @@ class ProcessServer:
         agent = self.agent_sessions.get(row.machine)
         if agent is not None:
             self.spawn(self.wake(agent.link))
+
+    def track(self, coro: Any) -> asyncio.Future[Any]:
+        """A cache append that must run to its end even if its session ends (shielded by the caller); the
+        server waits for it before it closes the cache and the registry."""
+        fut = asyncio.ensure_future(coro)
+        self._storing.add(fut)
+        fut.add_done_callback(self._storing.discard)
+        return fut
 
     def spawn(self, coro: Any, name: str = "task") -> asyncio.Task[Any]:
         return spawn(coro, name, self._tasks)
@@ -587,7 +598,7 @@ class AgentSession:
                     # Shielded: once an append has started, the session ending (agent gone) must not cut it
                     # off between the fsync and the bookkeeping, or the resent record would be cached twice.
                     try:
-                        stored = await asyncio.shield(asyncio.ensure_future(self.store(st, take)))
+                        stored = await asyncio.shield(self.ps.track(self.store(st, take)))
                     except OSError as exc:
                         # A full or failing cache file system: back-pressure, like the quota (promise 8),
                         # with the reason in status; this disk only, and replication goes on once it clears.

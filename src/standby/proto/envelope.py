@@ -73,6 +73,14 @@ def extent_ad(
     return domain + _AD.pack(disk_uid, generation, sequence, offset, length) + bytes((flags,))
 
 
+def _in_range(generation: int, sequence: int, offset: int = 0, length: int = 0) -> None:
+    """A peer's numbers that the associated data packs (u32, u64, u64, u32): out of range, nothing sealed
+    with them can exist, so it is an authentication failure — not a struct.error out of proto/."""
+    if not (0 <= generation < 2**32 and 0 <= sequence < 2**64 and 0 <= offset < 2**64 and 0 <= length < 2**32):
+        raise EnvelopeError(f"generation {generation}, sequence {sequence}, offset {offset} or length {length} is out "
+                            "of range: not authentic")
+
+
 def _check_uid(disk_uid: bytes) -> bytes:
     if len(disk_uid) != 16:
         raise LocalProtocolError("bad-disk-uid", "disk uid must be 16 bytes")
@@ -162,6 +170,7 @@ class Opener:
         flags = sealed[0]
         if flags & ~FLAG_ZSTD:
             raise EnvelopeError(f"extent at offset {offset}: unknown envelope flags {flags:#x}")
+        _in_range(generation, sequence, offset, length)
         nonce = bytes(sealed[1 : 1 + NONCE_SIZE])
         ad = extent_ad(self._uid, generation, sequence, offset, length, flags, self._domain.extent)
         try:
@@ -189,6 +198,7 @@ class Opener:
     def check_batch(self, generation: int, sequence: int, table: bytes, tag: bytes | memoryview) -> None:
         if len(tag) != NONCE_SIZE + TAG_SIZE:
             raise EnvelopeError(f"batch {sequence}: seal has the wrong size")
+        _in_range(generation, sequence, 0, len(table))
         nonce = bytes(tag[:NONCE_SIZE])
         ad = self._domain.table + _AD.pack(self._uid, generation, sequence, 0, len(table)) + table
         try:
@@ -217,6 +227,7 @@ def seal_hashes(key: bytes, disk_uid: bytes, generation: int, query: bytes, hash
 
 
 def open_hashes(key: bytes, disk_uid: bytes, generation: int, query: bytes, sealed: bytes) -> bytes:
+    _in_range(generation, 0)
     try:
         return AESGCM(key).decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], _hashes_ad(disk_uid, generation, query))
     except (InvalidTag, ValueError):

@@ -83,15 +83,25 @@ def count(level: bytes | bytearray) -> int:
 
 
 def pick(level: bytes | bytearray, indexes: Iterable[int]) -> bytes:
-    """The hashes of the given node indexes of one level, concatenated."""
+    """The hashes of the given node indexes of one level, concatenated. ValueError for an index that is
+    not a node of the level (a peer's query names nodes: never a short or shifted answer)."""
     mv = memoryview(level)
-    return b"".join([mv[i * HASH : (i + 1) * HASH] for i in indexes])
+    nodes = len(mv) // HASH
+    out = []
+    for i in indexes:
+        if not 0 <= i < nodes:
+            raise ValueError(f"node {i} is not in a level of {nodes}")
+        out.append(mv[i * HASH : (i + 1) * HASH])
+    return b"".join(out)
 
 
 def children(indexes: Iterable[int], below: int) -> list[int]:
-    """Child indexes (in the level below, which has `below` nodes) of the given parents."""
+    """Child indexes (in the level below, which has `below` nodes) of the given parents. ValueError for a
+    parent that has no children there."""
     out: list[int] = []
     for p in indexes:
+        if not 0 <= p * FAN < below:
+            raise ValueError(f"node {p} has no children in a level of {below}")
         out.extend(range(p * FAN, min((p + 1) * FAN, below)))
     return out
 

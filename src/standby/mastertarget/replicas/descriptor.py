@@ -150,6 +150,8 @@ def parse_descriptor(text: str, source: str) -> Descriptor:
             access, sectors, etype, fname, offset = m.groups()
             if fname is None:
                 raise ReplicaError(f"{source}: extent line without a file name: {line!r}")
+            if len(sectors) > 20 or (offset and len(offset) > 20):
+                raise ReplicaError(f"{source}: extent size or offset out of range: {line[:120]!r}")
             extents.append(Extent(access, int(sectors), etype, fname, int(offset) if offset else None))
             continue
         k = _KEY_RE.match(line)
