@@ -1,0 +1,19 @@
+"""The process server's request handlers fuzzed over real sessions and real TLS, every role (issue 9):
+see `sessions` for the inputs and the oracles. Fails listing each distinct problem once, with a file that
+holds the frames that led to it and the server's log."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import engine, sessions
+
+
+def test_process_server_sessions(tmp_path: Path) -> None:
+    res = sessions.run_session_fuzz(tmp_path)
+    print(engine.session_line(res))
+    for f in res["findings"]:
+        print("   ", f)
+    assert not res["findings"], f"{len(res['findings'])} distinct problem(s):\n" + "\n".join(res["findings"])
+    assert res["inputs"] >= 100, "the session fuzzer did not get going"
+    assert res["answered"] > res["inputs"] // 4, "inputs should mostly be answered: the fuzzer is not reaching handlers"
