@@ -371,3 +371,46 @@ def test_replica_file_system_full(deployment, make_loop, tmp_path):
             assert "No space left" in deployment.log_text("mt-mt1")
         finally:
             deployment.kill("mt-mt1", signal.SIGTERM)  # it holds the replica open: stop it before umount
+
+
+def journal_fds(pid: int, retention: Path) -> list[str]:
+    """What the process `pid` holds open under the retention directory (readlink of /proc/PID/fd)."""
+    held = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith(str(retention)):
+                held.append(target)
+    return held
+
+
+def test_reconnects_leave_no_retention_journal_open(deployment, make_loop, tmp_path):
+    """Every reconnect of the master target (here: the process server killed) drops its disk workers; their
+    retention journals must be closed with them. Left open, the segments pruning deletes stay allocated
+    and a small retention volume fills up with deleted files (found by the fault campaign)."""
+    size = 32 * MiB
+    dev = make_loop(size, "source")
+    fill_random(dev, size, zero_every=0)
+    protect(deployment, dev, "raw", tmp_path / "replicas")
+    deployment.wait_synced("src", timeout=120)
+    mt_pid = deployment.procs["mt-mt1"].pid
+    retention = deployment.retention_dir("mt1")
+    for n in range(3):
+        since = time.time()
+        with open(dev, "r+b", buffering=0) as f:  # history after the point: the journal is appended to
+            f.seek(n * MiB)
+            f.write(os.urandom(MiB))
+            os.fsync(f.fileno())
+        deployment.wait_caught_up("src", since, timeout=60)
+        assert journal_fds(mt_pid, retention), "the test needs a journal segment open for appending"
+        deployment.kill("ps")
+        deployment.start("ps")
+        deployment.wait_mt_connected("mt1")
+    since = time.time()
+    with open(dev, "r+b", buffering=0) as f:
+        f.write(os.urandom(MiB))
+        os.fsync(f.fileno())
+    deployment.wait_caught_up("src", since, timeout=60)
+    held = journal_fds(mt_pid, retention)
+    assert len(held) == 1 and not any(h.endswith("(deleted)") for h in held), (
+        f"after 3 reconnects the master target holds {len(held)} files of one disk's journal open: {held}")

@@ -489,29 +489,35 @@ def test_an_undo_that_cannot_be_written_is_discarded_and_the_group_retried(tmp_p
 
 
 def test_making_room_drops_the_oldest_points_first_and_all_history_as_a_last_resort(tmp_path: Path) -> None:
-    """The retention volume needs room for the next group: oldest points go first (whole segments); when
-    the churn after the newest point alone fills it, all history goes and replication goes on."""
+    """The retention volume needs room for the next group: oldest points go first (whole segments, never
+    the newest point); when the churn after the newest point alone fills it, all history goes and
+    replication goes on."""
     from types import SimpleNamespace
 
-    from standby.mastertarget.operations import free_space
+    from standby.mastertarget.operations import drop_history, drop_oldest, oldest_droppable
 
     sim = Sim(tmp_path, 5, seg_max=16 << 10)
     for _ in range(30):
         sim.group(kind="point")
     w = SimpleNamespace(journal=sim.journal, state=SimpleNamespace(machine="m", name="d"), retention_alert="",
                         retention_alert_at=0.0)
-    before, pts = sim.journal.bytes, [g.last for g in sim.journal.points()]
-    freed = free_space(w, 20 << 10)
+    pts = [g.last for g in sim.journal.points()]
+    found = oldest_droppable(w)
+    assert found is not None
+    before = sim.journal.bytes
+    freed = drop_oldest(w, found[1])
     after = [g.last for g in sim.journal.points()]
-    assert 20 << 10 <= freed == before - sim.journal.bytes
+    assert freed == before - sim.journal.bytes > 0
     assert after == pts[len(pts) - len(after):] and len(after) < len(pts)  # the oldest went, the newest stayed
     assert "removed the" in w.retention_alert
     check_restorable(sim)
+    while (found := oldest_droppable(w)) is not None:
+        drop_oldest(w, found[1])
+    assert [g.last for g in sim.journal.points()][-1] == pts[-1]  # never the newest point
     for _ in range(20):  # a long stretch of groups without a point after the newest one
         sim.group(kind="batch")
-    freed = free_space(w, sim.journal.bytes)
-    assert sim.journal.bytes == 0 and sim.journal.points() == [] and freed > 0
-    assert "no point is left" in w.retention_alert
+    assert drop_history(w) > 0 and sim.journal.bytes == 0 and sim.journal.points() == []
+    assert "all history of the disk was removed" in w.retention_alert
     sim.group(kind="point")  # history starts again
     assert len(sim.journal.points()) == 1
     sim.close()

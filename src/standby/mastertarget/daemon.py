@@ -41,7 +41,17 @@ from .config import MTConfig
 from .diskstate import Point, ReplicaState
 from .history import DiskJournal
 from .journal import JournalError
-from .operations import HANDLERS, OpError, free_space, point_list, prune, reserve_bytes, volume_pressure
+from .operations import (
+    HANDLERS,
+    OpError,
+    drop_history,
+    drop_oldest,
+    oldest_droppable,
+    point_list,
+    prune,
+    reserve_bytes,
+    volume_pressure,
+)
 from .recovery import FailoverState, move, replica_writer
 from .replicas import KINDS, ReplicaError, create_replica, open_replica
 from .replicas.resize import resize_replica
@@ -85,10 +95,6 @@ class DiskWorker:
         self.retention_alert_at = 0.0
         self.failover_problem: str | None = None  # why the last failover move broke off
         self.error: str | None = None  # why applying this disk failed (status shows it until it works again)
-
-    def oldest_point_time(self) -> float:
-        pts = self.journal.points()
-        return pts[0].time if pts else float("inf")
 
     def journal_on(self) -> bool:
         """Groups are journaled from the first up-to-date state on (the initial copy is not: no point yet)."""
@@ -311,7 +317,7 @@ class MasterTarget:
 
     async def run(self, stop: asyncio.Event) -> None:
         await stay_connected(stop, self.cfg.host, self.cfg.port, self.ssl, "mt", self.session, self.stop_workers)
-        self.close_replicas()
+        self.close_disks()
 
     async def stop_workers(self) -> None:
         for w in self.workers.values():
@@ -319,15 +325,19 @@ class MasterTarget:
                 w.task.cancel()
         await asyncio.gather(*(w.task for w in self.workers.values() if w.task), return_exceptions=True)
         await asyncio.gather(*(w.inflight for w in self.workers.values() if w.inflight), return_exceptions=True)
-        self.close_replicas()
+        self.close_disks()
         self.workers.clear()
 
-    def close_replicas(self) -> None:
+    def close_disks(self) -> None:
+        """Close every disk's replica and retention journal. A session that ends drops its workers: a
+        journal left open would keep the segments pruning deletes allocated (the campaign's wedge of a
+        retention volume full of deleted files after some reconnects)."""
         for w in self.workers.values():
-            try:
-                w.applier.replica.close()
-            except OSError as exc:
-                log.warning("closing %s: %s", w.state.path, exc)
+            for what, close in ((w.state.path, w.applier.replica.close), (w.journal.dir, w.journal.close)):
+                try:
+                    close()
+                except OSError as exc:
+                    log.warning("closing %s: %s", what, exc)
 
     async def session(self, link: Link) -> None:
         # A request to the process server unanswered in its time (TimeoutError) means this session is broken
@@ -605,28 +615,37 @@ class MasterTarget:
 
     async def make_room(self, w: DiskWorker, need: int) -> None:
         """Before a group's old contents go to the journal: if they would take the retention volume into
-        its reserve, prune history now (oldest points first, from every disk in proportion to its history)
-        instead of failing on ENOSPC and retrying for ever (the fault campaign's retention-full wedge)."""
+        its reserve, prune now instead of failing on ENOSPC and retrying for ever (promise 8; the fault
+        campaign's retention wedges). First the oldest points of all disks, oldest first, whole segments
+        at a time, never a disk's newest point; if that is not enough, the history of the disk that needs
+        the room (then of the largest), which a stretch of churn without any point fills."""
+        want = need + need // 8 + (1 << 20)  # sealing adds tables and tags; the file system its blocks
         free, total = await asyncio.to_thread(free_bytes, self.cfg.retention_dir)
-        short = reserve_bytes(self.cfg.reserve, total) + need - free
+        short = reserve_bytes(self.cfg.reserve, total) + want - free
         log.debug("disk %d: %d bytes of old contents to journal, %d free on the retention volume", w.state.disk,
                   need, free)
-        if short <= 0:
-            return
-        # Oldest history first: the disks whose oldest point is oldest give first.
-        workers = sorted((x for x in self.workers.values() if not x.halted and not x.pins),
-                         key=lambda x: x.oldest_point_time())
-        for x in workers:
+        workers = [x for x in self.workers.values() if not x.halted and not x.pins]
+        while short > 0:
+            options = [(c, x) for x in workers if (c := oldest_droppable(x)) is not None]
+            if not options:
+                break
+            (_, before), x = min(options, key=lambda o: o[0][0])
             async with x.lock:
-                if x.halted or x.pins:
-                    continue
-                freed = await asyncio.to_thread(free_space, x, short)
+                freed = await asyncio.to_thread(drop_oldest, x, before)
+            if not freed:
+                break
             short -= freed
+        for x in sorted(workers, key=lambda x: (x is not w, -x.journal.bytes)):
             if short <= 0:
                 return
-        log.warning("the retention volume %s has %d bytes free, %d too few for the next group of disk %s/%s even "
-                    "after pruning: what fills it is not history", self.cfg.retention_dir, free, short,
-                    w.state.machine, w.state.name)
+            async with x.lock:
+                short -= await asyncio.to_thread(drop_history, x)
+        if short > 0:
+            free, total = await asyncio.to_thread(free_bytes, self.cfg.retention_dir)
+            log.warning("the retention volume %s has %d bytes free after pruning, too few for the next group of "
+                        "disk %s/%s (%d bytes of old contents, %d kept in reserve): what fills it is not history",
+                        self.cfg.retention_dir, free, w.state.machine, w.state.name, need,
+                        reserve_bytes(self.cfg.reserve, total))
 
     def spawn(self, coro: Any, name: str = "task") -> None:
         spawn(coro, name, self.background)

@@ -111,35 +111,45 @@ def prune(w: DiskWorker) -> dict[str, Any]:
     return {"freed": freed, "kept": len(p.keep), "alert": p.alert}
 
 
-def free_space(w: DiskWorker, want: int) -> int:
-    """Worker thread, under the disk's lock: delete the oldest history of the disk until at least `want`
-    bytes are freed (or only the newest point is left), whatever the policy would keep: space on the
-    retention volume is needed now for the next group (promise 8: prune oldest first, alert, go on).
-    Pruning frees whole segments, so this walks the points oldest first until the segments before one of
-    them free enough. Returns the bytes freed."""
+def oldest_droppable(w: DiskWorker) -> tuple[float, int] | None:
+    """(time of the disk's oldest point, the sequence to drop history before) such that dropping the
+    oldest point(s) frees at least one whole segment without touching the newest point; None if it
+    cannot. Pruning frees whole segments, so the cut is the first later point past a segment end."""
     j = w.journal
     pts = j.points()
-    cut = pts[-1] if pts else None
     for p in pts[1:]:
-        if j.freeable_before(p.last) >= want:
-            cut = p
-            break
-    dropped = sum(1 for p in pts if cut is not None and p.last < cut.last)
-    freed = j.drop_before(cut.last) if cut is not None else 0
-    if freed < want and j.bytes > 0:
-        # Not even dropping every point but the newest frees enough: the history after the newest point (a
-        # long stretch of churn without a point, e.g. under back-pressure) fills the volume. Replication
-        # must not stop (promise 8): all history goes; points start again with the next one.
-        freed += j.drop_all()
-        dropped = len(pts)
+        if j.freeable_before(p.last) > 0:
+            return pts[0].time, p.last
+    return None
+
+
+def drop_oldest(w: DiskWorker, before: int) -> int:
+    """Worker thread, under the disk's lock: drop the points older than `before`, for space."""
+    j = w.journal
+    dropped = sum(1 for p in j.points() if p.last < before)
+    freed = j.drop_before(before)
     if freed:
-        w.retention_alert = (f"retention space pressure: removed the {dropped} oldest point(s) to make room for "
-                             f"new history ({freed} bytes freed)"
-                             + (": the retention volume is too small for this churn, no point is left"
-                                if dropped == len(pts) and pts else ""))
-        w.retention_alert_at = time.time()
-        log.warning("ALERT disk %s/%s: %s", w.state.machine, w.state.name, w.retention_alert)
+        space_alert(w, f"retention space pressure: removed the {dropped} oldest point(s) to make room for new "
+                       f"history ({freed} bytes freed)")
     return freed
+
+
+def drop_history(w: DiskWorker) -> int:
+    """Worker thread, under the disk's lock: all of the disk's history goes — the last resort when the
+    churn since its newest point alone fills the retention volume (promise 8: replication goes on)."""
+    n = len(w.journal.points())
+    freed = w.journal.drop_all()
+    if freed:
+        space_alert(w, f"retention space pressure: the retention volume is too small for this churn: all "
+                       f"history of the disk was removed ({n} point(s), {freed} bytes); points start again with "
+                       "the next one")
+    return freed
+
+
+def space_alert(w: DiskWorker, text: str) -> None:
+    if text != w.retention_alert or time.time() - w.retention_alert_at >= ALERT_HOLD:
+        log.warning("ALERT disk %s/%s: %s", w.state.machine, w.state.name, text)
+    w.retention_alert, w.retention_alert_at = text, time.time()
 
 
 def reserve_bytes(configured: int | None, total: int) -> int:
