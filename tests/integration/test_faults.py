@@ -414,3 +414,60 @@ def test_reconnects_leave_no_retention_journal_open(deployment, make_loop, tmp_p
     held = journal_fds(mt_pid, retention)
     assert len(held) == 1 and not any(h.endswith("(deleted)") for h in held), (
         f"after 3 reconnects the master target holds {len(held)} files of one disk's journal open: {held}")
+
+
+def fill_up(path: Path) -> int:
+    """Fill the file system of `path` to the last block with the file `path` (root ignores the reserve:
+    written until ENOSPC). Returns its size."""
+    st = os.statvfs(path.parent)
+    with open(path, "wb", buffering=0) as f:
+        with contextlib.suppress(OSError):
+            os.posix_fallocate(f.fileno(), 0, st.f_bfree * st.f_frsize)
+        f.seek(0, os.SEEK_END)
+        block = b"\0" * 4096
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(block)
+        os.fsync(f.fileno())
+    return path.stat().st_size
+
+
+def test_a_quarantine_that_fills_the_cache_volume_gives_way(make_loop, tmp_path):
+    """Damaged cache segments are set aside in quarantine/ for inspection. If they fill the cache volume
+    (repeated damage: the fault campaign stalled after some), they are deleted, oldest first, when a
+    record cannot be written: replication comes first, and the log says which copies went."""
+    size = 32 * MiB
+    dev = make_loop(size, "source")
+    fill_random(dev, size, zero_every=0)
+    cachefs = make_loop(96 * MiB, "cachefs")
+    with mounted_ext4(cachefs, tmp_path / "cachefs") as mnt:
+        dep = LocalDeployment(tmp_path / "deploy")
+        try:
+            dep.init()
+            dep.set_ps_option(cache_dir=str(mnt / "cache"))
+            dep.start("ps")
+            protect(dep, dev, "raw", tmp_path / "replicas")
+            dep.wait_synced("src", timeout=120)
+            qdir = next((mnt / "cache").glob("disk-*")) / "quarantine"
+            qdir.mkdir()
+            old = qdir / "seg-00000000000000000001.log.20261201-000000"
+            old.write_bytes(os.urandom(MiB))
+            os.utime(old, (time.time() - 3600, time.time() - 3600))
+            ballast = fill_up(qdir / "seg-00000000000000000002.log.20261201-000001")
+            # ext4 keeps a few clusters for its own metadata even from root: "full" leaves about 2 MiB.
+            assert os.statvfs(mnt).f_bfree * os.statvfs(mnt).f_frsize < 4 * MiB, "the volume must be full"
+            since = time.time()
+            with open(dev, "r+b", buffering=0) as f:
+                f.write(os.urandom(8 * MiB))
+                os.fsync(f.fileno())
+            dep.wait_caught_up("src", since, timeout=90)
+            text = dep.log_text("ps")
+            assert "No space left on device" in text, "the test must have filled the cache volume"
+            assert not old.exists(), "the oldest quarantined copy goes first"
+            assert "set aside earlier for inspection" in text
+            assert ballast > 32 * MiB
+        finally:
+            dep.stop_all()
+            for log in sorted(dep.logs.glob("*.log")):
+                print(f"----- {log.name} (last 40 lines) -----")
+                print("\n".join(log.read_text(errors="replace").splitlines()[-40:]))

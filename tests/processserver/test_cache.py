@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
 from standby.processserver import cache as cache_mod
-from standby.processserver.cache import DiskCache
+from standby.processserver.cache import DiskCache, drop_quarantine
 from standby.proto.messages import Batch, BatchKind, Commit, Extent, ExtentKind
 
 SEAL = bytes(28)
@@ -166,3 +167,24 @@ def test_record_info_never_trusts_a_commit_time():
     for bad in (10**400, float("inf"), float("nan"), -5, True, "1", [1], None, {"a": 1}):
         info = cache_mod.record_info(Commit(1, 1, {"generation": 1, "kind": "point", "time": bad}, SEAL))
         assert info.time == 0.0 and info.kind == "point"
+
+
+def test_quarantine_gives_way_oldest_first(tmp_path):
+    """A full cache volume deletes segments set aside for inspection, oldest first, until enough is freed,
+    across all disks; the live segments are never touched."""
+    now = time.time()
+    files = []
+    for n, (disk, age) in enumerate([("disk-1", 300), ("disk-2", 200), ("disk-1", 100)]):
+        q = tmp_path / disk / "quarantine"
+        q.mkdir(parents=True, exist_ok=True)
+        f = q / f"seg-{n:020d}.log.x"
+        f.write_bytes(b"q" * 1000)
+        os.utime(f, (now - age, now - age))
+        files.append(f)
+    live = tmp_path / "disk-1" / "seg-00000000000000000009.log"
+    live.write_bytes(b"live")
+    assert drop_quarantine(tmp_path, want=1500) == (2, 2000)
+    assert [f.exists() for f in files] == [False, False, True]
+    assert drop_quarantine(tmp_path) == (1, 1000)
+    assert drop_quarantine(tmp_path) == (0, 0)
+    assert live.read_bytes() == b"live"

@@ -175,7 +175,14 @@ class DiskCache:
         for seg in segs:
             dest = qdir / f"{seg.name}.{stamp}"
             if keep is not None and seg == keep[0]:
-                shutil.copy2(seg, dest)
+                try:
+                    shutil.copy2(seg, dest)
+                except OSError as exc:
+                    # A full cache volume: the copy for inspection is given up, the disk is not (its intact
+                    # prefix stays and the resync repairs the rest).
+                    dest.unlink(missing_ok=True)
+                    log.error("cache: damaged segment %s: no copy kept for inspection (%s)", seg,
+                              exc.strerror or exc)
                 with open(seg, "r+b") as f:
                     f.truncate(keep[1])
                     os.fsync(f.fileno())
@@ -305,3 +312,29 @@ class DiskCache:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def drop_quarantine(cache_dir: Path, want: int = SEGMENT_BYTES) -> tuple[int, int]:
+    """Delete the oldest segments set aside in any disk's `quarantine/` until `want` bytes are freed (or
+    none is left): called when the cache volume is full. They are kept for inspection only, and a
+    quarantine that fills the volume would stop every disk (the fault campaign's full-cache wedge after
+    repeated damage): replication comes first. Returns (files, bytes) deleted."""
+    found = []
+    for f in cache_dir.glob("disk-*/quarantine/*"):
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        found.append((st.st_mtime, st.st_size, f))
+    files = freed = 0
+    for _, size, f in sorted(found):
+        if freed >= want:
+            break
+        try:
+            f.unlink()
+        except OSError:
+            continue
+        files, freed = files + 1, freed + size
+        log.warning("cache: deleted %s (%d bytes), set aside earlier for inspection: the cache volume is full",
+                    f, size)
+    return files, freed

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import json
 import logging
 import ssl
@@ -40,7 +41,7 @@ from standby.proto.messages import (
 )
 from standby.proto.requests import BadRequest, CommitMeta
 
-from .cache import DiskCache, record_info
+from .cache import DiskCache, drop_quarantine, record_info
 from .deployment import PSConfig
 from .enroll import Enrollment
 from .gate import Gate, Listener
@@ -606,6 +607,9 @@ class AgentSession:
                         refuse = [m for m, _ in take if m.sequence > st.received_seq] + refuse
                         take = [(m, r) for m, r in take if m.sequence <= st.received_seq]
                         self.cache_failed(st, why)
+                        if exc.errno == errno.ENOSPC:
+                            # Segments set aside after damage give way first; the refused records come again.
+                            await asyncio.to_thread(drop_quarantine, ps.cfg.cache_dir)
                     else:
                         self.cache_ok(st)
                         if stored < len(take):  # another session of this machine stored in between
