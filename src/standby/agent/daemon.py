@@ -37,7 +37,7 @@ from standby.plumbing.aio import wait_event
 from standby.plumbing.durable import load_json, make_private_dir, save_json
 from standby.plumbing.errors import NotStarted, StandbyError
 from standby.plumbing.link import Link, LinkClosed, RequestFailed, stay_connected
-from standby.plumbing.serve import serve_request
+from standby.plumbing.serve import send_reply, serve_request
 from standby.plumbing.supervise import describe, spawn, supervise
 from standby.plumbing.tls import client_context
 from standby.proto.envelope import Sealer
@@ -231,7 +231,8 @@ class Agent:
                 link.deliver(msg)
             elif isinstance(msg, Request) and msg.op == "wake":
                 self.wakeup.set()
-                await link.send(Reply(msg.id, True, {}))
+                # A read loop never waits on a write (plumbing.serve): the answer goes from its own task.
+                spawn(send_reply(link, msg.op, Reply(msg.id, True, {})), "reply to wake", self.requests)
             elif isinstance(msg, Request):
                 # app_point takes up to the freeze and script timeouts: answered from its own task; any other
                 # op gets its `unknown-request` answer the same way.

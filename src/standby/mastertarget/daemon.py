@@ -25,7 +25,7 @@ from standby.plumbing.aio import wait_event
 from standby.plumbing.errors import NotStarted
 from standby.plumbing.identity import Identity, IdentityError
 from standby.plumbing.link import Link, LinkClosed, RequestFailed, stay_connected
-from standby.plumbing.serve import serve_request
+from standby.plumbing.serve import send_reply, serve_request
 from standby.plumbing.service import host_id
 from standby.plumbing.supervise import describe, spawn, supervise
 from standby.plumbing.tls import client_context
@@ -371,7 +371,7 @@ class MasterTarget:
                 link.deliver(msg)
             elif isinstance(msg, Request) and msg.op == "wake":
                 self.wakeup.set()
-                await link.send(Reply(msg.id, True, {}))
+                self.spawn(send_reply(link, msg.op, Reply(msg.id, True, {})), "reply to wake")  # never wait to write
             elif isinstance(msg, Request):
                 self.spawn(self.answer(link, msg), f"request {msg.op}")  # answered in its own task, always
             else:

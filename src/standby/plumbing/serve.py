@@ -20,6 +20,7 @@ from standby.proto.requests import BadRequest, parse_request
 
 from .errors import StandbyError
 from .link import Link, LinkClosed
+from .supervise import spawn
 
 log = logging.getLogger("standby.serve")
 # Refused requests logged per connection at WARNING; after that at DEBUG (a peer sending junk in a loop
@@ -29,14 +30,27 @@ LOG_REFUSALS = 10
 Handler = Callable[..., Awaitable[dict[str, Any] | None]]
 
 
-async def serve_request(link: Link, msg: Request, role: str, server: str, handler: Handler | None) -> None:
+async def serve_request(link: Link, msg: Request, role: str, server: str, handler: Handler | None,
+                        replies: set[asyncio.Task[Any]] | None = None) -> None:
     """Validate `msg` (from a peer of `role`, served by us as `server`), run `handler(**args)` and send
-    its REPLY. `handler` None: no handler here for this op (answered `unknown-request`)."""
+    its REPLY. `handler` None: no handler here for this op (answered `unknown-request`).
+
+    `replies`: the REPLY is sent from a task of its own (held in that set) and this returns once the
+    handler has run. A read loop passes it: a read loop must never wait on a write, or two daemons that
+    each wait to write to the other, both connections' buffers full, stop reading for good (until a
+    request times out) — found by the fuzzer's fake process server. Handlers still run in order."""
     reply = await answer(link, msg, role, server, handler)
+    if replies is None:
+        await send_reply(link, msg.op, reply)
+    else:
+        spawn(send_reply(link, msg.op, reply), f"reply to {msg.op}", replies)
+
+
+async def send_reply(link: Link, op: str, reply: Reply) -> None:
     try:
         await link.send(reply)
     except LinkClosed as exc:
-        log.debug("%s: request %s: cannot send the answer: %s", link.name, msg.op, exc)
+        log.debug("%s: request %s: cannot send the answer: %s", link.name, op, exc)
 
 
 async def answer(link: Link, msg: Request, role: str, server: str, handler: Handler | None) -> Reply:

@@ -378,7 +378,9 @@ class AgentSession:
                         self.spawned.add(self.ps.spawn(serve_request(self.link, msg, "agent", "ps", handler),
                                                        "resync_hashes"))
                     else:
-                        await serve_request(self.link, msg, "agent", "ps", handler)
+                        # In order, but the answer is sent from its own task: a read loop never waits on a
+                        # write (plumbing.serve).
+                        await serve_request(self.link, msg, "agent", "ps", handler, self.spawned)
                 elif isinstance(msg, Batch | Commit):
                     await self.enqueue(msg, self.link.conn.last_frame)
                 else:
@@ -687,6 +689,7 @@ class MTSession:
         self.link = link
         self.name = name
         self.senders: dict[int, asyncio.Task[None]] = {}
+        self.replies: set[asyncio.Task[Any]] = set()  # answers being sent (plumbing.serve)
         self.inflight: dict[int, int] = {}
         self.acked = asyncio.Event()
 
@@ -702,7 +705,7 @@ class MTSession:
                     self.link.deliver(msg)
                 elif isinstance(msg, Request):
                     handler = {"subscribe": self.subscribe, "pull": self.pull, "mt_report": self.mt_report}.get(msg.op)
-                    await serve_request(self.link, msg, "mt", "ps", handler)
+                    await serve_request(self.link, msg, "mt", "ps", handler, self.replies)  # sent from a task
                 elif isinstance(msg, Ack):
                     log.debug("disk %d: %s acked sequence %d", msg.disk, self.name, msg.sequence)
                     self.on_ack(msg)
@@ -713,9 +716,9 @@ class MTSession:
         finally:
             if self.ps.mt_sessions.get(self.name) is self:
                 del self.ps.mt_sessions[self.name]
-            for t in self.senders.values():
+            for t in [*self.senders.values(), *self.replies]:
                 t.cancel()
-            await asyncio.gather(*self.senders.values(), return_exceptions=True)
+            await asyncio.gather(*self.senders.values(), *self.replies, return_exceptions=True)
             self.link.fail_pending(LinkClosed("master target disconnected"))
 
     def assigned(self, disk_id: int) -> DiskRow:

@@ -1,0 +1,83 @@
+"""plumbing.serve: a read loop that answers requests never waits on a write.
+
+Two daemons whose read loops each wait to write to the other stop reading once both connections' buffers
+are full, until a request times out (the fuzzer's fake process server found the master target silent for
+60 s that way). Real TCP on 127.0.0.1 with a peer that does not read: the write of a reply blocks for
+real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+from standby.plumbing.link import Link
+from standby.plumbing.serve import serve_request
+from standby.proto.connection import Connection, Role
+from standby.proto.messages import Request
+from tests.proto.test_connection import handshake
+
+
+async def blocked_link() -> tuple[Link, socket.socket, asyncio.Server]:
+    """A Link whose peer never reads, its send buffer already full: any further write waits."""
+    accepted: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
+        asyncio.get_running_loop().create_future())
+
+    async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        accepted.set_result((r, w))
+
+    server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    peer = socket.create_connection(("127.0.0.1", port))
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    reader, writer = await asyncio.wait_for(accepted, 5)
+    server_conn = handshake(Connection(Role.CLIENT), Connection(Role.SERVER))[1]
+    link = Link(reader, writer, server_conn, "peer")
+    writer.transport.set_write_buffer_limits(high=0)
+    # Fill the kernel buffers until a write stays pending: from now on drain() waits for a reader.
+    for _ in range(10_000):
+        writer.write(b"\0" * 65536)
+        if writer.transport.get_write_buffer_size() > 0:
+            try:
+                await asyncio.wait_for(writer.drain(), 0.2)
+            except TimeoutError:
+                break
+    else:
+        raise AssertionError("the peer's buffers never filled")
+    return link, peer, server
+
+
+def test_a_reply_sent_from_its_own_task_does_not_hold_up_the_read_loop() -> None:
+    async def main() -> None:
+        link, peer, server = await blocked_link()
+        ran: list[dict[str, Any]] = []
+
+        async def handler(**args: Any) -> dict[str, Any]:
+            ran.append(args)
+            return {}
+
+        replies: set[asyncio.Task[Any]] = set()
+        try:
+            req = Request(1, "mt_report", {"disks": {}})
+            await asyncio.wait_for(serve_request(link, req, "mt", "ps", handler, replies), 2)
+            assert ran == [{"disks": {}}], "the handler runs before serve_request returns"
+            assert len(replies) == 1 and not next(iter(replies)).done(), "the answer waits for the peer, apart"
+            # Without `replies` the same call waits on the write: what a read loop must never do.
+            try:
+                await asyncio.wait_for(serve_request(link, Request(2, "mt_report", {"disks": {}}), "mt", "ps",
+                                                     handler), 1)
+            except TimeoutError:
+                pass
+            else:
+                raise AssertionError("a reply to a peer that does not read was written at once: the test is void")
+        finally:
+            for t in replies:
+                t.cancel()
+            await asyncio.gather(*replies, return_exceptions=True)
+            link.writer.transport.abort()
+            peer.close()
+            server.close()
+
+    asyncio.run(main())
+
