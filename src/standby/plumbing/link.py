@@ -119,7 +119,11 @@ class Link:
         self._pending[rid] = fut
         try:
             await self.send(Request(rid, op, args))
-            reply = await asyncio.wait_for(fut, timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that meets the reply
+            # (plumbing.aio). The master target's poll loop then went on after its session was torn down and
+            # waited 60 s for the answer to its next request on a dead connection (found by the fuzzer).
+            async with asyncio.timeout(timeout):
+                reply = await fut
         finally:
             self._pending.pop(rid, None)
         if not reply.ok:
@@ -143,7 +147,8 @@ class Link:
         rid = next(self._ids)
         await self.send(Request(rid, op, args))
         while True:
-            msg = await asyncio.wait_for(self.recv(), timeout)
+            async with asyncio.timeout(timeout):
+                msg = await self.recv()
             if isinstance(msg, Reply) and msg.id == rid:
                 if not msg.ok:
                     raise RequestFailed(msg.code, msg.message)
