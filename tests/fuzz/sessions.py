@@ -381,6 +381,13 @@ class PSFuzz:
         if rng.random() < 0.3:
             frame = fix_frame(mutate_frame(rng, frame, [], payload_mutator))
             desc += " (payload mutated)"
+            try:  # the mutation may have edited the header too: the answer is for what the frame says
+                h = decode_header(frame[:HEADER_SIZE])
+            except ProtocolError:
+                return Input("agent", "frame", frame, desc + " (header refused)")
+            if (h.stream, h.sequence) != (disk, seq):
+                desc += f" (header now disk {h.stream} seq {h.sequence})"
+            disk, seq = h.stream, h.sequence
         return Input("agent", "record", frame, desc, record=(disk, seq), op="BATCH")
 
     def gen_mt(self) -> Input:
@@ -481,6 +488,10 @@ class PSFuzz:
 
     async def exchange(self, cl: Client, inp: Input) -> None:
         """Send one input and wait for what the oracles demand."""
+        if inp.record is not None:
+            # An answer left over for the same (disk, sequence) — to an earlier mutated frame that carried them —
+            # is not the answer to this record.
+            cl.records.pop(inp.record, None)
         if not await cl.send(inp.frame):
             if cl.stuck:
                 self.problems.append((f"{inp.role}/{inp.kind}/{inp.op or 'frame'}: the server stopped reading the "

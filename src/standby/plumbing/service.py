@@ -15,6 +15,7 @@ import socket
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from .errors import EXIT_INTERRUPTED, EXIT_NOT_STARTED, EXIT_OK, StandbyError
 
@@ -39,13 +40,18 @@ def sd_notify(state: str) -> None:
 
 
 def dump_tasks() -> None:
-    """SIGUSR1: log where every task of the daemon is waiting (for a stuck daemon at 3 a.m.)."""
-    import io
-
+    """SIGUSR1: log where every task of the daemon is waiting (for a stuck daemon at 3 a.m.): the whole
+    chain of coroutines each one awaits, outermost first (asyncio's own stack shows only the outermost
+    frame of a suspended task, which rarely says what it waits for)."""
     for task in asyncio.all_tasks():
-        buf = io.StringIO()
-        task.print_stack(limit=8, file=buf)
-        log.warning("task %s:\n%s", task.get_name(), buf.getvalue())
+        lines = [f"task {task.get_name()}:"]
+        coro: Any = task.get_coro()
+        while coro is not None:
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+            if frame is not None:
+                lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+        log.warning("%s", "\n".join(lines))
 
 
 def install_loop() -> None:
