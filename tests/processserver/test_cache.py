@@ -188,3 +188,29 @@ def test_quarantine_gives_way_oldest_first(tmp_path):
     assert drop_quarantine(tmp_path) == (1, 1000)
     assert drop_quarantine(tmp_path) == (0, 0)
     assert live.read_bytes() == b"live"
+
+
+def test_a_torn_first_record_of_a_fresh_segment_is_a_torn_tail(tmp_path):
+    """Found by the long fault campaign: everything before was applied and its segments released; a kill -9
+    during the first append to a fresh segment left it torn at offset 0. The registry had acknowledged only
+    what came before, yet the torn record was taken for damage ("records 1..N are lost") and the disk
+    resynced for nothing."""
+    c = DiskCache(tmp_path)
+    for s in range(1, 4):
+        c.append(s, batch(s, s * 512))
+    c.release(3)  # applied: no segment left
+    c.append(4, batch(4, 4 * 512))
+    c.close()
+    (seg,) = sorted(tmp_path.glob("seg-*.log"))
+    assert seg.name == "seg-00000000000000000004.log"
+    data = seg.read_bytes()
+    seg.write_bytes(data[: len(data) - 7])  # record 4 torn: the crash came before its fsync and its ACK
+    r = DiskCache(tmp_path)
+    rec = r.recover(acked=3)
+    assert rec.damage is None, rec.damage
+    assert rec.last_seq == 0 and not r.index
+    assert not (tmp_path / "quarantine").exists()
+    # Had record 4 been acknowledged, the same bytes are damage.
+    seg.write_bytes(data[: len(data) - 7])
+    r2 = DiskCache(tmp_path)
+    assert r2.recover(acked=4).damage is not None

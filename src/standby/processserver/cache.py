@@ -70,6 +70,14 @@ def _is_torn_tail(seg: Path, good_end: int, size: int) -> bool:
     return good_end + HEADER_SIZE + h.length >= size
 
 
+def _first_seq(seg: Path) -> int:
+    """The first sequence of a segment, from its name (seg-<first sequence>.log); 0 if it has none."""
+    try:
+        return int(seg.stem.removeprefix("seg-"))
+    except ValueError:
+        return 0
+
+
 class RecordInfo(NamedTuple):
     """What the server remembers of a cached record until it is applied."""
 
@@ -129,6 +137,9 @@ class DiskCache:
                 self._quarantine(segs[i:], None)
                 break
             records, good_end, problem = scan_records(seg.read_bytes())  # segments are at most ~64 MiB
+            # The last intact sequence of this segment; before its first record, the one before its first
+            # (from its name): what came earlier may have been applied and its segments released long ago.
+            seg_last = _first_seq(seg) - 1
             for r in records:
                 try:
                     msg = decode_message(r.header, r.payload)
@@ -145,9 +156,10 @@ class DiskCache:
                 info[r.header.sequence] = record_info(msg)
                 if isinstance(msg, Batch) and msg.kind == BatchKind.INITIAL:
                     cursor = msg.cursor
-                last_seq = r.header.sequence
+                last_seq = seg_last = r.header.sequence
             if problem:
-                if newest and last_seq >= acked and _is_torn_tail(seg, good_end, size):
+                # Never acknowledged if its sequence (the one after the last intact) is beyond what was.
+                if newest and seg_last + 1 > acked and _is_torn_tail(seg, good_end, size):
                     log.warning("cache %s: cutting a torn tail (%s); it was never acknowledged", seg, problem)
                     with open(seg, "r+b") as f:
                         f.truncate(good_end)
