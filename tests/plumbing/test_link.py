@@ -14,30 +14,13 @@ from typing import Any
 
 import pytest
 
-from standby.plumbing.link import Link
-from standby.proto.connection import Connection, Role
 from standby.proto.messages import Reply
-from tests.proto.test_connection import handshake
-
-
-async def link_pair() -> tuple[Link, asyncio.StreamWriter, asyncio.Server]:
-    """A Link (the side that sends requests) and the raw writer of its peer, connected over TCP."""
-    accepted: asyncio.Future[asyncio.StreamWriter] = asyncio.get_running_loop().create_future()
-
-    async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        accepted.set_result(w)
-
-    server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    peer = await asyncio.wait_for(accepted, 5)
-    client = handshake(Connection(Role.CLIENT), Connection(Role.SERVER))[0]
-    return Link(reader, writer, client, "peer"), peer, server
+from tests.plumbing.tcp import close, tcp_link
 
 
 def test_a_request_cancelled_as_its_reply_arrives_is_cancelled() -> None:
     async def main() -> None:
-        link, peer, server = await link_pair()
+        link, peer, server = await tcp_link()
         try:
             for _ in range(20):
                 task = asyncio.ensure_future(link.request("status", timeout=60))
@@ -51,16 +34,14 @@ def test_a_request_cancelled_as_its_reply_arrives_is_cancelled() -> None:
                 with pytest.raises(asyncio.CancelledError):
                     await asyncio.wait_for(task, 5)
         finally:
-            link.writer.close()
-            peer.close()
-            server.close()
+            close(link, peer, server)
 
     asyncio.run(main())
 
 
 def test_a_request_still_gets_its_reply_and_times_out() -> None:
     async def main() -> None:
-        link, peer, server = await link_pair()
+        link, peer, server = await tcp_link()
         got: list[dict[str, Any]] = []
         try:
             task = asyncio.ensure_future(link.request("status", timeout=60))
@@ -73,9 +54,7 @@ def test_a_request_still_gets_its_reply_and_times_out() -> None:
                 await link.request("status", timeout=0.2)
             assert not link._pending, "a request that timed out leaves nothing behind"
         finally:
-            link.writer.close()
-            peer.close()
-            server.close()
+            close(link, peer, server)
         assert got == [{"ok": 1}]
 
     asyncio.run(main())

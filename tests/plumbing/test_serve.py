@@ -14,26 +14,14 @@ from typing import Any
 
 from standby.plumbing.link import Link
 from standby.plumbing.serve import serve_request
-from standby.proto.connection import Connection, Role
 from standby.proto.messages import Request
-from tests.proto.test_connection import handshake
+from tests.plumbing.tcp import close, tcp_link
 
 
 async def blocked_link() -> tuple[Link, socket.socket, asyncio.Server]:
     """A Link whose peer never reads, its send buffer already full: any further write waits."""
-    accepted: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
-        asyncio.get_running_loop().create_future())
-
-    async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        accepted.set_result((r, w))
-
-    server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    peer = socket.create_connection(("127.0.0.1", port))
-    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    reader, writer = await asyncio.wait_for(accepted, 5)
-    server_conn = handshake(Connection(Role.CLIENT), Connection(Role.SERVER))[1]
-    link = Link(reader, writer, server_conn, "peer")
+    link, peer, server = await tcp_link(peer_rcvbuf=4096)
+    writer = link.writer
     writer.transport.set_write_buffer_limits(high=0)
     # Fill the kernel buffers until a write stays pending: from now on drain() waits for a reader.
     for _ in range(10_000):
@@ -75,9 +63,7 @@ def test_a_reply_sent_from_its_own_task_does_not_hold_up_the_read_loop() -> None
             for t in replies:
                 t.cancel()
             await asyncio.gather(*replies, return_exceptions=True)
-            link.writer.transport.abort()
-            peer.close()
-            server.close()
+            close(link, peer, server)
 
     asyncio.run(main())
 
