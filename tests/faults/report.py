@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import standby
+import standby.agent
 
 if TYPE_CHECKING:
     from .campaign import Campaign
@@ -76,7 +76,7 @@ def build_report(c: Campaign) -> dict[str, Any]:
     for f in c.failures:
         failures_by_check[f.check] = failures_by_check.get(f.check, 0) + 1
     return {
-        "standby": os.path.dirname(standby.__file__),
+        "standby": os.path.dirname(os.path.dirname(standby.agent.__file__)),  # the source tree
         "seed": c.s.seed,
         "kinds": c.s.kinds,
         "trials": len(c.trials),

@@ -20,9 +20,10 @@ Environment (all optional):
     STANDBY_FAULT_FS_EVERY=N           an fs point through test failover + e2fsck every N trials (default 10)
 
 Run: ``timeout 1800 python3 -m pytest -x -q -s tests/faults/test_campaign.py`` (about 4 minutes when
-nothing stalls; SIGTERM from ``timeout`` still cleans up). Against the baseline
-source tree, put its src first: ``PYTHONPATH=/work/base/src`` (the daemons inherit it; the report names
-the tree that was used).
+nothing stalls; SIGTERM from ``timeout`` still cleans up). Against another
+source tree (a baseline commit), run it with a Python in whose environment that tree is installed
+(``python3 -m venv V && V/bin/pip install -e 'TREE[test]'``, then ``V/bin/python -m pytest ...`` from TREE):
+the daemons inherit the interpreter, and the report names the tree that was used.
 """
 
 from __future__ import annotations

@@ -1,3 +1,0 @@
-"""standby: block-level disaster-recovery replication."""
-
-__version__ = "0.1.0"
