@@ -5,7 +5,6 @@ integration tests, so both exercise exactly what an operator runs.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -179,24 +178,22 @@ class LocalDeployment:
         for key in ["agent", "mt", "ps"]:  # agents first, process server last
             for k in [k for k in self.procs if k.split("-")[0] == key]:
                 self.kill(k, signal.SIGTERM)
-        try:
-            self.remove_trace_instances()
-        except Exception as exc:  # clean-up must go on (loop devices, directories) whatever happens here
-            print(f"could not remove trace instances: {exc!r}")
+        self.clean_up_agents()
 
-    def remove_trace_instances(self) -> None:
+    def clean_up_agents(self) -> None:
         """Agents killed with SIGKILL leave their kernel trace instances behind (ring buffers that keep
-        recording): remove those of this deployment's disks."""
-        import uuid
-
-        from standby.agent.daemon import trace_instance
-        from standby.agent.tracker.tracefs import remove_stale
-
-        for f in self.root.glob("agent-*/disks/*.json"):
+        recording): `standby-agent cleanup` removes those of each agent here. Only root agents make them."""
+        if os.geteuid() != 0:
+            return
+        for conf in sorted(self.root.glob("agent-*/agent.toml")):  # an agent never enrolled never ran
+            # Clean-up goes on (loop devices, directories) whatever happens to one agent's.
             try:
-                remove_stale(trace_instance(uuid.UUID(json.loads(f.read_text())["uid"])))
-            except (KeyError, ValueError, OSError):
+                res = self.run("agent", "cleanup", "--dir", str(conf.parent), check=False)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                print(f"could not remove the trace instances of {conf.parent.name}: {exc!r}")
                 continue
+            if res.returncode != 0:
+                print(f"could not remove the trace instances of {conf.parent.name}: {res.stderr.strip()}")
 
     # -- admin --------------------------------------------------------------------------------------
     def admin(self) -> AdminClient:
