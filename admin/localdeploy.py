@@ -1,6 +1,8 @@
 """A whole deployment on one machine — process server, master target(s), agent(s) as separate
-processes on 127.0.0.1 with real TLS — in one directory. `standby demo` runs on it, and so do the
-integration tests, so both exercise exactly what an operator runs.
+processes on 127.0.0.1 with real TLS — in one directory, driven only through the command-line tools
+(`standby-ps`, `standby-mt`, `standby-agent`, `standby`), the admin client and the daemons' config files.
+`standby demo` runs on it, and so do the benchmarks and (tests/deploy.py adds what only they need) the
+integration tests, so all of them exercise exactly what an operator runs.
 """
 
 from __future__ import annotations
@@ -98,10 +100,10 @@ class LocalDeployment:
             name,
             "--dir",
             str(d),
-            *(["--retention-dir", str(self.root / f"retention-{name}")] if kind == "mt" else []),
+            *(["--retention-dir", str(self.retention_dir(name))] if kind == "mt" else []),
         )
         if kind == "mt":
-            (self.root / f"retention-{name}").mkdir(exist_ok=True)
+            self.retention_dir(name).mkdir(exist_ok=True)
             # A local deployment shares the machine's disk: keep a small reserve there, not the default 5 %
             # (up to 4 GiB) of that disk, or history would be pruned whenever the disk is fairly full.
             self.set_mt_option(name, reserve="64M")
@@ -122,13 +124,6 @@ class LocalDeployment:
 
     def set_agent_option(self, agent: str, **options: Any) -> None:
         conf = self.root / f"agent-{agent}" / "agent.toml"
-        raw = load_toml(conf)
-        raw.update(options)
-        save_toml(conf, raw)
-
-    def set_ps_option(self, **options: Any) -> None:
-        """Change ps.toml (takes effect at the process server's next start)."""
-        conf = self.ps_dir / "ps.toml"
         raw = load_toml(conf)
         raw.update(options)
         save_toml(conf, raw)
@@ -198,10 +193,6 @@ class LocalDeployment:
     # -- admin --------------------------------------------------------------------------------------
     def admin(self) -> AdminClient:
         return AdminClient(self.ps_dir / "admin", self.server)
-
-    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return self.run("admin", "--admin", str(self.ps_dir / "admin"), "--server", self.server, *args, check=False,
-                        timeout=timeout)
 
     def status(self, machine: str | None = None) -> dict[str, Any]:
         return self.admin().call("status", machine=machine)
