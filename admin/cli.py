@@ -16,6 +16,7 @@ from standby.plumbing.errors import BadInput, run_main
 
 from . import recoverycli
 from .client import DEFAULT_ADMIN_DIR, AdminClient
+from .display import human_bytes, when
 
 FORMATS = ("vmdk", "vmdk-thick", "vmdk-monolithic-flat", "vmdk-sparse", "raw", "device")
 
@@ -196,14 +197,6 @@ def cmd_pause(client: AdminClient, args: argparse.Namespace) -> int:
         time.sleep(0.1)
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def failover_text(fo: dict[str, Any] | None) -> str:
     """The failover part of a disk's status line: a point only when the replica is settled at one (a move
     that broke off leaves it between two states, which is no point at all)."""
@@ -245,7 +238,7 @@ def format_status(res: dict[str, Any]) -> str:
             )
         if d.get("history_points") is not None:
             lines.append(
-                f"    history:{d['history_points']} points since {recoverycli.when(d.get('history_oldest'))} "
+                f"    history:{d['history_points']} points since {when(d.get('history_oldest'))} "
                 f"journal:{human_bytes(d.get('journal_bytes') or 0)}" + failover_text(d.get("failover"))
             )
         rs = d.get("resync")

@@ -1,11 +1,12 @@
 """A whole deployment on one machine — process server, master target(s), agent(s) as separate
-processes on 127.0.0.1 with real TLS — in one directory. `standby demo` runs on it, and so do the
-integration tests, so both exercise exactly what an operator runs.
+processes on 127.0.0.1 with real TLS — in one directory, driven only through the command-line tools
+(`standby-ps`, `standby-mt`, `standby-agent`, `standby`), the admin client and the daemons' config files.
+`standby demo` runs on it, and so do the benchmarks and (tests/deploy.py adds what only they need) the
+integration tests, so all of them exercise exactly what an operator runs.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -99,10 +100,10 @@ class LocalDeployment:
             name,
             "--dir",
             str(d),
-            *(["--retention-dir", str(self.root / f"retention-{name}")] if kind == "mt" else []),
+            *(["--retention-dir", str(self.retention_dir(name))] if kind == "mt" else []),
         )
         if kind == "mt":
-            (self.root / f"retention-{name}").mkdir(exist_ok=True)
+            self.retention_dir(name).mkdir(exist_ok=True)
             # A local deployment shares the machine's disk: keep a small reserve there, not the default 5 %
             # (up to 4 GiB) of that disk, or history would be pruned whenever the disk is fairly full.
             self.set_mt_option(name, reserve="64M")
@@ -123,13 +124,6 @@ class LocalDeployment:
 
     def set_agent_option(self, agent: str, **options: Any) -> None:
         conf = self.root / f"agent-{agent}" / "agent.toml"
-        raw = load_toml(conf)
-        raw.update(options)
-        save_toml(conf, raw)
-
-    def set_ps_option(self, **options: Any) -> None:
-        """Change ps.toml (takes effect at the process server's next start)."""
-        conf = self.ps_dir / "ps.toml"
         raw = load_toml(conf)
         raw.update(options)
         save_toml(conf, raw)
@@ -179,32 +173,26 @@ class LocalDeployment:
         for key in ["agent", "mt", "ps"]:  # agents first, process server last
             for k in [k for k in self.procs if k.split("-")[0] == key]:
                 self.kill(k, signal.SIGTERM)
-        try:
-            self.remove_trace_instances()
-        except Exception as exc:  # clean-up must go on (loop devices, directories) whatever happens here
-            print(f"could not remove trace instances: {exc!r}")
+        self.clean_up_agents()
 
-    def remove_trace_instances(self) -> None:
+    def clean_up_agents(self) -> None:
         """Agents killed with SIGKILL leave their kernel trace instances behind (ring buffers that keep
-        recording): remove those of this deployment's disks."""
-        import uuid
-
-        from standby.agent.daemon import trace_instance
-        from standby.agent.tracker.tracefs import remove_stale
-
-        for f in self.root.glob("agent-*/disks/*.json"):
+        recording): `standby-agent cleanup` removes those of each agent here. Only root agents make them."""
+        if os.geteuid() != 0:
+            return
+        for conf in sorted(self.root.glob("agent-*/agent.toml")):  # an agent never enrolled never ran
+            # Clean-up goes on (loop devices, directories) whatever happens to one agent's.
             try:
-                remove_stale(trace_instance(uuid.UUID(json.loads(f.read_text())["uid"])))
-            except (KeyError, ValueError, OSError):
+                res = self.run("agent", "cleanup", "--dir", str(conf.parent), check=False)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                print(f"could not remove the trace instances of {conf.parent.name}: {exc!r}")
                 continue
+            if res.returncode != 0:
+                print(f"could not remove the trace instances of {conf.parent.name}: {res.stderr.strip()}")
 
     # -- admin --------------------------------------------------------------------------------------
     def admin(self) -> AdminClient:
         return AdminClient(self.ps_dir / "admin", self.server)
-
-    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return self.run("admin", "--admin", str(self.ps_dir / "admin"), "--server", self.server, *args, check=False,
-                        timeout=timeout)
 
     def status(self, machine: str | None = None) -> dict[str, Any]:
         return self.admin().call("status", machine=machine)

@@ -12,6 +12,7 @@ from typing import Any
 from standby.plumbing.errors import BadInput
 
 from .client import AdminClient
+from .display import human_bytes, when
 
 _AGO = re.compile(r"^\s*-?(\d+(?:\.\d+)?)\s*([smhd])(?:\s+ago)?\s*$")
 
@@ -29,14 +30,14 @@ def parse_time(text: str, now: dt.datetime | None = None) -> float:
     if re.fullmatch(r"\d{1,2}:\d{2}(:\d{2}(\.\d+)?)?", t):
         t = f"{now.date().isoformat()} {t.zfill(len(t) + (t.index(':') == 1))}"
     try:
-        when = dt.datetime.fromisoformat(t)
+        moment = dt.datetime.fromisoformat(t)
     except ValueError:
         raise BadInput(
             f"not a time: {text!r} (examples: '2026-11-23 14:05', '14:05:30', '10m ago', 1795478222)"
         ) from None
-    if when.tzinfo is None:
-        when = when.astimezone()  # local time
-    return when.timestamp()
+    if moment.tzinfo is None:
+        moment = moment.astimezone()  # local time
+    return moment.timestamp()
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -95,18 +96,6 @@ def _point_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.point is not None and not args.point.strip():
         raise BadInput("--point needs a value")
     return {"point": args.point, "at": parse_time(args.at) if args.at is not None else None}
-
-
-def when(t: float | None) -> str:
-    if not t:
-        return "-"
-    return dt.datetime.fromtimestamp(t).astimezone().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-
-
-def human(n: float) -> str:
-    from .cli import human_bytes
-
-    return human_bytes(n)
 
 
 def dispatch(client: AdminClient, args: argparse.Namespace) -> int | None:
@@ -177,7 +166,7 @@ def format_points(res: dict[str, Any]) -> str:
     lines = []
     for d in res["disks"]:
         fo = d.get("failover")
-        head = f"{res['machine']}/{d['disk']}: {len(d['points'])} point(s), history {human(d['journal_bytes'])}"
+        head = f"{res['machine']}/{d['disk']}: {len(d['points'])} point(s), history {human_bytes(d['journal_bytes'])}"
         if fo:
             head += f"; FAILED OVER to point {fo['at']}" + (" (committed)" if fo.get("committed") else "")
         lines.append(head)
@@ -187,5 +176,5 @@ def format_points(res: dict[str, Any]) -> str:
         for p in d["points"]:
             pid = p["sequence"] if len(res["disks"]) == 1 else f"{d['disk']}:{p['sequence']}"
             lines.append(f"    {pid!s:>10}  {when(p['time']):<23}  {p['consistency']:<16}  "
-                         f"{human(p['history_bytes']):>10}  {p['tag']}")
+                         f"{human_bytes(p['history_bytes']):>10}  {p['tag']}")
     return "\n".join(lines)

@@ -1,18 +1,24 @@
-"""`standby-agent`: enroll this machine (`enroll`), choose its disks (`add-disk`) and run the agent (`run`)."""
+"""`standby-agent`: enroll this machine (`enroll`), choose its disks (`add-disk`), run the agent (`run`) and
+remove what a stopped agent left behind (`cleanup`)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import uuid
 from pathlib import Path
 
 from standby.plumbing.config import load_toml, parse_address, save_toml
+from standby.plumbing.durable import load_json
 from standby.plumbing.enrollment import add_enroll_parser, enroll, read_passphrase
-from standby.plumbing.errors import BadInput, run_main
+from standby.plumbing.errors import BadInput, StandbyError, run_main
 from standby.plumbing.logs import setup_logging
 from standby.plumbing.service import run_daemon, sd_notify
 
 from .config import DEFAULT_DIR, DISK_NAME, AgentConfig
+
+TRACEFS = Path("/sys/kernel/tracing")  # where the agent's tracker makes its instances
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the agent")
     r.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"state directory (default {DEFAULT_DIR})")
     r.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default INFO)")
+    c = sub.add_parser(
+        "cleanup",
+        help="remove what a stopped agent left behind: the kernel trace instances of its disks",
+        description="Remove what an agent that is not running any more left behind: the private tracefs "
+        "instance of each of its disks (/sys/kernel/tracing/instances/standby-*), whose ring buffers an agent "
+        "killed with SIGKILL leaves recording. An instance a running agent still reads is left alone. Needs "
+        "root. Nothing else is touched: the state directory, identity and disk keys stay.",
+        epilog="exit codes: 0 nothing is left behind (any leftover removed), 1 something could not be removed "
+        "(an instance in use: is the agent still running?), 2 DIR is not an agent's state directory",
+    )
+    c.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"state directory (default {DEFAULT_DIR})")
     return p
 
 
@@ -37,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_main(lambda: cmd_enroll(args), "standby-agent")
     if args.cmd == "add-disk":
         return run_main(lambda: cmd_add_disk(args), "standby-agent")
+    if args.cmd == "cleanup":
+        return run_main(lambda: cmd_cleanup(args), "standby-agent")
     setup_logging("standby.agent", args.log_level)
 
     async def serve(stop: asyncio.Event) -> None:
@@ -77,6 +96,37 @@ def cmd_add_disk(args: argparse.Namespace) -> int:
     disks.append({"name": args.name, "path": str(path)})
     save_toml(conf, raw)
     print(f"disk {args.name} ({path}) added; restart the agent to pick it up")
+    return 0
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    from .daemon import trace_instance
+    from .tracker.tracefs import remove_stale
+
+    if not (args.dir / "agent.toml").exists():
+        raise BadInput(f"{args.dir} is not an agent's state directory (no agent.toml)")
+    if os.geteuid() != 0:
+        raise StandbyError("only root can see and remove kernel trace instances (an agent not run as root made none)")
+    left: list[str] = []
+    removed = 0
+    for f in sorted((args.dir / "disks").glob("*.json")):  # every disk the agent ever knew, configured or not
+        try:
+            doc = load_json(f)
+            if not isinstance(doc, dict) or "uid" not in doc:
+                continue  # another record kept beside the disks' (a clean-stop record), no disk's identity
+            instance = trace_instance(uuid.UUID(doc["uid"]))
+        except (TypeError, ValueError, OSError) as exc:
+            left.append(f"disk {f.stem}: unreadable {f} ({exc})")
+            continue
+        if remove_stale(instance, str(TRACEFS)):
+            removed += 1
+            print(f"removed trace instance {instance} of disk {f.stem}")
+        elif (TRACEFS / "instances" / instance).exists():
+            left.append(f"disk {f.stem}: trace instance {instance} is in use (is the agent still running?)")
+    if left:
+        raise StandbyError("could not clean up: " + "; ".join(left))
+    if not removed:
+        print(f"nothing left behind by the agent in {args.dir}")
     return 0
 
 

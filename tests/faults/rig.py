@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from standby.admin.client import AdminClient
-from standby.admin.localdeploy import LocalDeployment
 from standby.proto.frames import HEADER_SIZE, scan_records
 from tests import writeorder
+from tests.deploy import LocalDeployment
 
 from .judge import BLOCK, BurstModel, block_hashes
 

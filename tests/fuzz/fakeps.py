@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from standby.admin.localdeploy import LocalDeployment, command
+from standby.admin.localdeploy import command
 from standby.plumbing import identity as ident
 from standby.plumbing.link import Link, LinkClosed
 from standby.plumbing.tls import server_context
@@ -51,6 +51,7 @@ from standby.proto.errors import ProtocolError, RemoteProtocolError
 from standby.proto.frames import HEADER_SIZE, decode_header, encode_frame
 from standby.proto.keywrap import wrap_key
 from standby.proto.messages import Ack, BatchKind, FrameType, Hello, Reject, Reply, Request, Welcome, encode, meta_bytes
+from tests.deploy import LocalDeployment
 
 from . import engine
 from .corpus import make_batch, make_commit

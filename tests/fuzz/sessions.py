@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from standby.admin.localdeploy import LocalDeployment
 from standby.plumbing import identity as ident
 from standby.plumbing.link import Link, LinkClosed, dial
 from standby.plumbing.tls import anonymous_client_context, client_context
@@ -60,6 +59,7 @@ from standby.proto.messages import (
     Welcome,
     encode,
 )
+from tests.deploy import LocalDeployment
 
 from . import engine
 from .corpus import make_batch, make_commit, point_meta

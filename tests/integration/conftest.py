@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from standby.admin.localdeploy import LocalDeployment
+from tests.deploy import LocalDeployment
 
 MiB = 1024 * 1024
 

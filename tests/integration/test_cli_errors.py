@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from standby.admin.localdeploy import LocalDeployment, free_port
+from standby.admin.localdeploy import free_port
 from standby.plumbing.errors import EXIT_BAD_INPUT, EXIT_NOT_STARTED, EXIT_REFUSED, EXIT_UNREACHABLE
 from tests.conftest import needs_loop
+from tests.deploy import LocalDeployment
 
 from .conftest import MiB, fill_mixed
 

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from standby.admin.localdeploy import LocalDeployment, command
+from standby.admin.localdeploy import command
 from standby.plumbing import identity as ident
 from standby.plumbing.errors import EXIT_REFUSED, StandbyError
 from standby.plumbing.link import Link, LinkClosed, RequestFailed
@@ -42,6 +42,7 @@ from standby.plumbing.passphrase import RateLimiter
 from standby.plumbing.tls import anonymous_client_context, client_context
 from standby.proto.connection import Connection, Role
 from standby.proto.messages import Hello, Welcome
+from tests.deploy import LocalDeployment
 
 MiB = 1024 * 1024
 NOFILE = 1024  # the usual default soft limit, and the one finding 6 was made under

@@ -26,10 +26,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from standby.admin.localdeploy import LocalDeployment
 from standby.proto.frames import HEADER_SIZE, scan_records
 from tests import writeorder
 from tests.conftest import needs_loop
+from tests.deploy import LocalDeployment
 
 from .conftest import MiB
 from .test_delta import disk, start_workload, stop_workload

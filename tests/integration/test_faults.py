@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from standby.admin.localdeploy import LocalDeployment
 from standby.proto.frames import scan_records
 from tests.conftest import needs_loop, needs_qemu_img
+from tests.deploy import LocalDeployment
 
 from .conftest import MiB, qemu_compare
 

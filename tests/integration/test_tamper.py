@@ -18,10 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from standby.admin.localdeploy import LocalDeployment
 from standby.proto.frames import HEADER_SIZE, Record, encode_frame, scan_records
 from standby.proto.messages import SEAL_SIZE, Batch, ExtentKind, FrameType, decode_message
 from tests.conftest import needs_loop
+from tests.deploy import LocalDeployment
 
 from .conftest import MiB, fill_mixed
 
