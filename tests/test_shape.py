@@ -33,7 +33,6 @@ MAX_FUNCTION_LINES = 80
 KNOWN_CIRCLES: set[frozenset[str]] = {
     frozenset({"standby.agent.appoint", "standby.agent.daemon", "standby.agent.delta", "standby.agent.resync",
                "standby.agent.window"}),
-    frozenset({"standby.admin.cli", "standby.admin.recoverycli"}),
     frozenset({"standby.mastertarget.daemon", "standby.mastertarget.operations"}),
     frozenset({"standby.processserver.admin", "standby.processserver.recovery", "standby.processserver.server"}),
 }
@@ -53,11 +52,7 @@ KNOWN_LONG_FUNCTIONS: set[str] = {
     "standby.mastertarget.daemon:DiskWorker.apply_group",
     "standby.processserver.server:AgentSession.writer",
 }
-KNOWN_CROSS_IMPORTS: set[tuple[str, str]] = {
-    ("standby.admin.demo", "standby.mastertarget.replicas"),
-    ("standby.admin.localdeploy", "standby.agent.daemon"),
-    ("standby.admin.localdeploy", "standby.agent.tracker.tracefs"),
-}
+KNOWN_CROSS_IMPORTS: set[tuple[str, str]] = set()
 
 
 def _python_files() -> Iterator[Path]:
