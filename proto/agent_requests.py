@@ -187,10 +187,6 @@ class ResyncHashes(Wire):
 class SealedHashes(Wire):
     sealed: str = checked(sealed_hashes)
 
-    @property
-    def sealed_bytes(self) -> bytes:
-        return base64.b64decode(self.sealed)
-
 
 # ---- process server -> agent -----------------------------------------------------------------------
 
