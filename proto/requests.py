@@ -42,7 +42,6 @@ daemons and the tests import them from here (`from standby.proto.requests import
 as they did when everything lived in this one module, and need to know only this one name.
 """
 
-
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -44,8 +44,9 @@ class InvalidMessage(LocalProtocolError):
 
 class BadRequest(RemoteProtocolError):
     """A peer sent an invalid request (code `bad-input`), an unknown one (`unknown-request`), one its role
-    may not send (`forbidden`), an invalid reply (`bad-reply`) or an invalid COMMIT meta (`bad-commit`).
-    `str(exc)` names the op, the field and what was wrong: it is what the peer is told."""
+    may not send (`forbidden`), an invalid reply (`bad-reply`) or an invalid COMMIT meta (`bad-commit`);
+    the code is a proto.enums.ErrorCode. `str(exc)` names the op, the field and what was wrong: it is what
+    the peer is told."""
 
 
 class Invalid(Exception):
@@ -72,7 +73,6 @@ def show(v: object) -> str:
     if isinstance(v, dict):
         return f"an object of {len(v)} keys"
     return f"a {type(v).__name__}"
-
 
 
 # ---- the base of every request, reply and nested object ----------------------------------------------
