@@ -1,5 +1,9 @@
-"""Checks of the single values in control requests and replies, and `Wire`, the base of every typed
-request and reply (proto.requests): a frozen, slotted dataclass validated in its constructor.
+"""Checks of the single values in control requests and replies: each is a function value -> value
+(possibly normalised: a list becomes a tuple, a word its enum member) that raises `Invalid` with what was
+wrong; proto.wire's `checked(check)` gives a typed message's field its check.
+
+`Wire`, `message`, `InvalidMessage` and `BadRequest` lived here before proto.wire existed; they are
+imported below under their own names so that `from standby.proto.fields import Wire` keeps working.
 
 Bounds, and why
 ---------------
@@ -35,12 +39,16 @@ import math
 import re
 import sys
 import uuid
-from collections.abc import Callable, Mapping
-from dataclasses import MISSING, Field, dataclass, field, fields
-from typing import Any, ClassVar, TypeVar
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any, TypeVar
 
-from .errors import LocalProtocolError, RemoteProtocolError
+from .enums import CommitKind, Consistency, ReplicaFormat
 from .frames import MAX_CONTROL_PAYLOAD
+from .wire import BadRequest as BadRequest
+from .wire import Check, Invalid, Wire, show
+from .wire import InvalidMessage as InvalidMessage
+from .wire import message as message
 
 # ---- bounds (see the table above) --------------------------------------------------------------------
 
@@ -78,78 +86,26 @@ _SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads makes lone surrogates; 
 
 ROLES = ("agent", "mt", "admin", "ps", "enroll")  # proto.messages.ROLES
 ENROLL_ROLES = ("agent", "mt")
-# processserver.admin.FORMATS == mastertarget.replicas.KINDS (a test holds all three equal)
-REPLICA_FORMATS = ("vmdk", "vmdk-thick", "vmdk-monolithic-flat", "vmdk-sparse", "raw", "device")
 RESYNC_MODES = ("checksum", "full")
 RESYNC_PHASES = ("waiting", "hashing", "comparing", "shipping", "complete")  # agent.resync.Progress.phase
-COMMIT_KINDS = ("initial-complete", "resync-complete", "point", "batch")  # "batch": the journal's own
-CONSISTENCIES = ("crash-consistent", "app-consistent")
+# The words of proto.enums as plain tuples, for the daemons that test membership or list the choices.
+# processserver.admin.FORMATS == mastertarget.replicas.KINDS == REPLICA_FORMATS (a test holds all three equal)
+REPLICA_FORMATS = tuple(f.value for f in ReplicaFormat)
+COMMIT_KINDS = tuple(k.value for k in CommitKind)
+CONSISTENCIES = tuple(c.value for c in Consistency)
 
 
-# ---- errors ------------------------------------------------------------------------------------------
+# ---- field checks: value -> value (possibly normalised: lists become tuples), or Invalid ---------------
 
 
-def _path_text(path: tuple[str, ...]) -> str:
-    out = ""
-    for p in path:
-        out += p if p.startswith("[") or not out else "." + p
-    return out
-
-
-class InvalidMessage(LocalProtocolError):
-    """We tried to build a request or reply with an invalid value (a bug on our side)."""
-
-    def __init__(self, what: str, path: tuple[str, ...], problem: str) -> None:
-        where = _path_text(path)
-        super().__init__("bad-input", f"{what}: {where} {problem}" if where else f"{what}: {problem}")
-        self.what, self.path, self.problem = what, path, problem
-
-
-class BadRequest(RemoteProtocolError):
-    """A peer sent an invalid request (code `bad-input`), an unknown one (`unknown-request`), one its role
-    may not send (`forbidden`), an invalid reply (`bad-reply`) or an invalid COMMIT meta (`bad-commit`).
-    `str(exc)` names the op, the field and what was wrong: it is what the peer is told."""
-
-
-class _Invalid(Exception):
-    """Internal: a field check failed. `path` leads from the field to the bad value."""
-
-    def __init__(self, problem: str, path: tuple[str, ...] = ()) -> None:
-        super().__init__(problem)
-        self.problem, self.path = problem, path
-
-
-def _show(v: object) -> str:
-    """A short, safe rendering of a peer's value for an error message (never the whole of a huge one)."""
-    if isinstance(v, bool) or v is None:
-        return {True: "true", False: "false", None: "null"}[v]
-    if isinstance(v, int):
-        # repr() of a huge int is slow, and refused beyond 4300 digits.
-        return repr(v) if v.bit_length() <= 128 else f"an integer of about {int(v.bit_length() * 0.30103) + 1} digits"
-    if isinstance(v, float):
-        return repr(v)
-    if isinstance(v, str):
-        return repr(v) if len(v) <= 60 else f"{v[:40]!r}... ({len(v)} characters)"
-    if isinstance(v, list | tuple):
-        return f"a list of {len(v)} items"
-    if isinstance(v, dict):
-        return f"an object of {len(v)} keys"
-    return f"a {type(v).__name__}"
-
-
-# ---- field checks: value -> value (possibly normalised: lists become tuples), or _Invalid ---------------
-
-Check = Callable[[Any], Any]
-
-
-def _is_int(v: object) -> bool:
+def is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _int_range(lo: int, hi: int, what: str) -> Check:
     def check(v: Any) -> int:
-        if not _is_int(v) or not lo <= v <= hi:
-            raise _Invalid(f"must be {what}, got {_show(v)}")
+        if not is_int(v) or not lo <= v <= hi:
+            raise Invalid(f"must be {what}, got {show(v)}")
         return v
 
     return check
@@ -160,8 +116,8 @@ def _number_range(lo: float, hi: float, what: str) -> Check:
 
     def check(v: Any) -> int | float:
         # NaN compares false and the bounds are finite, so nan and +-inf fail the range test too.
-        if not (_is_int(v) or isinstance(v, float)) or not lo <= v <= hi:
-            raise _Invalid(f"must be {what}, got {_show(v)}")
+        if not (is_int(v) or isinstance(v, float)) or not lo <= v <= hi:
+            raise Invalid(f"must be {what}, got {show(v)}")
         return v
 
     return check
@@ -184,8 +140,8 @@ fraction = _number_range(0, 1, "a fraction between 0 and 1")
 
 
 def size(v: Any) -> int:
-    if not _is_int(v) or not 0 < v <= MAX_DISK_SIZE or v % SECTOR:
-        raise _Invalid(f"must be a positive multiple of 512 bytes (at most 1 PiB), got {_show(v)}")
+    if not is_int(v) or not 0 < v <= MAX_DISK_SIZE or v % SECTOR:
+        raise Invalid(f"must be a positive multiple of 512 bytes (at most 1 PiB), got {show(v)}")
     return v
 
 
@@ -198,21 +154,21 @@ def stored_time(v: Any) -> int | float:
 
 def boolean(v: Any) -> bool:
     if not isinstance(v, bool):
-        raise _Invalid(f"must be true or false, got {_show(v)}")
+        raise Invalid(f"must be true or false, got {show(v)}")
     return v
 
 
 def name(v: Any) -> str:
     if not isinstance(v, str) or not NAME_RE.fullmatch(v):
-        raise _Invalid(
-            f"must be a name of 1..63 letters, digits, '.', '_' or '-' starting with a letter or digit, got {_show(v)}"
+        raise Invalid(
+            f"must be a name of 1..63 letters, digits, '.', '_' or '-' starting with a letter or digit, got {show(v)}"
         )
     return v
 
 
 def token(v: Any) -> str:
     if not isinstance(v, str) or not TOKEN_RE.fullmatch(v):
-        raise _Invalid(f"must be a lower-case word (a-z, 0-9, '-'), got {_show(v)}")
+        raise Invalid(f"must be a lower-case word (a-z, 0-9, '-'), got {show(v)}")
     return v
 
 
@@ -223,7 +179,7 @@ def uuid_text(v: Any) -> str:
                 return v
         except ValueError:
             pass
-    raise _Invalid(f"must be a UUID in canonical form (8-4-4-4-12 lower-case hex digits), got {_show(v)}")
+    raise Invalid(f"must be a UUID in canonical form (8-4-4-4-12 lower-case hex digits), got {show(v)}")
 
 
 def path(v: Any) -> str:
@@ -237,9 +193,9 @@ def path(v: Any) -> str:
         and len(v.encode()) <= MAX_PATH
     )
     if not ok:
-        raise _Invalid(
+        raise Invalid(
             f"must be an absolute path without '..' segments or control characters (at most {MAX_PATH} bytes), "
-            f"got {_show(v)}"
+            f"got {show(v)}"
         )
     return v
 
@@ -249,7 +205,7 @@ def _text_check(limit: int, printable: bool, what: str) -> Check:
         ok = isinstance(v, str) and len(v) <= limit and not _SURROGATE.search(v)
         if ok and (v.isprintable() if printable else "\x00" not in v):
             return v
-        raise _Invalid(f"must be {what}, got {_show(v)}")
+        raise Invalid(f"must be {what}, got {show(v)}")
 
     return check
 
@@ -264,13 +220,13 @@ def point_choice(v: Any) -> str:
     """--point: latest, latest-processed, latest-app, SEQ or DISK:SEQ; the process server's `choose` says
     which of those exist. Here only its shape is bounded."""
     if not isinstance(v, str) or not v or len(v) > MAX_SHORT or not v.isprintable():
-        raise _Invalid(f"must be a point (latest, latest-processed, latest-app, SEQ or DISK:SEQ), got {_show(v)}")
+        raise Invalid(f"must be a point (latest, latest-processed, latest-app, SEQ or DISK:SEQ), got {show(v)}")
     return v
 
 
 def pem(v: Any) -> str:
     if not isinstance(v, str) or len(v) > MAX_PEM or not v.startswith("-----BEGIN ") or not v.isascii():
-        raise _Invalid(f"must be PEM text (-----BEGIN ...) of at most {MAX_PEM} bytes, got {_show(v)}")
+        raise Invalid(f"must be PEM text (-----BEGIN ...) of at most {MAX_PEM} bytes, got {show(v)}")
     return v
 
 
@@ -285,7 +241,7 @@ def base64_bytes(lo: int, hi: int, what: str) -> Check:
                 raw = None
             if raw is not None and lo <= len(raw) <= hi:
                 return v
-        raise _Invalid(f"must be {what} ({lo}..{hi} bytes, base64), got {_show(v)}")
+        raise Invalid(f"must be {what} ({lo}..{hi} bytes, base64), got {show(v)}")
 
     return check
 
@@ -298,15 +254,34 @@ hash_nonce = base64_bytes(8, 64, "a query nonce")
 def one_of(*choices: str) -> Check:
     def check(v: Any) -> str:
         if not isinstance(v, str) or v not in choices:
-            raise _Invalid(f"must be one of {', '.join(choices)}, got {_show(v)}")
+            raise Invalid(f"must be one of {', '.join(choices)}, got {show(v)}")
         return v
 
     return check
 
 
-replica_format = one_of(*REPLICA_FORMATS)
+E = TypeVar("E", bound=StrEnum)
+
+
+def member_of(enum: type[E]) -> Check:
+    """One of an enum's words (proto.enums); the value becomes its member, which is still that string."""
+    choices = ", ".join(enum)
+
+    def check(v: Any) -> E:
+        if not isinstance(v, str):
+            raise Invalid(f"must be one of {choices}, got {show(v)}")
+        try:
+            return enum(v)
+        except ValueError:
+            raise Invalid(f"must be one of {choices}, got {show(v)}") from None
+
+    return check
+
+
+replica_format = member_of(ReplicaFormat)
+consistency = member_of(Consistency)
+commit_kind = member_of(CommitKind)
 resync_mode = one_of(*RESYNC_MODES)
-consistency = one_of(*CONSISTENCIES)
 
 
 def optional(check: Check) -> Check:
@@ -319,13 +294,13 @@ def optional(check: Check) -> Check:
 def list_of(check: Check, max_items: int = MAX_ITEMS, min_items: int = 0) -> Check:
     def check_list(v: Any) -> tuple[Any, ...]:
         if not isinstance(v, list | tuple) or not min_items <= len(v) <= max_items:
-            raise _Invalid(f"must be a list of {min_items}..{max_items} items, got {_show(v)}")
+            raise Invalid(f"must be a list of {min_items}..{max_items} items, got {show(v)}")
         out = []
         for i, x in enumerate(v):
             try:
                 out.append(check(x))
-            except _Invalid as exc:
-                raise _Invalid(exc.problem, (f"[{i}]", *exc.path)) from None
+            except Invalid as exc:
+                raise Invalid(exc.problem, (f"[{i}]", *exc.path)) from None
         return tuple(out)
 
     return check_list
@@ -334,14 +309,14 @@ def list_of(check: Check, max_items: int = MAX_ITEMS, min_items: int = 0) -> Che
 def map_of(key: Check, value: Check, max_items: int = MAX_ITEMS) -> Check:
     def check_map(v: Any) -> dict[str, Any]:
         if not isinstance(v, dict) or len(v) > max_items:
-            raise _Invalid(f"must be an object of at most {max_items} entries, got {_show(v)}")
+            raise Invalid(f"must be an object of at most {max_items} entries, got {show(v)}")
         out = {}
         for k, x in v.items():
             try:
                 ck = key(k)  # the key first: a bad key is the problem, not its value
                 out[ck] = value(x)
-            except _Invalid as exc:
-                raise _Invalid(exc.problem, (f"[{_show(k)}]", *exc.path)) from None
+            except Invalid as exc:
+                raise Invalid(exc.problem, (f"[{show(k)}]", *exc.path)) from None
         return out
 
     return check_map
@@ -350,14 +325,14 @@ def map_of(key: Check, value: Check, max_items: int = MAX_ITEMS) -> Check:
 def disk_key(v: Any) -> str:
     """A disk id written as a JSON object key ("7")."""
     if not isinstance(v, str) or not DISK_KEY_RE.fullmatch(v) or int(v) > MAX_DISK_ID:
-        raise _Invalid(f"must be a disk id in decimal, got {_show(v)}")
+        raise Invalid(f"must be a disk id in decimal, got {show(v)}")
     return v
 
 
 def pair(first: Check, second: Check) -> Check:
     def check(v: Any) -> tuple[Any, Any]:
         if not isinstance(v, list | tuple) or len(v) != 2:
-            raise _Invalid(f"must be a list of two items, got {_show(v)}")
+            raise Invalid(f"must be a list of two items, got {show(v)}")
         return (first(v[0]), second(v[1]))
 
     return check
@@ -368,41 +343,41 @@ def json_value(v: Any, depth: int = 0) -> Any:
     numbers, integers within 64 bits, strings that can be encoded. Lists stay lists."""
     if v is None or isinstance(v, bool):
         return v
-    if _is_int(v):
+    if is_int(v):
         if not -(2**63) <= v <= MAX_COUNT:
-            raise _Invalid(f"must be an integer within 64 bits, got {_show(v)}")
+            raise Invalid(f"must be an integer within 64 bits, got {show(v)}")
         return v
     if isinstance(v, float):
         if not math.isfinite(v):
-            raise _Invalid(f"must be a finite number, got {_show(v)}")
+            raise Invalid(f"must be a finite number, got {show(v)}")
         return v
     if isinstance(v, str):
         return _text_check(MAX_CONTROL_PAYLOAD, False, "text without NUL")(v)
     if depth >= MAX_JSON_DEPTH:
-        raise _Invalid(f"nests deeper than {MAX_JSON_DEPTH} levels")
+        raise Invalid(f"nests deeper than {MAX_JSON_DEPTH} levels")
     if isinstance(v, list | tuple):
         if len(v) > MAX_ITEMS:
-            raise _Invalid(f"must be a list of at most {MAX_ITEMS} items, got {_show(v)}")
+            raise Invalid(f"must be a list of at most {MAX_ITEMS} items, got {show(v)}")
         out = []
         for i, x in enumerate(v):
             try:
                 out.append(json_value(x, depth + 1))
-            except _Invalid as exc:
-                raise _Invalid(exc.problem, (f"[{i}]", *exc.path)) from None
+            except Invalid as exc:
+                raise Invalid(exc.problem, (f"[{i}]", *exc.path)) from None
         return out
     if isinstance(v, dict):
         if len(v) > MAX_ITEMS:
-            raise _Invalid(f"must be an object of at most {MAX_ITEMS} keys, got {_show(v)}")
+            raise Invalid(f"must be an object of at most {MAX_ITEMS} keys, got {show(v)}")
         obj = {}
         for k, x in v.items():
             if not isinstance(k, str):
-                raise _Invalid(f"must have text keys, got {_show(k)}")
+                raise Invalid(f"must have text keys, got {show(k)}")
             try:
                 obj[k] = json_value(x, depth + 1)
-            except _Invalid as exc:
-                raise _Invalid(exc.problem, (k, *exc.path)) from None
+            except Invalid as exc:
+                raise Invalid(exc.problem, (k, *exc.path)) from None
         return obj
-    raise _Invalid(f"must be a JSON value, got {_show(v)}")
+    raise Invalid(f"must be a JSON value, got {show(v)}")
 
 
 def record(checks: Mapping[str, Check]) -> Check:
@@ -412,14 +387,14 @@ def record(checks: Mapping[str, Check]) -> Check:
     def check(v: Any) -> dict[str, Any]:
         obj = json_value(v)
         if not isinstance(obj, dict):
-            raise _Invalid(f"must be an object, got {_show(v)}")
+            raise Invalid(f"must be an object, got {show(v)}")
         for k, c in checks.items():
             if k not in obj:
-                raise _Invalid("is missing", (k,))
+                raise Invalid("is missing", (k,))
             try:
                 obj[k] = c(obj[k])
-            except _Invalid as exc:
-                raise _Invalid(exc.problem, (k, *exc.path)) from None
+            except Invalid as exc:
+                raise Invalid(exc.problem, (k, *exc.path)) from None
         return obj
 
     return check
@@ -432,108 +407,3 @@ def nested(cls: type[Wire]) -> Check:
         return cls._parse(v)
 
     return check
-
-
-# ---- the base of every request, reply and nested object ----------------------------------------------
-
-W = TypeVar("W", bound="Wire")
-
-
-def _f(check: Check, default: Any = MISSING) -> Any:
-    """A dataclass field with its check; with a default, the key may be absent on the wire."""
-    if default is MISSING:
-        return field(metadata={"check": check})
-    return field(default=default, metadata={"check": check})
-
-
-def _to_json(v: Any) -> Any:
-    if isinstance(v, Wire):
-        return v.to_wire()
-    if isinstance(v, list | tuple):
-        return [_to_json(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _to_json(x) for k, x in v.items()}
-    return v
-
-
-class Wire:
-    """Base: validation in the constructor, `from_wire(dict)` for a peer's JSON, `to_wire()` for ours."""
-
-    __slots__ = ()
-    WHAT: ClassVar[str] = "message"  # names the message in errors: the op, "disk_open reply", ...
-    OMIT_NONE: ClassVar[frozenset[str]] = frozenset()  # keys left out of to_wire() when None
-
-    def __post_init__(self) -> None:
-        for f in _fields_of(type(self)):
-            v = getattr(self, f.name)
-            try:
-                nv = f.metadata["check"](v)
-            except _Invalid as exc:
-                raise InvalidMessage(self.WHAT, (f.name, *exc.path), exc.problem) from None
-            if nv is not v:
-                object.__setattr__(self, f.name, nv)
-        try:
-            self._check()
-        except _Invalid as exc:
-            raise InvalidMessage(self.WHAT, exc.path, exc.problem) from None
-
-    def _check(self) -> None:
-        """Rules between fields; raise _Invalid."""
-
-    @classmethod
-    def _parse(cls: type[W], data: Any) -> W:
-        """Internal: the dataclass of a peer's JSON object, or _Invalid with the path to the bad value."""
-        if not isinstance(data, dict):
-            raise _Invalid(f"must be an object, got {_show(data)}")
-        known = _fields_of(cls)
-        names = {f.name for f in known}
-        for k in data:
-            if k not in names:
-                raise _Invalid("is not a field of this message", (_show(k) if not isinstance(k, str) else k,))
-        for f in known:
-            if f.name not in data and f.default is MISSING:
-                raise _Invalid("is missing", (f.name,))
-        try:
-            return cls(**data)
-        except InvalidMessage as exc:
-            raise _Invalid(exc.problem, exc.path) from None
-
-    @classmethod
-    def from_wire(cls: type[W], data: Any, code: str = "bad-input", what: str | None = None) -> W:
-        """Check a peer's JSON object; BadRequest(code) naming `what` (default: the class's op) if invalid."""
-        try:
-            return cls._parse(data)
-        except _Invalid as exc:
-            where = _path_text(exc.path)
-            label = what or cls.WHAT
-            raise BadRequest(code, f"{label}: {where} {exc.problem}" if where else f"{label}: {exc.problem}") from None
-
-    def to_wire(self) -> dict[str, Any]:
-        """The JSON object to send (the same keys and values today's daemons send)."""
-        out = {}
-        for f in _fields_of(type(self)):
-            v = getattr(self, f.name)
-            if v is None and f.name in self.OMIT_NONE:
-                continue
-            out[f.name] = _to_json(v)
-        return out
-
-
-_FIELDS: dict[type, tuple[Field[Any], ...]] = {}
-
-
-def _fields_of(cls: type) -> tuple[Field[Any], ...]:
-    got = _FIELDS.get(cls)
-    if got is None:
-        got = _FIELDS[cls] = fields(cls)
-    return got
-
-
-def message(what: str) -> Callable[[type[W]], type[W]]:
-    """Class decorator: a frozen, slotted dataclass named `what` in errors."""
-
-    def wrap(cls: type[W]) -> type[W]:
-        cls.WHAT = what
-        return dataclass(frozen=True, slots=True)(cls)
-
-    return wrap

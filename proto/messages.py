@@ -68,10 +68,6 @@ class BatchKind(IntEnum):
     RESYNC = 2
 
 
-def _bad(local: bool, code: str, msg: str) -> Exception:
-    return LocalProtocolError(code, msg) if local else RemoteProtocolError(code, msg)
-
-
 @dataclass(frozen=True, slots=True)
 class Extent:
     kind: ExtentKind
@@ -192,7 +188,8 @@ _META_LEN = struct.Struct(">I")
 class Commit:
     """A batch commit: a sealed marker in a disk's stream, ordered and acknowledged like a batch.
 
-    `meta` always holds `generation` and `kind` (today: "initial-complete"; later: recovery points).
+    `meta` always holds `generation` and `kind` (a proto.enums.CommitKind word); proto.requests.CommitMeta
+    checks the rest.
     """
 
     disk: int
@@ -281,6 +278,7 @@ class Reply:
     id: int
     ok: bool
     result: dict[str, Any] = field(default_factory=dict)
+    # When not ok: a proto.enums.ErrorCode word. Kept as text: a newer peer may send a code we do not know.
     code: str = ""
     message: str = ""
 

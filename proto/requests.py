@@ -28,16 +28,78 @@ exception out of `from_wire`, `parse_request` or `parse_reply` is a bug (the tes
 Two error kinds, as everywhere in proto/: `InvalidMessage` (a LocalProtocolError) when *we* build an
 invalid message, `BadRequest` (a RemoteProtocolError) when a *peer* sent one.
 
-The checks of single values (bounds, names, times, paths) and the `Wire` base class are in
-proto.fields.
+Where things are
+----------------
+This module holds the table of ops and the two parse functions. The dataclasses live by conversation:
+proto.agent_requests (agent <-> process server), proto.mt_requests (master target <-> process server),
+proto.admin_requests (admin -> process server), proto.enroll_requests (enrollment) and proto.commit_meta
+(a COMMIT's meta). The checks of single values (bounds, names, times, paths) are in proto.fields, the
+`Wire` base class and the two errors in proto.wire, the closed sets of words (commit kind, consistency,
+replica format, error code) in proto.enums.
+
+This module also re-exports all of those dataclasses, errors, enums and constants (`__all__`): the
+daemons and the tests import them from here (`from standby.proto.requests import BadRequest, CommitMeta`),
+as they did when everything lived in this one module, and need to know only this one name.
 """
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass
 from typing import Any
 
+from .admin_requests import (
+    AdminAppPoint,
+    AdminAppPointMade,
+    AdminCleanupDisk,
+    AdminCommit,
+    AdminCommitDisk,
+    AdminCommitted,
+    AdminFailedOver,
+    AdminFailover,
+    AdminFailoverDisk,
+    AdminPointList,
+    AdminPoints,
+    AdminPointsDisk,
+    AdminTestFailedOver,
+    AdminTestFailover,
+    AdminTestFailoverCleaned,
+    AdminTestFailoverCleanup,
+    AdminTestFailoverDisk,
+    MachineInfo,
+    MachineList,
+    Machines,
+    Pause,
+    Protect,
+    Protected,
+    ProtectedDisk,
+    Resume,
+    Resync,
+    ResyncRequested,
+    Status,
+    StatusReply,
+)
+from .agent_requests import (
+    AgentReport,
+    AppPoint,
+    AppPointDisk,
+    AppPointMade,
+    DiskKey,
+    DiskOpen,
+    DiskOpened,
+    DiskReport,
+    DiskReported,
+    HashQuery,
+    LastAppPoint,
+    ResyncBegin,
+    ResyncBegun,
+    ResyncHashes,
+    ResyncProgress,
+    ResyncWanted,
+    SealedHashes,
+)
+from .commit_meta import CommitMeta
+from .enroll_requests import Ca, CaCert, Enroll, Enrolled
+from .enums import CommitKind, Consistency, ErrorCode, ReplicaFormat
 from .errors import LocalProtocolError
 from .fields import (
     COMMIT_KINDS,
@@ -52,55 +114,33 @@ from .fields import (
     RESYNC_MODES,
     RESYNC_PHASES,
     ROLES,
-    BadRequest,
-    InvalidMessage,
-    Wire,
-    _f,
-    _Invalid,
-    _is_int,
-    _path_text,
-    _show,
-    boolean,
-    consistency,
-    count,
-    disk_id,
-    disk_key,
-    fraction,
-    generation,
-    hash_level,
-    hash_node,
-    hash_nonce,
-    list_of,
-    map_of,
-    message,
-    name,
-    nested,
-    nonnegative,
-    one_of,
-    optional,
-    pair,
-    passphrase,
-    path,
-    pem,
-    point_choice,
-    record,
-    replica_format,
-    resync_mode,
-    sealed_hashes,
-    seconds,
-    sequence,
-    short_text,
-    size,
-    span,
-    step_op,
-    stored_time,
-    tag,
-    text,
-    time_,
-    token,
-    uuid_text,
-    wrapped_key,
 )
+from .mt_requests import (
+    Assignment,
+    Assignments,
+    CheckReplica,
+    DiskHistory,
+    FailedOver,
+    Failover,
+    FailoverCommit,
+    FailoverCommitted,
+    FailoverInfo,
+    FailoverStep,
+    MTReport,
+    PointInfo,
+    PointList,
+    Points,
+    Pull,
+    Pulled,
+    RelayResyncHashes,
+    Subscribe,
+    TestFailedOver,
+    TestFailover,
+    TestFailoverCleaned,
+    TestFailoverCleanup,
+    parse_subscribe,
+)
+from .wire import BadRequest, InvalidMessage, Wire, message, show
 
 
 @message("reply")
@@ -108,716 +148,9 @@ class Empty(Wire):
     """The result of requests that answer nothing but ok: `{}`."""
 
 
-# ---- agent -> process server ------------------------------------------------------------------------
-
-
-@message("disk_open")
-class DiskOpen(Wire):
-    name: str = _f(name)
-    path: str = _f(path)
-    size: int = _f(size)
-    uid: str = _f(uuid_text)
-
-
-@message("resync request")
-class ResyncWanted(Wire):
-    """A resync the operator or the process server asked for, not yet started (registry resync_request)."""
-
-    mode: str = _f(resync_mode)
-    reason: str = _f(text)
-
-
-@message("disk_open reply")
-class DiskOpened(Wire):
-    OMIT_NONE = frozenset({"mt_cert"})  # sent only when key_needed
-    disk: int = _f(disk_id)
-    state: str = _f(token)
-    protected: bool = _f(boolean)
-    generation: int = _f(generation)
-    next_sequence: int = _f(sequence)
-    cursor: int = _f(count)
-    initial_committed: bool = _f(boolean)
-    key_needed: bool = _f(boolean)
-    seed: bool = _f(boolean, False)
-    resync: ResyncWanted | None = _f(optional(nested(ResyncWanted)), None)
-    mt_cert: str | None = _f(optional(pem), None)
-
-
-@message("disk_key")
-class DiskKey(Wire):
-    disk: int = _f(disk_id)
-    wrapped_key: str = _f(wrapped_key)
-
-    @property
-    def wrapped_key_bytes(self) -> bytes:
-        return base64.b64decode(self.wrapped_key)
-
-
-@message("resync progress")
-class ResyncProgress(Wire):
-    """agent.resync.Progress.report()"""
-
-    mode: str = _f(resync_mode)
-    reason: str = _f(text)
-    phase: str = _f(one_of(*RESYNC_PHASES))
-    progress: float = _f(fraction)
-    eta_seconds: float | None = _f(optional(nonnegative))
-    bytes_differing: int = _f(count)
-    bytes_shipped: int = _f(count)
-    hash_bytes: int = _f(count)
-    elapsed: float = _f(span)
-
-
-@message("last app-consistent point")
-class LastAppPoint(Wire):
-    time: float = _f(time_)
-    freeze_seconds: float | None = _f(optional(seconds))
-    tag: str = _f(tag)
-
-
-@message("agent report")
-class AgentReport(Wire):
-    """What only the agent knows about a disk, for status (agent.daemon.Agent.report)."""
-
-    OMIT_NONE = frozenset({"error"})
-
-    tracker: str | None = _f(optional(short_text))
-    tracking_lost: str | None = _f(optional(text))
-    dirty_bytes: int | None = _f(optional(count))
-    tracker_cpu_seconds: float = _f(seconds)
-    epochs: int = _f(count)
-    points: int = _f(count)
-    inconsistent_epochs: int = _f(count)
-    last_inconsistent_reason: str = _f(text)
-    bytes_shipped: int = _f(count)
-    app_points: int = _f(count)
-    last_app_point: LastAppPoint | None = _f(optional(nested(LastAppPoint)))
-    resync: ResyncProgress | None = _f(optional(nested(ResyncProgress)))
-    resync_pending: tuple[str, str] | None = _f(optional(pair(resync_mode, text)))  # (mode, reason)
-    error: str | None = _f(optional(text), None)  # why this disk's replication failed (supervision)
-
-
-@message("disk_report")
-class DiskReport(Wire):
-    disk: int = _f(disk_id)
-    report: AgentReport = _f(nested(AgentReport))
-
-
-@message("disk_report reply")
-class DiskReported(Wire):
-    resync: ResyncWanted | None = _f(optional(nested(ResyncWanted)))
-
-
-@message("resync_begin")
-class ResyncBegin(Wire):
-    disk: int = _f(disk_id)
-    generation: int = _f(generation)
-    mode: str = _f(resync_mode)
-    reason: str = _f(text)
-
-
-@message("resync_begin reply")
-class ResyncBegun(Wire):
-    generation: int = _f(generation)
-
-
-@message("hash query")
-class HashQuery(Wire):
-    """A resync hash query (agent.resync.query): the top level (level and parents null) or the children at
-    `level` of `parents`. The master target seals its answer over this object's canonical JSON, so it is
-    relayed exactly as the agent wrote it."""
-
-    level: int | None = _f(optional(hash_level))
-    parents: tuple[int, ...] | None = _f(optional(list_of(hash_node, MAX_HASH_PARENTS, 1)))
-    nonce: str = _f(hash_nonce)
-
-    def _check(self) -> None:
-        if (self.level is None) != (self.parents is None):
-            raise _Invalid("level and parents must both be null (the top level) or both be given")
-
-
-@message("resync_hashes")
-class ResyncHashes(Wire):
-    """The agent's query (agent -> process server)."""
-
-    disk: int = _f(disk_id)
-    generation: int = _f(generation)
-    query: HashQuery = _f(nested(HashQuery))
-
-
-@message("resync_hashes")
-class RelayResyncHashes(Wire):
-    """The process server's relay of it to the master target, with the disk's size (it may have grown)."""
-
-    disk: int = _f(disk_id)
-    generation: int = _f(generation)
-    query: HashQuery = _f(nested(HashQuery))
-    size: int | None = _f(optional(size), None)
-
-
-@message("resync_hashes reply")
-class SealedHashes(Wire):
-    sealed: str = _f(sealed_hashes)
-
-    @property
-    def sealed_bytes(self) -> bytes:
-        return base64.b64decode(self.sealed)
-
-
-# ---- master target -> process server ---------------------------------------------------------------
-
-
-@message("subscribe")
-class Subscribe(Wire):
-    pass
-
-
-@message("assignment")
-class Assignment(Wire):
-    """One disk assigned to the master target (processserver.server.MTSession.subscribe)."""
-
-    disk: int = _f(disk_id)
-    machine: str = _f(name)
-    name: str = _f(name)
-    uid: str = _f(uuid_text)
-    size: int = _f(size)
-    replica_path: str = _f(path)
-    replica_format: str = _f(replica_format)
-    wrapped_key: str = _f(wrapped_key)
-    seed: bool = _f(boolean, False)
-
-    @property
-    def wrapped_key_bytes(self) -> bytes:
-        return base64.b64decode(self.wrapped_key)
-
-
-@message("subscribe reply")
-class Assignments(Wire):
-    disks: tuple[Assignment, ...] = _f(list_of(nested(Assignment)))
-    cache_dir: str | None = _f(optional(path), None)
-    host: str | None = _f(optional(short_text), None)
-
-
-def parse_subscribe(result: Any) -> tuple[Assignments, list[tuple[int | None, str]]]:
-    """The subscribe reply with every valid assignment, and (disk id or None, reason) for each invalid one:
-    one poisoned disk must fail alone, not stop the master target from starting the others. Raises
-    BadRequest("bad-reply") only if the reply itself is not a subscribe reply."""
-    disks = result.get("disks") if isinstance(result, dict) else None
-    if not isinstance(disks, list) or len(disks) > MAX_ITEMS:
-        raise BadRequest("bad-reply", f"subscribe reply: disks must be a list of at most {MAX_ITEMS} items")
-    good, bad = [], []
-    for i, d in enumerate(disks):
-        try:
-            good.append(Assignment._parse(d))
-        except _Invalid as exc:
-            did = d.get("disk") if isinstance(d, dict) else None
-            did = did if _is_int(did) and 0 < did <= MAX_DISK_ID else None
-            where = _path_text((f"disks[{i}]", *exc.path))
-            bad.append((did, f"subscribe reply: {where} {exc.problem}"))
-    return Assignments.from_wire({**result, "disks": good}, "bad-reply"), bad
-
-
-@message("pull")
-class Pull(Wire):
-    disk: int = _f(disk_id)
-    applied_seq: int = _f(sequence)
-
-
-@message("pull reply")
-class Pulled(Wire):
-    received_seq: int = _f(sequence)
-    skip_to: int = _f(sequence, 0)
-
-
-@message("failover step")
-class FailoverStep(Wire):
-    op: int = _f(step_op)
-    src: int = _f(sequence)
-    dst: int = _f(sequence)
-
-
-@message("failover state")
-class FailoverInfo(Wire):
-    """mastertarget.recovery.FailoverState as vars(), with `point` and `problem` (operations.point_list)."""
-
-    OMIT_NONE = frozenset({"point", "problem"})
-
-    latest: int = _f(sequence)
-    at: int = _f(sequence)
-    target: int = _f(sequence)
-    point_time: float = _f(stored_time)
-    started_at: float = _f(stored_time)
-    committed: bool = _f(boolean)
-    step: FailoverStep | None = _f(optional(nested(FailoverStep)))
-    # Where the replica is settled at a listed point (None while a move is unfinished), and why the last
-    # move broke off: status names a failover point only from `point`.
-    point: int | None = _f(optional(sequence), None)
-    problem: str | None = _f(optional(text), None)
-
-
-@message("disk history")
-class DiskHistory(Wire):
-    """One disk's entry of the master target's periodic report (mastertarget.daemon.MasterTarget.upkeep).
-    `error`: why the master target cannot serve the disk (read by the process server; optional)."""
-
-    OMIT_NONE = frozenset({"error"})
-    # A disk the master target cannot open is reported with its `error` only.
-    points: int = _f(count, 0)
-    oldest_point: float | None = _f(optional(time_), None)
-    newest_point: float | None = _f(optional(time_), None)
-    journal_bytes: int = _f(count, 0)
-    alert: str = _f(text, "")
-    failed_over: FailoverInfo | None = _f(optional(nested(FailoverInfo)), None)
-    error: str | None = _f(optional(text), None)
-
-
-@message("mt_report")
-class MTReport(Wire):
-    disks: dict[str, DiskHistory] = _f(map_of(disk_key, nested(DiskHistory)))
-
-
-# ---- process server -> master target ---------------------------------------------------------------
-
-
-@message("check_replica")
-class CheckReplica(Wire):
-    path: str = _f(path)
-    format: str = _f(replica_format)
-    size: int = _f(size)
-    existing: bool = _f(boolean, False)
-
-
-@message("points")
-class Points(Wire):
-    disk: int = _f(disk_id)
-
-
-@message("recovery point")
-class PointInfo(Wire):
-    sequence: int = _f(sequence)
-    time: float = _f(time_)
-    consistency: str = _f(consistency)
-    tag: str = _f(tag)
-    history_bytes: int = _f(count)
-
-
-@message("points reply")
-class PointList(Wire):
-    """mastertarget.operations.point_list"""
-
-    disk: int = _f(disk_id)
-    points: tuple[PointInfo, ...] = _f(list_of(nested(PointInfo)))
-    journal_bytes: int = _f(count)
-    applied_seq: int = _f(sequence)
-    alert: str = _f(text)
-    failover: FailoverInfo | None = _f(optional(nested(FailoverInfo)))
-
-
-@message("failover")
-class Failover(Wire):
-    disk: int = _f(disk_id)
-    sequence: int = _f(sequence)
-
-
-@message("failover reply")
-class FailedOver(Wire):
-    disk: int = _f(disk_id)
-    sequence: int = _f(sequence)
-    time: float = _f(time_)
-    replica: str = _f(path)
-    format: str = _f(replica_format)
-    bytes_written: int = _f(count)
-    seconds: float = _f(seconds)
-
-
-@message("failover_commit")
-class FailoverCommit(Wire):
-    disk: int = _f(disk_id)
-
-
-@message("failover_commit reply")
-class FailoverCommitted(Wire):
-    disk: int = _f(disk_id)
-    sequence: int = _f(sequence)
-    time: float = _f(stored_time)
-    replica: str = _f(path)
-
-
-@message("test_failover")
-class TestFailover(Wire):
-    __test__ = False  # not a pytest test class
-    disk: int = _f(disk_id)
-    sequence: int = _f(sequence)
-    directory: str | None = _f(optional(path), None)
-
-
-@message("test_failover reply")
-class TestFailedOver(Wire):
-    __test__ = False
-    disk: int = _f(disk_id)
-    sequence: int = _f(sequence)
-    time: float = _f(time_)
-    path: str = _f(path)
-    format: str = _f(replica_format)
-    copy_seconds: float = _f(seconds)
-    undo_groups: int = _f(count)
-    bytes_undone: int = _f(count)
-    seconds: float = _f(seconds)
-
-
-@message("test_failover_cleanup")
-class TestFailoverCleanup(Wire):
-    __test__ = False
-    disk: int = _f(disk_id)
-
-
-@message("test_failover_cleanup reply")
-class TestFailoverCleaned(Wire):
-    __test__ = False
-    disk: int = _f(disk_id)
-    removed: tuple[str, ...] = _f(list_of(path))
-
-
 @message("wake")
 class Wake(Wire):
-    pass
-
-
-# ---- process server -> agent -----------------------------------------------------------------------
-
-
-@message("app_point")
-class AppPoint(Wire):
-    tag: str = _f(tag, "")
-
-
-@message("app_point disk")
-class AppPointDisk(Wire):
-    """One disk's line of an app_point reply (agent.appoint.AppPoints._entry); sequence None: no point."""
-
-    disk: str = _f(name)
-    sequence: int | None = _f(optional(sequence))
-    consistency: str | None = _f(optional(consistency))
-    time: float | None = _f(optional(time_))
-    freeze_seconds: float | None = _f(optional(seconds))
-    reason: str = _f(text)
-
-
-@message("app_point reply")
-class AppPointMade(Wire):
-    disks: tuple[AppPointDisk, ...] = _f(list_of(nested(AppPointDisk)))
-    warnings: tuple[str, ...] = _f(list_of(text, 256))
-
-
-# ---- admin -> process server -----------------------------------------------------------------------
-
-# What the CLI reads from each status disk (admin.cli.format_status, cmd_pause). Lenient on purpose: text
-# rather than names, so a disk registered before names were checked can still be shown (and repaired).
-_STATUS_DISK = record(
-    {
-        "machine": text,
-        "disk": text,
-        "state": text,
-        "size": count,
-        "mt": optional(text),
-        "replica": optional(text),
-        "format": optional(text),
-        "progress": nonnegative,
-        "rate": nonnegative,
-        "eta_seconds": optional(nonnegative),
-        "compression_ratio": optional(nonnegative),
-        "bytes_received": count,
-        "bytes_wire": count,
-        "bytes_applied": count,
-        "backlog_records": count,
-        "backlog_bytes": count,
-        "error": optional(text),
-        "applying": text,
-        "alerts": list_of(text),
-    }
-)
-
-
-@message("status")
-class Status(Wire):
-    machine: str | None = _f(optional(name), None)
-
-
-@message("status reply")
-class StatusReply(Wire):
-    disks: tuple[dict[str, Any], ...] = _f(list_of(_STATUS_DISK))
-    cache_bytes: int = _f(count)
-    cache_quota: int = _f(count)
-    master_targets: tuple[str, ...] = _f(list_of(name))
-    rpo_threshold: float = _f(seconds)
-
-
-@message("machines")
-class Machines(Wire):
-    pass
-
-
-@message("machine")
-class MachineInfo(Wire):
-    name: str = _f(name)
-    role: str = _f(one_of(*ENROLL_ROLES))
-    enrolled_at: float = _f(time_)
-
-
-@message("machines reply")
-class MachineList(Wire):
-    machines: tuple[MachineInfo, ...] = _f(list_of(nested(MachineInfo)))
-
-
-@message("protect")
-class Protect(Wire):
-    machine: str = _f(name)
-    mt: str = _f(name)
-    format: str = _f(replica_format, "vmdk")
-    replica_dir: str | None = _f(optional(path), None)
-    replicas: dict[str, str] | None = _f(optional(map_of(name, path, MAX_REPLICAS)), None)  # disk name -> path
-    existing: bool = _f(boolean, False)
-
-
-@message("protected disk")
-class ProtectedDisk(Wire):
-    disk: str = _f(name)
-    replica: str = _f(path)
-
-
-@message("protect reply")
-class Protected(Wire):
-    disks: tuple[ProtectedDisk, ...] = _f(list_of(nested(ProtectedDisk)))
-
-
-@message("pause")
-class Pause(Wire):
-    machine: str = _f(name)
-
-
-@message("resume")
-class Resume(Wire):
-    machine: str = _f(name)
-
-
-@message("resync")
-class Resync(Wire):
-    machine: str = _f(name)
-    full: bool = _f(boolean, False)
-    disk: str | None = _f(optional(name), None)
-
-
-@message("resync reply")
-class ResyncRequested(Wire):
-    disks: tuple[str, ...] = _f(list_of(name))
-
-
-@message("points")
-class AdminPoints(Wire):
-    machine: str = _f(name)
-
-
-@message("points disk")
-class AdminPointsDisk(Wire):
-    """A master target's points reply with the disk's name as `disk` and its id as `disk_id`."""
-
-    disk: str = _f(name)
-    disk_id: int = _f(disk_id)
-    points: tuple[PointInfo, ...] = _f(list_of(nested(PointInfo)))
-    journal_bytes: int = _f(count)
-    applied_seq: int = _f(sequence)
-    alert: str = _f(text)
-    failover: FailoverInfo | None = _f(optional(nested(FailoverInfo)))
-
-
-@message("points reply")
-class AdminPointList(Wire):
-    machine: str = _f(name)
-    disks: tuple[AdminPointsDisk, ...] = _f(list_of(nested(AdminPointsDisk)))
-
-
-@message("failover")
-class AdminFailover(Wire):
-    machine: str = _f(name)
-    point: str | None = _f(optional(point_choice), None)
-    at: float | None = _f(optional(time_), None)
-
-    def _check(self) -> None:
-        if (self.point is None) == (self.at is None):
-            raise _Invalid("give exactly one of point and at")
-
-
-@message("failover disk")
-class AdminFailoverDisk(Wire):
-    disk: str = _f(name)
-    disk_id: int = _f(disk_id)
-    sequence: int = _f(sequence)
-    time: float = _f(time_)
-    replica: str = _f(path)
-    format: str = _f(replica_format)
-    bytes_written: int = _f(count)
-    seconds: float = _f(seconds)
-    consistency: str = _f(consistency)
-    tag: str = _f(tag)
-
-
-@message("failover reply")
-class AdminFailedOver(Wire):
-    machine: str = _f(name)
-    disks: tuple[AdminFailoverDisk, ...] = _f(list_of(nested(AdminFailoverDisk)))
-
-
-@message("commit")
-class AdminCommit(Wire):
-    machine: str = _f(name)
-
-
-@message("commit disk")
-class AdminCommitDisk(Wire):
-    disk: str = _f(name)
-    disk_id: int = _f(disk_id)
-    sequence: int = _f(sequence)
-    time: float = _f(stored_time)
-    replica: str = _f(path)
-
-
-@message("commit reply")
-class AdminCommitted(Wire):
-    machine: str = _f(name)
-    disks: tuple[AdminCommitDisk, ...] = _f(list_of(nested(AdminCommitDisk)))
-
-
-@message("test_failover")
-class AdminTestFailover(Wire):
-    machine: str = _f(name)
-    point: str | None = _f(optional(point_choice), None)
-    at: float | None = _f(optional(time_), None)
-    directory: str | None = _f(optional(path), None)
-
-    def _check(self) -> None:
-        if (self.point is None) == (self.at is None):
-            raise _Invalid("give exactly one of point and at")
-
-
-@message("test_failover disk")
-class AdminTestFailoverDisk(Wire):
-    disk: str = _f(name)
-    disk_id: int = _f(disk_id)
-    sequence: int = _f(sequence)
-    time: float = _f(time_)
-    path: str = _f(path)
-    format: str = _f(replica_format)
-    copy_seconds: float = _f(seconds)
-    undo_groups: int = _f(count)
-    bytes_undone: int = _f(count)
-    seconds: float = _f(seconds)
-    consistency: str = _f(consistency)
-    tag: str = _f(tag)
-
-
-@message("test_failover reply")
-class AdminTestFailedOver(Wire):
-    machine: str = _f(name)
-    disks: tuple[AdminTestFailoverDisk, ...] = _f(list_of(nested(AdminTestFailoverDisk)))
-
-
-@message("test_failover_cleanup")
-class AdminTestFailoverCleanup(Wire):
-    machine: str = _f(name)
-
-
-@message("test_failover_cleanup disk")
-class AdminCleanupDisk(Wire):
-    disk: str = _f(name)  # the process server replaces the master target's disk id by the name
-    removed: tuple[str, ...] = _f(list_of(path))
-
-
-@message("test_failover_cleanup reply")
-class AdminTestFailoverCleaned(Wire):
-    machine: str = _f(name)
-    disks: tuple[AdminCleanupDisk, ...] = _f(list_of(nested(AdminCleanupDisk)))
-
-
-@message("app_point")
-class AdminAppPoint(Wire):
-    machine: str = _f(name)
-    tag: str = _f(tag, "")
-
-
-@message("app_point reply")
-class AdminAppPointMade(Wire):
-    machine: str = _f(name)
-    disks: tuple[AppPointDisk, ...] = _f(list_of(nested(AppPointDisk)))
-    warnings: tuple[str, ...] = _f(list_of(text, 256))
-
-
-# ---- enroll -> process server ----------------------------------------------------------------------
-
-
-@message("ca")
-class Ca(Wire):
-    pass
-
-
-@message("ca reply")
-class CaCert(Wire):
-    ca_pem: str = _f(pem)
-
-
-@message("enroll")
-class Enroll(Wire):
-    name: str = _f(name)
-    role: str = _f(one_of(*ENROLL_ROLES))
-    passphrase: str = _f(passphrase)
-    csr: str = _f(pem)
-    replace: bool = _f(boolean, False)
-
-    def _check(self) -> None:
-        if self.name == "admin":
-            raise _Invalid("is reserved for the admin identity", ("name",))
-
-
-@message("enroll reply")
-class Enrolled(Wire):
-    cert_pem: str = _f(pem)
-    ca_pem: str = _f(pem)
-
-
-# ---- COMMIT meta ---------------------------------------------------------------------------------------
-
-
-@message("commit meta")
-class CommitMeta(Wire):
-    """The JSON meta of a COMMIT record (proto.messages.Commit.meta), as the agent writes it (kind
-    initial-complete: time; resync-complete: mode, reason, bytes_differing, time; point: consistency, time,
-    and tag and freeze_seconds for an app point) and as the master target's journal keeps it (kind batch,
-    and `first`, the group's first sequence).
-
-    `to_wire()` leaves out what is None. The seal of a received COMMIT covers its original bytes: verify
-    and store those, never a re-encoding of this object."""
-
-    OMIT_NONE = frozenset(
-        {"time", "consistency", "tag", "freeze_seconds", "mode", "reason", "bytes_differing", "first"}
-    )
-    generation: int = _f(generation)
-    kind: str = _f(one_of(*COMMIT_KINDS))
-    time: float | None = _f(optional(time_), None)
-    consistency: str | None = _f(optional(consistency), None)
-    tag: str | None = _f(optional(tag), None)
-    freeze_seconds: float | None = _f(optional(seconds), None)
-    mode: str | None = _f(optional(resync_mode), None)
-    reason: str | None = _f(optional(text), None)
-    bytes_differing: int | None = _f(optional(count), None)
-    first: int | None = _f(optional(sequence), None)
-
-    def _check(self) -> None:
-        if self.kind == "point" and (self.time is None or self.consistency is None):
-            raise _Invalid("a point needs a time and a consistency")
-
-    @classmethod
-    def from_commit(cls, meta: Any) -> CommitMeta:
-        """A peer's COMMIT meta; BadRequest("bad-commit") if invalid."""
-        return cls.from_wire(meta, "bad-commit")
+    """The process server to an agent or a master target: there is work for you now (no arguments)."""
 
 
 # ---- the table --------------------------------------------------------------------------------------
@@ -882,13 +215,13 @@ def parse_request(op: Any, args: Any, role: str, server: str | None = None) -> W
     want requests served elsewhere refused too. BadRequest: `unknown-request` (no such op, or not one
     `server` serves), `forbidden` (not one this role may send), `bad-input` (invalid args)."""
     if not isinstance(op, str) or op not in OP_NAMES:
-        raise BadRequest("unknown-request", f"unknown request {_show(op)}")
+        raise BadRequest(ErrorCode.UNKNOWN_REQUEST, f"unknown request {show(op)}")
     spec = OPS.get((op, role))
     if spec is None:
-        raise BadRequest("forbidden", f"{op}: not a request the {role} role may send")
+        raise BadRequest(ErrorCode.FORBIDDEN, f"{op}: not a request the {role} role may send")
     if server is not None and server not in spec.served_by:
-        raise BadRequest("unknown-request", f"{op}: not a request this {server} serves")
-    return spec.request.from_wire(args, "bad-input", op)
+        raise BadRequest(ErrorCode.UNKNOWN_REQUEST, f"{op}: not a request this {server} serves")
+    return spec.request.from_wire(args, ErrorCode.BAD_INPUT, op)
 
 
 def parse_reply(op: str, result: Any, role: str) -> Wire:
@@ -896,23 +229,24 @@ def parse_reply(op: str, result: Any, role: str) -> Wire:
     peer's result is invalid; LocalProtocolError if we have no such request (a bug)."""
     spec = OPS.get((op, role))
     if spec is None:
-        raise LocalProtocolError("unknown-request", f"no request {op!r} is sent by a {role}")
-    return spec.reply.from_wire(result, "bad-reply", f"{op} reply")
+        raise LocalProtocolError(ErrorCode.UNKNOWN_REQUEST, f"no request {op!r} is sent by a {role}")
+    return spec.reply.from_wire(result, ErrorCode.BAD_REPLY, f"{op} reply")
 
 
-# What the daemons use of proto.fields comes through here too: this module is the interface.
 __all__ = [
-    "BadRequest",
-    "CONSISTENCIES",
-    "InvalidMessage",
-    "MAX_TAG",
-    "OPS",
-    "REPLICA_FORMATS",
-    "RESYNC_MODES",
-    "ROLES",
-    "CommitMeta",
-    "Wire",
-    "parse_reply",
-    "parse_request",
-    "parse_subscribe",
+    "Empty", "OP_NAMES", "OPS", "OpSpec", "Wake", "parse_reply", "parse_request", "BadRequest", "InvalidMessage",
+    "Wire", "message", "CommitKind", "Consistency", "ErrorCode", "ReplicaFormat", "COMMIT_KINDS", "CONSISTENCIES",
+    "ENROLL_ROLES", "MAX_DISK_ID", "MAX_HASH_PARENTS", "MAX_ITEMS", "MAX_REPLICAS", "MAX_TAG", "REPLICA_FORMATS",
+    "RESYNC_MODES", "RESYNC_PHASES", "ROLES", "DiskOpen", "ResyncWanted", "DiskOpened", "DiskKey", "ResyncProgress",
+    "LastAppPoint", "AgentReport", "DiskReport", "DiskReported", "ResyncBegin", "ResyncBegun", "HashQuery",
+    "ResyncHashes", "SealedHashes", "AppPoint", "AppPointDisk", "AppPointMade", "Subscribe", "Assignment",
+    "Assignments", "parse_subscribe", "Pull", "Pulled", "FailoverStep", "FailoverInfo", "DiskHistory", "MTReport",
+    "RelayResyncHashes", "CheckReplica", "Points", "PointInfo", "PointList", "Failover", "FailedOver",
+    "FailoverCommit", "FailoverCommitted", "TestFailover", "TestFailedOver", "TestFailoverCleanup",
+    "TestFailoverCleaned", "Status", "StatusReply", "Machines", "MachineInfo", "MachineList", "Protect",
+    "ProtectedDisk", "Protected", "Pause", "Resume", "Resync", "ResyncRequested", "AdminPoints", "AdminPointsDisk",
+    "AdminPointList", "AdminFailover", "AdminFailoverDisk", "AdminFailedOver", "AdminCommit", "AdminCommitDisk",
+    "AdminCommitted", "AdminTestFailover", "AdminTestFailoverDisk", "AdminTestFailedOver",
+    "AdminTestFailoverCleanup", "AdminCleanupDisk", "AdminTestFailoverCleaned", "AdminAppPoint",
+    "AdminAppPointMade", "Ca", "CaCert", "Enroll", "Enrolled", "CommitMeta",
 ]
