@@ -42,8 +42,6 @@ KNOWN_LONG_MODULES: set[str] = {
     "standby.mastertarget.history",
     "standby.processserver.gate",
     "standby.processserver.server",
-    "standby.proto.fields",
-    "standby.proto.requests",
 }
 KNOWN_LONG_FUNCTIONS: set[str] = {
     "standby.agent.daemon:Agent.initial_replication",
