@@ -100,10 +100,6 @@ class SendWindow:
         self.next_seq = seq + 1
         await self.link.send(record)
 
-    @property
-    def in_flight(self) -> int:
-        return len(self.pending)
-
     # -- answers ------------------------------------------------------------------------------------
     async def settle(self, room: int = WINDOW) -> Refused | None:
         """Process answers until fewer than `room` records are in flight (room=1: until all are
@@ -150,8 +146,3 @@ class SendWindow:
         self.pending.clear()
         self.held.clear()
         return first
-
-    def drop_held(self) -> None:
-        """Forget held groups without putting them back: only for blocks another mechanism covers (a
-        resync that starts over hashes everything again)."""
-        self.held.clear()
