@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING, Any
 
 from standby.plumbing.errors import StandbyError
 
-from .delta import AppCut, CutOrder
+from .cuts import AppCut, CutOrder
 from .freeze import Freeze, FreezeError, Mount, ScriptFailed, mounts_on, run_script, syncfs
 
 if TYPE_CHECKING:
-    from .daemon import Agent
-    from .delta import Shipper
+    from .config import AgentConfig
+    from .replicated import Cutter, ReplicatedDisk
 
 log = logging.getLogger("standby.agent.appoint")
 MARKER = "freeze.json"  # in the state directory: what is frozen right now (see agent.freeze)
@@ -66,18 +66,27 @@ class AppPointBusy(AppPointFailed):
 
 
 class AppPoints:
-    """Makes app-consistent points for one agent: on demand (`make`) and on the schedule (`schedule`)."""
+    """Makes app-consistent points for one agent's disks: on demand (`make`, `answer`) and on the
+    schedule (`schedule`). Takes part whichever disk is in delta replication at the time (its `shipper`)."""
 
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
+    def __init__(self, cfg: AgentConfig, disks: list[ReplicatedDisk]) -> None:
+        self.cfg = cfg
+        self.disks = disks
         self.running: tuple[str, float] | None = None  # (tag, monotonic start) of the point being made
         self.last_done = time.monotonic()  # the schedule counts from agent start, then from each point
 
     @property
     def limit(self) -> float:
         """The most one point may take: both scripts, the flush epoch, the freeze and some slack."""
-        cfg = self.agent.cfg
+        cfg = self.cfg
         return 2 * cfg.script_timeout + FLUSH_TIMEOUT + cfg.freeze_timeout + SLACK
+
+    async def answer(self, tag: str = "") -> dict[str, Any]:
+        """Make an app-consistent point for the process server (the operator's `standby app-point`). The
+        tag was validated at the boundary (proto.requests); AppPointBusy/AppPointFailed carry their code."""
+        if len(tag) > MAX_TAG or not tag.isprintable():
+            raise AppPointFailed(f"a tag is printable text of at most {MAX_TAG} characters", "bad-input")
+        return await self.make(tag)
 
     async def make(self, tag: str) -> dict[str, Any]:
         """Make one point; returns {"disks": [...], "warnings": [...]} (see `_entry`)."""
@@ -100,8 +109,9 @@ class AppPoints:
             self.last_done = time.monotonic()
 
     async def _make(self, tag: str) -> dict[str, Any]:
-        cfg = self.agent.cfg
-        shippers = dict(self.agent.shippers)
+        cfg = self.cfg
+        # The disks in delta replication now: they take part in this point.
+        shippers = {rd.name: rd.shipper for rd in self.disks if rd.shipper is not None}
         if not shippers:
             raise AppPointFailed(
                 "no disk is in delta replication (initial replication, resync, or not connected): no point can be made"
@@ -110,8 +120,9 @@ class AppPoints:
         crash_reason = ""  # why the points can only be crash-consistent
         per_disk: dict[str, list[Mount]] = {}
         try:
-            for name, sh in shippers.items():
-                per_disk[name] = await asyncio.to_thread(mounts_on, [sh.d.cfg.path])
+            for rd in self.disks:
+                if rd.name in shippers:
+                    per_disk[rd.name] = await asyncio.to_thread(mounts_on, [rd.disk.cfg.path])
         except OSError as exc:
             crash_reason = f"cannot list the mounted file systems: {exc}"
             warnings.append(f"{crash_reason}; made crash-consistent points with the tag instead")
@@ -135,7 +146,7 @@ class AppPoints:
                 except ScriptFailed as exc:
                     warnings.append(str(exc))
         await asyncio.wait([o.outcome for o in orders.values()])  # each disk's COMMIT sent, or why not
-        disks = [self._entry(d.cfg.name, orders.get(d.cfg.name)) for d in self.agent.disks]
+        disks = [self._entry(rd.name, orders.get(rd.name)) for rd in self.disks]
         made = sum(1 for e in disks if e["consistency"] == "app-consistent")
         log.info("app-consistent point %r: %d of %d disk(s) app-consistent", tag, made, len(disks))
         for w in warnings:
@@ -145,7 +156,7 @@ class AppPoints:
     async def _cut(
         self,
         tag: str,
-        shippers: dict[str, Shipper],
+        shippers: dict[str, Cutter],
         per_disk: dict[str, list[Mount]],
         crash_reason: str,
         warnings: list[str],
@@ -153,7 +164,7 @@ class AppPoints:
         """Flush, freeze, order every disk's cut, keep frozen until their reads are done, thaw. Without a
         freeze (`crash_reason`, or the freeze fails) the cuts are ordered all the same: tagged
         crash-consistent points."""
-        cfg = self.agent.cfg
+        cfg = self.cfg
         mounts = list({m.dev: m for ms in per_disk.values() for m in ms}.values())
         thawed: asyncio.Future[float | None] = asyncio.get_running_loop().create_future()
         fz: Freeze | None = None
@@ -190,7 +201,7 @@ class AppPoints:
                 )
         return orders
 
-    async def _flush(self, mounts: list[Mount], shippers: list[Shipper], warnings: list[str]) -> None:
+    async def _flush(self, mounts: list[Mount], shippers: list[Cutter], warnings: list[str]) -> None:
         """syncfs, then an early cut so that what the flush wrote is shipped before the freeze."""
         for m in mounts:
             try:
@@ -201,7 +212,7 @@ class AppPoints:
             await _all_set([sh.order_cut().reads_done for sh in shippers], FLUSH_TIMEOUT)
 
     def _lesser(self, mounts: list[Mount]) -> str:
-        if mounts or self.agent.cfg.pre_script is not None:
+        if mounts or self.cfg.pre_script is not None:
             return ""
         return "no mounted file system on the disk and no pre_script: nothing was quiesced"
 
@@ -225,7 +236,7 @@ class AppPoints:
         from the last point made by any means (at first from agent start: no freeze while the machine is
         still booting), so an operator's point also resets it. A due point waits for a disk in delta
         replication."""
-        every = self.agent.cfg.app_consistent_every
+        every = self.cfg.app_consistent_every
         if not every:
             return
         while True:
@@ -233,7 +244,7 @@ class AppPoints:
             if wait > 0:
                 await asyncio.sleep(min(wait, SCHEDULE_CHECK))
                 continue
-            if self.running is not None or not self.agent.shippers:
+            if self.running is not None or all(rd.shipper is None for rd in self.disks):
                 await asyncio.sleep(SCHEDULE_CHECK)
                 continue
             try:

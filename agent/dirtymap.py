@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 PAGE_BLOCKS = 1 << 15  # bits per page (4 KiB of bitmap, 128 MiB of disk at 4 KiB granularity)
-_PAGE_BYTES = PAGE_BLOCKS // 8
 _FULL = (1 << PAGE_BLOCKS) - 1
 
 

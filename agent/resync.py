@@ -28,6 +28,7 @@ from standby.proto.envelope import open_hashes
 from standby.proto.messages import BatchKind
 
 from .dirtymap import DirtyMap, split_extents
+from .replicated import Progress
 from .window import WINDOW
 
 if TYPE_CHECKING:
@@ -44,44 +45,13 @@ class HashingStopped(Exception):
     """The resync that asked for these hashes has ended."""
 
 
-class Progress:
-    """What status shows while a resync runs."""
-
-    def __init__(self, mode: str, reason: str, size: int) -> None:
-        self.mode = mode
-        self.reason = reason
-        self.phase = "waiting"
-        self.total = size
-        self.done = 0
-        self.bytes_differing = 0
-        self.bytes_shipped = 0
-        self.hash_bytes = 0  # hash bytes received from the master target
-        self.started = time.time()
-        self.finished: float | None = None
-
-    def report(self) -> dict[str, object]:
-        el = (self.finished or time.time()) - self.started
-        rate = self.done / el if el > 0 else 0.0
-        return {
-            "mode": self.mode,
-            "reason": self.reason,
-            "phase": self.phase,
-            "progress": self.done / self.total if self.total else 1.0,
-            "eta_seconds": (self.total - self.done) / rate if rate > 0 else None,
-            "bytes_differing": self.bytes_differing,
-            "bytes_shipped": self.bytes_shipped,
-            "hash_bytes": self.hash_bytes,
-            "elapsed": el,
-        }
-
-
 async def resync(sh: Shipper, gen: int, seq: int, mode: str, reason: str) -> tuple[int, int]:
     """Run one resync; returns (new generation, next sequence). Raises on connection loss (the caller
     starts it again at the next connection: the reason is kept until a resync completes)."""
     d, tr, link = sh.d, sh.tracking, sh.link
     name = d.cfg.name
     prog = Progress(mode, reason, tr.size)
-    sh.agent.resync_progress[name] = prog
+    sh.rd.resync_progress = prog
     # Everything sent before must be stored first, so the master target hashes a replica that has it.
     while (restart := await sh.settle(1)) is not None:
         seq = restart
@@ -99,7 +69,7 @@ async def resync(sh: Shipper, gen: int, seq: int, mode: str, reason: str) -> tup
     prog.phase = "shipping"
     prog.done = 0
     prog.total = sum(n for _, n in extents) or 1
-    batch_size = sh.agent.cfg.batch_size
+    batch_size = sh.rd.cfg.batch_size
     win = sh.window
     win.hold(split_extents(extents, batch_size))
     meta = {
@@ -127,7 +97,7 @@ async def resync(sh: Shipper, gen: int, seq: int, mode: str, reason: str) -> tup
                 seq, refused = restart, True
                 break
         if not refused:
-            await win.send(seq, sh.agent.make_commit(d, seq, {**meta, "time": time.time()}))
+            await win.send(seq, sh.rd.make_commit(seq, {**meta, "time": time.time()}))
             seq += 1
             restart = await sh.settle(1)
             if restart is None:

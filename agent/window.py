@@ -28,12 +28,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from standby.proto.messages import Ack, Busy
 
 if TYPE_CHECKING:
-    from .daemon import LocalDisk
     from .dirtymap import DirtyMap
 
 # Records in flight per disk: enough to keep the network and the server's fsync busy, bounded so the
@@ -41,6 +40,13 @@ if TYPE_CHECKING:
 WINDOW = 8
 
 Extents = list[tuple[int, int]]
+
+
+class Answers(Protocol):
+    """Where the connection's read loop delivers the ACK or BUSY of a disk's record, by sequence
+    (agent.disk.LocalDisk.acks)."""
+
+    acks: dict[int, asyncio.Future[Ack | Busy]]
 
 
 @dataclass(eq=False)
@@ -68,7 +74,7 @@ class SendWindow:
     current dirty map, which a resync may replace); None where blocks are not tracked (the initial copy
     resumes from the acknowledged cursor instead)."""
 
-    disk: LocalDisk
+    disk: Answers
     link: Any  # plumbing.link.Link (or a test double with `async send(record)`)
     dirty: Callable[[], DirtyMap] | None = None
     held: deque[Extents] = field(default_factory=deque)
@@ -99,10 +105,6 @@ class SendWindow:
         self.pending.append(Pending(seq, list(extents or ()), fut, tag))
         self.next_seq = seq + 1
         await self.link.send(record)
-
-    @property
-    def in_flight(self) -> int:
-        return len(self.pending)
 
     # -- answers ------------------------------------------------------------------------------------
     async def settle(self, room: int = WINDOW) -> Refused | None:
@@ -150,8 +152,3 @@ class SendWindow:
         self.pending.clear()
         self.held.clear()
         return first
-
-    def drop_held(self) -> None:
-        """Forget held groups without putting them back: only for blocks another mechanism covers (a
-        resync that starts over hashes everything again)."""
-        self.held.clear()

@@ -1,11 +1,10 @@
-"""The proof behind a crash-consistent point (agent.delta.Tracking), driven by a scripted tracker: which
+"""The proof behind a crash-consistent point (agent.tracking.Tracking), driven by a scripted tracker: which
 epochs may be points, which may not; and app-consistent points through a Shipper on a fake link. The
 end-to-end check against real writes is in tests/integration/test_delta.py (write-order records)."""
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -17,10 +16,13 @@ import pytest
 from standby.agent import appoint
 from standby.agent.appoint import AppPointBusy, AppPointFailed, AppPoints
 from standby.agent.config import AgentConfig, DiskConfig
-from standby.agent.daemon import Agent, LocalDisk
-from standby.agent.delta import AppCut, DeltaStats, Shipper, Tracking
+from standby.agent.cuts import AppCut
+from standby.agent.delta import Shipper
+from standby.agent.disk import LocalDisk
 from standby.agent.reader import disk_size
+from standby.agent.replicated import ReplicatedDisk
 from standby.agent.tracker.base import TrackingLost
+from standby.agent.tracking import Tracking
 from standby.plumbing.serve import serve_request
 from standby.proto.messages import Ack, Commit, Reply, Request
 
@@ -260,20 +262,6 @@ class FakeBuilder:
         return SimpleNamespace(disk=1, sequence=sequence, logical_bytes=sum(len(p) for _, p in pieces))
 
 
-class FakeAgent:
-    """What Shipper and AppPoints use of an Agent (a real one needs an enrolled identity)."""
-
-    make_commit = Agent.make_commit  # uses only the disk's key and ids
-
-    def __init__(self, cfg: AgentConfig, disks: list[LocalDisk]) -> None:
-        self.cfg = cfg
-        self.disks = disks
-        self.delta_stats = {d.cfg.name: DeltaStats() for d in disks}
-        self.resync_wanted: dict[str, tuple[str, str]] = {}
-        self.shippers: dict[str, Shipper] = {}
-        self.app_points = AppPoints(self)  # type: ignore[arg-type]
-
-
 def script(path: Path, body: str) -> Path:
     path.write_text("#!/bin/sh\n" + body + "\n")
     path.chmod(0o755)
@@ -293,10 +281,12 @@ class Harness:
         self.disk = LocalDisk(DiskConfig("d0", disk_path), uuid.uuid4(), bytes(32), id=1)
         self.tracker = tracker or ScriptedTracker()
         self.tracking = Tracking(self.disk, self.tracker, disk_size(disk_path))
-        self.agent = FakeAgent(self.cfg, [self.disk])
+        # What the agent gives its workers: the disk's own object, and the coordinator over all (one) disks.
+        self.rd = ReplicatedDisk(self.disk, self.cfg, tracking=self.tracking)
+        self.app_points = AppPoints(self.cfg, [self.rd])
         self.link = FakeLink(self.disk)
         self.builder = FakeBuilder(self.tracker)
-        self.shipper = Shipper(self.agent, self.link, self.disk, self.tracking, self.builder)  # type: ignore[arg-type]
+        self.shipper = Shipper(self.rd, self.link, self.builder)  # type: ignore[arg-type]
 
     async def app_point(self, tag: str) -> dict[str, Any]:
         task = asyncio.create_task(self.shipper.run(0, 1))
@@ -304,10 +294,10 @@ class Harness:
         poller = asyncio.create_task(self.tracking.run(poll))  # as the agent does: the ring never fills
         try:
             for _ in range(100):
-                if self.agent.shippers:
+                if self.rd.shipper is not None:
                     break
                 await asyncio.sleep(0.01)
-            return await self.agent.app_points.make(tag)
+            return await self.app_points.make(tag)
         finally:
             poll.set()
             task.cancel()
@@ -332,7 +322,7 @@ def test_an_app_cut_commits_an_app_consistent_point_with_tag_and_freeze_time(tmp
     assert meta["freeze_seconds"] == entry["freeze_seconds"] and meta["time"] == entry["time"]
     assert h.builder.reads == [[(0, 4096)]]  # the block dirty before the cut is in the point's epoch
     assert log.read_text().split("\n")[:2] == ["pre nightly", "post nightly"]
-    st = h.agent.delta_stats["d0"]
+    st = h.rd.stats
     assert st.app_points == 1 and st.last_app_point == {
         "time": meta["time"],
         "freeze_seconds": meta["freeze_seconds"],
@@ -359,7 +349,7 @@ def test_a_failing_pre_script_gives_a_tagged_crash_consistent_point_and_a_warnin
     assert "freeze_seconds" not in commit.meta
     assert frozen == []  # nothing was frozen
     assert log.read_text() == "post\n"  # the application is released even so
-    assert h.agent.delta_stats["d0"].app_points == 0
+    assert h.rd.stats.app_points == 0
 
 
 def test_a_raw_write_after_the_cut_before_the_read_makes_no_point(tmp_path):
@@ -409,9 +399,9 @@ def test_one_app_point_at_a_time_and_none_without_delta_replication(tmp_path):
     async def two() -> list[Any]:
         task = asyncio.create_task(h.shipper.run(0, 1))
         await asyncio.sleep(0.02)
-        first = asyncio.create_task(h.agent.app_points.make("a"))
+        first = asyncio.create_task(h.app_points.make("a"))
         await asyncio.sleep(0.1)
-        second = await asyncio.gather(h.agent.app_points.make("b"), return_exceptions=True)
+        second = await asyncio.gather(h.app_points.make("b"), return_exceptions=True)
         out = [await first, *second]
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -421,7 +411,7 @@ def test_one_app_point_at_a_time_and_none_without_delta_replication(tmp_path):
     assert first["disks"][0]["consistency"] == "app-consistent"
     assert isinstance(second, AppPointBusy) and "already being made" in str(second)
     with pytest.raises(AppPointFailed, match="no disk is in delta replication"):
-        asyncio.run(h.agent.app_points.make("c"))
+        asyncio.run(h.app_points.make("c"))
 
 
 def test_the_agent_answers_app_point_requests(tmp_path):
@@ -432,8 +422,8 @@ def test_the_agent_answers_app_point_requests(tmp_path):
     async def ask(args: dict[str, Any], shipping: bool = True) -> Reply:
         task = asyncio.create_task(h.shipper.run(0, 1)) if shipping else None
         await asyncio.sleep(0.02)
-        handler = functools.partial(Agent.answer_app_point, h.agent)  # type: ignore[arg-type]
-        await serve_request(out, Request(7, "app_point", args), "ps", "agent", handler)  # type: ignore[arg-type]
+        # The handler the agent's read loop serves app_point with (agent.daemon.Agent.read_loop).
+        await serve_request(out, Request(7, "app_point", args), "ps", "agent", h.app_points.answer)  # type: ignore[arg-type]
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -453,7 +443,7 @@ def test_the_schedule_makes_tagged_points(tmp_path):
 
     async def run() -> None:
         task = asyncio.create_task(h.shipper.run(0, 1))
-        sched = asyncio.create_task(h.agent.app_points.schedule())
+        sched = asyncio.create_task(h.app_points.schedule())
         for _ in range(300):
             if len(h.link.commits()) >= 2:
                 break

@@ -19,15 +19,8 @@ from pathlib import Path
 import pytest
 
 from standby.agent.tracker.base import TrackingLost
-from standby.agent.tracker.tracefs import (
-    MISSED_EVENTS,
-    MISSED_STORED,
-    EventLayout,
-    HeaderLayout,
-    PageParser,
-    TracefsTracker,
-    available,
-)
+from standby.agent.tracker.ringbuffer import MISSED_EVENTS, MISSED_STORED, EventLayout, HeaderLayout, PageParser
+from standby.agent.tracker.tracefs import TracefsTracker, available
 
 from ..conftest import LOOP_OK
 

@@ -25,13 +25,15 @@ from typing import Any
 import pytest
 
 from standby.agent.config import AgentConfig, DiskConfig
-from standby.agent.daemon import LocalDisk
-from standby.agent.delta import Shipper, Tracking
+from standby.agent.delta import Shipper
 from standby.agent.dirtymap import DirtyMap
+from standby.agent.disk import LocalDisk
+from standby.agent.replicated import ReplicatedDisk
+from standby.agent.tracking import Tracking
 from standby.agent.window import SendWindow
 from standby.plumbing.link import LinkClosed
 from standby.proto.messages import Ack, Busy, Commit
-from tests.agent.test_delta_points import FakeAgent, ScriptedTracker
+from tests.agent.test_delta_points import ScriptedTracker
 
 BLOCK = 4096
 BLOCKS = 256
@@ -213,15 +215,16 @@ class ModelServer:
             asyncio.get_running_loop().call_later(0.0005, lambda: fut.done() or self.closed or fut.set_result(reply))
 
 
-async def replicate(model: Model, tr: Tracking, d: LocalDisk, agent: FakeAgent, stop: asyncio.Event) -> int:
+async def replicate(model: Model, rd: ReplicatedDisk, stop: asyncio.Event) -> int:
     """Sessions until `stop`: each a Shipper over a new connection, ended by a reset or a cancellation;
     what the agent daemon does around a session is reproduced (put_back in a finally, sequence from the
     server at the next connection)."""
     sessions = 0
+    d = rd.disk
     while not stop.is_set():
         sessions += 1
         link = ModelServer(model, d)
-        sh = Shipper(agent, link, d, tr, ModelBuilder(model))  # type: ignore[arg-type]
+        sh = Shipper(rd, link, ModelBuilder(model))  # type: ignore[arg-type]
         task = asyncio.ensure_future(sh.run(1, model.expect))
         stopper = asyncio.ensure_future(stop.wait())
         limit = asyncio.ensure_future(asyncio.sleep(model.rng.uniform(0.001, 0.05)))
@@ -245,13 +248,13 @@ def test_no_block_is_forgotten_under_resets_refusals_and_cancellations(tmp_path:
     d = disk()
     tr = Tracking(d, tracker, SIZE)
     cfg = AgentConfig(tmp_path, "m1", "127.0.0.1", 9443, cut_interval=0.002, batch_size=4 * BLOCK)
-    agent = FakeAgent(cfg, [d])
+    rd = ReplicatedDisk(d, cfg, tracking=tr)
 
     async def main() -> int:
         stop = asyncio.Event()
         poll_stop = asyncio.Event()
         poller = asyncio.ensure_future(tr.run(poll_stop))
-        runner = asyncio.ensure_future(replicate(model, tr, d, agent, stop))
+        runner = asyncio.ensure_future(replicate(model, rd, stop))
         for _ in range(200):  # churn with faults
             model.write_some()
             await asyncio.sleep(0.001)
