@@ -100,7 +100,7 @@ def cmd_add_disk(args: argparse.Namespace) -> int:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    from .daemon import trace_instance
+    from .disk import trace_instance
     from .tracker.tracefs import remove_stale
 
     if not (args.dir / "agent.toml").exists():

@@ -46,7 +46,7 @@ from standby.proto.messages import Ack, Busy, Reply, Request
 from .appoint import MARKER, AppPoints
 from .config import AgentConfig
 from .delta import DiskResized, Shipper
-from .disk import LocalDisk, trace_instance  # noqa: F401  (trace_instance: admin.localdeploy imports it here)
+from .disk import LocalDisk
 from .freeze import thaw_leftover
 from .initial import initial_replication
 from .reader import disk_size

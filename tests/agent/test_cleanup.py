@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from standby.agent.daemon import trace_instance
+from standby.agent.disk import trace_instance
 from standby.agent.tracker.tracefs import available
 from standby.plumbing.errors import EXIT_BAD_INPUT, EXIT_FAILED
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from standby.agent.daemon import trace_instance
+from standby.agent.disk import trace_instance
 from standby.agent.tracker.tracefs import available
 from tests.conftest import needs_loop
 
