@@ -55,11 +55,11 @@ from standby.agent.config import DEFAULT_LEVEL
 from standby.agent.dirtymap import DirtyMap, split_extents
 from standby.agent.reader import BatchBuilder
 from standby.mastertarget.apply import Applier
-from standby.mastertarget.daemon import DiskWorker
 from standby.mastertarget.diskstate import ReplicaState
 from standby.mastertarget.history import DiskJournal
 from standby.mastertarget.recovery import FailoverState, RedoLog, copy_replica, move, undo_into
 from standby.mastertarget.replicas import Replica, open_replica
+from standby.mastertarget.worker import DiskWorker
 from standby.plumbing.config import parse_size
 from standby.proto.envelope import Sealer
 from standby.proto.messages import Batch, BatchKind, Commit, meta_bytes

@@ -399,17 +399,17 @@ def test_point_is_recorded_only_while_the_replica_is_a_faithful_copy(env: Env, s
     import asyncio
     from types import SimpleNamespace
 
-    from standby.mastertarget.daemon import DiskWorker
     from standby.mastertarget.diskstate import ReplicaState
     from standby.mastertarget.history import DiskJournal
+    from standby.mastertarget.worker import DiskWorker
     from standby.proto.envelope import Sealer
     from standby.proto.messages import Ack, Commit, meta_bytes
 
     st = ReplicaState(DISK, "m", "d", "u", SIZE, "raw", str(env.replica_path), 1, GEN, state)
-    mt = SimpleNamespace(cfg=SimpleNamespace(disks_dir=env.root))
+    host = SimpleNamespace(disks_dir=env.root)
     journal = DiskJournal(env.root / "retention", DISK, KEY, UID)
     assert journal.open() is None
-    worker = DiskWorker(mt, st, env.applier, journal)  # type: ignore[arg-type]
+    worker = DiskWorker(host, st, env.applier, journal)  # type: ignore[arg-type]
     meta = {"generation": GEN, "kind": "point", "consistency": "crash-consistent", "time": 1_800_000_001.0}
     point = Commit(DISK, 2, meta, Sealer(KEY, UID).seal_batch(GEN, 2, meta_bytes(meta)))
     sent: list[object] = []

@@ -494,13 +494,13 @@ def test_making_room_drops_the_oldest_points_first_and_all_history_as_a_last_res
     replication goes on."""
     from types import SimpleNamespace
 
-    from standby.mastertarget.operations import drop_history, drop_oldest, oldest_droppable
+    from standby.mastertarget.disk import RetentionMarks
+    from standby.mastertarget.upkeep import drop_history, drop_oldest, oldest_droppable
 
     sim = Sim(tmp_path, 5, seg_max=16 << 10)
     for _ in range(30):
         sim.group(kind="point")
-    w = SimpleNamespace(journal=sim.journal, state=SimpleNamespace(machine="m", name="d"), retention_alert="",
-                        retention_alert_at=0.0)
+    w = SimpleNamespace(journal=sim.journal, state=SimpleNamespace(machine="m", name="d"), retention=RetentionMarks())
     pts = [g.last for g in sim.journal.points()]
     found = oldest_droppable(w)
     assert found is not None
@@ -509,7 +509,7 @@ def test_making_room_drops_the_oldest_points_first_and_all_history_as_a_last_res
     after = [g.last for g in sim.journal.points()]
     assert freed == before - sim.journal.bytes > 0
     assert after == pts[len(pts) - len(after):] and len(after) < len(pts)  # the oldest went, the newest stayed
-    assert "removed the" in w.retention_alert
+    assert "removed the" in w.retention.alert
     check_restorable(sim)
     while (found := oldest_droppable(w)) is not None:
         drop_oldest(w, found[1])
@@ -517,7 +517,7 @@ def test_making_room_drops_the_oldest_points_first_and_all_history_as_a_last_res
     for _ in range(20):  # a long stretch of groups without a point after the newest one
         sim.group(kind="batch")
     assert drop_history(w) > 0 and sim.journal.bytes == 0 and sim.journal.points() == []
-    assert "all history of the disk was removed" in w.retention_alert
+    assert "all history of the disk was removed" in w.retention.alert
     sim.group(kind="point")  # history starts again
     assert len(sim.journal.points()) == 1
     sim.close()
