@@ -32,8 +32,8 @@ from .apply import Applier
 from .config import MTConfig
 from .disk import NotOpen
 from .diskstate import Point, ReplicaState
-from .history import DiskJournal
-from .journal import JournalError
+from .journal import DiskJournal
+from .journal_codec import JournalError
 from .operations import HANDLERS, OpError
 from .placement import check_replica
 from .recovery import FailoverState, move, replica_writer
@@ -58,6 +58,9 @@ def segment_size_for(configured: int, volume_bytes: int) -> int:
 
 
 class MasterTarget:
+    """The daemon: one session with the process server at a time, the open disks' workers, and what the
+    workers (`worker.WorkerHost`) and the operations (`disk.Disks`) need of it."""
+
     def __init__(self, cfg: MTConfig) -> None:
         self.cfg = cfg
         try:

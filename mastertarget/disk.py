@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .diskstate import ReplicaState
-from .history import DiskJournal
+from .journal import DiskJournal
 from .replicas import Replica
 from .retention import Policy
 

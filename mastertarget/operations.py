@@ -20,7 +20,7 @@ from standby.plumbing.durable import load_json, save_json
 
 from .disk import Disk, Disks, NotOpen
 from .diskstate import Point
-from .journal import JournalError
+from .journal_codec import JournalError
 from .recovery import FailoverState, commit, copy_replica, elapsed, move, test_failover_path, undo_into
 from .replicas import ReplicaError
 from .upkeep import point_list

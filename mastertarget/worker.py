@@ -22,8 +22,8 @@ from standby.proto.messages import Ack, Batch, Commit, Reject
 from .apply import Applier, BadCommit
 from .disk import RetentionMarks
 from .diskstate import Point, ReplicaState
-from .history import DiskJournal
-from .journal import JournalError
+from .journal import DiskJournal
+from .journal_codec import JournalError
 from .recovery import replica_writer
 from .replicas import Replica, ReplicaError, open_replica
 from .replicas.resize import resize_replica

@@ -408,7 +408,7 @@ def test_point_is_recorded_only_while_the_replica_is_a_faithful_copy(env: Env, s
     from types import SimpleNamespace
 
     from standby.mastertarget.diskstate import ReplicaState
-    from standby.mastertarget.history import DiskJournal
+    from standby.mastertarget.journal import DiskJournal
     from standby.mastertarget.worker import DiskWorker
     from standby.proto.envelope import Sealer
     from standby.proto.messages import Ack, Commit, meta_bytes

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from standby.mastertarget import recovery
-from standby.mastertarget.history import DiskJournal
-from standby.mastertarget.journal import JournalError, UndoRecord
+from standby.mastertarget.journal import DiskJournal
+from standby.mastertarget.journal_codec import JournalError, UndoRecord
 from standby.mastertarget.recovery import FailoverState, RedoLog, commit, copy_replica, move, undo_into
 from standby.mastertarget.replicas import Replica, ReplicaError, open_replica
-from tests.mastertarget.test_history import Sim, check_files, check_model, check_restorable, snapshot
+from tests.mastertarget.test_journal import Sim, check_files, check_model, check_restorable, snapshot
 
 Writer = Callable[[int, bytes | None, int], None]
 
@@ -385,7 +385,7 @@ def random_span(sim: Sim, n: int) -> list[tuple[int, bytes | None, int]]:
 
 
 def test_a_group_over_the_frame_limit_is_journaled_in_parts_restored_and_rolled_back(tmp_path: Path) -> None:
-    from standby.mastertarget.history import UNDO_PART
+    from standby.mastertarget.journal import UNDO_PART
     from standby.proto.frames import MAX_PAYLOAD, scan_records
 
     sim = big_sim(tmp_path)
@@ -458,13 +458,13 @@ def test_an_undo_that_cannot_be_written_is_discarded_and_the_group_retried(tmp_p
     """A full retention volume in the middle of a group's UNDO parts (found by the small-volume fault
     test): the parts written so far are cut off and the group can be journaled again, instead of every
     retry failing with 'undo while the undo is open'."""
-    from standby.mastertarget import history
+    from standby.mastertarget import journal
 
     sim = big_sim(tmp_path, size=64 << 20)
     sim.group(random_span(sim, 8 << 20), kind="point")
     writes = random_span(sim, 40 << 20)
     ranges = [(o, n) for o, _, n in writes]
-    real = history.encode_undo
+    real = journal.encode_undo
     calls = {"n": 0}
 
     def failing(*a, **k):  # the third part finds the volume full
@@ -473,13 +473,13 @@ def test_an_undo_that_cannot_be_written_is_discarded_and_the_group_retried(tmp_p
             raise OSError(28, "No space left on device")
         return real(*a, **k)
 
-    monkeypatch.setattr(history, "encode_undo", failing)
+    monkeypatch.setattr(journal, "encode_undo", failing)
     size_before = sim.journal.bytes
     with pytest.raises(OSError):
         sim.journal.write_undo_ranges(sim.next_seq, 2, ranges, sim.replica.read)
     sim.journal.discard_undo()
     assert sim.journal.bytes == size_before
-    monkeypatch.setattr(history, "encode_undo", real)
+    monkeypatch.setattr(journal, "encode_undo", real)
     first = sim.next_seq
     sim.journal.write_undo_ranges(first, 2, ranges, sim.replica.read)  # tried again: works
     sim.write(writes)
