@@ -160,13 +160,13 @@ class DiskWorker:
     async def verify(self, msgs: list[Record]) -> tuple[list[Verified], tuple[Record, BaseException] | None]:
         """The records that passed verification up to the first that did not, and that one with its error."""
 
-        def verify(m: Record) -> list[bytes | None] | None:
+        def check(m: Record) -> list[bytes | None] | None:
             if isinstance(m, Batch):
                 return self.applier.verify_batch(m)
             self.applier.verify_commit(m)
             return None
 
-        results = await asyncio.gather(*(asyncio.to_thread(verify, m) for m in msgs), return_exceptions=True)
+        results = await asyncio.gather(*(asyncio.to_thread(check, m) for m in msgs), return_exceptions=True)
         good: list[Verified] = []
         for m, r in zip(msgs, results, strict=True):
             if isinstance(r, BaseException):
