@@ -48,18 +48,18 @@ from typing import Any
 
 from churn import RESULTS, code_state, machine_facts, now_utc, sigterm_as_interrupt, write_result
 
-import standby.mastertarget.history as mt_history
+import standby.mastertarget.journal as mt_history
 import standby.mastertarget.recovery as mt_recovery
 from standby.admin.testdisk import PATTERN, REGION, make_test_disk
 from standby.agent.config import DEFAULT_LEVEL
 from standby.agent.dirtymap import DirtyMap, split_extents
 from standby.agent.reader import BatchBuilder
 from standby.mastertarget.apply import Applier
-from standby.mastertarget.daemon import DiskWorker
 from standby.mastertarget.diskstate import ReplicaState
-from standby.mastertarget.history import DiskJournal
+from standby.mastertarget.journal import DiskJournal
 from standby.mastertarget.recovery import FailoverState, RedoLog, copy_replica, move, undo_into
 from standby.mastertarget.replicas import Replica, open_replica
+from standby.mastertarget.worker import DiskWorker
 from standby.plumbing.config import parse_size
 from standby.proto.envelope import Sealer
 from standby.proto.messages import Batch, BatchKind, Commit, meta_bytes

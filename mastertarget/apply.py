@@ -46,12 +46,6 @@ class Applier:
             self.write_verified(b, plains)
         self.replica.sync()
 
-    def apply_batch(self, b: Batch) -> int:
-        """Verify all, write all, sync. Returns the logical bytes written."""
-        plains = self.verify_batch(b)
-        self.write_group([(b, plains)])
-        return b.logical_bytes
-
     def verify_commit(self, c: Commit) -> None:
         self.opener.check_batch(c.generation, c.sequence, c.meta_bytes(), c.seal)
         try:

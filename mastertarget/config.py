@@ -25,7 +25,7 @@ from typing import Any
 from standby.plumbing.config import ClientConfig, load_client_toml, parse_size
 from standby.plumbing.errors import BadInput, NotStarted
 
-from .history import SEGMENT_MAX
+from .journal import SEGMENT_MAX
 from .retention import Policy, Tier
 
 DEFAULT_DIR = Path("/var/lib/standby/mt")

@@ -1,187 +1,442 @@
-"""Retention-journal records: pure encoding, decoding and scanning, no file I/O (the files are
-mastertarget.history's).
+"""A disk's retention journal on the retention volume: the files, the write order, rollback (promise 5).
 
-Records are the self-verifying frames of proto.frames (as in the process server's cache), with frame
-types of their own that are only ever stored, never sent:
+Layout: ``<retention dir>/<disk uid>/seg-<first sequence>.jrn``, segment files of journal records
+(mastertarget.journal_codec; how the segments are indexed: mastertarget.segments). Each applied *group*
+of records (batches up to and including a commit) leaves:
 
-    0x40 UNDO    stream = disk id, sequence = the batch's sequence
-                 payload: generation u32 | extent count u32 | table (offset u64, length u32, stored u32,
-                 kind u8, pad 3) | table seal 28 B | sealed old contents, back to back
-                 The *old* contents of the blocks the batch overwrites, read from the replica before it is
-                 written: compressed and encrypted with the disk's key under the UNDO domain
-                 (envelope.UNDO), so an undo ciphertext can never pass as a batch extent or back.
-                 Old contents that were zeros travel as zero extents (no bytes).
-    0x41 COMMIT  stream = disk id, sequence = the batch's sequence
-                 payload: canonical JSON {generation, kind, time, consistency, tag}; written after the
-                 replica is synced: an UNDO without its COMMIT is a batch to roll back at start-up.
-    0x42 REDO    as UNDO, under the REDO domain: during a failover, the contents a rollback is about to
-                 overwrite, so the operator can move to a newer point again before committing.
-                 stream = disk id, sequence = the step's starting state, generation field = part number
-    0x43 MOVE    JSON {src, dst, parts}: a backward step of a failover, followed by its `parts` REDO records
+    UNDO…  (sequence = the group's first)  old contents of every range the group overwrites, in one or more
+           UNDO records ("parts", each at most UNDO_PART bytes of contents, so every record stays within
+           the frame limit whatever the group's size) — appended, then fsynced once, *before* the replica
+           is written;
+    COMMIT (sequence = the group's last)   {generation, kind, first, time, consistency, tag} — appended and
+           fsynced *after* the replica is synced.
+
+A group without batches (an idle epoch's point) has only its COMMIT. So at any instant the journal ends
+either with a COMMIT (the replica holds exactly the committed groups) or with UNDO parts without their
+COMMIT (the replica may hold part of that group): `open()` hands those parts back and `rollback_pending`
+writes them over the replica, syncs, and cuts them off. (A crash while the parts were being appended
+leaves some of them: the replica was not touched yet, and rolling them back is harmless.) Applying an
+undo record is idempotent (absolute writes of old contents), so a crash during rollback just rolls back
+again.
+
+The replica always holds the newest state; the state after group g is reached by applying the UNDO
+records of every group after g, newest first. Groups end at commits, so every recovery point is a group
+boundary. Segments rotate at group boundaries; pruning deletes whole segments that only older points
+needed.
 """
 
 from __future__ import annotations
 
-import json
-import struct
-from dataclasses import dataclass
+import logging
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
-from standby.proto.envelope import REDO, UNDO, Domain, Opener, Sealer, seal_pieces
-from standby.proto.errors import EnvelopeError, ProtocolError
-from standby.proto.frames import HEADER_SIZE, decode_header, encode_frame, scan_records
-from standby.proto.messages import MAX_BATCH_LOGICAL, SEAL_SIZE, ExtentKind, meta_bytes
+from standby.plumbing.durable import fsync_dir, truncate_synced, write_all, write_synced
+from standby.proto.frames import HEADER_SIZE
 
-UNDO_TYPE = 0x40
-COMMIT_TYPE = 0x41
-REDO_TYPE = 0x42
-MOVE_TYPE = 0x43
-_HEAD = struct.Struct(">II")
-_ENTRY = struct.Struct(">QIIBxxx")
+from .journal_codec import (
+    COMMIT_TYPE,
+    UNDO_TYPE,
+    JournalError,
+    UndoRecord,
+    decode_undo,
+    encode_commit,
+    encode_undo,
+    scan,
+    undo_opener,
+    undo_sealer,
+    undo_table,
+)
+from .retention import APP, CRASH
+from .retention import Point as RPoint
+from .segments import Group, Pending, Segment, read_segment
 
-
-class JournalError(Exception):
-    """A journal record is malformed or fails authentication."""
-
-
-@dataclass(frozen=True, slots=True)
-class UndoRecord:
-    disk: int
-    sequence: int
-    generation: int
-    extents: tuple[tuple[int, bytes | None], ...]  # (offset, old contents) or (offset, None) + length below
-    lengths: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class CommitRecord:
-    disk: int
-    sequence: int
-    meta: dict[str, Any]
+log = logging.getLogger("standby.mt.history")
+SEGMENT_MAX = 64 << 20  # a new segment file after this many bytes (at a group boundary)
+PIECE_MAX = 8 << 20  # old contents are read and sealed in pieces of at most this many bytes
+# Old contents per UNDO record. A sealed record of incompressible contents is a little larger than its
+# contents (an extent-table entry and an AEAD tag per run); 16 MiB keeps it well under the 32 MiB frame
+# limit (proto.frames.MAX_PAYLOAD) — a group's old contents may be far larger (a zeroed range of GiBs).
+UNDO_PART = 16 << 20
 
 
-def undo_sealer(key: bytes, uid: bytes, level: int = 1, domain: Domain = UNDO) -> Sealer:
-    return Sealer(key, uid, level, domain)
+def merge_ranges(ranges: list[tuple[int, int]], piece: int = PIECE_MAX) -> list[tuple[int, int]]:
+    """The union of (offset, length) ranges as sorted, non-overlapping (offset, length) pieces of at most
+    `piece` bytes: what a group overwrites, each byte once."""
+    out: list[tuple[int, int]] = []
+    cur_a = cur_b = -1
+    for a, n in sorted(ranges):
+        b = a + n
+        if a <= cur_b:
+            cur_b = max(cur_b, b)
+            continue
+        if cur_b > cur_a:
+            out.append((cur_a, cur_b - cur_a))
+        cur_a, cur_b = a, b
+    if cur_b > cur_a:
+        out.append((cur_a, cur_b - cur_a))
+    return [(a + i, min(piece, n - i)) for a, n in out for i in range(0, n, piece)]
 
 
-def undo_opener(key: bytes, uid: bytes, domain: Domain = UNDO) -> Opener:
-    return Opener(key, uid, MAX_BATCH_LOGICAL, domain)
+class DiskJournal:
+    """The retention journal of one replica. Not thread-safe: the disk's worker serialises use."""
 
+    def __init__(self, directory: Path, disk: int, key: bytes, uid: bytes, segment_max: int = SEGMENT_MAX) -> None:
+        self.dir = Path(directory)
+        self.segment_max = segment_max
+        self.disk = disk
+        self.key = key
+        self.uid = uid
+        self.sealer = undo_sealer(key, uid)
+        self.opener = undo_opener(key, uid)
+        self.segments: list[Segment] = []
+        self._fd = -1  # the last segment, open for appending
+        # The group being applied: its first sequence and the (offset, size) of its UNDO parts.
+        self._open_undo: tuple[int, list[tuple[int, int]]] | None = None
 
-def redo_sealer(key: bytes, uid: bytes) -> Sealer:
-    return undo_sealer(key, uid, 1, REDO)
+    # -- start-up -----------------------------------------------------------------------------------
+    def open(self) -> Pending | None:
+        """Read every segment. Returns the uncommitted UNDO at the end, if any (the caller rolls it back
+        with `rollback_pending`). A torn last record is cut off; damage anywhere else is refused."""
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        paths = sorted(self.dir.glob("seg-*.jrn"))
+        pending: Pending | None = None
+        for i, path in enumerate(paths):
+            last_segment = i == len(paths) - 1
+            seg, undo = read_segment(path, self.disk, last_segment)
+            if undo is not None:
+                recs = [self._decode_part(path, undo[0], at, size) for at, size in undo[1]]
+                pending = Pending(path, undo[1][0][0], recs)
+            if not seg.groups and pending is None and not last_segment:
+                path.unlink()  # created just before a crash, never written: nothing needs it
+                continue
+            self.segments.append(seg)
+        return pending
 
+    def _decode_part(self, path: Path, first: int, at: int, size: int) -> UndoRecord:
+        with open(path, "rb") as f:
+            f.seek(at + HEADER_SIZE)
+            body = f.read(size - HEADER_SIZE)
+        return decode_undo(self.disk, first, body, self.opener)
 
-def redo_opener(key: bytes, uid: bytes) -> Opener:
-    return undo_opener(key, uid, REDO)
+    def rollback_pending(self, pending: Pending, write: Callable[[int, bytes | None, int], None],
+                         sync: Callable[[], None]) -> None:
+        """Put the old contents of an uncommitted group back, sync, then forget its UNDO parts."""
+        for rec in pending.records:  # the parts cover disjoint ranges: any order
+            apply_undo(rec, write)
+        sync()
+        truncate_synced(pending.segment, pending.offset)
+        self.segments[-1].size = pending.offset
+        log.warning("disk %d: rolled back the uncommitted group from sequence %d", self.disk, pending.record.sequence)
 
+    # -- appending ----------------------------------------------------------------------------------
+    @property
+    def groups(self) -> Iterator[Group]:
+        for s in self.segments:
+            yield from s.groups
 
-def encode_undo(
-    disk: int,
-    sequence: int,
-    generation: int,
-    pieces: list[tuple[int, bytes | memoryview]],
-    sealer: Sealer,
-    ftype: int = UNDO_TYPE,
-) -> bytes:
-    """One UNDO record holding the old contents `pieces` ((offset, data) in the order of the batch)."""
-    runs = seal_pieces(sealer, generation, sequence, [(off, memoryview(data)) for off, data in pieces])
-    table = [(off, n, len(sealed), ExtentKind.ZERO if zero else ExtentKind.DATA) for zero, off, n, sealed in runs]
-    blobs = [sealed for _, _, _, sealed in runs]
-    head = _HEAD.pack(generation, len(table)) + b"".join(_ENTRY.pack(*e) for e in table)
-    seal = sealer.seal_batch(generation, sequence, head)
-    return encode_frame(ftype, disk, sequence, b"".join([head, seal, *blobs]))
+    @property
+    def last_seq(self) -> int:
+        for s in reversed(self.segments):
+            if s.groups:
+                return s.groups[-1].last
+        return 0
 
+    @property
+    def open_undo(self) -> bool:
+        """A group's UNDO parts are written and its COMMIT is not (it is being applied, or it failed)."""
+        return self._open_undo is not None
 
-def decode_undo(disk: int, sequence: int, payload: bytes | memoryview, opener: Opener) -> UndoRecord:
-    """Verify and open an UNDO record's payload (everything is checked before anything is returned)."""
-    p = memoryview(payload)
-    try:
-        generation, count = _HEAD.unpack_from(p, 0)
-        end = _HEAD.size + count * _ENTRY.size
-        if end + SEAL_SIZE > len(p):
-            raise JournalError(f"undo record {sequence}: extent table truncated")
-        head = bytes(p[:end])
-        opener.check_batch(generation, sequence, head, p[end : end + SEAL_SIZE])
-        pos = end + SEAL_SIZE
-        extents: list[tuple[int, bytes | None]] = []
-        lengths: list[int] = []
-        for i in range(count):
-            offset, length, stored, kind = _ENTRY.unpack_from(p, _HEAD.size + i * _ENTRY.size)
-            if kind == ExtentKind.ZERO and stored == 0:
-                extents.append((offset, None))
-            elif kind == ExtentKind.DATA and stored and pos + stored <= len(p):
-                extents.append((offset, opener.open(generation, sequence, offset, length, p[pos : pos + stored])))
-                pos += stored
-            else:
-                raise JournalError(f"undo record {sequence}: bad extent {i}")
-            lengths.append(length)
-        if pos != len(p):
-            raise JournalError(f"undo record {sequence}: {len(p) - pos} bytes after the last extent")
-    except struct.error:
-        raise JournalError(f"undo record {sequence}: truncated") from None
-    except EnvelopeError as exc:
-        raise JournalError(f"undo record {sequence} failed authentication: {exc}") from None
-    return UndoRecord(disk, sequence, generation, tuple(extents), tuple(lengths))
+    @property
+    def empty(self) -> bool:
+        return not any(s.groups for s in self.segments)
 
+    @property
+    def bytes(self) -> int:
+        return sum(s.size for s in self.segments)
 
-def undo_table(sequence: int, prefix: bytes | memoryview, opener: Opener) -> list[tuple[int, int]] | int:
-    """The (offset, length) ranges of an UNDO/REDO payload from its first bytes, table seal checked; or,
-    if `prefix` is too short, how many bytes are needed. Lets a rollback plan its writes without
-    decrypting contents it may not use."""
-    p = memoryview(prefix)
-    if len(p) < _HEAD.size:
-        return _HEAD.size
-    generation, count = _HEAD.unpack_from(p, 0)
-    end = _HEAD.size + count * _ENTRY.size
-    if len(p) < end + SEAL_SIZE:
-        return end + SEAL_SIZE
-    try:
-        opener.check_batch(generation, sequence, bytes(p[:end]), p[end : end + SEAL_SIZE])
-    except EnvelopeError as exc:
-        raise JournalError(f"undo record {sequence} failed authentication: {exc}") from None
-    return [_ENTRY.unpack_from(p, _HEAD.size + i * _ENTRY.size)[:2] for i in range(count)]
-
-
-def encode_commit(disk: int, sequence: int, meta: dict[str, Any]) -> bytes:
-    if type(meta.get("generation")) is not int or not isinstance(meta.get("kind"), str):
-        raise JournalError("a commit record needs an integer generation and a kind")
-    return encode_frame(COMMIT_TYPE, disk, sequence, meta_bytes(meta))
-
-
-def decode_commit(disk: int, sequence: int, payload: bytes | memoryview) -> CommitRecord:
-    try:
-        meta = json.loads(bytes(payload))
-    except (ValueError, RecursionError):
-        raise JournalError(f"commit record {sequence}: not JSON") from None
-    if not isinstance(meta, dict) or type(meta.get("generation")) is not int:
-        raise JournalError(f"commit record {sequence}: bad fields")
-    return CommitRecord(disk, sequence, meta)
-
-
-@dataclass(frozen=True, slots=True)
-class Scan:
-    records: list[tuple[int, int, int, memoryview]]  # (type, disk, sequence, payload)
-    good_end: int  # offset after the last intact record
-    torn: bool  # what follows good_end is a torn last write (cut it off)
-    problem: str | None  # anything after good_end that is not a torn tail: damage (refuse to go on)
-    offsets: list[int]  # where each of `records` starts in the buffer
-
-
-def scan(buf: bytes | memoryview) -> Scan:
-    """Read a journal segment. A crash mid-append tears only the last record: a partial header, or a
-    header whose record would reach past the end of the file. Anything else is corruption."""
-    records, good_end, problem = scan_records(buf)
-    out = [(r.header.type, r.header.stream, r.header.sequence, r.payload) for r in records]
-    offsets = [r.offset for r in records]
-    if problem is None:
-        return Scan(out, good_end, False, None, offsets)
-    rest = len(buf) - good_end
-    torn = rest < HEADER_SIZE
-    if not torn:
+    def _append(self, data: bytes, first: int, sync: bool = True) -> int:
+        """Append one record to the last segment (a new one first if it is full, never inside a group)
+        and fsync it unless told not to; returns the record's offset."""
+        inside = self._open_undo is not None and bool(self._open_undo[1])  # a group's parts stay together
+        if not self.segments or (self.segments[-1].size >= self.segment_max and not inside):
+            self._new_segment(first)
+        seg = self.segments[-1]
+        if self._fd < 0:
+            self._fd = os.open(seg.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        at = seg.size
         try:
-            h = decode_header(memoryview(buf)[good_end : good_end + HEADER_SIZE])
-            torn = good_end + HEADER_SIZE + h.length >= len(buf)
-        except ProtocolError:
-            torn = False
-    return Scan(out, good_end, torn, None if torn else problem, offsets)
+            if sync:
+                write_synced(self._fd, data)
+            else:
+                write_all(self._fd, data)
+        except OSError:
+            # Leave no partial record for a later append to bury inside the segment (ENOSPC, EIO).
+            os.ftruncate(self._fd, at)
+            raise
+        seg.size += len(data)
+        return at
+
+    def _new_segment(self, first: int) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        path = self.dir / f"seg-{first:020d}.jrn"
+        self.segments.append(Segment(path, 0))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        os.close(fd)
+        fsync_dir(self.dir)
+
+    def write_undo(self, first: int, generation: int, pieces: list[tuple[int, bytes]]) -> None:
+        """Record the old contents `pieces` of a group (sequences from `first`) before it is written:
+        synced. Split into parts of at most UNDO_PART bytes."""
+        self._begin_undo(first)
+        parts: list[list[tuple[int, bytes]]] = [[]]
+        size = 0
+        for off, data in pieces:
+            if parts[-1] and size + len(data) > UNDO_PART:
+                parts.append([])
+                size = 0
+            parts[-1].append((off, data))
+            size += len(data)
+        for part in parts:
+            self._undo_part(first, generation, part)
+        self._sync()
+
+    def write_undo_ranges(self, first: int, generation: int, ranges: list[tuple[int, int]],
+                          read: Callable[[int, int], bytes]) -> None:
+        """Record what a group is about to overwrite — the union of (offset, length) `ranges`, each byte
+        once, read with `read` — part by part (memory stays ~UNDO_PART whatever the group covers), then
+        one fsync. The replica may be written after this returns."""
+        self._begin_undo(first)
+        part: list[tuple[int, int]] = []
+        size = 0
+        for a, n in merge_ranges(ranges):
+            if part and size + n > UNDO_PART:
+                self._undo_part(first, generation, old_contents(read, part))
+                part, size = [], 0
+            part.append((a, n))
+            size += n
+        if part:
+            self._undo_part(first, generation, old_contents(read, part))
+        self._sync()
+
+    def discard_undo(self) -> None:
+        """The UNDO parts of the open group could not all be written (ENOSPC, EIO) and the replica was not
+        touched: cut them off, so the group can be tried again from scratch."""
+        if self._open_undo is None:
+            return
+        _, parts = self._open_undo
+        self._open_undo = None
+        if parts:
+            seg = self.segments[-1]
+            self.close()
+            truncate_synced(seg.path, parts[0][0])
+            seg.size = parts[0][0]
+
+    def _begin_undo(self, first: int) -> None:
+        if self._open_undo is not None:
+            raise JournalError(f"undo of {first} while the undo of {self._open_undo[0]} is open")
+        self._open_undo = (first, [])
+
+    def _undo_part(self, first: int, generation: int, pieces: list[tuple[int, bytes]]) -> None:
+        assert self._open_undo is not None
+        rec = encode_undo(self.disk, first, generation, pieces, self.sealer)
+        at = self._append(rec, first, sync=False)
+        self._open_undo[1].append((at, len(rec)))
+
+    def _sync(self) -> None:
+        if self._fd >= 0:
+            os.fsync(self._fd)
+
+    def write_commit(self, first: int, last: int, meta: dict[str, Any]) -> Group:
+        """Record that the group first..last is in the replica (after its sync): synced."""
+        meta = {**meta, "first": first}
+        rec = encode_commit(self.disk, last, meta)
+        undo = self._open_undo
+        if undo is not None and undo[0] != first:
+            raise JournalError(f"commit for {first}..{last} while the undo of {undo[0]} is open")
+        self._append(rec, first)
+        seg = self.segments[-1]
+        g = Group(first, last, meta, seg.path)
+        if undo is not None:
+            # The parts sit in this segment: rotation waits for a group boundary.
+            g.parts = list(undo[1])
+        self._open_undo = None
+        seg.groups.append(g)
+        return g
+
+    def abort(self, write: Callable[[int, bytes | None, int], None], sync: Callable[[], None]) -> None:
+        """The group whose UNDO is open failed half-way (an I/O error writing the replica): put the old
+        contents back now, so the journal and the replica agree again before anything else happens."""
+        if self._open_undo is None:
+            return
+        first, parts = self._open_undo
+        seg = self.segments[-1]
+        self.close()
+        if not parts:
+            self._open_undo = None
+            return
+        recs = [self._decode_part(seg.path, first, at, size) for at, size in parts]
+        self.rollback_pending(Pending(seg.path, parts[0][0], recs), write, sync)
+        self._open_undo = None
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    # -- reading ------------------------------------------------------------------------------------
+    def undo_records(self, g: Group) -> Iterator[UndoRecord]:
+        """The group's UNDO parts, opened one at a time (each verified before it is returned)."""
+        for at, size in g.parts:
+            with open(g.segment, "rb") as f:
+                f.seek(at)
+                data = f.read(size)
+            s = scan(data)
+            if s.problem or s.torn or len(s.records) != 1 or s.records[0][0] != UNDO_TYPE:
+                raise JournalError(f"retention journal {g.segment}: undo record of {g.first} at {at} is damaged")
+            _, disk, seq, payload = s.records[0]
+            yield decode_undo(disk, seq, payload, self.opener)
+
+    def read_undo(self, g: Group) -> UndoRecord | None:
+        """All of the group's old contents as one record (tests and small groups; rollbacks go part by
+        part with `undo_records`)."""
+        recs = list(self.undo_records(g))
+        if not recs:
+            return None
+        return UndoRecord(recs[0].disk, recs[0].sequence, recs[0].generation,
+                          tuple(e for r in recs for e in r.extents), tuple(n for r in recs for n in r.lengths))
+
+    def undo_ranges(self, g: Group) -> list[tuple[int, int]]:
+        """The (offset, length) ranges `g`'s undo records cover, from their extent tables only."""
+        out: list[tuple[int, int]] = []
+        with open(g.segment, "rb") as f:
+            for at, size in g.parts:
+                need = 256
+                while True:
+                    f.seek(at + HEADER_SIZE)
+                    got = undo_table(g.first, f.read(min(need, size - HEADER_SIZE)), self.opener)
+                    if isinstance(got, list):
+                        out += got
+                        break
+                    if got > size - HEADER_SIZE:
+                        raise JournalError(f"retention journal {g.segment}: undo record of {g.first} is truncated")
+                    need = got
+        return out
+
+    def groups_after(self, seq: int) -> list[Group]:
+        return [g for g in self.groups if g.last > seq]
+
+    def points(self) -> list[Group]:
+        return [g for g in self.groups if g.is_point]
+
+    def retention_points(self) -> list[RPoint]:
+        """The points as retention planning sees them: each with the undo bytes up to the next point."""
+        out: list[RPoint] = []
+        pending = 0
+        for g in reversed(list(self.groups)):
+            pending += g.undo_bytes
+            if g.is_point:
+                kind = APP if g.consistency == APP else CRASH
+                out.append(RPoint(g.last, g.time, kind, pending))
+                pending = 0
+        out.reverse()
+        return out
+
+    def history_bytes(self) -> dict[int, int]:
+        """For each point, the undo bytes between it and the replica's newest state (what going back costs)."""
+        out: dict[int, int] = {}
+        total = 0
+        for g in reversed(list(self.groups)):
+            if g.is_point:
+                out[g.last] = total
+            total += g.undo_bytes
+        return out
+
+    def find_point(self, seq: int) -> Group | None:
+        return next((g for g in self.groups if g.last == seq and g.is_point), None)
+
+    # -- pruning and cutting ------------------------------------------------------------------------
+    def freeable_before(self, seq: int) -> int:
+        """What `drop_before(seq)` would free, in bytes."""
+        freed = 0
+        for seg in self.segments[:-1]:
+            if not seg.groups or seg.groups[-1].last >= seq:
+                break
+            freed += seg.size
+        return freed
+
+    def drop_before(self, seq: int) -> int:
+        """Delete the segments whose groups all end before `seq` (the oldest point kept): what only older
+        points needed. Never the last segment. Returns the bytes freed."""
+        freed = 0
+        while len(self.segments) > 1 and self.segments[0].groups and self.segments[0].groups[-1].last < seq:
+            seg = self.segments.pop(0)
+            freed += seg.size
+            seg.path.unlink(missing_ok=True)
+        if freed:
+            fsync_dir(self.dir)
+        return freed
+
+    def drop_all(self) -> int:
+        """Delete every segment (no open group): all history goes, the replica stays as it is. The last
+        resort of a retention volume too small for the churn between two points. Returns the bytes freed."""
+        if self._open_undo is not None:
+            return 0
+        self.close()
+        freed = 0
+        for seg in self.segments:
+            freed += seg.size
+            seg.path.unlink(missing_ok=True)
+        self.segments = []
+        fsync_dir(self.dir)
+        return freed
+
+    def truncate_after(self, seq: int) -> None:
+        """Forget every group after `seq` (a committed failover discards newer history)."""
+        self.close()
+        self._open_undo = None
+        while self.segments:
+            seg = self.segments[-1]
+            later = [g for g in seg.groups if g.last > seq]
+            keep = [g for g in seg.groups if g.last <= seq]
+            if not keep and len(self.segments) > 1 and (later or not seg.groups):
+                # Wholly newer (or empty: opened by a group that was rolled back): the file goes.
+                self.segments.pop()
+                seg.path.unlink(missing_ok=True)
+                continue
+            if not later:
+                break
+            # The segment now ends where the first later group began: its UNDO, or its COMMIT alone.
+            first = later[0]
+            end = first.undo_at if first.undo_at >= 0 else self._commit_offset(seg, first)
+            truncate_synced(seg.path, end)
+            seg.size, seg.groups = end, keep
+            break
+        fsync_dir(self.dir)
+
+    def _commit_offset(self, seg: Segment, g: Group) -> int:
+        data = seg.path.read_bytes()
+        s = scan(data)
+        for n, (ftype, _, seq, _) in enumerate(s.records):
+            if ftype == COMMIT_TYPE and seq == g.last:
+                return s.offsets[n]
+        raise JournalError(f"retention journal {seg.path}: commit {g.last} not found")
+
+
+def apply_undo(rec: UndoRecord, write: Callable[[int, bytes | None, int], None]) -> int:
+    """Write an undo record's old contents through `write(offset, data or None for zeros, length)`.
+    Returns the bytes written."""
+    n = 0
+    for (offset, data), length in zip(rec.extents, rec.lengths, strict=True):
+        write(offset, data, length)
+        n += length
+    return n
+
+
+def old_contents(read: Callable[[int, int], bytes], ranges: list[tuple[int, int]]) -> list[tuple[int, bytes]]:
+    """Read what a group is about to overwrite, each byte once."""
+    return [(a, read(a, n)) for a, n in merge_ranges(ranges)]

@@ -1,7 +1,8 @@
 """Requests the process server relays from the operator to the master target: list recovery points,
-fail over (and change the point), commit, test failover and its cleanup; and retention upkeep.
+fail over (and change the point), commit, test failover and its cleanup.
 
-Each disk's work happens under its worker's lock (applying, hashing and these never overlap) in a
+They see the master target through the narrow interface of `disk` (`Disks`: its open disks, `Disk`: one
+of them). Each disk's work happens under its lock (applying, hashing and these never overlap) in a
 worker thread; long copies hold the lock only chunk by chunk.
 """
 
@@ -11,27 +12,20 @@ import asyncio
 import logging
 import shutil
 import time
-from dataclasses import replace
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from standby.plumbing.durable import load_json, save_json
 
+from .disk import Disk, Disks, NotOpen
 from .diskstate import Point
-from .journal import JournalError
+from .journal_codec import JournalError
 from .recovery import FailoverState, commit, copy_replica, elapsed, move, test_failover_path, undo_into
 from .replicas import ReplicaError
-from .retention import Plan, plan
-from .volume import free_bytes
-
-if TYPE_CHECKING:
-    from .daemon import DiskWorker, MasterTarget
+from .upkeep import point_list
 
 log = logging.getLogger("standby.mt.ops")
-# A space-pressure alert stays up this long after the last pruning it caused (pruning makes the pressure
-# go away until the next minutes of churn bring it back: the operator must still see it), and is logged
-# again at most this often.
-ALERT_HOLD = 600.0
 
 
 class OpError(Exception):
@@ -42,156 +36,30 @@ class OpError(Exception):
         self.code = code
 
 
-def worker_of(mt: MasterTarget, disk: int) -> DiskWorker:
-    w = mt.workers.get(int(disk))
-    if w is None:
-        why = mt.failed.get(int(disk))
-        raise OpError("unreachable", f"disk {disk} is not open on this master target" + (f": {why}" if why else ""))
-    return w
+def open_disk(disks: Disks, disk: int) -> Disk:
+    try:
+        return disks.disk(int(disk))
+    except NotOpen as exc:
+        raise OpError("unreachable", str(exc)) from None
 
 
-def point_list(w: DiskWorker, now: float | None = None) -> dict[str, Any]:
-    """The disk's recovery points inside its retention (thinned as the policy says), newest last."""
-    j = w.journal
-    kept = retention_plan(w, now)
-    history = j.history_bytes()
-    groups = {g.last: g for g in j.points()}
-    points = []
-    for p in kept.keep:
-        g = groups[p.sequence]
-        points.append(
-            {
-                "sequence": g.last,
-                "time": g.time,
-                "consistency": g.consistency,
-                "tag": str(g.meta.get("tag", "")),
-                "history_bytes": history.get(g.last, 0),
-            }
-        )
-    fo = FailoverState.load(j.dir)
-    failover = None
-    if fo is not None:
-        # Named as a point only where the replica is settled at a listed point: a move that broke off
-        # leaves it between two states (promise 9: status never names as a point what is not one).
-        settled = fo.at == fo.target and fo.step is None and j.find_point(fo.at) is not None
-        failover = {**vars(fo), "point": fo.at if settled else None, "problem": w.failover_problem}
-    alert = kept.alert
-    if not alert and w.retention_alert and time.time() - w.retention_alert_at < ALERT_HOLD:
-        when = time.strftime("%H:%M:%S", time.localtime(w.retention_alert_at))
-        alert = f"{w.retention_alert} (last at {when})"  # pruning fixed it for now; it keeps coming back
-    return {
-        "disk": w.state.disk,
-        "points": points,
-        "journal_bytes": j.bytes,
-        "applied_seq": w.state.applied_seq,
-        "alert": alert,
-        "failover": failover,
-    }
-
-
-def retention_plan(w: DiskWorker, now: float | None = None) -> Plan:
-    mt = w.mt
-    policy = mt.cfg.policy
-    cap = w.space_cap_override
-    if cap is not None:
-        policy = replace(policy, space_cap=cap if policy.space_cap is None else min(cap, policy.space_cap))
-    return plan(w.journal.retention_points(), time.time() if now is None else now, policy)
-
-
-def prune(w: DiskWorker) -> dict[str, Any]:
-    """Worker thread, under the disk's lock: drop what the policy no longer keeps."""
-    p = retention_plan(w)
-    freed = 0
-    if p.keep:
-        freed = w.journal.drop_before(p.keep[0].sequence)
-    if p.alert:
-        if time.time() - w.retention_alert_at >= ALERT_HOLD or not w.retention_alert:
-            log.warning("ALERT disk %s/%s: %s", w.state.machine, w.state.name, p.alert)
-        w.retention_alert, w.retention_alert_at = p.alert, time.time()
-    return {"freed": freed, "kept": len(p.keep), "alert": p.alert}
-
-
-def oldest_droppable(w: DiskWorker) -> tuple[float, int] | None:
-    """(time of the disk's oldest point, the sequence to drop history before) such that dropping the
-    oldest point(s) frees at least one whole segment without touching the newest point; None if it
-    cannot. Pruning frees whole segments, so the cut is the first later point past a segment end."""
-    j = w.journal
-    pts = j.points()
-    for p in pts[1:]:
-        if j.freeable_before(p.last) > 0:
-            return pts[0].time, p.last
-    return None
-
-
-def drop_oldest(w: DiskWorker, before: int) -> int:
-    """Worker thread, under the disk's lock: drop the points older than `before`, for space."""
-    j = w.journal
-    dropped = sum(1 for p in j.points() if p.last < before)
-    freed = j.drop_before(before)
-    if freed:
-        space_alert(w, f"retention space pressure: removed the {dropped} oldest point(s) to make room for new "
-                       f"history ({freed} bytes freed)")
-    return freed
-
-
-def drop_history(w: DiskWorker) -> int:
-    """Worker thread, under the disk's lock: all of the disk's history goes — the last resort when the
-    churn since its newest point alone fills the retention volume (promise 8: replication goes on)."""
-    n = len(w.journal.points())
-    freed = w.journal.drop_all()
-    if freed:
-        space_alert(w, f"retention space pressure: the retention volume is too small for this churn: all "
-                       f"history of the disk was removed ({n} point(s), {freed} bytes); points start again with "
-                       "the next one")
-    return freed
-
-
-def space_alert(w: DiskWorker, text: str) -> None:
-    if text != w.retention_alert or time.time() - w.retention_alert_at >= ALERT_HOLD:
-        log.warning("ALERT disk %s/%s: %s", w.state.machine, w.state.name, text)
-    w.retention_alert, w.retention_alert_at = text, time.time()
-
-
-def reserve_bytes(configured: int | None, total: int) -> int:
-    """Free space history leaves on a retention volume of `total` bytes: the configured reserve (default
-    5 %, at most 4 GiB), and never more than a quarter of the volume (a small volume must keep room for
-    history)."""
-    reserve = configured if configured is not None else min(total // 20, 4 << 30)
-    return min(reserve, total // 4)
-
-
-def volume_pressure(mt: MasterTarget) -> None:
-    """Leave the retention volume's reserve free: over it, each disk's history is capped at what it holds
-    minus its share of the shortfall (oldest points go first)."""
-    free, total = free_bytes(mt.cfg.retention_dir)
-    reserve = reserve_bytes(mt.cfg.reserve, total)
-    workers = [w for w in mt.workers.values() if not w.halted]
-    short = reserve - free
-    for w in workers:
-        if short > 0:
-            share = short // max(len(workers), 1) + 1
-            w.space_cap_override = max(w.journal.bytes - share, 0)
-        elif w.space_cap_override is not None and free > reserve * 2:
-            w.space_cap_override = None
-
-
-async def points(mt: MasterTarget, disk: int) -> dict[str, Any]:
-    w = worker_of(mt, disk)
+async def points(disks: Disks, disk: int) -> dict[str, Any]:
+    w = open_disk(disks, disk)
     async with w.lock:
-        return await asyncio.to_thread(point_list, w)
+        return await asyncio.to_thread(point_list, w, disks.policy)
 
 
-def _choose(w: DiskWorker, sequence: int) -> float:
+def _choose(w: Disk, sequence: int) -> float:
     g = w.journal.find_point(int(sequence))
     if g is None:
         raise OpError("unknown-point", f"disk {w.state.name}: no recovery point {sequence} in the retention journal")
     return g.time
 
 
-async def failover(mt: MasterTarget, disk: int, sequence: int) -> dict[str, Any]:
+async def failover(disks: Disks, disk: int, sequence: int) -> dict[str, Any]:
     """Stop applying for the disk and roll its replica back in place to point `sequence` (or move it to
     another point of a failover not yet committed)."""
-    w = worker_of(mt, disk)
+    w = open_disk(disks, disk)
     t0 = time.monotonic()
     async with w.lock:
         j = w.journal
@@ -202,13 +70,11 @@ async def failover(mt: MasterTarget, disk: int, sequence: int) -> dict[str, Any]
         if fo is None:
             fo = FailoverState(w.state.applied_seq, w.state.applied_seq, w.state.applied_seq, 0.0, time.time())
         w.halt()
-        if w.state.state != "FailedOver":
-            w.before_failover = w.state.state
         w.state.state = "FailedOver"
-        await asyncio.to_thread(w.state.save, mt.cfg.disks_dir)
+        await asyncio.to_thread(w.state.save, disks.disks_dir)
         fo.point_time = point_time
         try:
-            written = await asyncio.to_thread(move, j, w.applier.replica, fo, int(sequence))
+            written = await asyncio.to_thread(move, j, w.replica, fo, int(sequence))
         except Exception as exc:
             if not isinstance(exc, OSError | ReplicaError | JournalError):
                 log.exception("disk %s/%s: failover move failed unexpectedly", w.state.machine, w.state.name)
@@ -217,7 +83,7 @@ async def failover(mt: MasterTarget, disk: int, sequence: int) -> dict[str, Any]
                           "is between two states, not at a recovery point: run standby failover again") from None
         w.failover_problem = None
         w.state.last_point = Point.from_group(j.find_point(int(sequence))).as_dict()  # type: ignore[arg-type]
-        await asyncio.to_thread(w.state.save, mt.cfg.disks_dir)
+        await asyncio.to_thread(w.state.save, disks.disks_dir)
     log.info("disk %s/%s: failed over to point %s (%.3f s, %d bytes written)", w.state.machine, w.state.name,
              sequence, time.monotonic() - t0, written)
     return {
@@ -231,8 +97,8 @@ async def failover(mt: MasterTarget, disk: int, sequence: int) -> dict[str, Any]
     }
 
 
-async def failover_commit(mt: MasterTarget, disk: int) -> dict[str, Any]:
-    w = worker_of(mt, disk)
+async def failover_commit(disks: Disks, disk: int) -> dict[str, Any]:
+    w = open_disk(disks, disk)
     async with w.lock:
         fo = FailoverState.load(w.journal.dir)
         if fo is None:
@@ -240,20 +106,20 @@ async def failover_commit(mt: MasterTarget, disk: int) -> dict[str, Any]:
         if not fo.committed:
             await asyncio.to_thread(commit, w.journal, fo)
         w.state.applied_seq = fo.at
-        await asyncio.to_thread(w.state.save, mt.cfg.disks_dir)
+        await asyncio.to_thread(w.state.save, disks.disks_dir)
     log.info("disk %s/%s: failover to point %d committed", w.state.machine, w.state.name, fo.at)
     return {"disk": w.state.disk, "sequence": fo.at, "time": fo.point_time, "replica": w.state.path}
 
 
-def _test_record(mt: MasterTarget, disk: int) -> Path:
-    return mt.cfg.disks_dir / f"{disk}.test-failover.json"
+def _test_record(disks: Disks, disk: int) -> Path:
+    return disks.disks_dir / f"{disk}.test-failover.json"
 
 
-async def test_failover(mt: MasterTarget, disk: int, sequence: int, directory: str | None = None) -> dict[str, Any]:
+async def test_failover(disks: Disks, disk: int, sequence: int, directory: str | None = None) -> dict[str, Any]:
     """Materialise point `sequence` into a separate replica while replication continues."""
-    w = worker_of(mt, disk)
+    w = open_disk(disks, disk)
     st = w.state
-    rec = _test_record(mt, st.disk)
+    rec = _test_record(disks, st.disk)
     if rec.exists():
         old = load_json(rec)
         raise OpError("refused", f"disk {st.name} already has a test failover at {old['path']}: "
@@ -269,7 +135,7 @@ async def test_failover(mt: MasterTarget, disk: int, sequence: int, directory: s
     try:
         async def read_locked(off: int, n: int) -> bytes:
             async with w.lock:
-                return await asyncio.to_thread(w.applier.replica.read, off, n)
+                return await asyncio.to_thread(w.replica.read, off, n)
 
         loop = asyncio.get_running_loop()
 
@@ -277,7 +143,7 @@ async def test_failover(mt: MasterTarget, disk: int, sequence: int, directory: s
             return asyncio.run_coroutine_threadsafe(read_locked(off, n), loop).result()
 
         try:
-            out = await asyncio.to_thread(copy_replica, w.applier.replica, st.kind, dest, read_sync)
+            out = await asyncio.to_thread(copy_replica, w.replica, st.kind, dest, read_sync)
         except (OSError, ReplicaError) as exc:
             raise OpError("failed", f"disk {st.name}: cannot copy the replica to {dest}: {exc}") from None
         copied = elapsed(t0)
@@ -308,8 +174,8 @@ async def test_failover(mt: MasterTarget, disk: int, sequence: int, directory: s
     }
 
 
-async def test_failover_cleanup(mt: MasterTarget, disk: int) -> dict[str, Any]:
-    rec = _test_record(mt, int(disk))
+async def test_failover_cleanup(disks: Disks, disk: int) -> dict[str, Any]:
+    rec = _test_record(disks, int(disk))
     if not rec.exists():
         return {"disk": int(disk), "removed": []}
     files = [Path(f) for f in load_json(rec)["files"]]
@@ -322,7 +188,9 @@ async def test_failover_cleanup(mt: MasterTarget, disk: int) -> dict[str, Any]:
     return {"disk": int(disk), "removed": [str(f) for f in files]}
 
 
-HANDLERS = {
+Handler = Callable[..., Awaitable[dict[str, Any]]]
+# The requests of the operator this module serves: op -> handler(disks, **args).
+HANDLERS: dict[str, Handler] = {
     "points": points,
     "failover": failover,
     "failover_commit": failover_commit,

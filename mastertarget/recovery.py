@@ -33,8 +33,8 @@ from pathlib import Path
 from standby.plumbing.durable import load_record, save_json, truncate_synced
 from standby.proto.frames import encode_frame
 
-from .history import PIECE_MAX, UNDO_PART, DiskJournal, Group, apply_undo, walk_records
-from .journal import (
+from .journal import PIECE_MAX, UNDO_PART, DiskJournal, apply_undo
+from .journal_codec import (
     MOVE_TYPE,
     REDO_TYPE,
     JournalError,
@@ -47,6 +47,7 @@ from .journal import (
 )
 from .replicas import Replica, create_replica
 from .replicas.raw import FileReplica
+from .segments import Group, walk_records
 
 log = logging.getLogger("standby.mt.recovery")
 COPY_CHUNK = 8 << 20

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from standby.mastertarget.history import DiskJournal, apply_undo
+from standby.mastertarget.journal import DiskJournal, apply_undo
 from standby.plumbing.identity import Identity
 from standby.proto.keywrap import unwrap_key
 

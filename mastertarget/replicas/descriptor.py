@@ -76,10 +76,6 @@ class Descriptor:
     parent_cid: int = 0xFFFFFFFF
     ddb: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def capacity_sectors(self) -> int:
-        return sum(e.sectors for e in self.extents)
-
     def render(self) -> str:
         """The descriptor text, LF line endings, ASCII only."""
         lines = [

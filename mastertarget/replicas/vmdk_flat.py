@@ -66,10 +66,6 @@ FLAVOURS: dict[str, FlatFlavour] = {
 class FlatVmdkReplica(FileReplica):
     """A flat VMDK: ``path`` is the descriptor, ``data_path`` the extent the data lives in."""
 
-    def __init__(self, kind: str, path: Path, size: int, data_path: Path, fd: int, thin: bool) -> None:
-        super().__init__(kind, path, size, data_path, fd, thin)
-        self.descriptor_path = Path(path)
-
 
 def create_vmdk_flat(kind: str, path: Path, size: int) -> FlatVmdkReplica:
     """Create descriptor and extent for one of the flat kinds; refuses if either already exists."""

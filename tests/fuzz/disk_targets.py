@@ -32,8 +32,8 @@ from standby.agent import cleanstop
 from standby.agent.config import AgentConfig
 from standby.mastertarget.config import MTConfig
 from standby.mastertarget.diskstate import Point, ReplicaState
-from standby.mastertarget.history import DiskJournal, Group, apply_undo, walk_records
-from standby.mastertarget.journal import (
+from standby.mastertarget.journal import DiskJournal, apply_undo
+from standby.mastertarget.journal_codec import (
     REDO_TYPE,
     UNDO_TYPE,
     JournalError,
@@ -49,6 +49,7 @@ from standby.mastertarget.journal import (
 from standby.mastertarget.recovery import FailoverState, RedoLog
 from standby.mastertarget.replicas import ReplicaError, create_replica, open_replica
 from standby.mastertarget.retention import Policy, plan
+from standby.mastertarget.segments import Group, walk_records
 from standby.plumbing import identity as ident
 from standby.plumbing.errors import NotStarted
 from standby.processserver.cache import CacheCorrupt, DiskCache

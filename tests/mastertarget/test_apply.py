@@ -94,13 +94,21 @@ def env(tmp_path: Path) -> Iterator[Env]:
     try:
         applier = Applier(KEY, UID, replica)
         first = BatchBuilder(str(tmp_path / "a.img"), DISK, KEY, UID, 3).initial_batch(GEN, 1, 0, SIZE)
-        assert applier.apply_batch(first) == SIZE
+        assert apply_batch(applier, first) == SIZE
         assert (tmp_path / "replica.img").read_bytes() == image_a
         yield Env(
             tmp_path, replica, applier, image_a, image_b, BatchBuilder(str(tmp_path / "b.img"), DISK, KEY, UID, 3)
         )
     finally:
         replica.close()
+
+
+def apply_batch(applier: Applier, b: Batch) -> int:
+    """One batch through the master target's own path (a group of one): verify every extent, then write
+    and sync. Returns the logical bytes written."""
+    plains = applier.verify_batch(b)
+    applier.write_group([(b, plains)])
+    return b.logical_bytes
 
 
 def _wire(b: Batch) -> Batch:
@@ -152,7 +160,7 @@ def test_batch_b_has_the_shape_the_tamper_tests_need(env: Env) -> None:
 
 def test_valid_batch_applies(env: Env) -> None:
     b = _wire(env.batch_b())
-    assert env.applier.apply_batch(b) == B_LENGTH
+    assert apply_batch(env.applier, b) == B_LENGTH
     expected = env.image_b[:B_LENGTH] + env.image_a[B_LENGTH:]
     assert env.replica_bytes() == expected
     assert env.replica.read(0, SIZE) == expected
@@ -301,7 +309,7 @@ def _assert_rejected(env: Env, applier: Applier, b: Batch) -> None:
     before = env.replica_bytes()
     assert before == env.image_a
     with pytest.raises(EnvelopeError):
-        applier.apply_batch(b)
+        apply_batch(applier, b)
     after = env.replica_bytes()
     assert hashlib.sha256(after).digest() == hashlib.sha256(before).digest(), "a rejected batch wrote to the replica"
     assert env.replica.read(0, SIZE) == before
@@ -312,7 +320,7 @@ def test_tampered_batch_is_rejected_and_nothing_written(env: Env, name: str) -> 
     tampered = _wire(TAMPERS[name](env.batch_b()))
     _assert_rejected(env, env.applier, tampered)
     # The untampered batch still applies afterwards: the failure left no state behind.
-    env.applier.apply_batch(env.batch_b())
+    apply_batch(env.applier, env.batch_b())
     assert env.replica_bytes() == env.image_b[:B_LENGTH] + env.image_a[B_LENGTH:]
 
 
@@ -361,7 +369,7 @@ def test_hand_built_batch_applies(env: Env) -> None:
     b = _hand_batch(
         [(ExtentKind.DATA, 0, data), (ExtentKind.ZERO, GRAIN, GRAIN), (ExtentKind.DATA, SIZE - SECTOR, data[:SECTOR])]
     )
-    env.applier.apply_batch(_wire(b))
+    apply_batch(env.applier, _wire(b))
     expected = bytearray(env.image_a)
     expected[0 : 2 * SECTOR] = data
     expected[GRAIN : 2 * GRAIN] = bytes(GRAIN)
@@ -399,17 +407,17 @@ def test_point_is_recorded_only_while_the_replica_is_a_faithful_copy(env: Env, s
     import asyncio
     from types import SimpleNamespace
 
-    from standby.mastertarget.daemon import DiskWorker
     from standby.mastertarget.diskstate import ReplicaState
-    from standby.mastertarget.history import DiskJournal
+    from standby.mastertarget.journal import DiskJournal
+    from standby.mastertarget.worker import DiskWorker
     from standby.proto.envelope import Sealer
     from standby.proto.messages import Ack, Commit, meta_bytes
 
     st = ReplicaState(DISK, "m", "d", "u", SIZE, "raw", str(env.replica_path), 1, GEN, state)
-    mt = SimpleNamespace(cfg=SimpleNamespace(disks_dir=env.root))
+    host = SimpleNamespace(disks_dir=env.root)
     journal = DiskJournal(env.root / "retention", DISK, KEY, UID)
     assert journal.open() is None
-    worker = DiskWorker(mt, st, env.applier, journal)  # type: ignore[arg-type]
+    worker = DiskWorker(host, st, env.applier, journal)  # type: ignore[arg-type]
     meta = {"generation": GEN, "kind": "point", "consistency": "crash-consistent", "time": 1_800_000_001.0}
     point = Commit(DISK, 2, meta, Sealer(KEY, UID).seal_batch(GEN, 2, meta_bytes(meta)))
     sent: list[object] = []

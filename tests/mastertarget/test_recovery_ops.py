@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from standby.mastertarget import recovery
-from standby.mastertarget.history import DiskJournal
-from standby.mastertarget.journal import JournalError, UndoRecord
+from standby.mastertarget.journal import DiskJournal
+from standby.mastertarget.journal_codec import JournalError, UndoRecord
 from standby.mastertarget.recovery import FailoverState, RedoLog, commit, copy_replica, move, undo_into
 from standby.mastertarget.replicas import Replica, ReplicaError, open_replica
-from tests.mastertarget.test_history import Sim, check_files, check_model, check_restorable, snapshot
+from tests.mastertarget.test_journal import Sim, check_files, check_model, check_restorable, snapshot
 
 Writer = Callable[[int, bytes | None, int], None]
 
@@ -385,7 +385,7 @@ def random_span(sim: Sim, n: int) -> list[tuple[int, bytes | None, int]]:
 
 
 def test_a_group_over_the_frame_limit_is_journaled_in_parts_restored_and_rolled_back(tmp_path: Path) -> None:
-    from standby.mastertarget.history import UNDO_PART
+    from standby.mastertarget.journal import UNDO_PART
     from standby.proto.frames import MAX_PAYLOAD, scan_records
 
     sim = big_sim(tmp_path)
@@ -458,13 +458,13 @@ def test_an_undo_that_cannot_be_written_is_discarded_and_the_group_retried(tmp_p
     """A full retention volume in the middle of a group's UNDO parts (found by the small-volume fault
     test): the parts written so far are cut off and the group can be journaled again, instead of every
     retry failing with 'undo while the undo is open'."""
-    from standby.mastertarget import history
+    from standby.mastertarget import journal
 
     sim = big_sim(tmp_path, size=64 << 20)
     sim.group(random_span(sim, 8 << 20), kind="point")
     writes = random_span(sim, 40 << 20)
     ranges = [(o, n) for o, _, n in writes]
-    real = history.encode_undo
+    real = journal.encode_undo
     calls = {"n": 0}
 
     def failing(*a, **k):  # the third part finds the volume full
@@ -473,13 +473,13 @@ def test_an_undo_that_cannot_be_written_is_discarded_and_the_group_retried(tmp_p
             raise OSError(28, "No space left on device")
         return real(*a, **k)
 
-    monkeypatch.setattr(history, "encode_undo", failing)
+    monkeypatch.setattr(journal, "encode_undo", failing)
     size_before = sim.journal.bytes
     with pytest.raises(OSError):
         sim.journal.write_undo_ranges(sim.next_seq, 2, ranges, sim.replica.read)
     sim.journal.discard_undo()
     assert sim.journal.bytes == size_before
-    monkeypatch.setattr(history, "encode_undo", real)
+    monkeypatch.setattr(journal, "encode_undo", real)
     first = sim.next_seq
     sim.journal.write_undo_ranges(first, 2, ranges, sim.replica.read)  # tried again: works
     sim.write(writes)
@@ -494,13 +494,13 @@ def test_making_room_drops_the_oldest_points_first_and_all_history_as_a_last_res
     replication goes on."""
     from types import SimpleNamespace
 
-    from standby.mastertarget.operations import drop_history, drop_oldest, oldest_droppable
+    from standby.mastertarget.disk import RetentionMarks
+    from standby.mastertarget.upkeep import drop_history, drop_oldest, oldest_droppable
 
     sim = Sim(tmp_path, 5, seg_max=16 << 10)
     for _ in range(30):
         sim.group(kind="point")
-    w = SimpleNamespace(journal=sim.journal, state=SimpleNamespace(machine="m", name="d"), retention_alert="",
-                        retention_alert_at=0.0)
+    w = SimpleNamespace(journal=sim.journal, state=SimpleNamespace(machine="m", name="d"), retention=RetentionMarks())
     pts = [g.last for g in sim.journal.points()]
     found = oldest_droppable(w)
     assert found is not None
@@ -509,7 +509,7 @@ def test_making_room_drops_the_oldest_points_first_and_all_history_as_a_last_res
     after = [g.last for g in sim.journal.points()]
     assert freed == before - sim.journal.bytes > 0
     assert after == pts[len(pts) - len(after):] and len(after) < len(pts)  # the oldest went, the newest stayed
-    assert "removed the" in w.retention_alert
+    assert "removed the" in w.retention.alert
     check_restorable(sim)
     while (found := oldest_droppable(w)) is not None:
         drop_oldest(w, found[1])
@@ -517,7 +517,7 @@ def test_making_room_drops_the_oldest_points_first_and_all_history_as_a_last_res
     for _ in range(20):  # a long stretch of groups without a point after the newest one
         sim.group(kind="batch")
     assert drop_history(w) > 0 and sim.journal.bytes == 0 and sim.journal.points() == []
-    assert "all history of the disk was removed" in w.retention_alert
+    assert "all history of the disk was removed" in w.retention.alert
     sim.group(kind="point")  # history starts again
     assert len(sim.journal.points()) == 1
     sim.close()

@@ -1,0 +1,187 @@
+"""Retention-journal records: pure encoding, decoding and scanning, no file I/O (the files are
+mastertarget.journal's).
+
+Records are the self-verifying frames of proto.frames (as in the process server's cache), with frame
+types of their own that are only ever stored, never sent:
+
+    0x40 UNDO    stream = disk id, sequence = the batch's sequence
+                 payload: generation u32 | extent count u32 | table (offset u64, length u32, stored u32,
+                 kind u8, pad 3) | table seal 28 B | sealed old contents, back to back
+                 The *old* contents of the blocks the batch overwrites, read from the replica before it is
+                 written: compressed and encrypted with the disk's key under the UNDO domain
+                 (envelope.UNDO), so an undo ciphertext can never pass as a batch extent or back.
+                 Old contents that were zeros travel as zero extents (no bytes).
+    0x41 COMMIT  stream = disk id, sequence = the batch's sequence
+                 payload: canonical JSON {generation, kind, time, consistency, tag}; written after the
+                 replica is synced: an UNDO without its COMMIT is a batch to roll back at start-up.
+    0x42 REDO    as UNDO, under the REDO domain: during a failover, the contents a rollback is about to
+                 overwrite, so the operator can move to a newer point again before committing.
+                 stream = disk id, sequence = the step's starting state, generation field = part number
+    0x43 MOVE    JSON {src, dst, parts}: a backward step of a failover, followed by its `parts` REDO records
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from standby.proto.envelope import REDO, UNDO, Domain, Opener, Sealer, seal_pieces
+from standby.proto.errors import EnvelopeError, ProtocolError
+from standby.proto.frames import HEADER_SIZE, decode_header, encode_frame, scan_records
+from standby.proto.messages import MAX_BATCH_LOGICAL, SEAL_SIZE, ExtentKind, meta_bytes
+
+UNDO_TYPE = 0x40
+COMMIT_TYPE = 0x41
+REDO_TYPE = 0x42
+MOVE_TYPE = 0x43
+_HEAD = struct.Struct(">II")
+_ENTRY = struct.Struct(">QIIBxxx")
+
+
+class JournalError(Exception):
+    """A journal record is malformed or fails authentication."""
+
+
+@dataclass(frozen=True, slots=True)
+class UndoRecord:
+    disk: int
+    sequence: int
+    generation: int
+    extents: tuple[tuple[int, bytes | None], ...]  # (offset, old contents) or (offset, None) + length below
+    lengths: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CommitRecord:
+    disk: int
+    sequence: int
+    meta: dict[str, Any]
+
+
+def undo_sealer(key: bytes, uid: bytes, level: int = 1, domain: Domain = UNDO) -> Sealer:
+    return Sealer(key, uid, level, domain)
+
+
+def undo_opener(key: bytes, uid: bytes, domain: Domain = UNDO) -> Opener:
+    return Opener(key, uid, MAX_BATCH_LOGICAL, domain)
+
+
+def redo_sealer(key: bytes, uid: bytes) -> Sealer:
+    return undo_sealer(key, uid, 1, REDO)
+
+
+def redo_opener(key: bytes, uid: bytes) -> Opener:
+    return undo_opener(key, uid, REDO)
+
+
+def encode_undo(
+    disk: int,
+    sequence: int,
+    generation: int,
+    pieces: list[tuple[int, bytes | memoryview]],
+    sealer: Sealer,
+    ftype: int = UNDO_TYPE,
+) -> bytes:
+    """One UNDO record holding the old contents `pieces` ((offset, data) in the order of the batch)."""
+    runs = seal_pieces(sealer, generation, sequence, [(off, memoryview(data)) for off, data in pieces])
+    table = [(off, n, len(sealed), ExtentKind.ZERO if zero else ExtentKind.DATA) for zero, off, n, sealed in runs]
+    blobs = [sealed for _, _, _, sealed in runs]
+    head = _HEAD.pack(generation, len(table)) + b"".join(_ENTRY.pack(*e) for e in table)
+    seal = sealer.seal_batch(generation, sequence, head)
+    return encode_frame(ftype, disk, sequence, b"".join([head, seal, *blobs]))
+
+
+def decode_undo(disk: int, sequence: int, payload: bytes | memoryview, opener: Opener) -> UndoRecord:
+    """Verify and open an UNDO record's payload (everything is checked before anything is returned)."""
+    p = memoryview(payload)
+    try:
+        generation, count = _HEAD.unpack_from(p, 0)
+        end = _HEAD.size + count * _ENTRY.size
+        if end + SEAL_SIZE > len(p):
+            raise JournalError(f"undo record {sequence}: extent table truncated")
+        head = bytes(p[:end])
+        opener.check_batch(generation, sequence, head, p[end : end + SEAL_SIZE])
+        pos = end + SEAL_SIZE
+        extents: list[tuple[int, bytes | None]] = []
+        lengths: list[int] = []
+        for i in range(count):
+            offset, length, stored, kind = _ENTRY.unpack_from(p, _HEAD.size + i * _ENTRY.size)
+            if kind == ExtentKind.ZERO and stored == 0:
+                extents.append((offset, None))
+            elif kind == ExtentKind.DATA and stored and pos + stored <= len(p):
+                extents.append((offset, opener.open(generation, sequence, offset, length, p[pos : pos + stored])))
+                pos += stored
+            else:
+                raise JournalError(f"undo record {sequence}: bad extent {i}")
+            lengths.append(length)
+        if pos != len(p):
+            raise JournalError(f"undo record {sequence}: {len(p) - pos} bytes after the last extent")
+    except struct.error:
+        raise JournalError(f"undo record {sequence}: truncated") from None
+    except EnvelopeError as exc:
+        raise JournalError(f"undo record {sequence} failed authentication: {exc}") from None
+    return UndoRecord(disk, sequence, generation, tuple(extents), tuple(lengths))
+
+
+def undo_table(sequence: int, prefix: bytes | memoryview, opener: Opener) -> list[tuple[int, int]] | int:
+    """The (offset, length) ranges of an UNDO/REDO payload from its first bytes, table seal checked; or,
+    if `prefix` is too short, how many bytes are needed. Lets a rollback plan its writes without
+    decrypting contents it may not use."""
+    p = memoryview(prefix)
+    if len(p) < _HEAD.size:
+        return _HEAD.size
+    generation, count = _HEAD.unpack_from(p, 0)
+    end = _HEAD.size + count * _ENTRY.size
+    if len(p) < end + SEAL_SIZE:
+        return end + SEAL_SIZE
+    try:
+        opener.check_batch(generation, sequence, bytes(p[:end]), p[end : end + SEAL_SIZE])
+    except EnvelopeError as exc:
+        raise JournalError(f"undo record {sequence} failed authentication: {exc}") from None
+    return [_ENTRY.unpack_from(p, _HEAD.size + i * _ENTRY.size)[:2] for i in range(count)]
+
+
+def encode_commit(disk: int, sequence: int, meta: dict[str, Any]) -> bytes:
+    if type(meta.get("generation")) is not int or not isinstance(meta.get("kind"), str):
+        raise JournalError("a commit record needs an integer generation and a kind")
+    return encode_frame(COMMIT_TYPE, disk, sequence, meta_bytes(meta))
+
+
+def decode_commit(disk: int, sequence: int, payload: bytes | memoryview) -> CommitRecord:
+    try:
+        meta = json.loads(bytes(payload))
+    except (ValueError, RecursionError):
+        raise JournalError(f"commit record {sequence}: not JSON") from None
+    if not isinstance(meta, dict) or type(meta.get("generation")) is not int:
+        raise JournalError(f"commit record {sequence}: bad fields")
+    return CommitRecord(disk, sequence, meta)
+
+
+@dataclass(frozen=True, slots=True)
+class Scan:
+    records: list[tuple[int, int, int, memoryview]]  # (type, disk, sequence, payload)
+    good_end: int  # offset after the last intact record
+    torn: bool  # what follows good_end is a torn last write (cut it off)
+    problem: str | None  # anything after good_end that is not a torn tail: damage (refuse to go on)
+    offsets: list[int]  # where each of `records` starts in the buffer
+
+
+def scan(buf: bytes | memoryview) -> Scan:
+    """Read a journal segment. A crash mid-append tears only the last record: a partial header, or a
+    header whose record would reach past the end of the file. Anything else is corruption."""
+    records, good_end, problem = scan_records(buf)
+    out = [(r.header.type, r.header.stream, r.header.sequence, r.payload) for r in records]
+    offsets = [r.offset for r in records]
+    if problem is None:
+        return Scan(out, good_end, False, None, offsets)
+    rest = len(buf) - good_end
+    torn = rest < HEADER_SIZE
+    if not torn:
+        try:
+            h = decode_header(memoryview(buf)[good_end : good_end + HEADER_SIZE])
+            torn = good_end + HEADER_SIZE + h.length >= len(buf)
+        except ProtocolError:
+            torn = False
+    return Scan(out, good_end, torn, None if torn else problem, offsets)

@@ -1,0 +1,72 @@
+"""Where a replica may go: the checks behind the process server's `check_replica` request, made before a
+disk is protected (a new replica's path, or an existing replica to seed from)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from pathlib import Path
+
+from .operations import OpError
+from .replicas import KINDS, ReplicaError, open_replica
+from .volume import overlaps
+
+
+async def check_replica(retention_dir: Path, used: set[str], path: str, format: str, size: int,
+                        existing: bool = False) -> None:
+    """OpError unless `path` can hold the replica (`format`, `size` bytes) of a disk: off the retention
+    volume, used by no other protected disk (`used`), and new — or, `existing`, a replica to seed from."""
+    if overlaps(path, retention_dir):
+        code, message = "bad-input", f"replica {path} would be on the retention volume {retention_dir}"
+    elif existing:
+        code, message = await asyncio.to_thread(check_existing_replica, path, format, size, used)
+    else:
+        code, message = check_replica_path(path, format, size, used)
+    if code:
+        raise OpError(code, message)
+
+
+def check_existing_replica(path: str, kind: str, size: int, used: set[str]) -> tuple[str, str]:
+    """Can the replica at `path` (offline seeding) be opened as `kind` with the source's size?"""
+    if kind not in KINDS:
+        return "bad-input", f"unknown replica format {kind!r}"
+    if path in used:
+        return "replica-exists", f"replica path {path} is already used by another protected disk"
+    try:
+        open_replica(kind, Path(path), size).close()
+    except (ReplicaError, OSError) as exc:
+        return "bad-input", f"cannot use existing replica {path}: {exc}"
+    return "", ""
+
+
+def check_replica_path(path: str, kind: str, size: int, used: set[str]) -> tuple[str, str]:
+    """Is `path` usable for a new replica of `size` bytes? ("", "") or (code, message)."""
+    if kind not in KINDS:
+        return "bad-input", f"unknown replica format {kind!r}"
+    p = Path(path)
+    if not p.is_absolute():
+        return "bad-input", f"replica path {path!r} must be absolute"
+    if path in used:
+        return "replica-exists", f"replica path {path} is already used by another protected disk"
+    if kind == "device":
+        try:
+            mode = os.stat(p).st_mode
+        except OSError as exc:
+            return "bad-input", f"replica device {path}: {exc.strerror}"
+        if not stat.S_ISBLK(mode):
+            return "bad-input", f"{path} is not a block device"
+        with open(p, "rb") as f:
+            dev_size = f.seek(0, os.SEEK_END)
+        if dev_size != size:
+            return "size-mismatch", f"device {path} has {dev_size} bytes, the source disk has {size}"
+        return "", ""
+    flat = p.with_name(p.stem + "-flat.vmdk") if kind in ("vmdk", "vmdk-thick", "vmdk-monolithic-flat") else None
+    for q in (p, flat):
+        if q is not None and q.exists():
+            return "replica-exists", f"replica path {q} already exists on master target (refusing to overwrite)"
+    if not p.parent.is_dir():
+        return "bad-input", f"directory {p.parent} does not exist on the master target"
+    if not os.access(p.parent, os.W_OK):
+        return "bad-input", f"directory {p.parent} is not writable on the master target"
+    return "", ""

@@ -1,0 +1,117 @@
+"""Retention-journal records: round trip, authentication (and its domain), torn and corrupted tails."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from standby.mastertarget.journal_codec import (
+    COMMIT_TYPE,
+    UNDO_TYPE,
+    JournalError,
+    decode_commit,
+    decode_undo,
+    encode_commit,
+    encode_undo,
+    scan,
+    undo_opener,
+    undo_sealer,
+)
+from standby.proto.envelope import Opener, Sealer
+from standby.proto.errors import EnvelopeError
+from standby.proto.frames import HEADER_SIZE
+from standby.proto.messages import MAX_BATCH_LOGICAL
+
+KEY, UID = os.urandom(32), os.urandom(16)
+
+
+def old_contents(seed: int) -> list[tuple[int, bytes]]:
+    rng = random.Random(seed)
+    return [
+        (0, rng.randbytes(4096)),
+        (1 << 20, bytes(128 * 1024) + rng.randbytes(8192)),  # zeros become a zero extent
+        (5 << 20, b"log line\n" * 7000 + bytes(4096 - (63000 % 4096))),
+    ]
+
+
+def test_undo_round_trip_with_zero_runs() -> None:
+    pieces = old_contents(1)
+    rec = encode_undo(3, 42, 2, pieces, undo_sealer(KEY, UID))
+    s = scan(rec)
+    assert s.problem is None and not s.torn and len(s.records) == 1
+    ftype, disk, seq, payload = s.records[0]
+    assert (ftype, disk, seq) == (UNDO_TYPE, 3, 42)
+    u = decode_undo(disk, seq, payload, undo_opener(KEY, UID))
+    assert u.generation == 2
+    rebuilt: dict[int, bytes] = {}
+    for (off, data), n in zip(u.extents, u.lengths, strict=True):
+        rebuilt[off] = data if data is not None else bytes(n)
+    for off, data in pieces:
+        got = b"".join(rebuilt[o] for o in sorted(rebuilt) if off <= o < off + len(data))
+        assert got == data
+    assert any(d is None for _, d in u.extents)
+
+
+def test_undo_needs_its_key_sequence_and_domain() -> None:
+    rec = encode_undo(3, 42, 2, old_contents(2), undo_sealer(KEY, UID))
+    _, disk, seq, payload = scan(rec).records[0]
+    with pytest.raises(JournalError):
+        decode_undo(disk, seq + 1, payload, undo_opener(KEY, UID))  # moved to another batch
+    with pytest.raises(JournalError):
+        decode_undo(disk, seq, payload, undo_opener(os.urandom(32), UID))
+    with pytest.raises(JournalError):  # a wire opener (batch domain) refuses undo ciphertext
+        decode_undo(disk, seq, payload, Opener(KEY, UID, MAX_BATCH_LOGICAL))
+    flipped = bytearray(payload)
+    flipped[-5] ^= 1
+    with pytest.raises(JournalError):
+        decode_undo(disk, seq, flipped, undo_opener(KEY, UID))
+
+
+def test_wire_extents_do_not_open_as_undo_and_back() -> None:
+    data = os.urandom(4096)
+    wire = Sealer(KEY, UID).seal(2, 42, 0, data)
+    undo = undo_sealer(KEY, UID).seal(2, 42, 0, data)
+    with pytest.raises(EnvelopeError):
+        undo_opener(KEY, UID).open(2, 42, 0, 4096, wire)
+    with pytest.raises(EnvelopeError):
+        Opener(KEY, UID, MAX_BATCH_LOGICAL).open(2, 42, 0, 4096, undo)
+
+
+def test_commit_round_trip_and_validation() -> None:
+    meta = {"generation": 2, "kind": "point", "time": 1.5, "consistency": "crash-consistent", "tag": "t"}
+    s = scan(encode_commit(3, 43, meta))
+    ftype, disk, seq, payload = s.records[0]
+    assert ftype == COMMIT_TYPE and decode_commit(disk, seq, payload).meta == meta
+    with pytest.raises(JournalError):
+        encode_commit(3, 43, {"kind": "point"})
+    with pytest.raises(JournalError):
+        decode_commit(3, 43, b"{not json")
+
+
+def segment() -> bytes:
+    sealer = undo_sealer(KEY, UID)
+    out = b""
+    for seq in range(1, 4):
+        out += encode_undo(1, seq, 1, old_contents(seq), sealer)
+        out += encode_commit(1, seq, {"generation": 1, "kind": "batch"})
+    return out
+
+
+def test_every_cut_of_the_last_record_is_a_torn_tail() -> None:
+    full = segment()
+    last = encode_commit(1, 4, {"generation": 1, "kind": "batch"})
+    whole = full + last
+    for cut in range(len(full) + 1, len(whole)):
+        s = scan(whole[:cut])
+        assert s.torn and s.problem is None and s.good_end == len(full), cut
+        assert len(s.records) == 6
+
+
+def test_damage_before_the_tail_is_corruption_not_a_tear() -> None:
+    full = bytearray(segment())
+    first_len = len(encode_undo(1, 1, 1, old_contents(1), undo_sealer(KEY, UID)))
+    full[first_len + HEADER_SIZE + 3] ^= 0xFF  # inside the second record's payload, records follow it
+    s = scan(bytes(full))
+    assert not s.torn and s.problem and len(s.records) == 1
