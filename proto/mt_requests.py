@@ -116,7 +116,7 @@ class FailoverStep(Wire):
 
 @message("failover state")
 class FailoverInfo(Wire):
-    """mastertarget.recovery.FailoverState as vars(), with `point` and `problem` (operations.point_list)."""
+    """mastertarget.recovery.FailoverState as vars(), with `point` and `problem` (upkeep.point_list)."""
 
     OMIT_NONE = frozenset({"point", "problem"})
 
@@ -192,7 +192,7 @@ class PointInfo(Wire):
 
 @message("points reply")
 class PointList(Wire):
-    """mastertarget.operations.point_list"""
+    """mastertarget.upkeep.point_list"""
 
     disk: int = checked(disk_id)
     points: tuple[PointInfo, ...] = checked(list_of(nested(PointInfo)))

@@ -2,7 +2,7 @@
 process-server cache segments, the agent's clean-stop record, the daemons' TOML configs and identities,
 the master target's state files and replica descriptors/headers.
 
-Allowed errors, as documented: JournalError (mastertarget/journal.py: "malformed or fails
+Allowed errors, as documented: JournalError (mastertarget/journal_codec.py: "malformed or fails
 authentication"), CacheCorrupt (processserver/cache.py), NotStarted for configs (plumbing/errors.py: exit 5,
 "bad config"), IdentityError, ReplicaError/OSError for replica files. The clean-stop loader documents that
 an unreadable record is a reason, never an exception, so nothing may escape it. The master target's state

@@ -3,7 +3,7 @@ extent table or the commit meta, rebuild the payload and — when the caller pas
 table again with the disk's key, so the mutation survives AES-GCM authentication and reaches the code that
 trusts an authenticated table (a hostile agent holds that key).
 
-Layouts are taken from the diagrams in proto/messages.py and mastertarget/journal.py, not from their
+Layouts are taken from the diagrams in proto/messages.py and mastertarget/journal_codec.py, not from their
 private structs.
 """
 
