@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Awaitable
 
 from standby.plumbing import identity as ident
 from standby.plumbing.errors import NotStarted
@@ -85,20 +86,8 @@ class ProcessServer(Hub):
         link = Link(reader, writer, Connection(Role.SERVER), f"{addr[0]}:{addr[1]}" if addr else "peer")
         link.role = "ps"
         try:
-            await self._session(link, addr[0] if addr else "?")
-        except RemoteProtocolError as exc:
-            log.warning("%s: protocol error (%s): %s; closing this connection", link.name, exc.code, exc)
-            await link.close(exc.code, str(exc))
-        except LinkClosed as exc:
-            log.log(logging.DEBUG if link.quiet else logging.INFO, "%s", exc)
-        except (ConnectionError, ssl.SSLError, TimeoutError) as exc:
-            log.info("%s: connection ended: %s", link.name, exc)
-        except asyncio.CancelledError:
-            pass
-        except Exception:
-            log.exception("%s: unexpected error in session (bug); closing this connection", link.name)
+            await serve_connection(link, self._session(link, addr[0] if addr else "?"))
         finally:
-            await link.close()
             self._tasks.discard(task)
 
     async def _session(self, link: Link, ip: str) -> None:
@@ -141,3 +130,23 @@ class ProcessServer(Hub):
             return self.registry.get_meta("admin_serial") == str(serial)
         m = self.registry.machine(name)
         return m is not None and m["role"] == role and m["serial"] == str(serial)
+
+
+async def serve_connection(link: Link, session: Awaitable[None]) -> None:
+    """Run one connection's session to its end. Whatever ends it closes this connection only, with a
+    logged reason — and a GOODBYE with the reason code when the peer broke the protocol."""
+    try:
+        await session
+    except RemoteProtocolError as exc:
+        log.warning("%s: protocol error (%s): %s; closing this connection", link.name, exc.code, exc)
+        await link.close(exc.code, str(exc))
+    except LinkClosed as exc:
+        log.log(logging.DEBUG if link.quiet else logging.INFO, "%s", exc)
+    except (ConnectionError, ssl.SSLError, TimeoutError) as exc:
+        log.info("%s: connection ended: %s", link.name, exc)
+    except asyncio.CancelledError:
+        pass
+    except Exception:
+        log.exception("%s: unexpected error in session (bug); closing this connection", link.name)
+    finally:
+        await link.close()
