@@ -9,7 +9,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from standby.plumbing.link import Link, LinkClosed, RequestFailed
-from standby.plumbing.serve import serve_request
+from standby.plumbing.serve import Handler, serve_request
 from standby.proto.errors import RemoteProtocolError
 from standby.proto.messages import Request
 
@@ -31,8 +31,9 @@ class AdminSession:
         self.link = link
         self.recovery = RecoveryAdmin(ps)
 
-    async def run(self) -> None:
-        handlers = {
+    def handlers(self) -> dict[str, Handler]:
+        """The requests an admin may send here (proto.requests says which, with their arguments)."""
+        return {
             "status": self.status,
             "machines": self.machines,
             "protect": self.protect,
@@ -46,6 +47,9 @@ class AdminSession:
             "test_failover_cleanup": self.recovery.test_failover_cleanup,
             "app_point": self.recovery.app_point,
         }
+
+    async def run(self) -> None:
+        handlers = self.handlers()
         while True:
             msg = await self.link.recv()
             if not isinstance(msg, Request):

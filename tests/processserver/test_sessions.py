@@ -25,6 +25,7 @@ from standby.processserver.hub import Hub
 from standby.processserver.mtsession import MTSession
 from standby.processserver.server import serve_connection
 from standby.proto.messages import SEAL_SIZE, Ack, Batch, BatchKind, Busy, Extent, ExtentKind, Message
+from standby.proto.requests import OPS
 from tests.processserver.fakelink import link_pair
 from tests.proto.test_connection import handshake
 
@@ -276,3 +277,17 @@ def test_records_behind_a_refused_one_are_refused_too(tmp_path: Path) -> None:
         assert [(type(m), m.sequence) for m in got[2:]] == [(Busy, 3), (Busy, 4)]
 
     run(tmp_path, "agent", scenario, quota=2 * frame)
+
+
+@pytest.mark.parametrize("role", ["agent", "mt", "admin"])
+def test_each_role_is_served_exactly_the_requests_proto_defines_for_it(tmp_path: Path, role: str) -> None:
+    async def main() -> None:
+        hub = make_hub(tmp_path)
+        _, server = link_pair(role)
+        session = {"agent": AgentSession, "mt": MTSession}.get(role)
+        table = session(hub, server, "m1").handlers() if session else AdminSession(hub, server).handlers()
+        defined = {op for (op, r), spec in OPS.items() if r == role and "ps" in spec.served_by}
+        assert set(table) == defined
+        await hub.close()
+
+    asyncio.run(main())
