@@ -6,20 +6,19 @@ import json
 import logging
 import time
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from standby.plumbing.link import Link, LinkClosed, RequestFailed
-from standby.plumbing.serve import serve_request
+from standby.plumbing.serve import Handler, serve_request
 from standby.proto.errors import RemoteProtocolError
 from standby.proto.messages import Request
 
+from .failure import Failure
 from .health import ALERT, ERROR
-from .recovery import FAILED_OVER, RecoveryAdmin, protected_disks
-from .registry import DiskRow
+from .hub import Hub
+from .recovery import RecoveryAdmin, protected_disks
+from .registry import FAILED_OVER, DiskRow
 from .streams import DiskStream
-
-if TYPE_CHECKING:
-    from .server import ProcessServer
 
 log = logging.getLogger("standby.ps.admin")
 FORMATS = ("vmdk", "vmdk-thick", "vmdk-monolithic-flat", "vmdk-sparse", "raw", "device")
@@ -27,13 +26,14 @@ SUFFIX = {"raw": ".img"}
 
 
 class AdminSession:
-    def __init__(self, ps: ProcessServer, link: Link) -> None:
+    def __init__(self, ps: Hub, link: Link) -> None:
         self.ps = ps
         self.link = link
         self.recovery = RecoveryAdmin(ps)
 
-    async def run(self) -> None:
-        handlers = {
+    def handlers(self) -> dict[str, Handler]:
+        """The requests an admin may send here (proto.requests says which, with their arguments)."""
+        return {
             "status": self.status,
             "machines": self.machines,
             "protect": self.protect,
@@ -47,6 +47,9 @@ class AdminSession:
             "test_failover_cleanup": self.recovery.test_failover_cleanup,
             "app_point": self.recovery.app_point,
         }
+
+    async def run(self) -> None:
+        handlers = self.handlers()
         while True:
             msg = await self.link.recv()
             if not isinstance(msg, Request):
@@ -65,8 +68,6 @@ class AdminSession:
         replicas: dict[str, str] | None = None,
         existing: bool = False,
     ) -> dict[str, Any]:
-        from .server import Failure
-
         reg = self.ps.registry
         replicas = dict(replicas or {})
         m = reg.machine(machine)
@@ -142,8 +143,6 @@ class AdminSession:
         return {}
 
     async def resume(self, machine: str) -> dict[str, Any]:
-        from .server import Failure
-
         if any(d.state in FAILED_OVER for d in self._machine_disks(machine)):
             raise Failure("refused", f"{machine} is failed over: replication does not resume (reprotect is not built)")
         for d in self._machine_disks(machine):
@@ -155,8 +154,6 @@ class AdminSession:
         return {}
 
     async def resync(self, machine: str, full: bool = False, disk: str | None = None) -> dict[str, Any]:
-        from .server import Failure
-
         disks = [d for d in self._machine_disks(machine) if disk is None or d.name == disk]
         if not disks:
             raise Failure("unknown-disk", f"machine {machine!r} has no protected disk {disk!r}")
@@ -247,8 +244,7 @@ class AdminSession:
             return "stalled"
         if st.health.has("mt-replica") or st.health.has("mt-reject"):
             return "failed"
-        sender = mt.senders.get(d.id)
-        if sender is None or sender.done():
+        if not mt.sending(d.id):
             return "stopped"
         return "running"
 

@@ -34,7 +34,7 @@ from standby.plumbing.passphrase import RateLimiter, verify_passphrase
 from standby.plumbing.serve import serve_request
 from standby.proto.messages import Request
 
-from .gate import RateLimitedLog
+from .ratelog import RateLimitedLog
 from .registry import Registry
 
 log = logging.getLogger("standby.ps.enroll")

@@ -26,7 +26,8 @@ enrolling machine is a stranger that knows, at best, the passphrase). Threats an
   connections that merely ended, so that a health check's probe cannot hide a refusal). The client tells a refusal from
   a lost connection by the missing TLS 1.3 session ticket (see `plumbing.link.dial`).
 
-`Admission` and `RateLimitedLog` are pure (the caller passes the time); `Gate` is the asyncio glue.
+`Admission` (admission.py) and `RateLimitedLog` (ratelog.py) are pure (the caller passes the time); `Gate`,
+here, is the asyncio glue.
 Wiring (server.py): `gate.start_server(handle, host, port)` instead of `asyncio.start_server(..., ssl=…)`
 (its `close()` closes the gate too) and `gate.admit(writer)` once the HELLO's certificate is accepted.
 """
@@ -34,16 +35,15 @@ Wiring (server.py): `gate.start_server(handle, host, port)` instead of `asyncio.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import resource
 import socket
 import ssl
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+
+from .admission import Admission, Ticket, current_pending_cap
+from .ratelog import LOG_WINDOW, RateLimitedLog
 
 log = logging.getLogger("standby.ps.gate")
 
@@ -53,143 +53,6 @@ HANDSHAKE_TIMEOUT = 15.0
 PENDING_LIFETIME = 120.0
 """Seconds a connection may stay unauthenticated in all (handshake + HELLO + an enrollment session).
 An enrollment is two connections of one request each; two minutes is generous."""
-
-PENDING_CAP_MIN, PENDING_CAP_MAX = 16, 512
-"""Bounds of the pending cap derived from the open-file limit: never so small that a burst of agents
-reconnecting after a restart is throttled, never so large that strangers hold more sockets than a big
-deployment's agents do."""
-
-LOG_WINDOW = 60.0
-"""Rate-limited log lines: at most one per key (source address) per window, with a count."""
-
-LOG_KEYS_MAX = 1024
-"""Addresses tracked by a rate-limited log at once; beyond, they share one line (bounded memory against
-a flood from many addresses)."""
-
-
-def pending_cap_for(soft_nofile: int) -> int:
-    """A quarter of the open-file soft limit, within [PENDING_CAP_MIN, PENDING_CAP_MAX].
-
-    A quarter leaves three quarters for what must never run out: cache segments, agent and master-target
-    sockets, the registry. With the common 1,024 limit that is 256 pending connections.
-    """
-    if soft_nofile == resource.RLIM_INFINITY or soft_nofile <= 0:
-        return PENDING_CAP_MAX
-    return max(PENDING_CAP_MIN, min(PENDING_CAP_MAX, soft_nofile // 4))
-
-
-def current_pending_cap() -> int:
-    return pending_cap_for(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
-
-
-# ---------------------------------------------------------------------------------------------- pure parts
-
-
-@dataclass(frozen=True, slots=True)
-class Ticket:
-    """One pending connection: where it came from, when, and an id that orders tickets by arrival."""
-
-    id: int
-    address: str
-    since: float
-
-
-class Admission:
-    """Pure bookkeeping of pending connections: who holds how many, and whom to evict at the cap.
-
-    Every operation is O(1) except choosing a victim, O(number of addresses with pending connections),
-    which is at most the cap.
-    """
-
-    def __init__(self) -> None:
-        # address -> its pending tickets, oldest first
-        self._by_address: dict[str, OrderedDict[int, Ticket]] = {}
-        self._count = 0
-        self._ids = itertools.count(1)
-
-    def __len__(self) -> int:
-        return self._count
-
-    def count(self, address: str) -> int:
-        return len(self._by_address.get(address, ()))
-
-    def add(self, address: str, now: float, cap: int) -> tuple[Ticket, list[Ticket]]:
-        """Record a new pending connection; returns it and the tickets to evict so at most `cap` remain."""
-        if cap < 1:
-            raise ValueError("the pending cap must be at least 1")
-        ticket = Ticket(next(self._ids), address, now)
-        victims: list[Ticket] = []
-        while self._count >= cap:
-            victims.append(self._evict_one())
-        self._by_address.setdefault(address, OrderedDict())[ticket.id] = ticket
-        self._count += 1
-        return ticket, victims
-
-    def remove(self, ticket: Ticket) -> bool:
-        """Forget a ticket (admitted, closed or evicted); False if it was not pending. Idempotent."""
-        queue = self._by_address.get(ticket.address)
-        if queue is None or queue.pop(ticket.id, None) is None:
-            return False
-        if not queue:
-            del self._by_address[ticket.address]
-        self._count -= 1
-        return True
-
-    def _evict_one(self) -> Ticket:
-        # The busiest address; among equals, the one whose oldest ticket is oldest.
-        address = max(self._by_address, key=lambda a: (len(self._by_address[a]), -next(iter(self._by_address[a]))))
-        victim = next(iter(self._by_address[address].values()))
-        self.remove(victim)
-        return victim
-
-
-class RateLimitedLog:
-    """At most one line per key per `window` seconds; what was held back is counted and told later.
-
-    Pure: `record` returns the line to log now (or None: counted), `flush` returns the summaries of
-    windows that have ended with lines held back, each with the highest level held back. Every line
-    starts with its key (a source address). Memory is bounded by `max_keys`; keys beyond share the key
-    "other addresses".
-    """
-
-    OTHERS = "other addresses"
-
-    def __init__(self, window: float = LOG_WINDOW, max_keys: int = LOG_KEYS_MAX) -> None:
-        self.window = window
-        self.max_keys = max_keys
-        # key -> [window start, lines held back, last message held back, highest level held back]
-        self._keys: dict[str, list[Any]] = {}
-
-    def record(self, key: str, message: str, now: float, level: int = logging.WARNING) -> str | None:
-        if key not in self._keys and len(self._keys) >= self.max_keys:
-            self.flush(now)  # forgets ended windows (their summaries are dropped: those keys went quiet)
-            if len(self._keys) >= self.max_keys:
-                key = self.OTHERS
-        entry = self._keys.get(key)
-        if entry is None or now - entry[0] >= self.window:
-            earlier = f" (before it: {self._held(entry)})" if entry is not None and entry[1] else ""
-            self._keys[key] = [now, 0, "", logging.NOTSET]
-            return f"{key}: {message}{earlier}"
-        entry[1] += 1
-        entry[2] = message
-        entry[3] = max(entry[3], level)
-        return None
-
-    def flush(self, now: float) -> list[tuple[int, str]]:
-        """(level, summary) of ended windows that held lines back; keys whose window ended are forgotten."""
-        out = []
-        for key in [k for k, e in self._keys.items() if now - e[0] >= self.window]:
-            entry = self._keys.pop(key)
-            if entry[1]:
-                out.append((entry[3], f"{key}: {self._held(entry)}"))
-        return out
-
-    def pending(self) -> bool:
-        """Whether any line is held back (a flush at the end of its window would say something)."""
-        return any(e[1] for e in self._keys.values())
-
-    def _held(self, entry: list[Any]) -> str:
-        return f"{entry[1]} more like this within {self.window:.0f} s, the last: {entry[2]}"
 
 
 def describe_handshake_failure(exc: BaseException, timeout: float) -> tuple[int, str]:
@@ -525,14 +388,3 @@ class Gate:
                 transport.abort()  # type: ignore[attr-defined]
         finally:
             self._forget(conn)
-
-
-__all__ = [
-    "Admission",
-    "Gate",
-    "Listener",
-    "RateLimitedLog",
-    "Ticket",
-    "describe_handshake_failure",
-    "pending_cap_for",
-]

@@ -16,17 +16,15 @@ import asyncio
 import logging
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from standby.plumbing.link import LinkClosed, RequestFailed
 
-from .registry import DiskRow
-
-if TYPE_CHECKING:
-    from .server import MTSession, ProcessServer
+from .failure import Failure
+from .hub import Hub, MTPeer
+from .registry import FAILED_OVER, DiskRow
 
 log = logging.getLogger("standby.ps.recovery")
-FAILED_OVER = ("failed-over", "failover-committed")
 DRAIN_TIMEOUT = 900.0
 LONG = 6 * 3600.0  # a rollback or a copy of a large disk may take long: the master target reports its end
 
@@ -87,10 +85,8 @@ def _at(disk: str, pts: list[dict[str, Any]], at: float) -> dict[str, Any]:
     return before[-1]
 
 
-def protected_disks(ps: ProcessServer, machine: str) -> list[DiskRow]:
+def protected_disks(ps: Hub, machine: str) -> list[DiskRow]:
     """The machine's protected disks; a clear refusal for an unknown machine or one with none."""
-    from .server import Failure
-
     disks = [d for d in ps.registry.disks(machine=machine) if d.mt is not None]
     if not disks:
         m = ps.registry.machine(machine)
@@ -103,12 +99,10 @@ def protected_disks(ps: ProcessServer, machine: str) -> list[DiskRow]:
 class RecoveryAdmin:
     """The recovery half of the admin session (see admin.AdminSession)."""
 
-    def __init__(self, ps: ProcessServer) -> None:
+    def __init__(self, ps: Hub) -> None:
         self.ps = ps
 
-    def _disks(self, machine: str) -> tuple[list[DiskRow], MTSession]:
-        from .server import Failure
-
+    def _disks(self, machine: str) -> tuple[list[DiskRow], MTPeer]:
         disks = protected_disks(self.ps, machine)
         mts = {d.mt for d in disks}
         if len(mts) != 1:
@@ -119,9 +113,7 @@ class RecoveryAdmin:
             raise Failure("unreachable", f"master target {mt!r} is not connected: start it and retry")
         return disks, session
 
-    async def _mt(self, session: MTSession, op: str, timeout: float = 60.0, **args: Any) -> dict[str, Any]:
-        from .server import Failure
-
+    async def _mt(self, session: MTPeer, op: str, timeout: float = 60.0, **args: Any) -> dict[str, Any]:
         try:
             return await session.link.request(op, timeout=timeout, **args)
         except RequestFailed as exc:
@@ -129,7 +121,7 @@ class RecoveryAdmin:
         except (TimeoutError, LinkClosed) as exc:
             raise Failure("unreachable", f"master target {session.name!r} did not answer: {exc or 'timeout'}") from None
 
-    async def _points(self, disks: list[DiskRow], session: MTSession) -> dict[str, dict[str, Any]]:
+    async def _points(self, disks: list[DiskRow], session: MTPeer) -> dict[str, dict[str, Any]]:
         return {d.name: await self._mt(session, "points", disk=d.id) for d in disks}
 
     async def points(self, machine: str) -> dict[str, Any]:
@@ -141,8 +133,6 @@ class RecoveryAdmin:
     async def _drain(self, disks: list[DiskRow], hold: bool) -> None:
         """Wait until everything the process server held at the start of the request is applied. With
         `hold`, nothing newer is forwarded (the failover stops there)."""
-        from .server import Failure
-
         fences = {}
         held = []
         for d in disks:
@@ -163,8 +153,6 @@ class RecoveryAdmin:
             raise
 
     async def _wait_applied(self, disks: list[DiskRow], fences: dict[int, int]) -> None:
-        from .server import Failure
-
         deadline = time.monotonic() + DRAIN_TIMEOUT
         mt = disks[0].mt or ""
         while any(self.ps.open_stream(d).applied_seq < fences[d.id] for d in disks):
@@ -178,16 +166,12 @@ class RecoveryAdmin:
             await asyncio.sleep(0.1)
 
     def _choose(self, listed: dict[str, dict[str, Any]], point: str | None, at: float | None) -> dict[str, dict]:
-        from .server import Failure
-
         try:
             return choose({d: r["points"] for d, r in listed.items()}, point, at)
         except ChoiceError as exc:
             raise Failure("bad-input", str(exc)) from None
 
     async def failover(self, machine: str, point: str | None = None, at: float | None = None) -> dict[str, Any]:
-        from .server import Failure
-
         disks, session = self._disks(machine)
         if (point is None) == (at is None):
             raise Failure("bad-input", "give exactly one of --point and --at")
@@ -215,8 +199,6 @@ class RecoveryAdmin:
         return {"machine": machine, "disks": out}
 
     async def commit(self, machine: str) -> dict[str, Any]:
-        from .server import Failure
-
         disks, session = self._disks(machine)
         if not all(d.state in FAILED_OVER for d in disks):
             raise Failure("refused", f"{machine} is not failed over: run standby failover first")
@@ -231,8 +213,6 @@ class RecoveryAdmin:
     async def test_failover(
         self, machine: str, point: str | None = None, at: float | None = None, directory: str | None = None
     ) -> dict[str, Any]:
-        from .server import Failure
-
         disks, session = self._disks(machine)
         if (point is None) == (at is None):
             raise Failure("bad-input", "give exactly one of --point and --at")
@@ -253,8 +233,6 @@ class RecoveryAdmin:
         return {"machine": machine, "disks": out}
 
     async def app_point(self, machine: str, tag: str = "") -> dict[str, Any]:
-        from .server import Failure
-
         disks, _ = self._disks(machine)
         if any(d.state in FAILED_OVER for d in disks):
             raise Failure("refused", f"{machine} is failed over: no new points")

@@ -64,6 +64,10 @@ LATER_COLUMNS = (
     ("seed", "INTEGER NOT NULL DEFAULT 0"),
 )
 
+# Disk states after a failover: nothing more is applied or replicated for the disk (the agent's records are
+# refused with BUSY; `standby commit` turns `failed-over` into `failover-committed`).
+FAILED_OVER = ("failed-over", "failover-committed")
+
 DISK_COLUMNS = (
     "id machine name uid path size state generation received_seq applied_seq cursor applied_cursor mt "
     "replica_path replica_format wrapped_key bytes_logical bytes_data bytes_wire bytes_applied protected_at "

@@ -28,15 +28,10 @@ from standby.plumbing.errors import EXIT_REFUSED, Refused, Unreachable
 from standby.plumbing.link import Link, dial
 from standby.plumbing.tls import anonymous_client_context, client_context, server_context
 from standby.processserver import enroll as enroll_mod
+from standby.processserver.admission import PENDING_CAP_MAX, PENDING_CAP_MIN, Admission, pending_cap_for
 from standby.processserver.enroll import GLOBAL_FREE, GLOBAL_MAX_DELAY, Enrollment
-from standby.processserver.gate import (
-    PENDING_CAP_MAX,
-    PENDING_CAP_MIN,
-    Admission,
-    Gate,
-    RateLimitedLog,
-    pending_cap_for,
-)
+from standby.processserver.gate import Gate
+from standby.processserver.ratelog import RateLimitedLog
 from standby.proto.connection import Connection, Role, choose_version
 from standby.proto.messages import Hello, Reply, Request, Welcome
 

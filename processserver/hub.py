@@ -1,0 +1,179 @@
+"""The process server's hub: what every session meets at — the registry, each disk's stream (its cache
+and positions) and the connected sessions — and the operations on a disk that more than one session
+asks for (open its stream, pass over lost records, ask for a resync, wake a peer).
+
+Sessions (agentsession, mtsession, admin, recovery) hold the hub, never each other: they see a connected
+agent or master target through the narrow `AgentPeer` / `MTPeer` protocols below. That keeps the import
+graph a tree: server.py, at the top, is the one module that knows every session class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any, Protocol
+
+from standby.plumbing.link import Link, LinkClosed
+from standby.plumbing.supervise import spawn
+from standby.proto.messages import Request
+
+from .cache import DiskCache
+from .deployment import PSConfig
+from .registry import FAILED_OVER, DiskRow, Registry
+from .streams import DiskStream
+
+log = logging.getLogger("standby.ps")
+
+
+class AgentPeer(Protocol):
+    """A connected agent, as the other sessions see it (agentsession.AgentSession)."""
+
+    link: Link
+
+
+class MTPeer(Protocol):
+    """A connected master target, as the other sessions see it (mtsession.MTSession)."""
+
+    name: str
+    link: Link
+
+    def sending(self, disk: int) -> bool:
+        """Whether a sender forwards this disk's records to the master target now."""
+        ...
+
+    def stop_sender(self, disk: int) -> None: ...
+
+    async def check_replica(self, path: str, fmt: str, size: int, existing: bool = False) -> None: ...
+
+
+class Hub:
+    def __init__(self, cfg: PSConfig) -> None:
+        self.cfg = cfg
+        self.registry = Registry(cfg.registry_path)
+        self.streams: dict[int, DiskStream] = {}
+        self.mt_sessions: dict[str, MTPeer] = {}
+        self.agent_sessions: dict[str, AgentPeer] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._storing: set[asyncio.Future[Any]] = set()
+
+    # -- start-up and shut-down ---------------------------------------------------------------------
+    def recover(self) -> None:
+        for row in self.registry.disks():
+            try:
+                self.open_stream(row)
+            except Exception:  # one disk's cache must not keep the server from serving every other disk
+                log.exception("disk %s/%s: cannot open its cache (a bug: please report it with this trace); the "
+                              "disk is not served", row.machine, row.name)
+
+    async def close(self) -> None:
+        """Cancel every task, let the appends under way finish (with their bookkeeping), then close the
+        caches and the registry."""
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._storing, return_exceptions=True)
+        for st in self.streams.values():
+            st.cache.close()
+        self.registry.close()
+
+    # -- disks --------------------------------------------------------------------------------------
+    def open_stream(self, row: DiskRow) -> DiskStream:
+        st = self.streams.get(row.id)
+        if st is not None:
+            return st
+        cache = DiskCache(self.cfg.cache_dir / f"disk-{row.id}")
+        rec = cache.recover(acked=row.received_seq)
+        st = DiskStream(row.id, row.machine, cache, row.name)
+        st.applied_seq = row.applied_seq
+        st.received_seq = max(row.received_seq, rec.last_seq, row.applied_seq)
+        st.cursor = max(row.cursor, rec.last_cursor)
+        st.generation = max(row.generation, rec.generation)
+        st.records = {s: v for s, v in rec.records.items() if s > st.applied_seq}
+        st.initial_committed = (
+            row.synced_at is not None
+            or row.state == "up-to-date"
+            or any(v.kind in ("initial-complete", "resync-complete") for v in st.records.values())
+        )
+        st.pause = bool(row.paused)
+        st.failed_over = row.state in FAILED_OVER
+        if st.failed_over:
+            st.paused_at = max(st.applied_seq, 1)
+        cache.release(st.applied_seq)
+        if st.received_seq != row.received_seq or st.cursor != row.cursor:
+            self.registry.update_disk(row.id, received_seq=st.received_seq, cursor=st.cursor)
+        self.streams[row.id] = st
+        if rec.damage is not None:
+            # Records the agent was told are durable may be gone: the replica cannot catch up by itself
+            # (promise 3). The master target skips what is lost (see MTSession.pull) and a checksum resync
+            # repairs the replica; the damaged files are kept in quarantine/ for inspection.
+            msg = f"{rec.damage}; moved to {cache.dir / 'quarantine'}; a checksum resync was requested"
+            st.health.set("cache-damage", msg)
+            self.after_loss(st, row)
+            self.skip_lost(st, row)
+            if row.mt is not None:
+                self.request_resync(row, "checksum", f"the process server's cache was damaged: {rec.damage}")
+        return st
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(s.cache.bytes for s in self.streams.values())
+
+    def skip_lost(self, st: DiskStream, row: DiskRow) -> None:
+        """Records after what is applied were received but are lost (set aside as damaged): nothing will
+        ever apply them, so they count as passed (the resync already asked for repairs the replica). The
+        master target skips them the next time it pulls (MTSession.pull)."""
+        if st.received_seq > st.applied_seq and not st.cache.after(st.applied_seq):
+            log.warning("disk %s/%s: records %d..%d are lost: passed over (a resync repairs the replica)",
+                        row.machine, row.name, st.applied_seq + 1, st.received_seq)
+            st.lost = (st.applied_seq + 1, st.received_seq)
+            st.applied_seq = st.received_seq
+            self.registry.update_disk(row.id, applied_seq=st.applied_seq)
+
+    def after_loss(self, st: DiskStream, row: DiskRow) -> None:
+        """Cached records were set aside (damaged, or refused by the master target): an initial copy goes
+        on from what is still held — the newest cached INITIAL batch, else what was applied — so the agent
+        sends the lost part again (the master target skips the lost sequence numbers; see MTSession.pull)."""
+        cursor = max([v.cursor for v in st.records.values() if v.cursor] + [row.applied_cursor])
+        st.initial_committed = (
+            row.synced_at is not None
+            or row.state == "up-to-date"
+            or any(v.kind in ("initial-complete", "resync-complete") for v in st.records.values())
+        )
+        if not st.initial_committed and cursor != st.cursor:
+            log.warning("disk %s/%s: the initial copy goes on from %d bytes (was %d)", row.machine, row.name, cursor,
+                        st.cursor)
+            st.cursor = cursor
+            self.registry.update_disk(row.id, cursor=cursor)
+
+    def request_resync(self, row: DiskRow, mode: str, reason: str) -> None:
+        """Ask the disk's agent for a resync (it learns at its next report, or now if connected)."""
+        if row.resync_request:
+            return
+        log.warning("disk %s/%s: resync requested (%s): %s", row.machine, row.name, mode, reason)
+        self.registry.update_disk(row.id, resync_request=json.dumps({"mode": mode, "reason": reason}))
+        agent = self.agent_sessions.get(row.machine)
+        if agent is not None:
+            self.spawn(self.wake(agent.link))
+
+    # -- peers and tasks ----------------------------------------------------------------------------
+    async def wake(self, link: Link | None) -> None:
+        """Tell a connected agent or master target that its disks changed, so it asks now rather than at
+        its next poll. Best effort: the peer's periodic poll is the fallback."""
+        if link is None:
+            return
+        try:
+            await link.send(Request(0, "wake", {}))
+        except LinkClosed:
+            pass
+
+    def track(self, coro: Any) -> asyncio.Future[Any]:
+        """A cache append that must run to its end even if its session ends (shielded by the caller); the
+        server waits for it before it closes the cache and the registry."""
+        fut = asyncio.ensure_future(coro)
+        self._storing.add(fut)
+        fut.add_done_callback(self._storing.discard)
+        return fut
+
+    def spawn(self, coro: Any, name: str = "task") -> asyncio.Task[Any]:
+        return spawn(coro, name, self._tasks)
