@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 from standby.plumbing import failpoints
 from standby.plumbing.aio import wait_event
-from standby.proto.messages import BatchKind
+from standby.proto.messages import WINDOW, BatchKind
 
 from .cuts import AppCut, CutOrder
 from .dirtymap import split_extents
 from .reader import disk_size
-from .window import WINDOW, SendWindow
+from .window import SendWindow
 
 if TYPE_CHECKING:
     from standby.plumbing.link import Link

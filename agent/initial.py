@@ -16,7 +16,9 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from .window import WINDOW, Refused, SendWindow
+from standby.proto.messages import WINDOW
+
+from .window import Refused, SendWindow
 
 if TYPE_CHECKING:
     from standby.plumbing.link import Link

@@ -25,11 +25,10 @@ from typing import TYPE_CHECKING
 
 from standby.proto import hashtree
 from standby.proto.envelope import open_hashes
-from standby.proto.messages import BatchKind
+from standby.proto.messages import WINDOW, BatchKind
 
 from .dirtymap import DirtyMap, split_extents
 from .replicated import Progress
-from .window import WINDOW
 
 if TYPE_CHECKING:
     from .delta import Shipper

@@ -30,14 +30,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from standby.proto.messages import Ack, Busy
+from standby.proto.messages import WINDOW, Ack, Busy
 
 if TYPE_CHECKING:
     from .dirtymap import DirtyMap
 
-# Records in flight per disk: enough to keep the network and the server's fsync busy, bounded so the
-# agent's memory stays ~ WINDOW x batch size per disk.
-WINDOW = 8
 
 Extents = list[tuple[int, int]]
 

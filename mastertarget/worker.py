@@ -30,7 +30,7 @@ from .replicas.resize import resize_replica
 
 log = logging.getLogger("standby.mt")
 RETRY_DELAY = 5.0
-# Records applied under one sync at most (the process server sends at most MT_WINDOW ahead anyway).
+# Records applied under one sync at most (the process server sends at most proto.messages.WINDOW ahead anyway).
 GROUP_MAX = 8
 
 Record = Batch | Commit

@@ -1,5 +1,5 @@
 """A master target's session: it learns its assigned disks, pulls each disk's records in order (a sender
-per disk forwards them from the cache, at most MT_WINDOW ahead of its acks) and acks each once applied
+per disk forwards them from the cache, at most WINDOW ahead of its acks) and acks each once applied
 and journaled, after which the cache releases it (promise 1)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from standby.plumbing.serve import Handler, serve_request
 from standby.plumbing.service import host_id
 from standby.plumbing.supervise import describe, supervise
 from standby.proto.errors import RemoteProtocolError
-from standby.proto.messages import Ack, Reject, Reply, Request
+from standby.proto.messages import WINDOW, Ack, Reject, Reply, Request
 
 from .failure import Failure
 from .health import ALERT
@@ -26,9 +26,6 @@ from .streams import DiskStream
 
 log = logging.getLogger("standby.ps")
 
-# How many records the server sends a master target ahead of its acks, per disk: enough to keep the
-# master target busy while it fsyncs, bounded so memory stays ~ WINDOW x batch size per disk.
-MT_WINDOW = 8
 
 
 def replica_gap(applied_seq: int, received_seq: int, nxt: int, passed: int) -> int | None:
@@ -187,7 +184,7 @@ class MTSession:
                         on_recovery=recovered, passthrough=(LinkClosed, ConnectionError))
 
     async def sender(self, st: DiskStream, after: int) -> None:
-        """Send records after `after` in order, at most MT_WINDOW ahead of the acks."""
+        """Send records after `after` in order, at most WINDOW ahead of the acks."""
         sent = after
         try:
             while True:
@@ -198,7 +195,7 @@ class MTSession:
                         await st.new_data.wait()
                     continue
                 for e in entries:
-                    while e.sequence - st.applied_seq > MT_WINDOW:
+                    while e.sequence - st.applied_seq > WINDOW:
                         self.acked.clear()
                         await self.acked.wait()
                     while st.pause and st.paused_at and st.paused_at < e.sequence:

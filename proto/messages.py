@@ -41,6 +41,10 @@ SECTOR = 512
 MAX_BATCH_LOGICAL = 16 * 1024 * 1024
 MAX_EXTENTS = MAX_BATCH_LOGICAL // SECTOR + 1
 SEAL_SIZE = 28
+# Records a sender keeps in flight per disk ahead of the acks (the agent to the process server, the process
+# server to a master target): enough to keep the network and the receiver's fsync busy, bounded so each
+# side's memory stays ~ WINDOW x MAX_BATCH_LOGICAL per disk and a receiver's queue per disk is bounded.
+WINDOW = 8
 ROLES = ("agent", "mt", "admin", "ps", "enroll")
 
 

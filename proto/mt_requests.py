@@ -52,7 +52,7 @@ class Subscribe(Wire):
 
 @message("assignment")
 class Assignment(Wire):
-    """One disk assigned to the master target (processserver.server.MTSession.subscribe)."""
+    """One disk assigned to the master target (processserver.mtsession.MTSession.subscribe)."""
 
     disk: int = checked(disk_id)
     machine: str = checked(name)

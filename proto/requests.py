@@ -166,13 +166,13 @@ class OpSpec:
 
 
 _SPECS = (
-    # agent -> process server (processserver.server.AgentSession.run)
+    # agent -> process server (processserver.agentsession.AgentSession.run)
     OpSpec("disk_open", "agent", ("ps",), DiskOpen, DiskOpened),
     OpSpec("disk_key", "agent", ("ps",), DiskKey, Empty),
     OpSpec("disk_report", "agent", ("ps",), DiskReport, DiskReported),
     OpSpec("resync_begin", "agent", ("ps",), ResyncBegin, ResyncBegun),
     OpSpec("resync_hashes", "agent", ("ps",), ResyncHashes, SealedHashes),
-    # master target -> process server (processserver.server.MTSession.run)
+    # master target -> process server (processserver.mtsession.MTSession.run)
     OpSpec("subscribe", "mt", ("ps",), Subscribe, Assignments),
     OpSpec("pull", "mt", ("ps",), Pull, Pulled),
     OpSpec("mt_report", "mt", ("ps",), MTReport, Empty),
