@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from standby.plumbing.errors import StandbyError
+from standby.plumbing.errors import RequestFailed
 
 from .cuts import AppCut, CutOrder
 from .freeze import Freeze, FreezeError, Mount, ScriptFailed, mounts_on, run_script, syncfs
@@ -49,13 +49,11 @@ SCHEDULE_CHECK = 30.0  # how often a due scheduled point looks again for disks i
 MAX_TAG = 200
 
 
-class AppPointFailed(StandbyError):
-    """No point could be made at all (no disk in delta replication, or the whole attempt timed out).
-    `code`: the reply's error code."""
+class AppPointFailed(RequestFailed):
+    """No point could be made at all (no disk in delta replication, or the whole attempt timed out)."""
 
     def __init__(self, message: str, code: str = "failed") -> None:
-        super().__init__(message)
-        self.code = code
+        super().__init__(code, message)
 
 
 class AppPointBusy(AppPointFailed):

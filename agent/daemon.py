@@ -34,8 +34,8 @@ from cryptography import x509
 from standby.plumbing import identity as ident
 from standby.plumbing.aio import wait_event
 from standby.plumbing.durable import make_private_dir
-from standby.plumbing.errors import NotStarted, StandbyError
-from standby.plumbing.link import Link, LinkClosed, RequestFailed, stay_connected
+from standby.plumbing.errors import NotStarted, RequestFailed, StandbyError
+from standby.plumbing.link import Link, LinkClosed, stay_connected
 from standby.plumbing.serve import send_reply, serve_request
 from standby.plumbing.supervise import describe, spawn, supervise
 from standby.plumbing.tls import client_context

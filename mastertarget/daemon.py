@@ -16,9 +16,9 @@ from typing import Any
 
 from standby.plumbing import failpoints
 from standby.plumbing.aio import wait_event
-from standby.plumbing.errors import NotStarted
+from standby.plumbing.errors import NotStarted, RequestFailed
 from standby.plumbing.identity import Identity, IdentityError
-from standby.plumbing.link import Link, LinkClosed, RequestFailed, stay_connected
+from standby.plumbing.link import Link, LinkClosed, stay_connected
 from standby.plumbing.serve import send_reply, serve_request
 from standby.plumbing.service import host_id
 from standby.plumbing.supervise import describe, spawn, supervise
@@ -34,7 +34,7 @@ from .disk import NotOpen
 from .diskstate import Point, ReplicaState
 from .journal import DiskJournal
 from .journal_codec import JournalError
-from .operations import HANDLERS, OpError
+from .operations import HANDLERS
 from .placement import check_replica
 from .recovery import FailoverState, move, replica_writer
 from .replicas import ReplicaError, create_replica, open_replica
@@ -396,7 +396,7 @@ class MasterTarget:
                             size: int | None = None) -> dict[str, Any]:
         w = self.workers.get(disk)
         if w is None:
-            raise OpError("failed", f"disk {disk} is not open on this master target")
+            raise RequestFailed("failed", f"disk {disk} is not open on this master target")
         return await answer_hashes(w, link, generation, query, size)
 
     def used_paths(self) -> set[str]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from standby.plumbing.durable import load_json, save_json
+from standby.plumbing.errors import RequestFailed
 
 from .disk import Disk, Disks, NotOpen
 from .diskstate import Point
@@ -28,19 +29,11 @@ from .upkeep import point_list
 log = logging.getLogger("standby.mt.ops")
 
 
-class OpError(Exception):
-    """A request that cannot be done: (code, message) for the reply."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 def open_disk(disks: Disks, disk: int) -> Disk:
     try:
         return disks.disk(int(disk))
     except NotOpen as exc:
-        raise OpError("unreachable", str(exc)) from None
+        raise RequestFailed("unreachable", str(exc)) from None
 
 
 async def points(disks: Disks, disk: int) -> dict[str, Any]:
@@ -52,7 +45,8 @@ async def points(disks: Disks, disk: int) -> dict[str, Any]:
 def _choose(w: Disk, sequence: int) -> float:
     g = w.journal.find_point(int(sequence))
     if g is None:
-        raise OpError("unknown-point", f"disk {w.state.name}: no recovery point {sequence} in the retention journal")
+        raise RequestFailed("unknown-point",
+                            f"disk {w.state.name}: no recovery point {sequence} in the retention journal")
     return g.time
 
 
@@ -66,7 +60,7 @@ async def failover(disks: Disks, disk: int, sequence: int) -> dict[str, Any]:
         point_time = _choose(w, sequence)
         fo = FailoverState.load(j.dir)
         if fo is not None and fo.committed:
-            raise OpError("refused", f"disk {w.state.name}: the failover was committed; its history is gone")
+            raise RequestFailed("refused", f"disk {w.state.name}: the failover was committed; its history is gone")
         if fo is None:
             fo = FailoverState(w.state.applied_seq, w.state.applied_seq, w.state.applied_seq, 0.0, time.time())
         w.halt()
@@ -79,8 +73,8 @@ async def failover(disks: Disks, disk: int, sequence: int) -> dict[str, Any]:
             if not isinstance(exc, OSError | ReplicaError | JournalError):
                 log.exception("disk %s/%s: failover move failed unexpectedly", w.state.machine, w.state.name)
             w.failover_problem = f"{type(exc).__name__}: {exc}"
-            raise OpError("failed", f"disk {w.state.name}: cannot move to point {sequence}: {exc}; the replica "
-                          "is between two states, not at a recovery point: run standby failover again") from None
+            raise RequestFailed("failed", f"disk {w.state.name}: cannot move to point {sequence}: {exc}; the replica "
+                                "is between two states, not at a recovery point: run standby failover again") from None
         w.failover_problem = None
         w.state.last_point = Point.from_group(j.find_point(int(sequence))).as_dict()  # type: ignore[arg-type]
         await asyncio.to_thread(w.state.save, disks.disks_dir)
@@ -102,7 +96,7 @@ async def failover_commit(disks: Disks, disk: int) -> dict[str, Any]:
     async with w.lock:
         fo = FailoverState.load(w.journal.dir)
         if fo is None:
-            raise OpError("refused", f"disk {w.state.name} is not failed over: run standby failover first")
+            raise RequestFailed("refused", f"disk {w.state.name} is not failed over: run standby failover first")
         if not fo.committed:
             await asyncio.to_thread(commit, w.journal, fo)
         w.state.applied_seq = fo.at
@@ -122,13 +116,13 @@ async def test_failover(disks: Disks, disk: int, sequence: int, directory: str |
     rec = _test_record(disks, st.disk)
     if rec.exists():
         old = load_json(rec)
-        raise OpError("refused", f"disk {st.name} already has a test failover at {old['path']}: "
-                                 "run standby test-failover-cleanup first")
+        raise RequestFailed("refused", f"disk {st.name} already has a test failover at {old['path']}: "
+                            "run standby test-failover-cleanup first")
     if st.kind == "device" and not directory:
-        raise OpError("bad-input", f"disk {st.name} replicates to a device: give --dir for the test copy")
+        raise RequestFailed("bad-input", f"disk {st.name} replicates to a device: give --dir for the test copy")
     dest = test_failover_path(st.path, st.kind, st.disk, Path(directory) if directory else None)
     if not dest.parent.is_dir():
-        raise OpError("bad-input", f"directory {dest.parent} does not exist on the master target")
+        raise RequestFailed("bad-input", f"directory {dest.parent} does not exist on the master target")
     point_time = _choose(w, sequence)
     t0 = time.monotonic()
     w.pins += 1  # no pruning while the copy may need any undo record newer than the point
@@ -145,7 +139,7 @@ async def test_failover(disks: Disks, disk: int, sequence: int, directory: str |
         try:
             out = await asyncio.to_thread(copy_replica, w.replica, st.kind, dest, read_sync)
         except (OSError, ReplicaError) as exc:
-            raise OpError("failed", f"disk {st.name}: cannot copy the replica to {dest}: {exc}") from None
+            raise RequestFailed("failed", f"disk {st.name}: cannot copy the replica to {dest}: {exc}") from None
         copied = elapsed(t0)
         save_json(rec, {"path": str(dest), "files": [str(f) for f in {dest, *out.data_files()}],
                         "sequence": int(sequence)}, 0o600)
@@ -156,7 +150,7 @@ async def test_failover(disks: Disks, disk: int, sequence: int, directory: str |
         finally:
             await asyncio.to_thread(out.close)
     except (OSError, ReplicaError, JournalError) as exc:
-        raise OpError("failed", f"disk {st.name}: test failover failed: {exc}") from None
+        raise RequestFailed("failed", f"disk {st.name}: test failover failed: {exc}") from None
     finally:
         w.pins -= 1
     log.info("disk %s/%s: test failover to point %s in %s (%.3f s)", st.machine, st.name, sequence, dest,

@@ -8,14 +8,15 @@ import os
 import stat
 from pathlib import Path
 
-from .operations import OpError
+from standby.plumbing.errors import RequestFailed
+
 from .replicas import KINDS, ReplicaError, open_replica
 from .volume import overlaps
 
 
 async def check_replica(retention_dir: Path, used: set[str], path: str, format: str, size: int,
                         existing: bool = False) -> None:
-    """OpError unless `path` can hold the replica (`format`, `size` bytes) of a disk: off the retention
+    """RequestFailed unless `path` can hold the replica (`format`, `size` bytes) of a disk: off the retention
     volume, used by no other protected disk (`used`), and new — or, `existing`, a replica to seed from."""
     if overlaps(path, retention_dir):
         code, message = "bad-input", f"replica {path} would be on the retention volume {retention_dir}"
@@ -24,7 +25,7 @@ async def check_replica(retention_dir: Path, used: set[str], path: str, format: 
     else:
         code, message = check_replica_path(path, format, size, used)
     if code:
-        raise OpError(code, message)
+        raise RequestFailed(code, message)
 
 
 def check_existing_replica(path: str, kind: str, size: int, used: set[str]) -> tuple[str, str]:

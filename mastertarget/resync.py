@@ -11,11 +11,11 @@ import logging
 import uuid
 from typing import Any
 
+from standby.plumbing.errors import RequestFailed
 from standby.plumbing.link import Link
 from standby.proto import hashtree
 from standby.proto.envelope import seal_hashes
 
-from .operations import OpError
 from .replicas import ReplicaError
 from .worker import DiskWorker
 
@@ -41,19 +41,19 @@ async def answer_hashes(w: DiskWorker, link: Link, generation: int, query: dict[
                 )
                 w.tree = (generation, hashtree.build(leaves))
     except (ReplicaError, OSError) as exc:
-        raise OpError("failed", f"cannot hash the replica: {exc}") from None
+        raise RequestFailed("failed", f"cannot hash the replica: {exc}") from None
     levels = w.tree[1]
     if query.get("level") is None:
         hashes = levels[-1]
     else:
         level = int(query["level"])
         if level >= len(levels) - 1:
-            raise OpError("bad-input", f"bad hash query: level {level}, the tree has {len(levels)}")
+            raise RequestFailed("bad-input", f"bad hash query: level {level}, the tree has {len(levels)}")
         try:
             kids = hashtree.children([int(p) for p in query["parents"]], hashtree.count(levels[level]))
             hashes = hashtree.pick(levels[level], kids)
         except ValueError as exc:
-            raise OpError("bad-input", f"bad hash query: {exc}") from None
+            raise RequestFailed("bad-input", f"bad hash query: {exc}") from None
     qbytes = json.dumps(query, sort_keys=True, separators=(",", ":")).encode()
     sealed = seal_hashes(w.key, uuid.UUID(w.state.uid).bytes, generation, qbytes, hashes)
     return {"sealed": base64.b64encode(sealed).decode()}

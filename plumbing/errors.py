@@ -63,6 +63,17 @@ REPLY_CODES: dict[str, type[StandbyError]] = {
 }
 
 
+class RequestFailed(StandbyError):
+    """The one failure of a request, on both ends: a daemon's handler raises it with a reason code
+    (proto.enums.ErrorCode) and a message; plumbing.serve answers the request with both; the requester's
+    Link.request raises it again from the reply, with the exit code its code maps to (REPLY_CODES)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.exit_code = REPLY_CODES.get(code, StandbyError).exit_code
+
+
 def run_main(fn: Callable[[], int | None], prog: str) -> int:
     """Run a command: map our exceptions to their message and exit code, never a traceback."""
     try:

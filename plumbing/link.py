@@ -21,7 +21,7 @@ from standby.proto.messages import Goodbye, Hello, Message, Reply, Request, Welc
 from standby.proto.requests import OPS, BadRequest, parse_reply
 
 from .aio import wait_event
-from .errors import REPLY_CODES, Refused, StandbyError, Unreachable
+from .errors import Refused, RequestFailed, StandbyError, Unreachable
 from .tls import PeerIdentity, peer_identity
 
 log = logging.getLogger("standby.link")
@@ -34,15 +34,6 @@ class LinkClosed(Exception):
     def __init__(self, message: str, code: str = "closed") -> None:
         super().__init__(message)
         self.code = code
-
-
-class RequestFailed(StandbyError):
-    """A request was answered with an error; `code` is the server's reason code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.exit_code = REPLY_CODES.get(code, StandbyError).exit_code
 
 
 class Link:

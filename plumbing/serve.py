@@ -4,8 +4,9 @@ answer; a value from a peer is validated at the boundary before anything stores 
 `serve_request` checks the request against its typed definition (proto.requests: the op exists, the
 peer's role may send it, every argument is of the right type and in range), runs the handler with the
 validated arguments, and sends exactly one REPLY: the result, or an error with a code — the request's
-own failure (an exception carrying `code`), `bad-input`/`forbidden`/`unknown-request` for an invalid
-request (refused to that peer, logged, nothing stored), or `failed` for a bug, whose traceback is logged.
+own failure (`RequestFailed`, the one failure type of every daemon, with its code),
+`bad-input`/`forbidden`/`unknown-request` for an invalid request (refused to that peer, logged, nothing
+stored), or `failed` for a bug, whose traceback is logged.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from standby.proto.errors import ProtocolError
 from standby.proto.messages import Reply, Request
 from standby.proto.requests import BadRequest, parse_request
 
-from .errors import StandbyError
+from .errors import RequestFailed, StandbyError
 from .link import Link, LinkClosed
 from .supervise import spawn
 
@@ -69,12 +71,13 @@ async def answer(link: Link, msg: Request, role: str, server: str, handler: Hand
     except BadRequest as exc:  # a handler's own check of a peer's value
         refused(link, msg, exc.code, str(exc))
         return Reply(msg.id, False, {}, exc.code, str(exc))
+    except RequestFailed as exc:  # the request's own failure, with its code
+        return Reply(msg.id, False, {}, exc.code, str(exc))
     except StandbyError as exc:
-        return Reply(msg.id, False, {}, getattr(exc, "code", "failed"), str(exc))
+        return Reply(msg.id, False, {}, "failed", str(exc))
+    except ProtocolError as exc:  # a message a handler passed on was refused: answered with its reason code
+        return Reply(msg.id, False, {}, exc.code, str(exc))
     except Exception as exc:
-        code = getattr(exc, "code", None)
-        if isinstance(code, str) and code:  # a request-level failure of a daemon (Failure, OpError)
-            return Reply(msg.id, False, {}, code, str(exc))
         log.exception("%s: request %s failed unexpectedly (a bug: please report it with this trace)", link.name,
                       msg.op)
         return Reply(msg.id, False, {}, "failed", f"{msg.op} failed: {exc!r}")

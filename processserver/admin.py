@@ -8,12 +8,12 @@ import time
 from pathlib import PurePosixPath
 from typing import Any
 
-from standby.plumbing.link import Link, LinkClosed, RequestFailed
+from standby.plumbing.errors import RequestFailed
+from standby.plumbing.link import Link, LinkClosed
 from standby.plumbing.serve import Handler, serve_request
 from standby.proto.errors import RemoteProtocolError
 from standby.proto.messages import Request
 
-from .failure import Failure
 from .health import ALERT, ERROR
 from .hub import Hub
 from .recovery import RecoveryAdmin, protected_disks
@@ -73,46 +73,47 @@ class AdminSession:
         m = reg.machine(machine)
         if m is None or m["role"] != "agent":
             known = ", ".join(x["name"] for x in reg.machines() if x["role"] == "agent") or "none"
-            raise Failure("unknown-machine", f"unknown machine {machine!r} (enrolled machines: {known})")
+            raise RequestFailed("unknown-machine", f"unknown machine {machine!r} (enrolled machines: {known})")
         t = reg.machine(mt)
         if t is None or t["role"] != "mt":
             known = ", ".join(x["name"] for x in reg.machines() if x["role"] == "mt") or "none"
-            raise Failure("unknown-machine", f"unknown master target {mt!r} (enrolled master targets: {known})")
+            raise RequestFailed("unknown-machine", f"unknown master target {mt!r} (enrolled master targets: {known})")
         if format not in FORMATS:
-            raise Failure("bad-input", f"unknown replica format {format!r} (one of: {', '.join(FORMATS)})")
+            raise RequestFailed("bad-input", f"unknown replica format {format!r} (one of: {', '.join(FORMATS)})")
         disks = reg.disks(machine=machine)
         if not disks:
-            raise Failure("bad-input", f"machine {machine!r} has not reported any disks yet: is its agent running?")
+            raise RequestFailed("bad-input",
+                                f"machine {machine!r} has not reported any disks yet: is its agent running?")
         unknown = set(replicas) - {d.name for d in disks}
         if unknown:
-            raise Failure("unknown-disk", f"machine {machine!r} has no disk {', '.join(sorted(unknown))}")
+            raise RequestFailed("unknown-disk", f"machine {machine!r} has no disk {', '.join(sorted(unknown))}")
         plan: list[tuple[DiskRow, str]] = []
         for d in disks:
             if d.mt is not None:
-                raise Failure("bad-input", f"disk {machine}/{d.name} is already protected (to {d.mt})")
+                raise RequestFailed("bad-input", f"disk {machine}/{d.name} is already protected (to {d.mt})")
             path = replicas.get(d.name)
             if path is None:
                 if replica_dir is None or format == "device":
-                    raise Failure(
-                        "bad-input",
-                        f"no replica given for disk {d.name} (use --replica {d.name}=PATH"
+                    raise RequestFailed(
+                                        "bad-input",
+                                        f"no replica given for disk {d.name} (use --replica {d.name}=PATH"
                         + ("" if format == "device" else " or --replica-dir")
                         + ")",
                     )
                 path = str(PurePosixPath(replica_dir) / f"{machine}-{d.name}{SUFFIX.get(format, '.vmdk')}")
             plan.append((d, path))
         if len({p for _, p in plan}) != len(plan):
-            raise Failure("bad-input", "two disks would share one replica path")
+            raise RequestFailed("bad-input", "two disks would share one replica path")
         session = self.ps.mt_sessions.get(mt)
         if session is None:
-            raise Failure("unreachable", f"master target {mt!r} is not connected: start it and retry")
+            raise RequestFailed("unreachable", f"master target {mt!r} is not connected: start it and retry")
         for d, path in plan:
             try:
                 await session.check_replica(path, format, d.size, existing)
             except RequestFailed as exc:
-                raise Failure(exc.code, f"disk {d.name}: {exc}") from None
+                raise RequestFailed(exc.code, f"disk {d.name}: {exc}") from None
             except (TimeoutError, LinkClosed) as exc:
-                raise Failure("unreachable", f"master target {mt!r} did not answer: {exc}") from None
+                raise RequestFailed("unreachable", f"master target {mt!r} did not answer: {exc}") from None
         for d, path in plan:
             reg.update_disk(
                 d.id,
@@ -144,7 +145,8 @@ class AdminSession:
 
     async def resume(self, machine: str) -> dict[str, Any]:
         if any(d.state in FAILED_OVER for d in self._machine_disks(machine)):
-            raise Failure("refused", f"{machine} is failed over: replication does not resume (reprotect is not built)")
+            raise RequestFailed("refused",
+                                f"{machine} is failed over: replication does not resume (reprotect is not built)")
         for d in self._machine_disks(machine):
             self.ps.registry.update_disk(d.id, paused=0)
             st = self.ps.open_stream(d)
@@ -156,7 +158,7 @@ class AdminSession:
     async def resync(self, machine: str, full: bool = False, disk: str | None = None) -> dict[str, Any]:
         disks = [d for d in self._machine_disks(machine) if disk is None or d.name == disk]
         if not disks:
-            raise Failure("unknown-disk", f"machine {machine!r} has no protected disk {disk!r}")
+            raise RequestFailed("unknown-disk", f"machine {machine!r} has no protected disk {disk!r}")
         for d in disks:
             st = self.ps.open_stream(d)
             if st.quarantined_from is not None:

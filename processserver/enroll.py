@@ -29,6 +29,7 @@ import time
 from typing import Any
 
 from standby.plumbing import identity as ident
+from standby.plumbing.errors import RequestFailed
 from standby.plumbing.link import Link
 from standby.plumbing.passphrase import RateLimiter, verify_passphrase
 from standby.plumbing.serve import serve_request
@@ -55,14 +56,6 @@ GLOBAL_FORGET = 3600.0
 
 MAX_PASSPHRASE = 1024
 """Characters; longer is wrong anyway (ours are 29) and is refused without hashing it."""
-
-
-class EnrollRefused(Exception):
-    """An enrollment refused with a reply code (bad-passphrase, rate-limited, bad-input)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class Enrollment:
@@ -93,7 +86,7 @@ class Enrollment:
         async def enroll(**args: Any) -> dict[str, Any]:
             code, text, result = await self.enroll(ip, args)
             if code:
-                raise EnrollRefused(code, text)
+                raise RequestFailed(code, text)
             return result
 
         while True:

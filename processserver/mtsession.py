@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from standby.plumbing import failpoints
+from standby.plumbing.errors import RequestFailed
 from standby.plumbing.link import Link, LinkClosed
 from standby.plumbing.serve import Handler, serve_request
 from standby.plumbing.service import host_id
@@ -18,7 +19,6 @@ from standby.plumbing.supervise import describe, supervise
 from standby.proto.errors import RemoteProtocolError
 from standby.proto.messages import WINDOW, Ack, Reject, Reply, Request
 
-from .failure import Failure
 from .health import ALERT
 from .hub import Hub
 from .registry import FAILED_OVER, DiskRow
@@ -88,7 +88,7 @@ class MTSession:
     def assigned(self, disk_id: int) -> DiskRow:
         row = self.ps.registry.disk(disk_id)
         if row is None or row.mt != self.name:
-            raise Failure("forbidden", f"disk {disk_id} is not assigned to master target {self.name!r}")
+            raise RequestFailed("forbidden", f"disk {disk_id} is not assigned to master target {self.name!r}")
         return row
 
     # -- requests -----------------------------------------------------------------------------------
@@ -128,7 +128,7 @@ class MTSession:
     async def pull(self, disk: int, applied_seq: int) -> dict[str, Any]:
         row = self.assigned(disk)
         if row.state in FAILED_OVER:
-            raise Failure("refused", f"disk {row.machine}/{row.name} is failed over: nothing is applied")
+            raise RequestFailed("refused", f"disk {row.machine}/{row.name} is failed over: nothing is applied")
         st = self.ps.open_stream(row)
         skip = 0
         entries = st.cache.after(applied_seq)
@@ -146,7 +146,7 @@ class MTSession:
             for s in [s for s in st.records if s <= skip_to]:
                 st.records.pop(s)
         if st.quarantined_from is not None:
-            raise Failure("refused", st.health.active["quarantine"].text if st.health.has("quarantine")
+            raise RequestFailed("refused", st.health.active["quarantine"].text if st.health.has("quarantine")
                           else f"disk {row.name} is quarantined")
         self.set_applied(st, row, applied_seq, release=False)
         self.stop_sender(disk)

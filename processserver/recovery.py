@@ -18,9 +18,9 @@ import re
 import time
 from typing import Any
 
-from standby.plumbing.link import LinkClosed, RequestFailed
+from standby.plumbing.errors import RequestFailed
+from standby.plumbing.link import LinkClosed
 
-from .failure import Failure
 from .hub import Hub, MTPeer
 from .registry import FAILED_OVER, DiskRow
 
@@ -91,8 +91,8 @@ def protected_disks(ps: Hub, machine: str) -> list[DiskRow]:
     if not disks:
         m = ps.registry.machine(machine)
         if m is None or m["role"] != "agent":
-            raise Failure("unknown-machine", f"unknown machine {machine!r}")
-        raise Failure("bad-input", f"machine {machine!r} has no protected disk")
+            raise RequestFailed("unknown-machine", f"unknown machine {machine!r}")
+        raise RequestFailed("bad-input", f"machine {machine!r} has no protected disk")
     return disks
 
 
@@ -106,20 +106,21 @@ class RecoveryAdmin:
         disks = protected_disks(self.ps, machine)
         mts = {d.mt for d in disks}
         if len(mts) != 1:
-            raise Failure("bad-input", f"machine {machine!r} has disks on several master targets: {sorted(mts)}")
+            raise RequestFailed("bad-input", f"machine {machine!r} has disks on several master targets: {sorted(mts)}")
         mt = disks[0].mt or ""
         session = self.ps.mt_sessions.get(mt)
         if session is None:
-            raise Failure("unreachable", f"master target {mt!r} is not connected: start it and retry")
+            raise RequestFailed("unreachable", f"master target {mt!r} is not connected: start it and retry")
         return disks, session
 
     async def _mt(self, session: MTPeer, op: str, timeout: float = 60.0, **args: Any) -> dict[str, Any]:
         try:
             return await session.link.request(op, timeout=timeout, **args)
         except RequestFailed as exc:
-            raise Failure(exc.code, str(exc)) from None
+            raise RequestFailed(exc.code, str(exc)) from None
         except (TimeoutError, LinkClosed) as exc:
-            raise Failure("unreachable", f"master target {session.name!r} did not answer: {exc or 'timeout'}") from None
+            raise RequestFailed("unreachable",
+                                f"master target {session.name!r} did not answer: {exc or 'timeout'}") from None
 
     async def _points(self, disks: list[DiskRow], session: MTPeer) -> dict[str, dict[str, Any]]:
         return {d.name: await self._mt(session, "points", disk=d.id) for d in disks}
@@ -146,7 +147,7 @@ class RecoveryAdmin:
                 st.resumed.set()
         try:
             await self._wait_applied(disks, fences)
-        except Failure:
+        except RequestFailed:
             for st in held:  # the failover did not happen: replication goes on as before
                 st.pause, st.paused_at = False, 0
                 st.resumed.set()
@@ -158,28 +159,29 @@ class RecoveryAdmin:
         while any(self.ps.open_stream(d).applied_seq < fences[d.id] for d in disks):
             left = sum(fences[d.id] - self.ps.open_stream(d).applied_seq for d in disks)
             if mt not in self.ps.mt_sessions:
-                raise Failure("unreachable", f"master target {mt!r} went away with {left} record(s) still to apply; "
-                              "start it and retry, or fail over to latest-processed")
+                raise RequestFailed("unreachable",
+                                    f"master target {mt!r} went away with {left} record(s) still to apply; "
+                                    "start it and retry, or fail over to latest-processed")
             if time.monotonic() > deadline:
-                raise Failure("failed", f"the master target did not apply the cached records within "
-                              f"{DRAIN_TIMEOUT:.0f} s ({left} left); retry, or fail over to latest-processed")
+                raise RequestFailed("failed", f"the master target did not apply the cached records within "
+                                    f"{DRAIN_TIMEOUT:.0f} s ({left} left); retry, or fail over to latest-processed")
             await asyncio.sleep(0.1)
 
     def _choose(self, listed: dict[str, dict[str, Any]], point: str | None, at: float | None) -> dict[str, dict]:
         try:
             return choose({d: r["points"] for d, r in listed.items()}, point, at)
         except ChoiceError as exc:
-            raise Failure("bad-input", str(exc)) from None
+            raise RequestFailed("bad-input", str(exc)) from None
 
     async def failover(self, machine: str, point: str | None = None, at: float | None = None) -> dict[str, Any]:
         disks, session = self._disks(machine)
         if (point is None) == (at is None):
-            raise Failure("bad-input", "give exactly one of --point and --at")
+            raise RequestFailed("bad-input", "give exactly one of --point and --at")
         if point == "latest" and any(d.state in FAILED_OVER for d in disks):
-            raise Failure("bad-input", f"{machine} is already failed over: 'latest' would drain nothing; use "
-                                       "latest-processed or a point")
+            raise RequestFailed("bad-input", f"{machine} is already failed over: 'latest' would drain nothing; use "
+                                "latest-processed or a point")
         if any(d.state == "failover-committed" for d in disks):
-            raise Failure("refused", f"{machine}: the failover was committed")
+            raise RequestFailed("refused", f"{machine}: the failover was committed")
         if point == "latest":
             await self._drain(disks, hold=True)
         for d in disks:  # stop forwarding now: the master target stops applying at once
@@ -201,7 +203,7 @@ class RecoveryAdmin:
     async def commit(self, machine: str) -> dict[str, Any]:
         disks, session = self._disks(machine)
         if not all(d.state in FAILED_OVER for d in disks):
-            raise Failure("refused", f"{machine} is not failed over: run standby failover first")
+            raise RequestFailed("refused", f"{machine} is not failed over: run standby failover first")
         out = []
         for d in disks:
             res = await self._mt(session, "failover_commit", timeout=LONG, disk=d.id)
@@ -215,7 +217,7 @@ class RecoveryAdmin:
     ) -> dict[str, Any]:
         disks, session = self._disks(machine)
         if (point is None) == (at is None):
-            raise Failure("bad-input", "give exactly one of --point and --at")
+            raise RequestFailed("bad-input", "give exactly one of --point and --at")
         if point == "latest":
             await self._drain(disks, hold=False)
         chosen = self._choose(await self._points(disks, session), point, at)
@@ -235,14 +237,14 @@ class RecoveryAdmin:
     async def app_point(self, machine: str, tag: str = "") -> dict[str, Any]:
         disks, _ = self._disks(machine)
         if any(d.state in FAILED_OVER for d in disks):
-            raise Failure("refused", f"{machine} is failed over: no new points")
+            raise RequestFailed("refused", f"{machine} is failed over: no new points")
         agent = self.ps.agent_sessions.get(machine)
         if agent is None:
-            raise Failure("unreachable", f"the agent of {machine!r} is not connected")
+            raise RequestFailed("unreachable", f"the agent of {machine!r} is not connected")
         try:
             res = await agent.link.request("app_point", timeout=300.0, tag=tag)
         except RequestFailed as exc:
-            raise Failure(exc.code, f"{machine}: {exc}") from None
+            raise RequestFailed(exc.code, f"{machine}: {exc}") from None
         except (TimeoutError, LinkClosed) as exc:
-            raise Failure("unreachable", f"the agent of {machine!r} did not answer: {exc or 'timeout'}") from None
+            raise RequestFailed("unreachable", f"the agent of {machine!r} did not answer: {exc or 'timeout'}") from None
         return {"machine": machine, **res}

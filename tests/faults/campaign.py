@@ -36,8 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from standby.plumbing.errors import StandbyError
-from standby.plumbing.link import RequestFailed
+from standby.plumbing.errors import RequestFailed, StandbyError
 from tests import writeorder
 from tests.journalcheck import disk_key, walk_points
 

@@ -13,8 +13,8 @@ import uuid
 import pytest
 
 from standby.plumbing import identity as ident
-from standby.plumbing.errors import Refused, Unreachable
-from standby.plumbing.link import LinkClosed, RequestFailed, dial
+from standby.plumbing.errors import Refused, RequestFailed, Unreachable
+from standby.plumbing.link import LinkClosed, dial
 from standby.plumbing.tls import anonymous_client_context, client_context
 from standby.proto.frames import MAGIC, encode_frame
 from standby.proto.messages import Batch, BatchKind, Extent, ExtentKind, FrameType

@@ -36,8 +36,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from standby.admin.localdeploy import command
 from standby.plumbing import identity as ident
-from standby.plumbing.errors import EXIT_REFUSED, StandbyError
-from standby.plumbing.link import Link, LinkClosed, RequestFailed
+from standby.plumbing.errors import EXIT_REFUSED, RequestFailed, StandbyError
+from standby.plumbing.link import Link, LinkClosed
 from standby.plumbing.passphrase import RateLimiter
 from standby.plumbing.tls import anonymous_client_context, client_context
 from standby.proto.connection import Connection, Role

@@ -17,8 +17,9 @@ import sqlite3
 import uuid
 from pathlib import Path
 
+from standby.plumbing.errors import RequestFailed
 from standby.plumbing.identity import Identity
-from standby.plumbing.link import LinkClosed, RequestFailed, dial
+from standby.plumbing.link import LinkClosed, dial
 from standby.plumbing.tls import client_context
 from standby.proto.messages import Commit
 from tests.conftest import needs_loop

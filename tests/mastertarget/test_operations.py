@@ -14,9 +14,9 @@ from standby.mastertarget import operations
 from standby.mastertarget.disk import NotOpen, RetentionMarks
 from standby.mastertarget.diskstate import ReplicaState
 from standby.mastertarget.journal import DiskJournal
-from standby.mastertarget.operations import OpError
 from standby.mastertarget.replicas import Replica
 from standby.mastertarget.retention import Policy
+from standby.plumbing.errors import RequestFailed
 from tests.mastertarget.test_journal import DISK, GEN, Sim
 
 
@@ -81,10 +81,10 @@ def test_points_lists_the_journal_s_points(tmp_path: Path) -> None:
 
 def test_a_disk_that_is_not_open_or_a_point_that_is_not_one_is_a_clear_error(tmp_path: Path) -> None:
     sim, disks, _ = _setup(tmp_path)
-    with pytest.raises(OpError, match="its replica is gone") as exc:
+    with pytest.raises(RequestFailed, match="its replica is gone") as exc:
         asyncio.run(operations.HANDLERS["failover"](disks, disk=DISK + 1, sequence=1))
     assert exc.value.code == "unreachable"
-    with pytest.raises(OpError) as exc:
+    with pytest.raises(RequestFailed) as exc:
         asyncio.run(operations.HANDLERS["failover"](disks, disk=DISK, sequence=sim.next_seq + 5))
     assert exc.value.code == "unknown-point"
     sim.close()

@@ -12,8 +12,10 @@ import asyncio
 import socket
 from typing import Any
 
+from standby.plumbing.errors import BadInput, RequestFailed
 from standby.plumbing.link import Link
-from standby.plumbing.serve import serve_request
+from standby.plumbing.serve import answer, serve_request
+from standby.proto.errors import LocalProtocolError
 from standby.proto.messages import Request
 from tests.plumbing.tcp import close, tcp_link
 
@@ -67,3 +69,29 @@ def test_a_reply_sent_from_its_own_task_does_not_hold_up_the_read_loop() -> None
 
     asyncio.run(main())
 
+
+
+class _NamedLink:
+    """`answer` uses its link only to name the peer in log lines."""
+
+    name = "peer"
+
+
+def _answer(exc: BaseException) -> tuple[bool, str, str]:
+    async def handler(**_: Any) -> dict[str, Any]:
+        raise exc
+
+    reply = asyncio.run(answer(_NamedLink(), Request(7, "status", {}), "admin", "ps", handler))  # type: ignore[arg-type]
+    assert reply.id == 7
+    return reply.ok, reply.code, reply.message
+
+
+def test_a_request_fails_the_one_way_with_its_code_and_a_bug_with_failed_and_a_traceback(caplog: Any) -> None:
+    assert _answer(RequestFailed("refused", "web01 is failed over")) == (False, "refused", "web01 is failed over")
+    assert _answer(RequestFailed("unknown-point", "no point 9")) == (False, "unknown-point", "no point 9")
+    assert _answer(BadInput("no such file")) == (False, "failed", "no such file")
+    assert _answer(LocalProtocolError("bad-batch", "too big")) == (False, "bad-batch", "too big")
+    assert not [r for r in caplog.records if r.exc_info]
+    ok, code, text = _answer(KeyError("machine"))
+    assert (ok, code) == (False, "failed") and "KeyError" in text
+    assert [r for r in caplog.records if r.exc_info and "a bug" in r.getMessage()]

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from standby.plumbing.link import Link, LinkClosed, RequestFailed
+from standby.plumbing.errors import RequestFailed
+from standby.plumbing.link import Link, LinkClosed
 from standby.processserver.admin import AdminSession
 from standby.processserver.agentsession import AgentSession
 from standby.processserver.deployment import PSConfig
