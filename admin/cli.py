@@ -218,8 +218,9 @@ def format_status(res: dict[str, Any]) -> str:
         eta_s = "-" if eta is None else f"{eta:.0f}s"
         ratio = d["compression_ratio"]
         lines.append(
-            f"{d['machine']}/{d['disk']} state:{d['state']} size:{human_bytes(d['size'])} "
-            f"progress:{100 * d['progress']:.1f}% rate:{human_bytes(d['rate'])}/s eta:{eta_s}"
+            f"{d['machine']}/{d['disk']} replication:{d['replication']} disk:{d['disk_state']} "
+            f"size:{human_bytes(d['size'])} progress:{100 * d['progress']:.1f}% rate:{human_bytes(d['rate'])}/s "
+            f"eta:{eta_s}"
         )
         lines.append(
             f"    replica:{d['mt'] or '-'}:{d['replica'] or '-'} format:{d['format'] or '-'} "
@@ -227,7 +228,7 @@ def format_status(res: dict[str, Any]) -> str:
             f"applied:{human_bytes(d['bytes_applied'])} "
             f"compression:{f'{ratio:.2f}x' if ratio else '-'} backlog:{d['backlog_records']}"
         )
-        if d["mt"] and d["state"] not in ("initial-replication", "unprotected"):
+        if d["mt"] and d["replication"] not in ("Initial", "Off"):
             rpo = d.get("rpo_seconds")
             dirty = d.get("dirty_bytes")
             tcpu = "-" if d.get("tracker_cpu_seconds") is None else f"{d['tracker_cpu_seconds']:.1f}s"

@@ -217,7 +217,7 @@ def wait_settled(dep: LocalDeployment, since: float, timeout: float = 300.0) -> 
     quiet = 0
     while time.monotonic() < deadline:
         d = dep.status("demo")["disks"][0]
-        idle = d["applied_seq"] == d["received_seq"] and d["state"] == "up-to-date"
+        idle = d["applied_seq"] == d["received_seq"] and d["replication"] == "Delta"
         if idle and (d["last_point_time"] or 0) >= since:
             return d
         if d.get("tracker") == "FullScanTracker":
@@ -245,7 +245,7 @@ def watch_progress(dep: LocalDeployment, size: int, timeout: float = 1800.0) -> 
             bar.update(d["bytes_done"] - bar.n)
             if d["error"]:
                 bar.set_postfix_str(f"error: {d['error']}"[:60])
-            if d["state"] == "up-to-date":
+            if d["replication"] == "Delta":
                 bar.update(size - bar.n)
                 return st
             time.sleep(0.2)

@@ -224,7 +224,7 @@ class LocalDeployment:
     def wait_synced(self, machine: str, timeout: float = 300.0) -> dict[str, Any]:
         return self.wait_for(
             lambda s: (
-                all(d["state"] == "up-to-date" for d in s["disks"] if d["machine"] == machine)
+                all(d["replication"] == "Delta" for d in s["disks"] if d["machine"] == machine)
                 and any(d["machine"] == machine for d in s["disks"])
             ),
             timeout,
@@ -237,7 +237,7 @@ class LocalDeployment:
         write completed before `since`."""
         return self.wait_for(
             lambda s: all(
-                d["state"] == "up-to-date"
+                d["replication"] == "Delta"
                 and d["applied_seq"] == d["received_seq"]
                 and (d["last_point_time"] or 0) >= since
                 for d in s["disks"]

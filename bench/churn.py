@@ -242,7 +242,7 @@ def run_level(dep: LocalDeployment, dev: str, tmp: Path, bs: str, rate_mb: float
                 d = disk_of(client.call("status", machine=MACHINE))
                 samples.append({"t": time.time() - t0, **{k: d.get(k) for k in (
                     "rpo_seconds", "dirty_bytes", "backlog_bytes", "last_point_seq", "epochs", "inconsistent_epochs",
-                    "tracker_cpu_seconds", "bytes_wire", "state")}})
+                    "tracker_cpu_seconds", "bytes_wire", "replication")}})
             except StandbyError as exc:
                 samples.append({"t": time.time() - t0, "error": str(exc)})
             time.sleep(max(0.0, args.sample - (time.monotonic() - tick)))

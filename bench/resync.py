@@ -111,7 +111,7 @@ def run_standby(dep: LocalDeployment, dev: str, timeout: float) -> dict[str, Any
             time.sleep(0.1)
             continue
         lr = d.get("last_resync") or {}
-        if (lr.get("done_at") or 0) > t0 and d["state"] == "up-to-date" and d["applied_seq"] == d["received_seq"]:
+        if (lr.get("done_at") or 0) > t0 and d["replication"] == "Delta" and d["applied_seq"] == d["received_seq"]:
             done = d
             break
         time.sleep(0.1)

@@ -27,6 +27,7 @@ from standby.proto.errors import ProtocolError, RemoteProtocolError
 from standby.proto.keywrap import KeyWrapError, unwrap_key
 from standby.proto.messages import Batch, Commit, Reject, Reply, Request
 from standby.proto.requests import BadRequest, parse_subscribe
+from standby.proto.states import DiskState
 
 from .apply import Applier
 from .config import MTConfig
@@ -360,7 +361,8 @@ class MasterTarget:
                 # What lay between is gone from the process server: a resync (already requested) repairs it.
                 log.error("disk %d: records %d..%d are lost; a resync will repair the replica", w.state.disk,
                           w.state.applied_seq + 1, skip)
-                w.state.applied_seq, w.state.state = skip, "Inconsistent"
+                w.state.applied_seq = skip
+                w.state.move(DiskState.INCONSISTENT, f"records up to {skip} are lost: a resync repairs it")
                 await asyncio.to_thread(w.state.save, self.cfg.disks_dir)
         except RequestFailed as exc:
             log.error("disk %d: pull refused: %s", w.state.disk, exc)

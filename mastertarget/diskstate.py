@@ -14,6 +14,7 @@ from typing import Any
 
 from standby.plumbing.durable import DamagedFile, load_record, save_json
 from standby.proto.messages import Commit
+from standby.proto.states import DiskState, Replication
 
 log = logging.getLogger("standby.mt.state")
 
@@ -29,9 +30,19 @@ class ReplicaState:
     path: str
     applied_seq: int = 0
     generation: int = 1
-    state: str = "Inconsistent"  # DRBD words: Inconsistent during initial replication, UpToDate after
+    # proto.states words: the disk axis (Inconsistent during initial replication and resync, UpToDate after),
+    # or FailedOver once failed over (nothing more is applied).
+    state: str = DiskState.INCONSISTENT.value
     error: str | None = None
     last_point: dict[str, Any] | None = None
+
+    def move(self, new: DiskState | Replication, reason: str) -> bool:
+        """Set the state, with one log line if it changed; True if it did (the state file must be saved)."""
+        if new == self.state:
+            return False
+        log.info("disk %s/%s: replica %s -> %s (reason: %s)", self.machine, self.name, self.state, new.value, reason)
+        self.state = new.value
+        return True
 
     def save(self, directory: Path) -> None:
         save_json(directory / f"{self.disk}.json", asdict(self), 0o600)

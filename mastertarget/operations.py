@@ -18,6 +18,7 @@ from typing import Any
 
 from standby.plumbing.durable import load_json, save_json
 from standby.plumbing.errors import RequestFailed
+from standby.proto.states import Replication
 
 from .disk import Disk, Disks, NotOpen
 from .diskstate import Point
@@ -64,7 +65,7 @@ async def failover(disks: Disks, disk: int, sequence: int) -> dict[str, Any]:
         if fo is None:
             fo = FailoverState(w.state.applied_seq, w.state.applied_seq, w.state.applied_seq, 0.0, time.time())
         w.halt()
-        w.state.state = "FailedOver"
+        w.state.move(Replication.FAILED_OVER, f"failover to point {sequence}")
         await asyncio.to_thread(w.state.save, disks.disks_dir)
         fo.point_time = point_time
         try:

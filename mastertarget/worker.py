@@ -18,6 +18,7 @@ from standby.plumbing import failpoints
 from standby.plumbing.link import Link
 from standby.proto.errors import EnvelopeError
 from standby.proto.messages import Ack, Batch, Commit, Reject
+from standby.proto.states import DiskState, Replication
 
 from .apply import Applier, BadCommit
 from .disk import RetentionMarks
@@ -70,7 +71,7 @@ class DiskWorker:
         self.key = b""
         self.lock = asyncio.Lock()  # applying and hashing the replica never overlap
         self.tree: tuple[int, list[bytes]] | None = None  # (generation, levels) of the last resync hashing
-        self.halted = state.state == "FailedOver"  # failed over: records are no longer applied
+        self.halted = state.state == Replication.FAILED_OVER  # records are no longer applied
         self.pins = 0  # test failovers reading the journal: no pruning meanwhile
         self.retention = RetentionMarks()
         self.failover_problem: str | None = None  # why the last failover move broke off
@@ -82,7 +83,7 @@ class DiskWorker:
 
     def journal_on(self) -> bool:
         """Groups are journaled from the first up-to-date state on (the initial copy is not: no point yet)."""
-        return self.state.state == "UpToDate" or not self.journal.empty
+        return self.state.state == DiskState.UP_TO_DATE or not self.journal.empty
 
     def halt(self) -> None:
         """Stop applying (failover): whatever is queued stays unacknowledged in the process server."""
@@ -239,10 +240,10 @@ class DiskWorker:
         for m in msgs:
             kind = m.meta.get("kind") if isinstance(m, Commit) else None
             if kind in ("initial-complete", "resync-complete"):
-                st.state, changed = "UpToDate", True
-                log.info("disk %s/%s: replica %s is up to date (%s)", st.machine, st.name, st.path, kind)
+                st.move(DiskState.UP_TO_DATE, f"{kind} applied")
+                changed = True
             elif kind == "point" and isinstance(m, Commit):
-                if st.state == "UpToDate":
+                if st.state == DiskState.UP_TO_DATE:
                     point = Point.from_commit(m)
                 else:  # records were skipped or the disk grew: not a copy of the source until resynced
                     log.info("disk %d: point %d not recorded: the replica awaits a resync", st.disk, m.sequence)
@@ -326,5 +327,6 @@ class DiskWorker:
             log.warning("disk %s/%s: replica %s resized from %d to %d bytes", st.machine, st.name, st.path, st.size,
                         size)
             self.applier.replica = replica
-            st.size, st.state, self.tree = size, "Inconsistent", None
+            st.size, self.tree = size, None
+            st.move(DiskState.INCONSISTENT, f"resized to {size} bytes: a resync repairs it")
             await asyncio.to_thread(st.save, self.host.disks_dir)

@@ -13,11 +13,12 @@ from standby.plumbing.link import Link, LinkClosed
 from standby.plumbing.serve import Handler, serve_request
 from standby.proto.errors import RemoteProtocolError
 from standby.proto.messages import Request
+from standby.proto.states import FAILED_OVER, Replication, disk_state
 
 from .health import ALERT, ERROR
 from .hub import Hub
 from .recovery import RecoveryAdmin, protected_disks
-from .registry import FAILED_OVER, DiskRow
+from .registry import DiskRow
 from .streams import DiskStream
 
 log = logging.getLogger("standby.ps.admin")
@@ -115,17 +116,17 @@ class AdminSession:
             except (TimeoutError, LinkClosed) as exc:
                 raise RequestFailed("unreachable", f"master target {mt!r} did not answer: {exc}") from None
         for d, path in plan:
-            reg.update_disk(
-                d.id,
+            reg.move(
+                d,
+                Replication.INITIAL,
+                f"protected to {mt}:{path} ({format}{', compared with the existing replica' if existing else ''})",
                 mt=mt,
                 replica_path=path,
                 replica_format=format,
-                state="seeding" if existing else "initial-replication",
                 protected_at=time.time(),
                 error=None,
                 seed=int(existing),
             )
-            log.info("protect %s/%s -> %s:%s (%s)", machine, d.name, mt, path, format)
         agent = self.ps.agent_sessions.get(machine)
         await self.ps.wake(agent.link if agent else None)
         return {"disks": [{"disk": d.name, "replica": p} for d, p in plan]}
@@ -144,7 +145,7 @@ class AdminSession:
         return {}
 
     async def resume(self, machine: str) -> dict[str, Any]:
-        if any(d.state in FAILED_OVER for d in self._machine_disks(machine)):
+        if any(d.replication in FAILED_OVER for d in self._machine_disks(machine)):
             raise RequestFailed("refused",
                                 f"{machine} is failed over: replication does not resume (reprotect is not built)")
         for d in self._machine_disks(machine):
@@ -185,7 +186,7 @@ class AdminSession:
         for d in self.ps.registry.disks(machine=machine):
             st = self.ps.streams.get(d.id)
             rate = st.apply_rate.value(now) if st else 0.0
-            done = d.size if d.state == "up-to-date" else d.applied_cursor
+            done = d.size if d.replication is Replication.DELTA else d.applied_cursor
             remaining = max(d.size - done, 0)
             out.append(
                 {
@@ -193,7 +194,8 @@ class AdminSession:
                     "disk": d.name,
                     "path": d.path,
                     "size": d.size,
-                    "state": d.state,
+                    "replication": d.replication.value,
+                    "disk_state": disk_state(d.replication).value,
                     "mt": d.mt,
                     "replica": d.replica_path,
                     "format": d.replica_format,
@@ -233,7 +235,7 @@ class AdminSession:
         pulling this disk with nothing wrong known (promise 9)."""
         if d.mt is None or st is None:
             return "-"
-        if d.state in FAILED_OVER:
+        if d.replication in FAILED_OVER:
             return "failed-over"
         if st.quarantined_from is not None:
             return "quarantined"

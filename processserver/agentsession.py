@@ -16,11 +16,12 @@ from standby.plumbing.serve import Handler, serve_request
 from standby.proto.errors import RemoteProtocolError
 from standby.proto.messages import Batch, Commit, Reply, Request
 from standby.proto.requests import BadRequest, CommitMeta
+from standby.proto.states import FAILED_OVER, Replication
 
 from .diskwriter import DiskWriter
 from .health import ALERT
 from .hub import Hub
-from .registry import FAILED_OVER, DiskRow
+from .registry import DiskRow
 
 log = logging.getLogger("standby.ps")
 
@@ -115,7 +116,7 @@ class AgentSession:
         st.health.clear("shrunk")
         result: dict[str, Any] = {
             "disk": row.id,
-            "state": row.state,
+            "replication": row.replication.value,
             "protected": row.mt is not None,
             "generation": st.generation,
             "next_sequence": st.received_seq + 1,
@@ -155,15 +156,17 @@ class AgentSession:
         st = self.ps.open_stream(row)
         if mode not in ("checksum", "full"):
             raise RequestFailed("bad-input", f"unknown resync mode {mode!r}")
-        if row.state in FAILED_OVER:
+        if row.replication in FAILED_OVER:
             raise RequestFailed("refused", f"disk {row.name} is failed over: no resync")
         # A resync that broke off after some of its records were stored left its generation here: a
         # retry starts the next one.
         generation = max(generation, st.generation + 1)
         log.warning("disk %s/%s: %s resync, generation %d: %s", row.machine, row.name, mode, generation, reason)
-        self.ps.registry.update_disk(
-            disk,
-            state="resyncing" if st.initial_committed else row.state,
+        # Before the initial copy was all received, a resync only restarts it: replication stays Initial.
+        self.ps.registry.move(
+            row,
+            Replication.RESYNC if st.initial_committed else row.replication,
+            reason,
             resync_request=None,
             resync_mode=mode,
             resync_reason=reason,

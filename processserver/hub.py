@@ -17,10 +17,11 @@ from typing import Any, Protocol
 from standby.plumbing.link import Link, LinkClosed
 from standby.plumbing.supervise import spawn
 from standby.proto.messages import Request
+from standby.proto.states import FAILED_OVER, Replication
 
 from .cache import DiskCache
 from .deployment import PSConfig
-from .registry import FAILED_OVER, DiskRow, Registry
+from .registry import DiskRow, Registry
 from .streams import DiskStream
 
 log = logging.getLogger("standby.ps")
@@ -92,11 +93,11 @@ class Hub:
         st.records = {s: v for s, v in rec.records.items() if s > st.applied_seq}
         st.initial_committed = (
             row.synced_at is not None
-            or row.state == "up-to-date"
+            or row.replication is Replication.DELTA
             or any(v.kind in ("initial-complete", "resync-complete") for v in st.records.values())
         )
         st.pause = bool(row.paused)
-        st.failed_over = row.state in FAILED_OVER
+        st.failed_over = row.replication in FAILED_OVER
         if st.failed_over:
             st.paused_at = max(st.applied_seq, 1)
         cache.release(st.applied_seq)
@@ -137,7 +138,7 @@ class Hub:
         cursor = max([v.cursor for v in st.records.values() if v.cursor] + [row.applied_cursor])
         st.initial_committed = (
             row.synced_at is not None
-            or row.state == "up-to-date"
+            or row.replication is Replication.DELTA
             or any(v.kind in ("initial-complete", "resync-complete") for v in st.records.values())
         )
         if not st.initial_committed and cursor != st.cursor:

@@ -18,10 +18,11 @@ from standby.plumbing.service import host_id
 from standby.plumbing.supervise import describe, supervise
 from standby.proto.errors import RemoteProtocolError
 from standby.proto.messages import WINDOW, Ack, Reject, Reply, Request
+from standby.proto.states import FAILED_OVER, IllegalTransition, Replication
 
 from .health import ALERT
 from .hub import Hub
-from .registry import FAILED_OVER, DiskRow
+from .registry import DiskRow
 from .streams import DiskStream
 
 log = logging.getLogger("standby.ps")
@@ -127,7 +128,7 @@ class MTSession:
 
     async def pull(self, disk: int, applied_seq: int) -> dict[str, Any]:
         row = self.assigned(disk)
-        if row.state in FAILED_OVER:
+        if row.replication in FAILED_OVER:
             raise RequestFailed("refused", f"disk {row.machine}/{row.name} is failed over: nothing is applied")
         st = self.ps.open_stream(row)
         skip = 0
@@ -215,12 +216,25 @@ class MTSession:
             log.info("%s: sender for disk %d stopped: %s", self.link.name, st.id, exc)
 
     # -- acknowledgements ---------------------------------------------------------------------------
+    def store_applied(self, row: DiskRow, done: str | None, fields: dict[str, Any]) -> None:
+        """Store what was applied; a completed copy makes the replica up to date (replication Delta) unless
+        the disk has moved on meanwhile (failed over: an acknowledgement that arrives late changes nothing)."""
+        if done is None:
+            self.ps.registry.update_disk(row.id, **fields)
+            return
+        try:
+            self.ps.registry.move(row, Replication.DELTA, done, **fields)
+        except IllegalTransition:
+            log.warning("disk %s: %s, but replication is %s: it stays so", row.label, done, row.replication.value)
+            self.ps.registry.update_disk(row.id, **fields)
+
     def set_applied(self, st: DiskStream, row: DiskRow, seq: int, release: bool = True) -> None:
         st.applied_seq = seq
         fields: dict[str, Any] = {"applied_seq": seq}
         # Promise 4: a point counts only while the replica is a faithful copy — not while a resync is asked
         # for (records skipped, disk grown) or running.
-        faithful = row.resync_request is None and row.state == "up-to-date"
+        faithful = row.resync_request is None and row.replication is Replication.DELTA
+        done: str | None = None  # the copy that completed: initial replication or a resync
         for s in [s for s in st.records if s <= seq]:
             kind, cursor, nbytes, t = st.records.pop(s)
             if cursor:
@@ -232,19 +246,17 @@ class MTSession:
                 st.point_times.append(t)
                 fields["last_point_at"], fields["last_point_seq"] = t, s
             if kind == "initial-complete":
-                fields["state"] = "up-to-date"
+                done = "initial replication complete"
                 faithful = row.resync_request is None
                 fields["synced_at"] = time.time()
-                log.info("disk %s/%s: initial replication complete; replica is up to date", row.machine, row.name)
             if kind == "resync-complete":
-                fields["state"] = "up-to-date"
+                done = "resync complete"
                 st.health.clear("cache-damage")  # what was lost is repaired
                 faithful = row.resync_request is None
                 fields["resync_done_at"] = time.time()
                 if row.synced_at is None:
                     fields["synced_at"] = time.time()
-                log.info("disk %s/%s: resync complete; replica is up to date", row.machine, row.name)
-        self.ps.registry.update_disk(st.id, **fields)
+        self.store_applied(row, done, fields)
         if release:
             st.cache.release(seq)
 

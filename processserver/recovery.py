@@ -20,9 +20,10 @@ from typing import Any
 
 from standby.plumbing.errors import RequestFailed
 from standby.plumbing.link import LinkClosed
+from standby.proto.states import FAILED_OVER, Replication
 
 from .hub import Hub, MTPeer
-from .registry import FAILED_OVER, DiskRow
+from .registry import DiskRow
 
 log = logging.getLogger("standby.ps.recovery")
 DRAIN_TIMEOUT = 900.0
@@ -177,10 +178,10 @@ class RecoveryAdmin:
         disks, session = self._disks(machine)
         if (point is None) == (at is None):
             raise RequestFailed("bad-input", "give exactly one of --point and --at")
-        if point == "latest" and any(d.state in FAILED_OVER for d in disks):
+        if point == "latest" and any(d.replication in FAILED_OVER for d in disks):
             raise RequestFailed("bad-input", f"{machine} is already failed over: 'latest' would drain nothing; use "
                                 "latest-processed or a point")
-        if any(d.state == "failover-committed" for d in disks):
+        if any(d.replication is Replication.COMMITTED for d in disks):
             raise RequestFailed("refused", f"{machine}: the failover was committed")
         if point == "latest":
             await self._drain(disks, hold=True)
@@ -193,21 +194,22 @@ class RecoveryAdmin:
         out = []
         for d in disks:
             res = await self._mt(session, "failover", timeout=LONG, disk=d.id, sequence=chosen[d.name]["sequence"])
-            self.ps.registry.update_disk(d.id, state="failed-over", paused=1)
+            if d.replication is Replication.FAILED_OVER:
+                log.info("disk %s: failed over again, to point %d", d.label, res["sequence"])
+            self.ps.registry.move(d, Replication.FAILED_OVER, f"failed over to point {res['sequence']}", paused=1)
             self.ps.open_stream(d).failed_over = True
             out.append({**res, "disk": d.name, "disk_id": d.id, "consistency": chosen[d.name]["consistency"],
                         "tag": chosen[d.name]["tag"]})
-            log.info("%s/%s failed over to point %d", machine, d.name, res["sequence"])
         return {"machine": machine, "disks": out}
 
     async def commit(self, machine: str) -> dict[str, Any]:
         disks, session = self._disks(machine)
-        if not all(d.state in FAILED_OVER for d in disks):
+        if not all(d.replication in FAILED_OVER for d in disks):
             raise RequestFailed("refused", f"{machine} is not failed over: run standby failover first")
         out = []
         for d in disks:
             res = await self._mt(session, "failover_commit", timeout=LONG, disk=d.id)
-            self.ps.registry.update_disk(d.id, state="failover-committed")
+            self.ps.registry.move(d, Replication.COMMITTED, "failover committed")
             out.append({**res, "disk": d.name, "disk_id": d.id})
         log.info("%s: failover committed", machine)
         return {"machine": machine, "disks": out}
@@ -236,7 +238,7 @@ class RecoveryAdmin:
 
     async def app_point(self, machine: str, tag: str = "") -> dict[str, Any]:
         disks, _ = self._disks(machine)
-        if any(d.state in FAILED_OVER for d in disks):
+        if any(d.replication in FAILED_OVER for d in disks):
             raise RequestFailed("refused", f"{machine} is failed over: no new points")
         agent = self.ps.agent_sessions.get(machine)
         if agent is None:

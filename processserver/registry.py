@@ -8,11 +8,17 @@ both are reconciled with these rows at start-up and at every connection.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from standby.proto.states import Replication, describe, move
+
+log = logging.getLogger("standby.ps")
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -30,7 +36,7 @@ CREATE TABLE IF NOT EXISTS disks (
     uid TEXT NOT NULL,
     path TEXT NOT NULL,
     size INTEGER NOT NULL,
-    state TEXT NOT NULL DEFAULT 'unprotected',
+    replication TEXT NOT NULL DEFAULT 'Off',
     generation INTEGER NOT NULL DEFAULT 1,
     received_seq INTEGER NOT NULL DEFAULT 0,
     applied_seq INTEGER NOT NULL DEFAULT 0,
@@ -64,12 +70,20 @@ LATER_COLUMNS = (
     ("seed", "INTEGER NOT NULL DEFAULT 0"),
 )
 
-# Disk states after a failover: nothing more is applied or replicated for the disk (the agent's records are
-# refused with BUSY; `standby commit` turns `failed-over` into `failover-committed`).
-FAILED_OVER = ("failed-over", "failover-committed")
+# The one state word of a disk before the two axes of proto.states existed (column `state`), and its
+# replication state now (column `replication`): a registry written by an older release is read as this one.
+OLD_STATE_WORDS = {
+    "unprotected": Replication.OFF,
+    "seeding": Replication.INITIAL,  # the `seed` column says it compares against an existing replica
+    "initial-replication": Replication.INITIAL,
+    "resyncing": Replication.RESYNC,
+    "up-to-date": Replication.DELTA,
+    "failed-over": Replication.FAILED_OVER,
+    "failover-committed": Replication.COMMITTED,
+}
 
 DISK_COLUMNS = (
-    "id machine name uid path size state generation received_seq applied_seq cursor applied_cursor mt "
+    "id machine name uid path size replication generation received_seq applied_seq cursor applied_cursor mt "
     "replica_path replica_format wrapped_key bytes_logical bytes_data bytes_wire bytes_applied protected_at "
     "synced_at error"
 ).split() + [c for c, _ in LATER_COLUMNS]
@@ -83,7 +97,7 @@ class DiskRow:
     uid: str
     path: str
     size: int
-    state: str
+    replication: Replication
     generation: int
     received_seq: int
     applied_seq: int
@@ -110,6 +124,14 @@ class DiskRow:
     paused: int = 0
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        self.replication = Replication(self.replication)
+
+    @property
+    def label(self) -> str:
+        """machine/disk, as log lines name a disk."""
+        return f"{self.machine}/{self.name}"
+
 
 class Registry:
     def __init__(self, path: Path) -> None:
@@ -118,6 +140,10 @@ class Registry:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
         have = {r[1] for r in self.db.execute("PRAGMA table_info(disks)")}
+        if "state" in have:
+            self.db.execute("ALTER TABLE disks RENAME COLUMN state TO replication")
+            for old, new in OLD_STATE_WORDS.items():
+                self.db.execute("UPDATE disks SET replication=? WHERE replication=?", (new.value, old))
         for col, sql in LATER_COLUMNS:
             if col not in have:
                 self.db.execute(f"ALTER TABLE disks ADD COLUMN {col} {sql}")
@@ -183,6 +209,17 @@ class Registry:
                 raise KeyError(k)
         sets = ", ".join(f"{k}=?" for k in fields)
         self.db.execute(f"UPDATE disks SET {sets} WHERE id=?", (*fields.values(), disk_id))
+
+    def move(self, row: DiskRow, new: Replication, reason: str, **fields: Any) -> DiskRow:
+        """Move a disk's replication state (proto.states: an illegal move raises IllegalTransition and
+        changes nothing), with other `fields` in the same update; one log line per move. Returns the row
+        as it is now."""
+        old = row.replication
+        move(old, new)
+        self.update_disk(row.id, replication=new.value, **fields)
+        if old != new:
+            log.info("%s", describe(row.label, old, new, reason))
+        return self.disk(row.id) or row
 
     def add_counters(self, disk_id: int, **deltas: int) -> None:
         sets = ", ".join(f"{k}={k}+?" for k in deltas)

@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import time
 
+from standby.proto.states import FAILED_OVER
+
 from .health import ALERT, ERROR
 from .hub import Hub
-from .registry import FAILED_OVER, DiskRow
+from .registry import DiskRow
 from .streams import DiskStream
 
 WATCH_INTERVAL = 5.0
@@ -29,7 +31,7 @@ def check_disks(hub: Hub, now: float, mono: float) -> None:
         st = hub.streams.get(row.id)
         if st is None:
             continue
-        failed_over = row.state in FAILED_OVER
+        failed_over = row.replication in FAILED_OVER
         rpo = now - row.last_point_at if row.last_point_at is not None else None
         threshold = hub.cfg.rpo_threshold
         if row.mt is not None and rpo is not None and not failed_over and rpo > threshold:

@@ -28,6 +28,8 @@ from .fields import (
     point_choice,
     record,
     replica_format,
+    replica_state,
+    replication_state,
     seconds,
     sequence,
     stored_time,
@@ -44,7 +46,8 @@ _STATUS_DISK = record(
     {
         "machine": text,
         "disk": text,
-        "state": text,
+        "replication": replication_state,
+        "disk_state": replica_state,
         "size": count,
         "mt": optional(text),
         "replica": optional(text),

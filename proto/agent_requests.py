@@ -29,6 +29,7 @@ from .fields import (
     pair,
     path,
     pem,
+    replication_state,
     resync_mode,
     sealed_hashes,
     seconds,
@@ -39,10 +40,10 @@ from .fields import (
     tag,
     text,
     time_,
-    token,
     uuid_text,
     wrapped_key,
 )
+from .states import Replication
 from .wire import Invalid, Wire, checked, message
 
 # ---- agent -> process server ------------------------------------------------------------------------
@@ -68,7 +69,7 @@ class ResyncWanted(Wire):
 class DiskOpened(Wire):
     OMIT_NONE = frozenset({"mt_cert"})  # sent only when key_needed
     disk: int = checked(disk_id)
-    state: str = checked(token)
+    replication: Replication = checked(replication_state)
     protected: bool = checked(boolean)
     generation: int = checked(generation)
     next_sequence: int = checked(sequence)

@@ -45,6 +45,7 @@ from typing import Any, TypeVar
 
 from .enums import CommitKind, Consistency, ReplicaFormat
 from .frames import MAX_CONTROL_PAYLOAD
+from .states import DiskState, Replication
 from .wire import BadRequest as BadRequest
 from .wire import Check, Invalid, Wire, show
 from .wire import InvalidMessage as InvalidMessage
@@ -281,6 +282,8 @@ def member_of(enum: type[E]) -> Check:
 replica_format = member_of(ReplicaFormat)
 consistency = member_of(Consistency)
 commit_kind = member_of(CommitKind)
+replication_state = member_of(Replication)  # proto.states
+replica_state = member_of(DiskState)
 resync_mode = one_of(*RESYNC_MODES)
 
 

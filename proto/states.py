@@ -59,6 +59,9 @@ TRANSITIONS: dict[tuple[Replication, Replication], str] = {
     (R.OFF, R.INITIAL): "protect",
     (R.INITIAL, R.DELTA): "initial replication complete",
     (R.DELTA, R.RESYNC): "a resync began",
+    # The initial copy's last record was received (so the agent's next copy is a resync) but is not yet
+    # applied: the replica was never up to date.
+    (R.INITIAL, R.RESYNC): "a resync began",
     (R.RESYNC, R.DELTA): "resync complete",
     # A machine fails over as a whole: a disk still in initial replication or resync fails over too, to the
     # last point its journal holds (with none to offer, the failover is refused before anything moves).

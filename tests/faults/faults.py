@@ -65,7 +65,7 @@ class TrialContext:
             self.during = {"status": "no answer from the process server"}
             return
         self.during = {
-            d["machine"]: {k: d.get(k) for k in ("state", "applying", "error", "alerts", "rpo_seconds")}
+            d["machine"]: {k: d.get(k) for k in ("replication", "applying", "error", "alerts", "rpo_seconds")}
             for d in st["disks"]
         }
 

@@ -33,7 +33,7 @@ def summarize(d: dict[str, Any] | None) -> str:
     error = d.get("error")
     if isinstance(error, str) and len(error) > 400:
         error = error[:400] + "..."
-    return (f"state {d.get('state')}, applying {d.get('applying')}, error {error!r}, alerts "
+    return (f"replication {d.get('replication')}, applying {d.get('applying')}, error {error!r}, alerts "
             f"{d.get('alerts')}, applied_seq {d.get('applied_seq')}, received_seq {d.get('received_seq')}, "
             f"backlog {d.get('backlog_records')} records, rpo {num(d.get('rpo_seconds'))} s, last point "
             f"{d.get('last_point_seq')}")

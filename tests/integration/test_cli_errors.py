@@ -21,7 +21,8 @@ from .conftest import MiB, fill_mixed
 
 DISK_SIZE = 4 * MiB
 STATUS_FIELDS = (
-    "state",
+    "replication",
+    "disk_state",
     "progress",
     "rate",
     "eta_seconds",
@@ -234,7 +235,7 @@ def test_status_json_and_human(deployment, ready):
     missing = [f for f in STATUS_FIELDS if f not in d]
     assert not missing, f"status --json lacks {missing}: {d}"
     assert d["machine"] == "src" and d["disk"] == "disk0"
-    assert d["state"] == "up-to-date"
+    assert d["replication"] == "Delta"
     assert d["progress"] == 1.0
     assert isinstance(d["rate"], int | float) and d["rate"] >= 0
     assert d["eta_seconds"] is None or (isinstance(d["eta_seconds"], int | float) and d["eta_seconds"] >= 0)
@@ -247,7 +248,7 @@ def test_status_json_and_human(deployment, ready):
 
     human = deployment.cli("status")
     assert human.returncode == 0, human.stderr
-    assert "src/disk0 state:up-to-date" in human.stdout, human.stdout
+    assert "src/disk0 replication:Delta disk:UpToDate" in human.stdout, human.stdout
     assert "progress:100.0%" in human.stdout and "master-targets-connected:mt1" in human.stdout
     only = deployment.cli("status", "src", "--json")
     assert [x["disk"] for x in json.loads(only.stdout)["disks"]] == ["disk0"]

@@ -247,7 +247,7 @@ def test_idle_strangers_do_not_stop_replication_or_status(
             try:
                 st = deployment.admin().call("status", timeout=10)
                 caught_up = all(
-                    d["state"] == "up-to-date"
+                    d["replication"] == "Delta"
                     and d["applied_seq"] == d["received_seq"]
                     and (d["last_point_time"] or 0) >= since
                     for d in st["disks"]

@@ -95,7 +95,7 @@ def wait_progress(dep: LocalDeployment, lo: float, hi: float = 0.7, timeout: flo
         interval=0.05,
     )
     d = disk_status(st)
-    assert d["state"] != "up-to-date" and d["progress"] <= hi, (
+    assert d["replication"] != "Delta" and d["progress"] <= hi, (
         f"replication ran past {hi:.0%} before the fault could be injected ({d['progress']:.0%}): "
         "make the disk bigger or the batch smaller"
     )
@@ -295,7 +295,7 @@ def test_cache_quota_backpressure(make_loop, tmp_path):
             for k in ("received_seq", "received_cursor", "bytes_received", "cache_bytes", "applied_seq"):
                 assert s1[k] == s2[k], f"{k} moved while the cache was full: {s1[k]} -> {s2[k]}"
             assert s2["received_cursor"] < size
-            assert s2["state"] != "up-to-date"
+            assert s2["replication"] != "Delta"
             assert dep.procs["agent-src"].poll() is None, "the agent must wait, not exit"
             assert s2["refused_records"] > s1["refused_records"], "the agent stopped retrying"
             assert "over quota" in dep.log_text("ps")
@@ -341,14 +341,14 @@ def test_replica_file_system_full(deployment, make_loop, tmp_path):
                 interval=0.1,
             )
             d = disk_status(st)
-            assert d["state"] != "up-to-date", d
+            assert d["replication"] != "Delta", d
             # The agent keeps going: everything ends up in the cache, nothing is dropped there.
             st = deployment.wait_for(
                 lambda s: disk_status(s)["received_cursor"] == size, 60, "the whole disk to reach the cache"
             )
             d = disk_status(st)
             assert d["backlog_records"] > 0 and d["cache_bytes"] > 0, d
-            assert d["state"] != "up-to-date", d
+            assert d["replication"] != "Delta", d
             disk_id = only_disk_id(deployment)
             state = mt_state(deployment, disk_id)
             done = d["bytes_done"]
@@ -367,7 +367,7 @@ def test_replica_file_system_full(deployment, make_loop, tmp_path):
             # Still stuck a retry later, and still not claiming to be up to date.
             time.sleep(1.0)
             d = disk_status(deployment.status())
-            assert d["state"] != "up-to-date" and d["applied_seq"] == state["applied_seq"]
+            assert d["replication"] != "Delta" and d["applied_seq"] == state["applied_seq"]
             assert "No space left" in deployment.log_text("mt-mt1")
         finally:
             deployment.kill("mt-mt1", signal.SIGTERM)  # it holds the replica open: stop it before umount

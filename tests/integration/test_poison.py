@@ -117,8 +117,9 @@ def test_a_poisoned_assignment_fails_that_disk_alone(deployment, protected, make
     try:
         (wrapped,) = db.execute("SELECT wrapped_key FROM disks").fetchone()
         db.execute(
-            "INSERT INTO disks (machine, name, uid, path, size, state, mt, replica_path, replica_format, wrapped_key) "
-            "VALUES ('old', 'poisoned', 'not-a-uuid', '/dev/null', 1048576, 'initial-replication', 'mt1', ?, 'raw', ?)",
+            "INSERT INTO disks (machine, name, uid, path, size, replication, mt, replica_path, replica_format, "
+            "wrapped_key) VALUES ('old', 'poisoned', 'not-a-uuid', '/dev/null', 1048576, 'Initial', 'mt1', ?, 'raw', "
+            "?)",
             (str(tmp_path / "p.img"), wrapped),
         )
         db.commit()

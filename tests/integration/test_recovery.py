@@ -79,7 +79,7 @@ def test_failover_test_failover_change_point_commit(deployment, protected, tmp_p
     res = cli_json(deployment, "failover", "src", "--point", "latest")
     latest_seq = res["disks"][0]["sequence"]
     assert cut_of(replica, log) == last
-    assert disk(deployment.status())["state"] == "failed-over"
+    assert disk(deployment.status())["replication"] == "FailedOver"
     # Back to the older point, in place: the same instant as the test failover showed.
     cli_json(deployment, "failover", "src", "--point", str(old["sequence"]))
     assert cut_of(replica, log) == cut_old

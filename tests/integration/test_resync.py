@@ -41,7 +41,7 @@ def scatter(dev: str, size: int, count: int, seed: int) -> set[int]:
 def wait_resync_done(dep, after: float, timeout: float = 120.0) -> dict:
     st = dep.wait_for(
         lambda s: ((disk(s)["last_resync"] or {}).get("done_at") or 0) > after
-        and disk(s)["state"] == "up-to-date"
+        and disk(s)["replication"] == "Delta"
         and disk(s)["applied_seq"] == disk(s)["received_seq"],
         timeout,
         "a resync to complete",

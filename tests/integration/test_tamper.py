@@ -160,7 +160,7 @@ def assert_replica_stops_before(disk: Disk, seq: int) -> None:
 def assert_not_acked(c: Cached, disk: str, seq: int) -> None:
     d = next(d for d in c.dep.status()["disks"] if d["disk"] == disk)
     assert d["applied_seq"] == seq - 1, d
-    assert d["state"] == "initial-replication", d
+    assert d["replication"] == "Initial", d
     assert d["backlog_records"] == N_BATCHES + 2 - seq, d
     # The master target's own record of what it applied agrees.
     import json
@@ -218,7 +218,7 @@ def test_flipped_ciphertext_byte_with_recomputed_checksums_is_rejected(deploymen
     quarantine = c.dep.ps_dir / "cache" / f"disk-{c.disks['disk0'].id}" / "quarantine"
     assert any(quarantine.iterdir()), "the refused records must be kept, not deleted"
     st = deployment.wait_for(
-        lambda s: (lambda x: x["state"] == "up-to-date" and x["applied_seq"] == x["received_seq"] and not x["error"]
+        lambda s: (lambda x: x["replication"] == "Delta" and x["applied_seq"] == x["received_seq"] and not x["error"]
                    and x["applying"] == "running")(next(x for x in s["disks"] if x["disk"] == "disk0")),
         120,
         "the resync to repair the replica",
@@ -269,7 +269,7 @@ def test_record_moved_to_another_disk_is_rejected(deployment, make_loop, tmp_pat
     assert f"rejected sequence {seq}" in d["error"], d["error"]
     # disk1 is untouched by all this and completes.
     deployment.wait_for(
-        lambda s: any(x["disk"] == "disk1" and x["state"] == "up-to-date" for x in s["disks"]),
+        lambda s: any(x["disk"] == "disk1" and x["replication"] == "Delta" for x in s["disks"]),
         60,
         "disk1 to be up to date",
     )
@@ -304,7 +304,7 @@ def test_damaged_record_mid_segment_is_set_aside_and_the_disk_resynced(deploymen
     deployment.start("mt", "mt1")
     deployment.start("agent", "src")
     deployment.wait_for(
-        lambda s: s["disks"][0]["state"] == "up-to-date" and not s["disks"][0]["error"]
+        lambda s: s["disks"][0]["replication"] == "Delta" and not s["disks"][0]["error"]
         and s["disks"][0]["applied_seq"] == s["disks"][0]["received_seq"],
         120,
         "the replica to be repaired",

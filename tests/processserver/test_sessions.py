@@ -157,7 +157,9 @@ def test_admin_status_lists_the_disks(tmp_path: Path) -> None:
     async def scenario(hub: Hub, admin: Link) -> None:
         hub.registry.add_disk("m1", "sda", UID[1], "/dev/sda", SIZE)
         res = await admin.call("status")
-        assert [(d["machine"], d["disk"], d["state"]) for d in res["disks"]] == [("m1", "sda", "unprotected")]
+        assert [(d["machine"], d["disk"], d["replication"], d["disk_state"]) for d in res["disks"]] == [
+            ("m1", "sda", "Off", "Inconsistent")
+        ]
         with pytest.raises(RequestFailed) as exc:
             await admin.call("pause", machine="nobody")
         assert exc.value.code == "unknown-machine"

@@ -94,7 +94,8 @@ STATUS_DISK = {
     "disk": "sda",
     "path": "/dev/sda",
     "size": 1 << 30,
-    "state": "up-to-date",
+    "replication": "Delta",
+    "disk_state": "UpToDate",
     "mt": "mt1",
     "replica": "/srv/r/web01-sda.vmdk",
     "format": "vmdk",
@@ -124,7 +125,7 @@ EXAMPLES: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {
         {"name": "sda", "path": "/dev/sda", "size": 1 << 30, "uid": UID},
         {
             "disk": 3,
-            "state": "initial-replication",
+            "replication": "Initial",
             "protected": True,
             "generation": 1,
             "next_sequence": 1,

@@ -1,0 +1,66 @@
+"""The registry keeps each disk's replication state in proto.states' words, moves it only along the
+table (one log line per move), and reads a registry written before the two axes existed."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from standby.processserver.registry import OLD_STATE_WORDS, Registry
+from standby.proto.states import IllegalTransition, Replication
+
+R = Replication
+
+
+def test_a_disk_moves_along_the_table_with_one_line_per_move(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    reg = Registry(tmp_path / "registry.sqlite")
+    row = reg.add_disk("web01", "sda", "00000000-0000-4000-8000-000000000001", "/dev/sda", 1 << 20)
+    assert row.replication is R.OFF
+    with caplog.at_level(logging.INFO, logger="standby.ps"):
+        row = reg.move(row, R.INITIAL, "protected to mt1:/r/a.vmdk (vmdk)", mt="mt1")
+        row = reg.move(row, R.DELTA, "initial replication complete")
+        row = reg.move(row, R.DELTA, "initial replication complete")  # no move: no line
+        row = reg.move(row, R.RESYNC, "tracking lost")
+    assert (row.replication, row.mt) == (R.RESYNC, "mt1")
+    assert [r.getMessage() for r in caplog.records] == [
+        "disk web01/sda: replication Off -> Initial (reason: protected to mt1:/r/a.vmdk (vmdk))",
+        "disk web01/sda: replication Initial -> Delta, disk Inconsistent -> UpToDate "
+        "(reason: initial replication complete)",
+        "disk web01/sda: replication Delta -> Resync, disk UpToDate -> Inconsistent (reason: tracking lost)",
+    ]
+    row = reg.move(row, R.FAILED_OVER, "failed over to point 9", paused=1)
+    with pytest.raises(IllegalTransition):
+        reg.move(row, R.DELTA, "resync complete", resync_done_at=1.0)
+    again = reg.disk(row.id)
+    assert again is not None
+    assert (again.replication, again.paused, again.resync_done_at) == (R.FAILED_OVER, 1, None)  # nothing changed
+
+
+def test_a_registry_of_the_old_words_is_read_in_the_new_ones(tmp_path: Path) -> None:
+    path = tmp_path / "registry.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(
+        """CREATE TABLE disks (id INTEGER PRIMARY KEY AUTOINCREMENT, machine TEXT NOT NULL, name TEXT NOT NULL,
+        uid TEXT NOT NULL, path TEXT NOT NULL, size INTEGER NOT NULL, state TEXT NOT NULL DEFAULT 'unprotected',
+        generation INTEGER NOT NULL DEFAULT 1, received_seq INTEGER NOT NULL DEFAULT 0,
+        applied_seq INTEGER NOT NULL DEFAULT 0, cursor INTEGER NOT NULL DEFAULT 0,
+        applied_cursor INTEGER NOT NULL DEFAULT 0, mt TEXT, replica_path TEXT, replica_format TEXT,
+        wrapped_key BLOB, bytes_logical INTEGER NOT NULL DEFAULT 0, bytes_data INTEGER NOT NULL DEFAULT 0,
+        bytes_wire INTEGER NOT NULL DEFAULT 0, bytes_applied INTEGER NOT NULL DEFAULT 0, protected_at REAL,
+        synced_at REAL, error TEXT, UNIQUE (machine, name));"""
+    )
+    for i, word in enumerate(OLD_STATE_WORDS):
+        db.execute("INSERT INTO disks (machine, name, uid, path, size, state) VALUES ('m', ?, 'u', '/dev/x', 512, ?)",
+                   (f"d{i}", word))
+    db.commit()
+    db.close()
+    reg = Registry(path)
+    assert {d.name: d.replication for d in reg.disks()} == {
+        "d0": R.OFF, "d1": R.INITIAL, "d2": R.INITIAL, "d3": R.RESYNC, "d4": R.DELTA, "d5": R.FAILED_OVER,
+        "d6": R.COMMITTED,
+    }
+    reg.close()
+    assert {d.name for d in Registry(path).disks() if d.replication is R.DELTA} == {"d4"}  # opened twice: same
