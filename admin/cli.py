@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from standby.plumbing.errors import BadInput, run_main
+from standby.proto.enums import ReplicaFormat
 
 from . import recoverycli
 from .client import DEFAULT_ADMIN_DIR, AdminClient
 from .display import human_bytes, when
 
-FORMATS = ("vmdk", "vmdk-thick", "vmdk-monolithic-flat", "vmdk-sparse", "raw", "device")
+FORMATS = tuple(ReplicaFormat)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=FORMATS,
         default="vmdk",
-        help="replica kind: vmdk (ESXi vmfs descriptor, thin flat extent; default), vmdk-thick, "
+        help="replica format: vmdk (ESXi vmfs descriptor, thin flat extent; default), vmdk-thick, "
         "vmdk-monolithic-flat, vmdk-sparse (monolithicSparse), raw, device",
     )
     pr.add_argument(
@@ -84,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--size", default="1G", help="test disk size (default 1G)")
     dm.add_argument(
         "--format",
-        choices=[f for f in FORMATS if f != "device"],
+        choices=[f for f in FORMATS if f != ReplicaFormat.DEVICE],
         default="vmdk",
-        help="replica kind (default vmdk: thin vmfs-flat)",
+        help="replica format (default vmdk: thin vmfs-flat)",
     )
     dm.add_argument(
         "--churn-seconds",

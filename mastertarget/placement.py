@@ -9,8 +9,10 @@ import stat
 from pathlib import Path
 
 from standby.plumbing.errors import RequestFailed
+from standby.proto.enums import ReplicaFormat
 
-from .replicas import KINDS, ReplicaError, open_replica
+from .replicas import ReplicaError, open_replica
+from .replicas.vmdk_flat import FLAVOURS
 from .volume import overlaps
 
 
@@ -30,7 +32,7 @@ async def check_replica(retention_dir: Path, used: set[str], path: str, format: 
 
 def check_existing_replica(path: str, kind: str, size: int, used: set[str]) -> tuple[str, str]:
     """Can the replica at `path` (offline seeding) be opened as `kind` with the source's size?"""
-    if kind not in KINDS:
+    if kind not in set(ReplicaFormat):
         return "bad-input", f"unknown replica format {kind!r}"
     if path in used:
         return "replica-exists", f"replica path {path} is already used by another protected disk"
@@ -43,14 +45,14 @@ def check_existing_replica(path: str, kind: str, size: int, used: set[str]) -> t
 
 def check_replica_path(path: str, kind: str, size: int, used: set[str]) -> tuple[str, str]:
     """Is `path` usable for a new replica of `size` bytes? ("", "") or (code, message)."""
-    if kind not in KINDS:
+    if kind not in set(ReplicaFormat):
         return "bad-input", f"unknown replica format {kind!r}"
     p = Path(path)
     if not p.is_absolute():
         return "bad-input", f"replica path {path!r} must be absolute"
     if path in used:
         return "replica-exists", f"replica path {path} is already used by another protected disk"
-    if kind == "device":
+    if kind == ReplicaFormat.DEVICE:
         try:
             mode = os.stat(p).st_mode
         except OSError as exc:
@@ -62,7 +64,7 @@ def check_replica_path(path: str, kind: str, size: int, used: set[str]) -> tuple
         if dev_size != size:
             return "size-mismatch", f"device {path} has {dev_size} bytes, the source disk has {size}"
         return "", ""
-    flat = p.with_name(p.stem + "-flat.vmdk") if kind in ("vmdk", "vmdk-thick", "vmdk-monolithic-flat") else None
+    flat = p.with_name(p.stem + "-flat.vmdk") if kind in FLAVOURS else None
     for q in (p, flat):
         if q is not None and q.exists():
             return "replica-exists", f"replica path {q} already exists on master target (refusing to overwrite)"

@@ -11,6 +11,7 @@ from typing import Any
 from standby.plumbing.errors import RequestFailed
 from standby.plumbing.link import Link, LinkClosed
 from standby.plumbing.serve import Handler, serve_request
+from standby.proto.enums import ReplicaFormat
 from standby.proto.errors import RemoteProtocolError
 from standby.proto.messages import Request
 from standby.proto.states import FAILED_OVER, Replication, disk_state
@@ -22,8 +23,7 @@ from .registry import DiskRow
 from .streams import DiskStream
 
 log = logging.getLogger("standby.ps.admin")
-FORMATS = ("vmdk", "vmdk-thick", "vmdk-monolithic-flat", "vmdk-sparse", "raw", "device")
-SUFFIX = {"raw": ".img"}
+SUFFIX = {ReplicaFormat.RAW: ".img"}
 
 
 class AdminSession:
@@ -64,7 +64,7 @@ class AdminSession:
         self,
         machine: str,
         mt: str,
-        format: str = "vmdk",
+        format: str = ReplicaFormat.VMDK,
         replica_dir: str | None = None,
         replicas: dict[str, str] | None = None,
         existing: bool = False,
@@ -79,8 +79,9 @@ class AdminSession:
         if t is None or t["role"] != "mt":
             known = ", ".join(x["name"] for x in reg.machines() if x["role"] == "mt") or "none"
             raise RequestFailed("unknown-machine", f"unknown master target {mt!r} (enrolled master targets: {known})")
-        if format not in FORMATS:
-            raise RequestFailed("bad-input", f"unknown replica format {format!r} (one of: {', '.join(FORMATS)})")
+        if format not in set(ReplicaFormat):
+            raise RequestFailed("bad-input",
+                                f"unknown replica format {format!r} (one of: {', '.join(ReplicaFormat)})")
         disks = reg.disks(machine=machine)
         if not disks:
             raise RequestFailed("bad-input",
@@ -94,11 +95,11 @@ class AdminSession:
                 raise RequestFailed("bad-input", f"disk {machine}/{d.name} is already protected (to {d.mt})")
             path = replicas.get(d.name)
             if path is None:
-                if replica_dir is None or format == "device":
+                if replica_dir is None or format == ReplicaFormat.DEVICE:
                     raise RequestFailed(
                                         "bad-input",
                                         f"no replica given for disk {d.name} (use --replica {d.name}=PATH"
-                        + ("" if format == "device" else " or --replica-dir")
+                        + ("" if format == ReplicaFormat.DEVICE else " or --replica-dir")
                         + ")",
                     )
                 path = str(PurePosixPath(replica_dir) / f"{machine}-{d.name}{SUFFIX.get(format, '.vmdk')}")

@@ -33,7 +33,7 @@ class Consistency(StrEnum):
 
 
 class ReplicaFormat(StrEnum):
-    """How a master target stores a replica disk (mastertarget.replicas.KINDS holds the same words)."""
+    """How a master target stores a replica disk (mastertarget.replicas opens each)."""
 
     VMDK = "vmdk"
     VMDK_THICK = "vmdk-thick"

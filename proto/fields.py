@@ -90,7 +90,6 @@ ENROLL_ROLES = ("agent", "mt")
 RESYNC_MODES = ("checksum", "full")
 RESYNC_PHASES = ("waiting", "hashing", "comparing", "shipping", "complete")  # agent.resync.Progress.phase
 # The words of proto.enums as plain tuples, for the daemons that test membership or list the choices.
-# processserver.admin.FORMATS == mastertarget.replicas.KINDS == REPLICA_FORMATS (a test holds all three equal)
 REPLICA_FORMATS = tuple(f.value for f in ReplicaFormat)
 COMMIT_KINDS = tuple(k.value for k in CommitKind)
 CONSISTENCIES = tuple(c.value for c in Consistency)

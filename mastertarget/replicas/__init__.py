@@ -1,7 +1,7 @@
 """Replica targets: the disks the master target keeps up to date (DESIGN.md section 7).
 
 One narrow interface, ``Replica`` (write, write_zeroes, read, sync, close, data_files), in front of
-six kinds:
+six formats (proto.enums.ReplicaFormat):
 
 ``vmdk``                  ESXi ``vmfs`` descriptor over a sparse ``NAME-flat.vmdk`` (thin)
 ``vmdk-thick``            the same with the extent preallocated
@@ -19,16 +19,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from standby.proto.enums import ReplicaFormat
+
 from .base import Replica, ReplicaError, ReplicaExists, ReplicaSizeMismatch
 from .blockdev import open_device
 from .raw import create_raw, open_raw
 from .vmdk_flat import FLAVOURS, create_vmdk_flat, open_vmdk_flat
 from .vmdk_sparse import create_vmdk_sparse, open_vmdk_sparse
 
-KINDS = ("vmdk", "vmdk-thick", "vmdk-monolithic-flat", "vmdk-sparse", "raw", "device")
-
 __all__ = [
-    "KINDS",
     "Replica",
     "ReplicaError",
     "ReplicaExists",
@@ -38,9 +37,9 @@ __all__ = [
 ]
 
 
-def _check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise ReplicaError(f"unknown replica kind {kind!r}; choose one of: {', '.join(KINDS)}")
+def _check_format(format: str) -> None:
+    if format not in set(ReplicaFormat):
+        raise ReplicaError(f"unknown replica format {format!r}; choose one of: {', '.join(ReplicaFormat)}")
 
 
 def create_replica(kind: str, path: Path, size: int) -> Replica:
@@ -49,7 +48,7 @@ def create_replica(kind: str, path: Path, size: int) -> Replica:
     Refuses (``ReplicaExists``) if ``path`` -- or, for flat VMDKs, its ``-flat.vmdk`` extent --
     exists; a ``device`` must instead exist already and have exactly ``size`` bytes.
     """
-    _check_kind(kind)
+    _check_format(kind)
     path = Path(path)
     if kind in FLAVOURS:
         return create_vmdk_flat(kind, path, size)
@@ -62,7 +61,7 @@ def create_replica(kind: str, path: Path, size: int) -> Replica:
 
 def open_replica(kind: str, path: Path, size: int) -> Replica:
     """Reopen an existing replica; ``ReplicaSizeMismatch`` if it does not hold ``size`` bytes."""
-    _check_kind(kind)
+    _check_format(kind)
     path = Path(path)
     if kind in FLAVOURS:
         return open_vmdk_flat(kind, path, size)

@@ -1,5 +1,5 @@
 """`standby demo`'s verdict on a replica comes from outside readers: qemu-img and plain read-only files
-(standby.admin.demo.verify). It says identical only for the same guest data, in every replica kind."""
+(standby.admin.demo.verify). It says identical only for the same guest data, in every replica format."""
 
 from __future__ import annotations
 

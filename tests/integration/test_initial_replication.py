@@ -1,4 +1,4 @@
-"""Initial replication end to end into every replica kind, judged by qemu-img (an outside tool)."""
+"""Initial replication end to end into every replica format, judged by qemu-img (an outside tool)."""
 
 from __future__ import annotations
 

@@ -25,7 +25,6 @@ from pathlib import Path
 import pytest
 
 from standby.mastertarget.replicas import (
-    KINDS,
     Replica,
     ReplicaError,
     ReplicaExists,
@@ -33,6 +32,7 @@ from standby.mastertarget.replicas import (
     create_replica,
     open_replica,
 )
+from standby.proto.enums import ReplicaFormat
 
 # The tests directory is importable as "tests" when the repository root is on sys.path, and as the
 # top level otherwise (pytest's rootdir conftest insertion); accept either layout.
@@ -48,7 +48,7 @@ MiB = 1024 * KiB
 GRAIN = 64 * KiB
 SECTOR = 512
 SIZE = 64 * MiB + 5 * GRAIN  # an odd number of grains past a round size
-FILE_KINDS = [k for k in KINDS if k != "device"]
+FILE_KINDS = [k.value for k in ReplicaFormat if k != ReplicaFormat.DEVICE]
 VMDK_KINDS = [k for k in FILE_KINDS if k.startswith("vmdk")]
 CREATE_TYPE = {
     "vmdk": "vmfs",
@@ -380,7 +380,7 @@ def test_open_with_wrong_size(tmp_path: Path, kind: str) -> None:
 
 
 def test_bad_arguments(tmp_path: Path) -> None:
-    with pytest.raises(ReplicaError, match="unknown replica kind"):
+    with pytest.raises(ReplicaError, match="unknown replica format"):
         create_replica("qcow2", tmp_path / "x", MiB)
     for bad in (0, -SECTOR, MiB + 1):
         with pytest.raises(ReplicaError):
