@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from standby.plumbing.errors import RequestFailed
+from standby.proto.enums import ErrorCode
 
 from .cuts import AppCut, CutOrder
 from .freeze import Freeze, FreezeError, Mount, ScriptFailed, mounts_on, run_script, syncfs
@@ -83,7 +84,7 @@ class AppPoints:
         """Make an app-consistent point for the process server (the operator's `standby app-point`). The
         tag was validated at the boundary (proto.requests); AppPointBusy/AppPointFailed carry their code."""
         if len(tag) > MAX_TAG or not tag.isprintable():
-            raise AppPointFailed(f"a tag is printable text of at most {MAX_TAG} characters", "bad-input")
+            raise AppPointFailed(f"a tag is printable text of at most {MAX_TAG} characters", ErrorCode.BAD_INPUT)
         return await self.make(tag)
 
     async def make(self, tag: str) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from standby.plumbing.serve import send_reply, serve_request
 from standby.plumbing.service import host_id
 from standby.plumbing.supervise import describe, spawn, supervise
 from standby.plumbing.tls import client_context
+from standby.proto.enums import ErrorCode
 from standby.proto.errors import ProtocolError, RemoteProtocolError
 from standby.proto.keywrap import KeyWrapError, unwrap_key
 from standby.proto.messages import Batch, Commit, Reject, Reply, Request
@@ -398,7 +399,7 @@ class MasterTarget:
                             size: int | None = None) -> dict[str, Any]:
         w = self.workers.get(disk)
         if w is None:
-            raise RequestFailed("failed", f"disk {disk} is not open on this master target")
+            raise RequestFailed(ErrorCode.FAILED, f"disk {disk} is not open on this master target")
         return await answer_hashes(w, link, generation, query, size)
 
     def used_paths(self) -> set[str]:

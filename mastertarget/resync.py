@@ -14,6 +14,7 @@ from typing import Any
 from standby.plumbing.errors import RequestFailed
 from standby.plumbing.link import Link
 from standby.proto import hashtree
+from standby.proto.enums import ErrorCode
 from standby.proto.envelope import seal_hashes
 
 from .replicas import ReplicaError
@@ -41,19 +42,19 @@ async def answer_hashes(w: DiskWorker, link: Link, generation: int, query: dict[
                 )
                 w.tree = (generation, hashtree.build(leaves))
     except (ReplicaError, OSError) as exc:
-        raise RequestFailed("failed", f"cannot hash the replica: {exc}") from None
+        raise RequestFailed(ErrorCode.FAILED, f"cannot hash the replica: {exc}") from None
     levels = w.tree[1]
     if query.get("level") is None:
         hashes = levels[-1]
     else:
         level = int(query["level"])
         if level >= len(levels) - 1:
-            raise RequestFailed("bad-input", f"bad hash query: level {level}, the tree has {len(levels)}")
+            raise RequestFailed(ErrorCode.BAD_INPUT, f"bad hash query: level {level}, the tree has {len(levels)}")
         try:
             kids = hashtree.children([int(p) for p in query["parents"]], hashtree.count(levels[level]))
             hashes = hashtree.pick(levels[level], kids)
         except ValueError as exc:
-            raise RequestFailed("bad-input", f"bad hash query: {exc}") from None
+            raise RequestFailed(ErrorCode.BAD_INPUT, f"bad hash query: {exc}") from None
     qbytes = json.dumps(query, sort_keys=True, separators=(",", ":")).encode()
     sealed = seal_hashes(w.key, uuid.UUID(w.state.uid).bytes, generation, qbytes, hashes)
     return {"sealed": base64.b64encode(sealed).decode()}

@@ -16,6 +16,8 @@ import logging
 import sys
 from collections.abc import Callable
 
+from standby.proto.enums import ErrorCode
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -49,17 +51,17 @@ class NotStarted(StandbyError):
 
 # Error codes in replies from the server, mapped to the exception the CLI raises for them.
 REPLY_CODES: dict[str, type[StandbyError]] = {
-    "bad-input": BadInput,
-    "unknown-machine": BadInput,
-    "unknown-disk": BadInput,
-    "replica-exists": BadInput,
-    "size-mismatch": BadInput,
-    "unknown-request": BadInput,
-    "forbidden": Refused,
-    "not-enrolled": Refused,
-    "bad-passphrase": Refused,
-    "rate-limited": Refused,
-    "unreachable": Unreachable,
+    ErrorCode.BAD_INPUT: BadInput,
+    ErrorCode.UNKNOWN_MACHINE: BadInput,
+    ErrorCode.UNKNOWN_DISK: BadInput,
+    ErrorCode.REPLICA_EXISTS: BadInput,
+    ErrorCode.SIZE_MISMATCH: BadInput,
+    ErrorCode.UNKNOWN_REQUEST: BadInput,
+    ErrorCode.FORBIDDEN: Refused,
+    ErrorCode.NOT_ENROLLED: Refused,
+    ErrorCode.BAD_PASSPHRASE: Refused,
+    ErrorCode.RATE_LIMITED: Refused,
+    ErrorCode.UNREACHABLE: Unreachable,
 }
 
 
@@ -68,7 +70,7 @@ class RequestFailed(StandbyError):
     (proto.enums.ErrorCode) and a message; plumbing.serve answers the request with both; the requester's
     Link.request raises it again from the reply, with the exit code its code maps to (REPLY_CODES)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode | str, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.exit_code = REPLY_CODES.get(code, StandbyError).exit_code

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from standby.proto.enums import ErrorCode
 from standby.proto.errors import ProtocolError
 from standby.proto.messages import Reply, Request
 from standby.proto.requests import BadRequest, parse_request
@@ -59,7 +60,7 @@ async def answer(link: Link, msg: Request, role: str, server: str, handler: Hand
     try:
         req = parse_request(msg.op, msg.args, role, server)
         if handler is None:
-            raise BadRequest("unknown-request", f"{msg.op}: not served here")
+            raise BadRequest(ErrorCode.UNKNOWN_REQUEST, f"{msg.op}: not served here")
     except BadRequest as exc:
         refused(link, msg, exc.code, str(exc))
         return Reply(msg.id, False, {}, exc.code, str(exc))

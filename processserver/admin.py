@@ -11,7 +11,7 @@ from typing import Any
 from standby.plumbing.errors import RequestFailed
 from standby.plumbing.link import Link, LinkClosed
 from standby.plumbing.serve import Handler, serve_request
-from standby.proto.enums import ReplicaFormat
+from standby.proto.enums import ErrorCode, ReplicaFormat
 from standby.proto.errors import RemoteProtocolError
 from standby.proto.messages import Request
 from standby.proto.states import FAILED_OVER, Replication, disk_state
@@ -74,48 +74,49 @@ class AdminSession:
         m = reg.machine(machine)
         if m is None or m["role"] != "agent":
             known = ", ".join(x["name"] for x in reg.machines() if x["role"] == "agent") or "none"
-            raise RequestFailed("unknown-machine", f"unknown machine {machine!r} (enrolled machines: {known})")
+            raise RequestFailed(ErrorCode.UNKNOWN_MACHINE, f"unknown machine {machine!r} (enrolled machines: {known})")
         t = reg.machine(mt)
         if t is None or t["role"] != "mt":
             known = ", ".join(x["name"] for x in reg.machines() if x["role"] == "mt") or "none"
-            raise RequestFailed("unknown-machine", f"unknown master target {mt!r} (enrolled master targets: {known})")
+            raise RequestFailed(ErrorCode.UNKNOWN_MACHINE,
+                                f"unknown master target {mt!r} (enrolled master targets: {known})")
         if format not in set(ReplicaFormat):
-            raise RequestFailed("bad-input",
+            raise RequestFailed(ErrorCode.BAD_INPUT,
                                 f"unknown replica format {format!r} (one of: {', '.join(ReplicaFormat)})")
         disks = reg.disks(machine=machine)
         if not disks:
-            raise RequestFailed("bad-input",
+            raise RequestFailed(ErrorCode.BAD_INPUT,
                                 f"machine {machine!r} has not reported any disks yet: is its agent running?")
         unknown = set(replicas) - {d.name for d in disks}
         if unknown:
-            raise RequestFailed("unknown-disk", f"machine {machine!r} has no disk {', '.join(sorted(unknown))}")
+            raise RequestFailed(ErrorCode.UNKNOWN_DISK, f"machine {machine!r} has no disk {', '.join(sorted(unknown))}")
         plan: list[tuple[DiskRow, str]] = []
         for d in disks:
             if d.mt is not None:
-                raise RequestFailed("bad-input", f"disk {machine}/{d.name} is already protected (to {d.mt})")
+                raise RequestFailed(ErrorCode.BAD_INPUT, f"disk {machine}/{d.name} is already protected (to {d.mt})")
             path = replicas.get(d.name)
             if path is None:
                 if replica_dir is None or format == ReplicaFormat.DEVICE:
                     raise RequestFailed(
-                                        "bad-input",
-                                        f"no replica given for disk {d.name} (use --replica {d.name}=PATH"
+                        ErrorCode.BAD_INPUT,
+                        f"no replica given for disk {d.name} (use --replica {d.name}=PATH"
                         + ("" if format == ReplicaFormat.DEVICE else " or --replica-dir")
                         + ")",
                     )
                 path = str(PurePosixPath(replica_dir) / f"{machine}-{d.name}{SUFFIX.get(format, '.vmdk')}")
             plan.append((d, path))
         if len({p for _, p in plan}) != len(plan):
-            raise RequestFailed("bad-input", "two disks would share one replica path")
+            raise RequestFailed(ErrorCode.BAD_INPUT, "two disks would share one replica path")
         session = self.ps.mt_sessions.get(mt)
         if session is None:
-            raise RequestFailed("unreachable", f"master target {mt!r} is not connected: start it and retry")
+            raise RequestFailed(ErrorCode.UNREACHABLE, f"master target {mt!r} is not connected: start it and retry")
         for d, path in plan:
             try:
                 await session.check_replica(path, format, d.size, existing)
             except RequestFailed as exc:
                 raise RequestFailed(exc.code, f"disk {d.name}: {exc}") from None
             except (TimeoutError, LinkClosed) as exc:
-                raise RequestFailed("unreachable", f"master target {mt!r} did not answer: {exc}") from None
+                raise RequestFailed(ErrorCode.UNREACHABLE, f"master target {mt!r} did not answer: {exc}") from None
         for d, path in plan:
             reg.move(
                 d,
@@ -147,7 +148,7 @@ class AdminSession:
 
     async def resume(self, machine: str) -> dict[str, Any]:
         if any(d.replication in FAILED_OVER for d in self._machine_disks(machine)):
-            raise RequestFailed("refused",
+            raise RequestFailed(ErrorCode.REFUSED,
                                 f"{machine} is failed over: replication does not resume (reprotect is not built)")
         for d in self._machine_disks(machine):
             self.ps.registry.update_disk(d.id, paused=0)
@@ -160,7 +161,7 @@ class AdminSession:
     async def resync(self, machine: str, full: bool = False, disk: str | None = None) -> dict[str, Any]:
         disks = [d for d in self._machine_disks(machine) if disk is None or d.name == disk]
         if not disks:
-            raise RequestFailed("unknown-disk", f"machine {machine!r} has no protected disk {disk!r}")
+            raise RequestFailed(ErrorCode.UNKNOWN_DISK, f"machine {machine!r} has no protected disk {disk!r}")
         for d in disks:
             st = self.ps.open_stream(d)
             if st.quarantined_from is not None:

@@ -13,6 +13,7 @@ from typing import Any
 from standby.plumbing.errors import RequestFailed
 from standby.plumbing.link import Link, LinkClosed
 from standby.plumbing.serve import Handler, serve_request
+from standby.proto.enums import ErrorCode
 from standby.proto.errors import RemoteProtocolError
 from standby.proto.messages import Batch, Commit, Reply, Request
 from standby.proto.requests import BadRequest, CommitMeta
@@ -85,7 +86,7 @@ class AgentSession:
         row = self.ps.registry.disk(disk_id)
         if row is None or row.machine != self.machine:
             # Promise 7: each identity may touch only its own disks.
-            raise RequestFailed("forbidden", f"disk {disk_id} does not belong to machine {self.machine!r}")
+            raise RequestFailed(ErrorCode.FORBIDDEN, f"disk {disk_id} does not belong to machine {self.machine!r}")
         return row
 
     # -- requests -----------------------------------------------------------------------------------
@@ -96,12 +97,13 @@ class AgentSession:
             row = reg.add_disk(self.machine, name, uid, path, size)
             log.info("machine %s: new disk %s (%s, %d bytes)", self.machine, name, path, size)
         elif row.uid != uid:
-            raise RequestFailed("bad-input", f"disk {name}: the agent's identity for it changed (its state was lost)")
+            raise RequestFailed(ErrorCode.BAD_INPUT,
+                                f"disk {name}: the agent's identity for it changed (its state was lost)")
         elif size < row.size:
             # Records for the old end may still be queued; shrinking replicas is not built: stop, say so.
             msg = f"disk {name} shrank from {row.size} to {size} bytes: not supported (replication stopped)"
             self.ps.open_stream(row).health.set("shrunk", msg)
-            raise RequestFailed("size-mismatch", msg)
+            raise RequestFailed(ErrorCode.SIZE_MISMATCH, msg)
         elif row.size != size:
             # Promise 3: the replica no longer matches; its master target resizes it and a checksum resync
             # repairs the contents (the old part mostly compares equal).
@@ -134,7 +136,7 @@ class AgentSession:
     async def disk_key(self, disk: int, wrapped_key: str) -> dict[str, Any]:
         row = self.own_row(disk)
         if row.wrapped_key is not None:
-            raise RequestFailed("bad-input", f"disk {row.name} already has a data key")
+            raise RequestFailed(ErrorCode.BAD_INPUT, f"disk {row.name} already has a data key")
         self.ps.registry.update_disk(disk, wrapped_key=base64.b64decode(wrapped_key))
         mt = self.ps.mt_sessions.get(row.mt or "")
         await self.ps.wake(mt.link if mt else None)
@@ -155,9 +157,9 @@ class AgentSession:
         row = self.own_row(disk)
         st = self.ps.open_stream(row)
         if mode not in ("checksum", "full"):
-            raise RequestFailed("bad-input", f"unknown resync mode {mode!r}")
+            raise RequestFailed(ErrorCode.BAD_INPUT, f"unknown resync mode {mode!r}")
         if row.replication in FAILED_OVER:
-            raise RequestFailed("refused", f"disk {row.name} is failed over: no resync")
+            raise RequestFailed(ErrorCode.REFUSED, f"disk {row.name} is failed over: no resync")
         # A resync that broke off after some of its records were stored left its generation here: a
         # retry starts the next one.
         generation = max(generation, st.generation + 1)
@@ -183,13 +185,13 @@ class AgentSession:
         deadline = time.monotonic() + DRAIN_TIMEOUT
         while st.cache.after(st.applied_seq):  # records lost in between cannot be waited for
             if time.monotonic() > deadline:
-                raise RequestFailed("unreachable", "the master target did not apply the backlog in time")
+                raise RequestFailed(ErrorCode.UNREACHABLE, "the master target did not apply the backlog in time")
             if st.pause:
-                raise RequestFailed("unreachable", f"applying for {row.machine} is paused: resume it to resync")
+                raise RequestFailed(ErrorCode.UNREACHABLE, f"applying for {row.machine} is paused: resume it to resync")
             await asyncio.sleep(0.05)
         mt = self.ps.mt_sessions.get(row.mt or "")
         if mt is None:
-            raise RequestFailed("unreachable", f"master target {row.mt} is not connected")
+            raise RequestFailed(ErrorCode.UNREACHABLE, f"master target {row.mt} is not connected")
         try:
             return await mt.link.request(
                 "resync_hashes", timeout=None, disk=disk, generation=generation, query=query, size=row.size
@@ -197,7 +199,7 @@ class AgentSession:
         except RequestFailed as exc:
             raise RequestFailed(exc.code, str(exc)) from None
         except LinkClosed as exc:
-            raise RequestFailed("unreachable", f"master target {row.mt} went away: {exc}") from None
+            raise RequestFailed(ErrorCode.UNREACHABLE, f"master target {row.mt} went away: {exc}") from None
 
     # -- records ------------------------------------------------------------------------------------
     async def enqueue(self, msg: Batch | Commit, frame: bytes | bytearray) -> None:

@@ -16,6 +16,7 @@ from standby.plumbing.link import Link, LinkClosed
 from standby.plumbing.serve import Handler, serve_request
 from standby.plumbing.service import host_id
 from standby.plumbing.supervise import describe, supervise
+from standby.proto.enums import ErrorCode
 from standby.proto.errors import RemoteProtocolError
 from standby.proto.messages import WINDOW, Ack, Reject, Reply, Request
 from standby.proto.states import FAILED_OVER, IllegalTransition, Replication
@@ -89,7 +90,7 @@ class MTSession:
     def assigned(self, disk_id: int) -> DiskRow:
         row = self.ps.registry.disk(disk_id)
         if row is None or row.mt != self.name:
-            raise RequestFailed("forbidden", f"disk {disk_id} is not assigned to master target {self.name!r}")
+            raise RequestFailed(ErrorCode.FORBIDDEN, f"disk {disk_id} is not assigned to master target {self.name!r}")
         return row
 
     # -- requests -----------------------------------------------------------------------------------
@@ -129,7 +130,7 @@ class MTSession:
     async def pull(self, disk: int, applied_seq: int) -> dict[str, Any]:
         row = self.assigned(disk)
         if row.replication in FAILED_OVER:
-            raise RequestFailed("refused", f"disk {row.machine}/{row.name} is failed over: nothing is applied")
+            raise RequestFailed(ErrorCode.REFUSED, f"disk {row.machine}/{row.name} is failed over: nothing is applied")
         st = self.ps.open_stream(row)
         skip = 0
         entries = st.cache.after(applied_seq)
@@ -147,7 +148,7 @@ class MTSession:
             for s in [s for s in st.records if s <= skip_to]:
                 st.records.pop(s)
         if st.quarantined_from is not None:
-            raise RequestFailed("refused", st.health.active["quarantine"].text if st.health.has("quarantine")
+            raise RequestFailed(ErrorCode.REFUSED, st.health.active["quarantine"].text if st.health.has("quarantine")
                           else f"disk {row.name} is quarantined")
         self.set_applied(st, row, applied_seq, release=False)
         self.stop_sender(disk)
