@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from standby.plumbing.errors import RequestFailed
-from standby.proto.enums import ErrorCode
+from standby.proto.enums import Consistency, ErrorCode
 
 from .cuts import AppCut, CutOrder
 from .freeze import Freeze, FreezeError, Mount, ScriptFailed, mounts_on, run_script, syncfs
@@ -146,7 +146,7 @@ class AppPoints:
                     warnings.append(str(exc))
         await asyncio.wait([o.outcome for o in orders.values()])  # each disk's COMMIT sent, or why not
         disks = [self._entry(rd.name, orders.get(rd.name)) for rd in self.disks]
-        made = sum(1 for e in disks if e["consistency"] == "app-consistent")
+        made = sum(1 for e in disks if e["consistency"] == Consistency.APP)
         log.info("app-consistent point %r: %d of %d disk(s) app-consistent", tag, made, len(disks))
         for w in warnings:
             log.warning("app-consistent point %r: %s", tag, w)

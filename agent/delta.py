@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from standby.plumbing import failpoints
 from standby.plumbing.aio import wait_event
+from standby.proto.enums import CommitKind, Consistency
 from standby.proto.messages import WINDOW, BatchKind
 
 from .cuts import AppCut, CutOrder
@@ -220,7 +221,8 @@ class Shipper:
         tr, stats = self.tracking, self.rd.stats
         app = order.app if order is not None else None
         t = tr.wall_time(tr.cut_ts)
-        meta: dict[str, Any] = {"generation": gen, "kind": "point", "consistency": "crash-consistent", "time": t}
+        meta: dict[str, Any] = {"generation": gen, "kind": CommitKind.POINT, "consistency": Consistency.CRASH,
+                                "time": t}
         secs, lesser = None, ""
         if app is not None:
             meta["tag"] = app.tag
@@ -235,14 +237,14 @@ class Shipper:
                 elif order is not None and order.lesser:
                     lesser = order.lesser
                 else:
-                    meta["consistency"] = "app-consistent"
+                    meta["consistency"] = Consistency.APP
                     meta["freeze_seconds"] = secs
         await self.window.send(seq, self.rd.make_commit(seq, meta))
         stats.points += 1
         if self.rd.error is not None:
             self.rd.error = None
             self.rd.wakeup.set()  # a point made: this disk's replication works again; report it now
-        if meta["consistency"] == "app-consistent":
+        if meta["consistency"] == Consistency.APP:
             stats.app_points += 1
             stats.last_app_point = {"time": t, "freeze_seconds": secs, "tag": meta["tag"]}
             log.info("disk %s: app-consistent point %r at sequence %d (frozen %.3f s)", self.d.cfg.name,

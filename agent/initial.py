@@ -16,6 +16,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from standby.proto.enums import CommitKind
 from standby.proto.messages import WINDOW
 
 from .window import Refused, SendWindow
@@ -61,7 +62,7 @@ class InitialCopy:
         try:
             while await self._step():
                 pass
-            await commit(self.win, self.rd, self.gen, self.seq, "initial-complete")
+            await commit(self.win, self.rd, self.gen, self.seq, CommitKind.INITIAL_COMPLETE)
         finally:
             self._drop_ahead()
             self.win.put_back()

@@ -24,6 +24,7 @@ import time
 from typing import TYPE_CHECKING
 
 from standby.proto import hashtree
+from standby.proto.enums import CommitKind
 from standby.proto.envelope import open_hashes
 from standby.proto.messages import WINDOW, BatchKind
 
@@ -73,7 +74,7 @@ async def resync(sh: Shipper, gen: int, seq: int, mode: str, reason: str) -> tup
     win.hold(split_extents(extents, batch_size))
     meta = {
         "generation": gen,
-        "kind": "resync-complete",
+        "kind": CommitKind.RESYNC_COMPLETE,
         "mode": mode,
         "reason": reason,
         "bytes_differing": prog.bytes_differing,

@@ -16,6 +16,7 @@ from typing import Protocol
 
 from standby.plumbing import failpoints
 from standby.plumbing.link import Link
+from standby.proto.enums import CommitKind
 from standby.proto.errors import EnvelopeError
 from standby.proto.messages import Ack, Batch, Commit, Reject
 from standby.proto.states import DiskState, Replication
@@ -217,9 +218,9 @@ class DiskWorker:
             st.error, changed = None, True
         if journal is not None:
             c = msgs[-1]
-            meta = dict(c.meta) if isinstance(c, Commit) else {"generation": c.generation, "kind": "batch"}
-            if meta.get("kind") == "point" and point is None:
-                meta["kind"] = "batch"  # applied, but not a point (see `advance`)
+            meta = dict(c.meta) if isinstance(c, Commit) else {"generation": c.generation, "kind": CommitKind.BATCH}
+            if meta.get("kind") == CommitKind.POINT and point is None:
+                meta["kind"] = CommitKind.BATCH  # applied, but not a point (see `advance`)
             try:
                 await asyncio.to_thread(journal.write_commit, first, last, meta)
             except OSError as exc:
@@ -239,10 +240,10 @@ class DiskWorker:
         changed = False
         for m in msgs:
             kind = m.meta.get("kind") if isinstance(m, Commit) else None
-            if kind in ("initial-complete", "resync-complete"):
+            if kind in (CommitKind.INITIAL_COMPLETE, CommitKind.RESYNC_COMPLETE):
                 st.move(DiskState.UP_TO_DATE, f"{kind} applied")
                 changed = True
-            elif kind == "point" and isinstance(m, Commit):
+            elif kind == CommitKind.POINT and isinstance(m, Commit):
                 if st.state == DiskState.UP_TO_DATE:
                     point = Point.from_commit(m)
                 else:  # records were skipped or the disk grew: not a copy of the source until resynced

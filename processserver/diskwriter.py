@@ -15,6 +15,7 @@ import logging
 from standby.plumbing import failpoints
 from standby.plumbing.link import Link, LinkClosed
 from standby.plumbing.supervise import describe
+from standby.proto.enums import CommitKind
 from standby.proto.messages import Ack, Batch, Busy, Commit
 
 from .cache import drop_quarantine, record_info
@@ -168,7 +169,7 @@ class DiskWriter:
                 st.records[m.sequence] = info
                 if info.cursor:
                     st.cursor = info.cursor
-                if info.kind in ("initial-complete", "resync-complete"):
+                if info.kind in (CommitKind.INITIAL_COMPLETE, CommitKind.RESYNC_COMPLETE):
                     st.initial_committed = True
                 st.generation = max(st.generation, m.generation)
                 if isinstance(m, Batch):

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from standby.plumbing.link import Link, LinkClosed
 from standby.plumbing.supervise import spawn
+from standby.proto.enums import CommitKind
 from standby.proto.messages import Request
 from standby.proto.states import FAILED_OVER, Replication
 
@@ -94,7 +95,7 @@ class Hub:
         st.initial_committed = (
             row.synced_at is not None
             or row.replication is Replication.DELTA
-            or any(v.kind in ("initial-complete", "resync-complete") for v in st.records.values())
+            or any(v.kind in (CommitKind.INITIAL_COMPLETE, CommitKind.RESYNC_COMPLETE) for v in st.records.values())
         )
         st.pause = bool(row.paused)
         st.failed_over = row.replication in FAILED_OVER
@@ -139,7 +140,7 @@ class Hub:
         st.initial_committed = (
             row.synced_at is not None
             or row.replication is Replication.DELTA
-            or any(v.kind in ("initial-complete", "resync-complete") for v in st.records.values())
+            or any(v.kind in (CommitKind.INITIAL_COMPLETE, CommitKind.RESYNC_COMPLETE) for v in st.records.values())
         )
         if not st.initial_committed and cursor != st.cursor:
             log.warning("disk %s/%s: the initial copy goes on from %d bytes (was %d)", row.machine, row.name, cursor,

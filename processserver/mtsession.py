@@ -16,7 +16,7 @@ from standby.plumbing.link import Link, LinkClosed
 from standby.plumbing.serve import Handler, serve_request
 from standby.plumbing.service import host_id
 from standby.plumbing.supervise import describe, supervise
-from standby.proto.enums import ErrorCode
+from standby.proto.enums import CommitKind, ErrorCode
 from standby.proto.errors import RemoteProtocolError
 from standby.proto.messages import WINDOW, Ack, Reject, Reply, Request
 from standby.proto.states import FAILED_OVER, IllegalTransition, Replication
@@ -209,7 +209,7 @@ class MTSession:
                     st.health.clear("ps-sender")
                     sent = e.sequence
                     info = st.records.get(sent)
-                    if st.pause and not st.paused_at and info is not None and info.kind == "point":
+                    if st.pause and not st.paused_at and info is not None and info.kind == CommitKind.POINT:
                         st.paused_at = sent
                         log.info("disk %d: applying paused after point %d", st.id, sent)
                     log.debug("disk %d: sent sequence %d to %s", st.id, sent, self.name)
@@ -243,14 +243,14 @@ class MTSession:
             if nbytes:
                 self.ps.registry.add_counters(st.id, bytes_applied=nbytes)
                 st.apply_rate.add(nbytes)
-            if kind == "point" and faithful:
+            if kind == CommitKind.POINT and faithful:
                 st.point_times.append(t)
                 fields["last_point_at"], fields["last_point_seq"] = t, s
-            if kind == "initial-complete":
+            if kind == CommitKind.INITIAL_COMPLETE:
                 done = "initial replication complete"
                 faithful = row.resync_request is None
                 fields["synced_at"] = time.time()
-            if kind == "resync-complete":
+            if kind == CommitKind.RESYNC_COMPLETE:
                 done = "resync complete"
                 st.health.clear("cache-damage")  # what was lost is repaired
                 faithful = row.resync_request is None
