@@ -268,3 +268,22 @@ def test_the_wheel_installs_into_a_fresh_venv_and_runs(wheel: Path, tmp_path: Pa
                            text=True, timeout=60)
         assert r.returncode == 0, (cmd, r.stderr)
         assert "usage:" in r.stdout, (cmd, r.stdout)
+
+
+# A declared dependency's import name where it differs from its distribution name.
+IMPORT_NAMES = {"tomli-w": "tomli_w", "pyvmomi": "pyVmomi"}
+
+
+def test_every_declared_dependency_is_imported_by_our_code() -> None:
+    """A dependency nobody imports is weight an operator installs for nothing (pyvmomi comes back with the
+    vSphere work, in the one module that uses it)."""
+    import re
+    import tomllib
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[<>=!~\[ ;]", d, maxsplit=1)[0].lower() for d in declared}
+    imported = {
+        imported.split(".")[0] for p in _our_modules().values() for _, imported in _imports(p)
+    }
+    unused = {n for n in names if IMPORT_NAMES.get(n, n) not in imported}
+    assert not unused, f"declared in pyproject.toml but imported nowhere: {sorted(unused)}"
