@@ -45,11 +45,6 @@ class DirtyMap:
             pages[p] = old | mask
             first += n
 
-    def mark_events(self, events: Iterable[tuple[int, int, int]]) -> None:
-        """Mark (timestamp, start, end) tuples as the trackers report them."""
-        for _, a, b in events:
-            self.mark(a, b)
-
     def merge(self, other: DirtyMap) -> None:
         pages = self._pages
         for p, bits in other._pages.items():

@@ -183,15 +183,6 @@ def test_clear(case: tuple[int, int, list[tuple[int, int]]]) -> None:
     check_against(m, {0})
 
 
-@SETTINGS
-@given(disk_and_marks())
-def test_mark_events_ignores_timestamps(case: tuple[int, int, list[tuple[int, int]]]) -> None:
-    size, g, marks = case
-    m, model = DirtyMap(size, g), set()
-    m.mark_events((t, a, b) for t, (a, b) in enumerate(marks))
-    for a, b in marks:
-        model_mark(model, size, g, a, b)
-    check_against(m, model)
 
 
 # -- edge cases --------------------------------------------------------------------------------------------
