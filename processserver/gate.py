@@ -144,9 +144,6 @@ class Listener:
             s.close()
         self.gate.close()
 
-    def is_serving(self) -> bool:
-        return any(not t.done() for t in self._tasks)
-
 
 class Gate:
     """The listener's admission control. See the module docstring for what and why.

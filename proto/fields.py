@@ -80,7 +80,6 @@ MAX_ITEMS = 100_000
 MAX_JSON_DEPTH = 8  # free-form parts of status replies
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
-TOKEN_RE = re.compile(r"[a-z][a-z0-9-]{0,31}")  # a state word: up-to-date, failed-over, running...
 DISK_KEY_RE = re.compile(r"[1-9][0-9]{0,9}")  # a disk id as a JSON object key (mt_report)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads makes lone surrogates; they cannot be encoded
@@ -163,12 +162,6 @@ def name(v: Any) -> str:
         raise Invalid(
             f"must be a name of 1..63 letters, digits, '.', '_' or '-' starting with a letter or digit, got {show(v)}"
         )
-    return v
-
-
-def token(v: Any) -> str:
-    if not isinstance(v, str) or not TOKEN_RE.fullmatch(v):
-        raise Invalid(f"must be a lower-case word (a-z, 0-9, '-'), got {show(v)}")
     return v
 
 
