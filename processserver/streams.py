@@ -75,7 +75,6 @@ class DiskStream:
         self.failed_over = False  # replication stopped by a failover: the agent's records are refused (BUSY)
         self.refusing = False  # the agent's records are being refused (BUSY): logged once per episode
         self.refused_records = 0  # records refused so far (back-pressure, status)
-        self.cache_error: str | None = None  # the cache cannot be written (file system full, I/O error)
 
     def points_since(self, t: float) -> int:
         return sum(1 for x in self.point_times if x >= t)
