@@ -10,8 +10,24 @@ Durability (promises 1 and 5): `append` fsyncs the tail before it returns (unles
 sync several appends at once with `sync`); starting a segment fsyncs the directory, so the new file
 survives a crash; a cut (a torn tail, a rolled-back group) is fsynced; an append that fails half-way
 is cut back to where it began, so a later append never buries a partial record inside the segment.
-Which bytes after the last good record are a torn tail to cut, and which are damage, is decided by
-one pure rule next to the frame codec: `standby.proto.frames.classify_tail`.
+
+The torn-tail rule (pure, no I/O, next to the frame codec: `standby.proto.frames.classify_tail`; the
+owners read a segment and ask it). Since appends go to the newest segment only and are fsynced before
+anyone relies on them, a crash mid-append tears at most the last record of the newest segment. So what
+follows a segment's last good record is
+
+- *clean* if nothing follows;
+- a *torn tail* — cut it off, durably, before appending — if it is in the newest segment and is fewer
+  bytes than a record header, or a header that decodes and announces a record reaching (or passing) the
+  end of the file (a record ending exactly at the end of the file with a bad payload counts: the file
+  was extended before its blocks were written); and, in the cache, only if that record's sequence was
+  never acknowledged (above the registry's received sequence: a damaged acknowledged record is damage);
+- *damage* otherwise — a header that does not decode, a bad record with bytes after it, a torn record in
+  an older segment, a torn acknowledged record. Damage is never cut off or skipped: the journal refuses
+  to start; the cache keeps the intact records before it and sets the rest aside for a resync.
+
+Rotation: the owner decides when a segment is full (the cache at a size limit; the journal at a size
+limit but only at a group boundary, so a group's UNDO parts and COMMIT share a segment) and calls `start`.
 """
 
 from __future__ import annotations
