@@ -22,18 +22,19 @@ again.
 The replica always holds the newest state; the state after group g is reached by applying the UNDO
 records of every group after g, newest first. Groups end at commits, so every recovery point is a group
 boundary. Segments rotate at group boundaries; pruning deletes whole segments that only older points
-needed.
+needed. The files themselves — numbered segments, appends with fsync, a new segment's directory fsync,
+cuts, deletion — are a plumbing.segmentlog.SegmentLog (as the process server's cache's are); what a
+group, a commit and a prunable segment are stays here.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from standby.plumbing.durable import fsync_dir, truncate_synced, write_all, write_synced
+from standby.plumbing.segmentlog import SegmentLog
 from standby.proto.frames import HEADER_SIZE
 
 from .journal_codec import (
@@ -92,7 +93,7 @@ class DiskJournal:
         self.sealer = undo_sealer(key, uid)
         self.opener = undo_opener(key, uid)
         self.segments: list[Segment] = []
-        self._fd = -1  # the last segment, open for appending
+        self.log = SegmentLog(self.dir, ".jrn")  # the files; appends go to the last segment
         # The group being applied: its first sequence and the (offset, size) of its UNDO parts.
         self._open_undo: tuple[int, list[tuple[int, int]]] | None = None
 
@@ -101,16 +102,16 @@ class DiskJournal:
         """Read every segment. Returns the uncommitted UNDO at the end, if any (the caller rolls it back
         with `rollback_pending`). A torn last record is cut off; damage anywhere else is refused."""
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        paths = sorted(self.dir.glob("seg-*.jrn"))
+        paths = self.log.paths()
         pending: Pending | None = None
         for i, path in enumerate(paths):
             last_segment = i == len(paths) - 1
-            seg, undo = read_segment(path, self.disk, last_segment)
+            seg, undo = read_segment(path, self.disk, last_segment, self.log)
             if undo is not None:
                 recs = [self._decode_part(path, undo[0], at, size) for at, size in undo[1]]
                 pending = Pending(path, undo[1][0][0], recs)
             if not seg.groups and pending is None and not last_segment:
-                path.unlink()  # created just before a crash, never written: nothing needs it
+                self.log.delete([path])  # created just before a crash, never written: nothing needs it
                 continue
             self.segments.append(seg)
         return pending
@@ -127,7 +128,7 @@ class DiskJournal:
         for rec in pending.records:  # the parts cover disjoint ranges: any order
             apply_undo(rec, write)
         sync()
-        truncate_synced(pending.segment, pending.offset)
+        self.log.cut(pending.segment, pending.offset)
         self.segments[-1].size = pending.offset
         log.warning("disk %d: rolled back the uncommitted group from sequence %d", self.disk, pending.record.sequence)
 
@@ -164,30 +165,16 @@ class DiskJournal:
         if not self.segments or (self.segments[-1].size >= self.segment_max and not inside):
             self._new_segment(first)
         seg = self.segments[-1]
-        if self._fd < 0:
-            self._fd = os.open(seg.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        at = seg.size
-        try:
-            if sync:
-                write_synced(self._fd, data)
-            else:
-                write_all(self._fd, data)
-        except OSError:
-            # Leave no partial record for a later append to bury inside the segment (ENOSPC, EIO).
-            os.ftruncate(self._fd, at)
-            raise
-        seg.size += len(data)
+        self.log.resume(seg.path)
+        # On an error (ENOSPC, EIO) the log cuts the partial record off, so no later append buries it.
+        at = self.log.append([data], sync)
+        seg.size = at + len(data)
         return at
 
     def _new_segment(self, first: int) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        path = self.dir / f"seg-{first:020d}.jrn"
-        self.segments.append(Segment(path, 0))
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
-        os.close(fd)
-        fsync_dir(self.dir)
+        """A new last segment: created (it must not exist yet) and its directory fsynced."""
+        self.segments.append(Segment(self.log.path(first), 0))
+        self.log.start(first, exclusive=True)
 
     def write_undo(self, first: int, generation: int, pieces: list[tuple[int, bytes]]) -> None:
         """Record the old contents `pieces` of a group (sequences from `first`) before it is written:
@@ -233,7 +220,7 @@ class DiskJournal:
         if parts:
             seg = self.segments[-1]
             self.close()
-            truncate_synced(seg.path, parts[0][0])
+            self.log.cut(seg.path, parts[0][0])
             seg.size = parts[0][0]
 
     def _begin_undo(self, first: int) -> None:
@@ -248,8 +235,7 @@ class DiskJournal:
         self._open_undo[1].append((at, len(rec)))
 
     def _sync(self) -> None:
-        if self._fd >= 0:
-            os.fsync(self._fd)
+        self.log.sync()
 
     def write_commit(self, first: int, last: int, meta: dict[str, Any]) -> Group:
         """Record that the group first..last is in the replica (after its sync): synced."""
@@ -284,9 +270,7 @@ class DiskJournal:
         self._open_undo = None
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self.log.close()
 
     # -- reading ------------------------------------------------------------------------------------
     def undo_records(self, g: Group) -> Iterator[UndoRecord]:
@@ -376,9 +360,9 @@ class DiskJournal:
         while len(self.segments) > 1 and self.segments[0].groups and self.segments[0].groups[-1].last < seq:
             seg = self.segments.pop(0)
             freed += seg.size
-            seg.path.unlink(missing_ok=True)
+            self.log.delete([seg.path])
         if freed:
-            fsync_dir(self.dir)
+            self.log.sync_dir()
         return freed
 
     def drop_all(self) -> int:
@@ -390,9 +374,9 @@ class DiskJournal:
         freed = 0
         for seg in self.segments:
             freed += seg.size
-            seg.path.unlink(missing_ok=True)
+        self.log.delete([seg.path for seg in self.segments])
         self.segments = []
-        fsync_dir(self.dir)
+        self.log.sync_dir()
         return freed
 
     def truncate_after(self, seq: int) -> None:
@@ -406,17 +390,17 @@ class DiskJournal:
             if not keep and len(self.segments) > 1 and (later or not seg.groups):
                 # Wholly newer (or empty: opened by a group that was rolled back): the file goes.
                 self.segments.pop()
-                seg.path.unlink(missing_ok=True)
+                self.log.delete([seg.path])
                 continue
             if not later:
                 break
             # The segment now ends where the first later group began: its UNDO, or its COMMIT alone.
             first = later[0]
             end = first.undo_at if first.undo_at >= 0 else self._commit_offset(seg, first)
-            truncate_synced(seg.path, end)
+            self.log.cut(seg.path, end)
             seg.size, seg.groups = end, keep
             break
-        fsync_dir(self.dir)
+        self.log.sync_dir()
 
     def _commit_offset(self, seg: Segment, g: Group) -> int:
         data = seg.path.read_bytes()

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from standby.proto.envelope import REDO, UNDO, Domain, Opener, Sealer, seal_pieces
-from standby.proto.errors import EnvelopeError, ProtocolError
-from standby.proto.frames import HEADER_SIZE, decode_header, encode_frame, scan_records
+from standby.proto.errors import EnvelopeError
+from standby.proto.frames import encode_frame, scan_segment
 from standby.proto.messages import MAX_BATCH_LOGICAL, SEAL_SIZE, ExtentKind, meta_bytes
 
 UNDO_TYPE = 0x40
@@ -169,19 +169,9 @@ class Scan:
 
 
 def scan(buf: bytes | memoryview) -> Scan:
-    """Read a journal segment. A crash mid-append tears only the last record: a partial header, or a
-    header whose record would reach past the end of the file. Anything else is corruption."""
-    records, good_end, problem = scan_records(buf)
+    """Read a journal segment; what follows its last good record is a torn tail or damage by the one
+    rule of proto.frames.classify_tail."""
+    records, good_end, tail = scan_segment(buf)
     out = [(r.header.type, r.header.stream, r.header.sequence, r.payload) for r in records]
     offsets = [r.offset for r in records]
-    if problem is None:
-        return Scan(out, good_end, False, None, offsets)
-    rest = len(buf) - good_end
-    torn = rest < HEADER_SIZE
-    if not torn:
-        try:
-            h = decode_header(memoryview(buf)[good_end : good_end + HEADER_SIZE])
-            torn = good_end + HEADER_SIZE + h.length >= len(buf)
-        except ProtocolError:
-            torn = False
-    return Scan(out, good_end, torn, None if torn else problem, offsets)
+    return Scan(out, good_end, tail.torn, tail.reason if tail.damaged else None, offsets)

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from standby.plumbing.durable import truncate_synced
+from standby.plumbing.segmentlog import SegmentLog
 from standby.proto.errors import ProtocolError
-from standby.proto.frames import HEADER_SIZE, check_payload, decode_header
+from standby.proto.frames import HEADER_SIZE, check_payload, classify_tail, decode_header
 
 from .diskstate import meta_time
 from .journal_codec import COMMIT_TYPE, UNDO_TYPE, JournalError, UndoRecord, decode_commit
@@ -85,7 +85,7 @@ def walk_records(path: Path, small: int = 1 << 16) -> Walk:
     """Walk a journal file by its record headers without reading large payloads (start-up must not read
     a whole retention window). Payloads up to `small` bytes, and the last record's, are read and
     checked; the others are checked when they are used (an undo record when a point is restored).
-    A last record cut short — or, reaching exactly the end, failing its checksum — is a torn write."""
+    What follows the last good record is a torn write or damage by proto.frames.classify_tail."""
     out: list[tuple[int, int, int, int, int, bytes | None]] = []
     size = path.stat().st_size
     pos = 0
@@ -93,34 +93,38 @@ def walk_records(path: Path, small: int = 1 << 16) -> Walk:
         while pos < size:
             f.seek(pos)
             head = f.read(HEADER_SIZE)
-            if len(head) < HEADER_SIZE:
-                return Walk(out, pos, True, None)
             try:
                 h = decode_header(head)
             except ProtocolError as exc:
-                return Walk(out, pos, False, f"bad record at offset {pos}: {exc}")
+                return _stop(out, pos, head, size, f"bad record at offset {pos}: {exc}")
             end = pos + HEADER_SIZE + h.length
             if end > size:
-                return Walk(out, pos, True, None)
+                return _stop(out, pos, head, size, f"torn record at offset {pos}")
             payload = None
             if h.length <= small or end == size:
                 payload = f.read(h.length)
                 try:
                     check_payload(h, payload)
                 except ProtocolError as exc:
-                    if end == size:
-                        return Walk(out, pos, True, None)
-                    return Walk(out, pos, False, f"bad record at offset {pos}: {exc}")
+                    return _stop(out, pos, head, size, f"bad record at offset {pos}: {exc}")
             out.append((h.type, h.stream, h.sequence, pos, end - pos, payload))
             pos = end
     return Walk(out, pos, False, None)
 
 
-def read_segment(path: Path, disk: int, last: bool) -> tuple[Segment, tuple[int, list[tuple[int, int]]] | None]:
+def _stop(out: list[tuple[int, int, int, int, int, bytes | None]], pos: int, head: bytes, size: int,
+          problem: str) -> Walk:
+    """The walk ends at `pos`, the end of the last good record: a torn tail there, or damage."""
+    tail = classify_tail(head, size - pos, problem)
+    return Walk(out, pos, tail.torn, tail.reason if tail.damaged else None)
+
+
+def read_segment(path: Path, disk: int, last: bool,
+                 files: SegmentLog) -> tuple[Segment, tuple[int, list[tuple[int, int]]] | None]:
     """Index one segment file of disk `disk`'s journal at start-up: its committed groups, and the (first
     sequence, (offset, size) of each part) of UNDO parts at its end that have no COMMIT — only the last
-    segment (`last`) may end so. A torn last record of the last segment is cut off; damage anywhere else
-    is refused."""
+    segment (`last`) may end so. A torn last record of the last segment is cut off (through `files`, the
+    journal's segment log); damage anywhere else is refused."""
     w = walk_records(path)
     if w.problem is not None:
         raise JournalError(f"retention journal {path} is damaged: {w.problem}")
@@ -128,7 +132,7 @@ def read_segment(path: Path, disk: int, last: bool) -> tuple[Segment, tuple[int,
         if not last:
             raise JournalError(f"retention journal {path}: torn record before the last segment")
         log.warning("disk %d: cutting a torn record off the end of %s", disk, path)
-        truncate_synced(path, w.good_end)
+        files.cut(path, w.good_end)
     seg = Segment(path, w.good_end)
     undo: tuple[int, list[tuple[int, int]]] | None = None  # (first, parts) of UNDOs awaiting a COMMIT
     for ftype, stream, seq, at, size, payload in w.records:

@@ -5,7 +5,9 @@ and deletion of whole segments once the master target has applied everything in 
 Promise 1: `append` returns only after the record is fsynced (and, for a new segment, its directory),
 so an ACK sent after it means durable. At start-up every segment is scanned: a torn record at the tail
 of the newest segment (a crash mid-append, never acked) is cut off; damage anywhere else is refused
-loudly rather than skipped — skipping would lose acknowledged data.
+loudly rather than skipped — skipping would lose acknowledged data (the rule: proto.frames.classify_tail).
+The files themselves — segments, appends with fsync, rotation, cuts, deletion — are a
+plumbing.segmentlog.SegmentLog; what a record is, what is acknowledged and when a segment may go is here.
 
 Layout: CACHE_DIR/disk-<id>/seg-<first sequence, 20 digits>.log
 """
@@ -23,8 +25,9 @@ from typing import NamedTuple
 
 from standby.plumbing.durable import fsync_dir
 from standby.plumbing.errors import StandbyError
+from standby.plumbing.segmentlog import SegmentLog
 from standby.proto.errors import ProtocolError
-from standby.proto.frames import HEADER_SIZE, decode_header, scan_records
+from standby.proto.frames import HEADER_SIZE, classify_tail, scan_records
 from standby.proto.messages import Batch, BatchKind, Commit, decode_message
 
 log = logging.getLogger("standby.ps.cache")
@@ -53,29 +56,6 @@ class Recovered:
     generation: int
     records: dict[int, RecordInfo]
     damage: str | None = None  # what was set aside as damaged (then the disk needs a resync)
-
-
-def _is_torn_tail(seg: Path, good_end: int, size: int) -> bool:
-    """A crash mid-append tears only the *last* record: what follows the last good record is either a
-    partial header, or a header whose record would reach (or pass) the end of the file. Anything else —
-    a complete record that fails its checksum with more bytes after it — is corruption."""
-    if size - good_end < HEADER_SIZE:
-        return True
-    with open(seg, "rb") as f:
-        head = os.pread(f.fileno(), HEADER_SIZE, good_end)
-    try:
-        h = decode_header(head)
-    except ProtocolError:
-        return False
-    return good_end + HEADER_SIZE + h.length >= size
-
-
-def _first_seq(seg: Path) -> int:
-    """The first sequence of a segment, from its name (seg-<first sequence>.log); 0 if it has none."""
-    try:
-        return int(seg.stem.removeprefix("seg-"))
-    except ValueError:
-        return 0
 
 
 class RecordInfo(NamedTuple):
@@ -107,9 +87,7 @@ class DiskCache:
         # during a release is lost (seen: the sender skipped a sequence and replication stalled).
         self._lock = threading.Lock()
         self.bytes = 0
-        self._fd: int | None = None
-        self._seg: Path | None = None
-        self._seg_size = 0
+        self.log = SegmentLog(self.dir, ".log")
 
     # -- start-up -----------------------------------------------------------------------------------
     def recover(self, acked: int = 0) -> Recovered:
@@ -122,7 +100,7 @@ class DiskCache:
         skipped and does not stop the server: the records before it stay (they are intact and in order),
         the damaged segment and everything after it are moved to `quarantine/` (kept for inspection), and
         `Recovered.damage` says what was lost, so the caller can have the disk resynced (promise 3)."""
-        segs = sorted(self.dir.glob("seg-*.log"))
+        segs = self.log.paths()
         last_seq, cursor, gen = 0, 0, 0
         info: dict[int, RecordInfo] = {}
         damage: str | None = None
@@ -136,10 +114,11 @@ class DiskCache:
                 damage = f"cache segment {seg.name} is empty but is not the newest"
                 self._quarantine(segs[i:], None)
                 break
-            records, good_end, problem = scan_records(seg.read_bytes())  # segments are at most ~64 MiB
+            data = seg.read_bytes()  # segments are at most ~64 MiB
+            records, good_end, problem = scan_records(data)
             # The last intact sequence of this segment; before its first record, the one before its first
             # (from its name): what came earlier may have been applied and its segments released long ago.
-            seg_last = _first_seq(seg) - 1
+            seg_last = SegmentLog.first_of(seg) - 1
             for r in records:
                 try:
                     msg = decode_message(r.header, r.payload)
@@ -158,12 +137,12 @@ class DiskCache:
                     cursor = msg.cursor
                 last_seq = seg_last = r.header.sequence
             if problem:
-                # Never acknowledged if its sequence (the one after the last intact) is beyond what was.
-                if newest and seg_last + 1 > acked and _is_torn_tail(seg, good_end, size):
+                # Acknowledged if its sequence (the one after the last intact) is not beyond what was.
+                tail = classify_tail(data[good_end : good_end + HEADER_SIZE], size - good_end, problem,
+                                     newest=newest, acknowledged=seg_last + 1 <= acked)
+                if tail.torn:
                     log.warning("cache %s: cutting a torn tail (%s); it was never acknowledged", seg, problem)
-                    with open(seg, "r+b") as f:
-                        f.truncate(good_end)
-                        os.fsync(f.fileno())
+                    self.log.cut(seg, good_end)
                     size = good_end
                 else:
                     # Acknowledged records may be in or after the damage: keep the intact prefix, set the
@@ -195,16 +174,14 @@ class DiskCache:
                     dest.unlink(missing_ok=True)
                     log.error("cache: damaged segment %s: no copy kept for inspection (%s)", seg,
                               exc.strerror or exc)
-                with open(seg, "r+b") as f:
-                    f.truncate(keep[1])
-                    os.fsync(f.fileno())
+                self.log.cut(seg, keep[1])
                 if keep[1] == 0:
                     seg.unlink()
             else:
                 os.replace(seg, dest)
             log.error("cache: damaged segment %s set aside as %s", seg, dest)
         fsync_dir(qdir)
-        fsync_dir(self.dir)
+        self.log.sync_dir()
 
     # -- append -------------------------------------------------------------------------------------
     def append(self, sequence: int, record: bytes | bytearray) -> None:
@@ -221,34 +198,18 @@ class DiskCache:
                     # Backstop for promise 2: the cache never holds a sequence twice or out of order.
                     raise ValueError(f"sequence {seq} is not after {last}")
                 last = seq
-            if self._fd is None or self._seg_size >= SEGMENT_BYTES:
-                self._roll(items[0][0])
-            assert self._fd is not None and self._seg is not None
-            start = pos = self._seg_size
+            if self.log.tail is None or self.log.size >= SEGMENT_BYTES:
+                self.log.start(items[0][0])  # a new segment: its directory is fsynced
+            seg = self.log.tail
+            assert seg is not None
+            # One fsync for the group; on an error no half record is left for a later append to bury.
+            pos = start = self.log.append([record for _, record in items])
             entries = []
-            try:
-                for seq, record in items:
-                    view = memoryview(record)
-                    while view:
-                        view = view[os.write(self._fd, view) :]
-                    entries.append(Entry(seq, self._seg, pos, len(record)))
-                    pos += len(record)
-                os.fsync(self._fd)
-            except OSError:
-                # Leave no half record behind that a later append would bury in the middle of the segment.
-                os.ftruncate(self._fd, start)
-                raise
-            self._seg_size = pos
+            for seq, record in items:
+                entries.append(Entry(seq, seg, pos, len(record)))
+                pos += len(record)
             self.bytes += pos - start
             self.index.extend(entries)
-
-    def _roll(self, first_seq: int) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-        self._seg = self.dir / f"seg-{first_seq:020d}.log"
-        self._fd = os.open(self._seg, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._seg_size = os.fstat(self._fd).st_size
-        fsync_dir(self.dir)
 
     def set_aside_from(self, sequence: int) -> int:
         """Move every record from `sequence` on into quarantine/ (an operator's resync after the master
@@ -260,11 +221,8 @@ class DiskCache:
                 return 0
             first = gone[0]
             later = sorted({e.segment for e in gone} - {first.segment})
-            if self._seg is not None and (self._seg == first.segment or self._seg in later):
-                if self._fd is not None:
-                    os.close(self._fd)
-                    self._fd = None
-                self._seg, self._seg_size = None, 0  # the next append starts a new segment
+            if self.log.tail is not None and (self.log.tail == first.segment or self.log.tail in later):
+                self.log.forget_tail()  # the next append starts a new segment
             before = sum(p.stat().st_size for p in {first.segment, *later} if p.exists())
             self._quarantine([first.segment, *later], (first.segment, first.offset))
             after = first.segment.stat().st_size if first.segment.exists() else 0
@@ -301,29 +259,17 @@ class DiskCache:
     def _release(self, applied_seq: int) -> None:
         keep = self._after(applied_seq)
         live = {e.segment for e in keep}
-        for seg in {e.segment for e in self.index} - live:
-            if seg == self._seg:
-                continue  # the open segment is reused until it rolls
-            try:
-                self.bytes -= seg.stat().st_size
-                seg.unlink()
-            except FileNotFoundError:
-                pass
+        # The open segment is reused until it rolls.
+        done = sorted({e.segment for e in self.index} - live - {self.log.tail})
+        self.bytes -= self.log.delete(done)
         self.index = keep
-        if not keep and self._seg is not None:
+        if not keep and self.log.tail is not None:
             # Everything is applied: drop the open segment too; the next append starts a new one.
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
-            self.bytes -= self._seg_size
-            self._seg.unlink(missing_ok=True)
-            self._seg = None
-            self._seg_size = 0
+            self.bytes -= self.log.size
+            self.log.delete([self.log.tail])
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self.log.forget_tail()
 
 
 def drop_quarantine(cache_dir: Path, want: int = SEGMENT_BYTES) -> tuple[int, int]:

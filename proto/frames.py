@@ -10,9 +10,10 @@ Layout (big-endian), 36 bytes, then `length` bytes of payload::
 
 The header checksum (xxh32 over bytes 0..31) lets a reader trust `len` before it buffers the payload, so
 a corrupted length cannot make us wait for (or allocate) gigabytes. The payload checksum makes every
-frame self-verifying, which is why the process-server cache stores frames byte for byte as records: a
-torn or corrupted record is found on read (`scan_records`). Integrity against *tampering* is the
-envelope's job (AES-GCM), not this checksum's.
+frame self-verifying, which is why the process-server cache and the master target's retention journal store
+frames byte for byte as records: a torn or corrupted record is found on read (`scan_records`), and what
+follows the last good one is classified by one rule (`classify_tail`, below). Integrity against
+*tampering* is the envelope's job (AES-GCM), not this checksum's.
 
 Versions: 1 — the only one so far. A reader rejects any other version with a clear error.
 """
@@ -134,6 +135,80 @@ def scan_records(buf: bytes | memoryview, start: int = 0) -> tuple[list[Record],
         out.append(Record(pos, end, header, payload))
         pos = end
     return out, pos, None
+
+
+# -- the torn-tail rule ---------------------------------------------------------------------------------
+#
+# Both segment logs (the process server's cache, the master target's retention journal and redo log) append
+# records to the newest segment only, and fsync before anything is acknowledged or relied on. A crash in the
+# middle of an append therefore tears at most the *last* record of the *newest* segment, and tears it in
+# one of two ways: fewer than HEADER_SIZE bytes of it reached the file, or its header did and the record
+# it announces reaches (or passes) the end of the file — its payload is short, or the file system extended
+# the file before the payload's blocks were written, so a record ending exactly at the end of the file and
+# failing its payload checksum is torn too. That is a *torn tail*: nobody was told it was durable, and it is
+# cut off (durably) before anything is appended after it.
+#
+# Anything else after the last good record is *damage*: a header that does not decode (magic, version,
+# header checksum), a complete record that fails its checksum with more bytes after it, a torn record in an
+# older segment, or — the cache's extra condition (a damaged acknowledged last record cut off as torn once
+# made the replica wait for it for ever) — a torn record whose sequence may have been acknowledged. Damage
+# is never cut off and never skipped: the journal refuses to start, the cache keeps the intact records
+# before it and sets the rest aside (quarantine) for a resync. Skipping it would lose acknowledged data.
+
+CLEAN = "clean"
+TORN = "torn"
+DAMAGE = "damage"
+
+
+@dataclass(frozen=True, slots=True)
+class Tail:
+    """What follows the last good record of a segment: CLEAN (nothing), TORN (cut it off) or DAMAGE."""
+
+    kind: str
+    reason: str | None = None
+
+    @property
+    def torn(self) -> bool:
+        return self.kind == TORN
+
+    @property
+    def damaged(self) -> bool:
+        return self.kind == DAMAGE
+
+
+def classify_tail(
+    after: bytes | memoryview, rest: int, problem: str | None = None, *, newest: bool = True,
+    acknowledged: bool = False,
+) -> Tail:
+    """Classify the `rest` bytes that follow a segment's last good record by the torn-tail rule above.
+
+    `after`: the first of those bytes (HEADER_SIZE of them are enough; fewer if fewer follow). `problem`:
+    what the scan found there (the reason given back; a default is made up without it). `newest`: the
+    segment is the one appends go to. `acknowledged`: the record after the last good one may have been
+    acknowledged (the cache's received sequence reaches it). No I/O: the caller reads the bytes.
+    """
+    if rest <= 0:
+        return Tail(CLEAN)
+    reason = problem or f"{rest} bytes after the last good record"
+    if rest < HEADER_SIZE:
+        shape = True  # a header cut short
+    else:
+        try:
+            header = decode_header(after[:HEADER_SIZE])
+        except RemoteProtocolError:
+            return Tail(DAMAGE, reason)
+        shape = HEADER_SIZE + header.length >= rest
+    if shape and newest and not acknowledged:
+        return Tail(TORN, reason)
+    return Tail(DAMAGE, reason)
+
+
+def scan_segment(buf: bytes | memoryview, *, newest: bool = True) -> tuple[list[Record], int, Tail]:
+    """`scan_records` over a whole segment, and what follows its last good record (`classify_tail`)."""
+    records, good_end, problem = scan_records(buf)
+    mv = memoryview(buf)
+    return records, good_end, classify_tail(mv[good_end : good_end + HEADER_SIZE], len(mv) - good_end, problem,
+                                            newest=newest)
 
 
 def iter_frames(buf: bytes | memoryview) -> Iterator[tuple[FrameHeader, memoryview]]:
