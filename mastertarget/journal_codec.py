@@ -4,19 +4,19 @@ mastertarget.journal's).
 Records are the self-verifying frames of proto.frames (as in the process server's cache), with frame
 types of their own that are only ever stored, never sent:
 
-    0x40 UNDO    stream = disk id, sequence = the batch's sequence
+    0x40 UNDO    disk = disk id, sequence = the batch's sequence
                  payload: generation u32 | extent count u32 | table (offset u64, length u32, stored u32,
                  kind u8, pad 3) | table seal 28 B | sealed old contents, back to back
                  The *old* contents of the blocks the batch overwrites, read from the replica before it is
                  written: compressed and encrypted with the disk's key under the UNDO domain
                  (envelope.UNDO), so an undo ciphertext can never pass as a batch extent or back.
                  Old contents that were zeros travel as zero extents (no bytes).
-    0x41 COMMIT  stream = disk id, sequence = the batch's sequence
+    0x41 COMMIT  disk = disk id, sequence = the batch's sequence
                  payload: canonical JSON {generation, kind, time, consistency, tag}; written after the
                  replica is synced: an UNDO without its COMMIT is a batch to roll back at start-up.
     0x42 REDO    as UNDO, under the REDO domain: during a failover, the contents a rollback is about to
                  overwrite, so the operator can move to a newer point again before committing.
-                 stream = disk id, sequence = the step's starting state, generation field = part number
+                 disk = disk id, sequence = the step's starting state, generation field = part number
     0x43 MOVE    JSON {src, dst, parts}: a backward step of a failover, followed by its `parts` REDO records
 """
 
@@ -172,6 +172,6 @@ def scan(buf: bytes | memoryview) -> Scan:
     """Read a journal segment; what follows its last good record is a torn tail or damage by the one
     rule of proto.frames.classify_tail."""
     records, good_end, tail = scan_segment(buf)
-    out = [(r.header.type, r.header.stream, r.header.sequence, r.payload) for r in records]
+    out = [(r.header.type, r.header.disk, r.header.sequence, r.payload) for r in records]
     offsets = [r.offset for r in records]
     return Scan(out, good_end, tail.torn, tail.reason if tail.damaged else None, offsets)

@@ -75,7 +75,7 @@ class Segment:
 
 @dataclass(slots=True)
 class Walk:
-    records: list[tuple[int, int, int, int, int, bytes | None]]  # type, stream, sequence, offset, size, payload
+    records: list[tuple[int, int, int, int, int, bytes | None]]  # type, disk, sequence, offset, size, payload
     good_end: int
     torn: bool
     problem: str | None
@@ -107,7 +107,7 @@ def walk_records(path: Path, small: int = 1 << 16) -> Walk:
                     check_payload(h, payload)
                 except ProtocolError as exc:
                     return _stop(out, pos, head, size, f"bad record at offset {pos}: {exc}")
-            out.append((h.type, h.stream, h.sequence, pos, end - pos, payload))
+            out.append((h.type, h.disk, h.sequence, pos, end - pos, payload))
             pos = end
     return Walk(out, pos, False, None)
 
@@ -135,9 +135,9 @@ def read_segment(path: Path, disk: int, last: bool,
         files.cut(path, w.good_end)
     seg = Segment(path, w.good_end)
     undo: tuple[int, list[tuple[int, int]]] | None = None  # (first, parts) of UNDOs awaiting a COMMIT
-    for ftype, stream, seq, at, size, payload in w.records:
-        if stream != disk:
-            raise JournalError(f"retention journal {path}: record of disk {stream} in disk {disk}'s")
+    for ftype, rec_disk, seq, at, size, payload in w.records:
+        if rec_disk != disk:
+            raise JournalError(f"retention journal {path}: record of disk {rec_disk} in disk {disk}'s")
         if ftype == UNDO_TYPE:
             if undo is None:
                 undo = (seq, [(at, size)])
@@ -147,7 +147,7 @@ def read_segment(path: Path, disk: int, last: bool,
                 raise JournalError(f"retention journal {path}: undo records of {undo[0]} and {seq} "
                                    "without a commit between them")
         elif ftype == COMMIT_TYPE and payload is not None:
-            c = decode_commit(stream, seq, payload)
+            c = decode_commit(rec_disk, seq, payload)
             first = _int(c.meta.get("first", seq), f"{path}: commit {seq}")
             g = Group(first, seq, c.meta, path)
             if undo is not None:

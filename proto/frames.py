@@ -4,7 +4,7 @@ Layout (big-endian), 36 bytes, then `length` bytes of payload::
 
     0       4     5      6       8            12                20         24                 32       36
     +-------+-----+------+-------+------------+-----------------+----------+------------------+--------+
-    | magic | ver | type | flags | stream u32 | sequence u64    | len u32  | payload xxh64    | hdr    |
+    | magic | ver | type | flags | disk u32   | sequence u64    | len u32  | payload xxh64    | hdr    |
     | STBY  | u8  | u8   | u16   | (disk id)  | (per disk)      |          | (u64)            | xxh32  |
     +-------+-----+------+-------+------------+-----------------+----------+------------------+--------+
 
@@ -45,7 +45,7 @@ MAX_PAYLOAD = 32 * 1024 * 1024
 # parse huge JSON.
 MAX_CONTROL_PAYLOAD = 1024 * 1024
 
-MAX_STREAM = 2**32 - 1
+MAX_DISK = 2**32 - 1
 MAX_SEQUENCE = 2**64 - 1
 
 
@@ -54,20 +54,20 @@ class FrameHeader:
     version: int
     type: int
     flags: int
-    stream: int
+    disk: int
     sequence: int
     length: int
     payload_hash: int
 
 
-def encode_frame(ftype: int, stream: int, sequence: int, payload: bytes | memoryview, flags: int = 0) -> bytes:
+def encode_frame(ftype: int, disk: int, sequence: int, payload: bytes | memoryview, flags: int = 0) -> bytes:
     """Return header + payload as one bytes object."""
     length = len(payload)
     if length > MAX_PAYLOAD:
         raise LocalProtocolError("oversized", f"payload of {length} bytes exceeds the {MAX_PAYLOAD}-byte limit")
-    if not (0 <= stream <= MAX_STREAM and 0 <= sequence <= MAX_SEQUENCE and 0 <= ftype <= 255 and 0 <= flags <= 0xFFFF):
-        raise LocalProtocolError("bad-header", "stream, sequence, type or flags out of range")
-    head = _HEAD.pack(MAGIC, VERSION, ftype, flags, stream, sequence, length, xxhash.xxh64_intdigest(payload))
+    if not (0 <= disk <= MAX_DISK and 0 <= sequence <= MAX_SEQUENCE and 0 <= ftype <= 255 and 0 <= flags <= 0xFFFF):
+        raise LocalProtocolError("bad-header", "disk, sequence, type or flags out of range")
+    head = _HEAD.pack(MAGIC, VERSION, ftype, flags, disk, sequence, length, xxhash.xxh64_intdigest(payload))
     return b"".join((head, _CHECK.pack(xxhash.xxh32_intdigest(head)), payload))
 
 
@@ -76,7 +76,7 @@ def decode_header(buf: bytes | memoryview) -> FrameHeader:
     if len(buf) < HEADER_SIZE:
         raise RemoteProtocolError("truncated", f"header needs {HEADER_SIZE} bytes, got {len(buf)}")
     head = bytes(buf[: _HEAD.size])
-    magic, version, ftype, flags, stream, sequence, length, phash = _HEAD.unpack(head)
+    magic, version, ftype, flags, disk, sequence, length, phash = _HEAD.unpack(head)
     if magic != MAGIC:
         raise RemoteProtocolError("bad-magic", f"not a standby frame (magic {magic!r})")
     if version not in SUPPORTED_VERSIONS:
@@ -88,7 +88,7 @@ def decode_header(buf: bytes | memoryview) -> FrameHeader:
         raise RemoteProtocolError("bad-header-checksum", "frame header checksum mismatch (corrupted header)")
     if length > MAX_PAYLOAD:
         raise RemoteProtocolError("oversized", f"frame announces {length} bytes, limit is {MAX_PAYLOAD}")
-    return FrameHeader(version, ftype, flags, stream, sequence, length, phash)
+    return FrameHeader(version, ftype, flags, disk, sequence, length, phash)
 
 
 def check_payload(header: FrameHeader, payload: bytes | memoryview) -> None:

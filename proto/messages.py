@@ -96,7 +96,7 @@ _EXTENT = struct.Struct(">BxxxQII")
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    disk: int  # stream id: the process server's number for the disk
+    disk: int  # the process server's number for the disk
     sequence: int
     generation: int
     kind: BatchKind
@@ -180,7 +180,7 @@ def _decode_batch(h: FrameHeader, p: memoryview) -> Batch:
         for k, offset, length, stored in entries:
             extents.append(Extent(ExtentKind(k), offset, length, p[data_pos : data_pos + stored]))
             data_pos += stored
-        return Batch(h.stream, h.sequence, generation, bkind, cursor, tuple(extents), seal, flags)
+        return Batch(h.disk, h.sequence, generation, bkind, cursor, tuple(extents), seal, flags)
     except (LocalProtocolError, ValueError) as exc:
         raise RemoteProtocolError("bad-batch", f"invalid batch: {exc}") from None
 
@@ -234,7 +234,7 @@ def _decode_commit(h: FrameHeader, p: memoryview) -> Commit:
         meta = json.loads(bytes(p[4 : 4 + n]))
         if not isinstance(meta, dict):
             raise ValueError("meta is not an object")
-        return Commit(h.stream, h.sequence, meta, bytes(p[4 + n :]))
+        return Commit(h.disk, h.sequence, meta, bytes(p[4 + n :]))
     except (ValueError, RecursionError, LocalProtocolError) as exc:
         raise RemoteProtocolError("bad-commit", f"invalid commit: {exc}") from None
 
@@ -312,7 +312,7 @@ class Reject:
 
 Message = Hello | Welcome | Goodbye | Request | Reply | Batch | Commit | Ack | Busy | Reject
 
-# (class, frame type, fields carried as stream/sequence in the header rather than in the JSON)
+# (class, frame type, fields carried as disk/sequence in the header rather than in the JSON)
 _JSON_TYPES: dict[type, FrameType] = {
     Hello: FrameType.HELLO,
     Welcome: FrameType.WELCOME,
@@ -356,7 +356,7 @@ def decode_message(h: FrameHeader, payload: memoryview) -> Message:
         if not isinstance(body, dict):
             raise ValueError("not a JSON object")
         if "disk" in cls.__slots__:
-            body["disk"], body["sequence"] = h.stream, h.sequence
+            body["disk"], body["sequence"] = h.disk, h.sequence
         if cls is Hello:
             body["versions"] = tuple(body.get("versions", ()))
         msg = cls(**body)

@@ -385,9 +385,9 @@ class PSFuzz:
                 h = decode_header(frame[:HEADER_SIZE])
             except ProtocolError:
                 return Input("agent", "frame", frame, desc + " (header refused)")
-            if (h.stream, h.sequence) != (disk, seq):
-                desc += f" (header now disk {h.stream} seq {h.sequence})"
-            disk, seq = h.stream, h.sequence
+            if (h.disk, h.sequence) != (disk, seq):
+                desc += f" (header now disk {h.disk} seq {h.sequence})"
+            disk, seq = h.disk, h.sequence
         return Input("agent", "record", frame, desc, record=(disk, seq), op="BATCH")
 
     def gen_mt(self) -> Input:

@@ -185,7 +185,7 @@ def test_flipped_ciphertext_byte_with_recomputed_checksums_is_rejected(deploymen
     assert bytes(rec.payload[pos : pos + len(e.payload)]) == bytes(e.payload)
     payload = bytearray(rec.payload)
     payload[pos + 1 + 12 + len(e.payload) // 3] ^= 0x40  # past flags and nonce: the AES-GCM body
-    frame = encode_frame(rec.header.type, rec.header.stream, seq, bytes(payload), rec.header.flags)
+    frame = encode_frame(rec.header.type, rec.header.disk, seq, bytes(payload), rec.header.flags)
     assert len(frame) == rec.end - rec.offset
     with open(seg, "r+b") as f:  # in place, as an attacker would
         f.seek(rec.offset)
@@ -238,7 +238,7 @@ def test_replayed_payload_from_another_sequence_is_rejected(deployment, make_loo
     seq = recs[i].header.sequence
     donor = recs[i + 1]  # a genuine batch of the same disk and generation, one sequence later
     assert donor.header.type == FrameType.BATCH and bytes(donor.payload) != bytes(recs[i].payload)
-    frame = encode_frame(FrameType.BATCH, recs[i].header.stream, seq, bytes(donor.payload))
+    frame = encode_frame(FrameType.BATCH, recs[i].header.disk, seq, bytes(donor.payload))
     rewrite(seg, data, recs, i, frame)
     _, again = c.records("disk0")
     assert bytes(again[i].payload) == bytes(donor.payload)
@@ -259,7 +259,7 @@ def test_record_moved_to_another_disk_is_rejected(deployment, make_loop, tmp_pat
     i = pick_batch(recs0)
     seq = recs0[i].header.sequence
     moved = recs1[i]  # disk1's batch with the same sequence (same generation, same disk offsets)
-    assert moved.header.sequence == seq and moved.header.stream == c.disks["disk1"].id
+    assert moved.header.sequence == seq and moved.header.disk == c.disks["disk1"].id
     assert batch_of(moved).cursor == batch_of(recs0[i]).cursor
     frame = encode_frame(FrameType.BATCH, c.disks["disk0"].id, seq, bytes(moved.payload))
     rewrite(seg0, data0, recs0, i, frame)

@@ -17,9 +17,9 @@ from standby.proto.errors import LocalProtocolError, RemoteProtocolError
 from standby.proto.frames import (
     HEADER_SIZE,
     MAGIC,
+    MAX_DISK,
     MAX_PAYLOAD,
     MAX_SEQUENCE,
-    MAX_STREAM,
     VERSION,
     FrameHeader,
     check_payload,
@@ -31,17 +31,17 @@ from standby.proto.frames import (
 
 FAST = settings(max_examples=60, deadline=None)
 
-# magic 4s | version u8 | type u8 | flags u16 | stream u32 | sequence u64 | length u32 | payload xxh64 u64
+# magic 4s | version u8 | type u8 | flags u16 | disk u32 | sequence u64 | length u32 | payload xxh64 u64
 _DOC_HEAD = struct.Struct(">4sBBHIQIQ")
 
 HEADER_CODES = {"bad-magic", "bad-version", "bad-header-checksum", "oversized", "truncated"}
 
 ftypes = st.integers(0, 255)
-streams = st.integers(0, MAX_STREAM)
+disks = st.integers(0, MAX_DISK)
 sequences = st.integers(0, MAX_SEQUENCE)
 flag_values = st.integers(0, 0xFFFF)
 payloads = st.binary(max_size=300)
-frame_args = st.tuples(ftypes, streams, sequences, payloads)
+frame_args = st.tuples(ftypes, disks, sequences, payloads)
 
 
 def raw_header(
@@ -50,7 +50,7 @@ def raw_header(
     version: int = VERSION,
     ftype: int = 1,
     flags: int = 0,
-    stream: int = 0,
+    disk: int = 0,
     sequence: int = 0,
     length: int = 0,
     payload_hash: int | None = None,
@@ -59,7 +59,7 @@ def raw_header(
     """A header with a *valid* header checksum over whatever fields we chose."""
     if payload_hash is None:
         payload_hash = xxhash.xxh64_intdigest(payload)
-    head = _DOC_HEAD.pack(magic, version, ftype, flags, stream, sequence, length, payload_hash)
+    head = _DOC_HEAD.pack(magic, version, ftype, flags, disk, sequence, length, payload_hash)
     return head + struct.pack(">I", xxhash.xxh32_intdigest(head))
 
 
@@ -90,22 +90,22 @@ def strict_decode(frame: bytes) -> tuple[FrameHeader, bytes]:
 def test_header_is_36_bytes_and_matches_the_documented_layout() -> None:
     assert HEADER_SIZE == 36
     frame = encode_frame(6, 7, 8, b"hello", flags=3)
-    assert frame == raw_header(ftype=6, flags=3, stream=7, sequence=8, length=5, payload=b"hello") + b"hello"
+    assert frame == raw_header(ftype=6, flags=3, disk=7, sequence=8, length=5, payload=b"hello") + b"hello"
     assert frame[:4] == b"STBY"
     assert frame[4] == 1
 
 
 @FAST
-@given(ftype=ftypes, stream=streams, sequence=sequences, payload=payloads, flags=flag_values)
-def test_round_trip(ftype: int, stream: int, sequence: int, payload: bytes, flags: int) -> None:
-    frame = encode_frame(ftype, stream, sequence, payload, flags=flags)
+@given(ftype=ftypes, disk=disks, sequence=sequences, payload=payloads, flags=flag_values)
+def test_round_trip(ftype: int, disk: int, sequence: int, payload: bytes, flags: int) -> None:
+    frame = encode_frame(ftype, disk, sequence, payload, flags=flags)
     assert len(frame) == HEADER_SIZE + len(payload)
     h = decode_header(frame)
-    assert (h.version, h.type, h.flags, h.stream, h.sequence, h.length) == (
+    assert (h.version, h.type, h.flags, h.disk, h.sequence, h.length) == (
         VERSION,
         ftype,
         flags,
-        stream,
+        disk,
         sequence,
         len(payload),
     )
@@ -116,7 +116,7 @@ def test_round_trip(ftype: int, stream: int, sequence: int, payload: bytes, flag
 def test_decode_header_accepts_memoryview_and_ignores_what_follows() -> None:
     frame = encode_frame(2, 3, 4, b"xyz")
     h = decode_header(memoryview(frame + b"trailing garbage"))
-    assert (h.type, h.stream, h.sequence, h.length) == (2, 3, 4, 3)
+    assert (h.type, h.disk, h.sequence, h.length) == (2, 3, 4, 3)
 
 
 def test_encode_accepts_memoryview_payload() -> None:
@@ -124,17 +124,17 @@ def test_encode_accepts_memoryview_payload() -> None:
 
 
 def test_extreme_field_values_round_trip() -> None:
-    h = decode_header(encode_frame(255, MAX_STREAM, MAX_SEQUENCE, b""))
-    assert (h.type, h.stream, h.sequence, h.length) == (255, MAX_STREAM, MAX_SEQUENCE, 0)
+    h = decode_header(encode_frame(255, MAX_DISK, MAX_SEQUENCE, b""))
+    assert (h.type, h.disk, h.sequence, h.length) == (255, MAX_DISK, MAX_SEQUENCE, 0)
 
 
 @pytest.mark.parametrize(
-    "ftype, stream, sequence",
-    [(-1, 0, 0), (256, 0, 0), (1, -1, 0), (1, MAX_STREAM + 1, 0), (1, 0, -1), (1, 0, MAX_SEQUENCE + 1)],
+    "ftype, disk, sequence",
+    [(-1, 0, 0), (256, 0, 0), (1, -1, 0), (1, MAX_DISK + 1, 0), (1, 0, -1), (1, 0, MAX_SEQUENCE + 1)],
 )
-def test_encode_rejects_out_of_range_header_fields(ftype: int, stream: int, sequence: int) -> None:
+def test_encode_rejects_out_of_range_header_fields(ftype: int, disk: int, sequence: int) -> None:
     with pytest.raises(LocalProtocolError) as exc:
-        encode_frame(ftype, stream, sequence, b"")
+        encode_frame(ftype, disk, sequence, b"")
     assert exc.value.code == "bad-header"
 
 
@@ -272,9 +272,9 @@ def _concat(items: list[tuple[int, int, int, bytes]]) -> tuple[bytes, list[int]]
 
 def _assert_records(records, items, offsets) -> None:  # type: ignore[no-untyped-def]
     assert len(records) == len(items)
-    for i, (r, (ftype, stream, sequence, payload)) in enumerate(zip(records, items, strict=True)):
+    for i, (r, (ftype, disk, sequence, payload)) in enumerate(zip(records, items, strict=True)):
         assert (r.offset, r.end) == (offsets[i], offsets[i + 1])
-        assert (r.header.type, r.header.stream, r.header.sequence) == (ftype, stream, sequence)
+        assert (r.header.type, r.header.disk, r.header.sequence) == (ftype, disk, sequence)
         assert bytes(r.payload) == payload
 
 

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from standby.proto.errors import LocalProtocolError, RemoteProtocolError
-from standby.proto.frames import HEADER_SIZE, MAX_CONTROL_PAYLOAD, MAX_SEQUENCE, MAX_STREAM, decode_header, encode_frame
+from standby.proto.frames import HEADER_SIZE, MAX_CONTROL_PAYLOAD, MAX_DISK, MAX_SEQUENCE, decode_header, encode_frame
 from standby.proto.messages import (
     MAX_BATCH_LOGICAL,
     MAX_EXTENTS,
@@ -54,9 +54,9 @@ def decode(frame: bytes) -> Message:
     return decode_message(h, memoryview(frame)[HEADER_SIZE:])
 
 
-def decode_payload(ftype: int, payload: bytes, stream: int = 5, sequence: int = 9) -> Message:
+def decode_payload(ftype: int, payload: bytes, disk: int = 5, sequence: int = 9) -> Message:
     """decode_message for `payload` under a valid header of type `ftype`."""
-    return decode(encode_frame(ftype, stream, sequence, payload))
+    return decode(encode_frame(ftype, disk, sequence, payload))
 
 
 def assert_remote_error(ftype: int, payload: bytes) -> RemoteProtocolError:
@@ -167,7 +167,7 @@ def test_every_message_type_is_covered_by_the_strategies() -> None:
 def test_batch_round_trip_details(batch: Batch) -> None:
     frame = batch.encode()
     h = decode_header(frame)
-    assert (h.type, h.stream, h.sequence) == (FrameType.BATCH, batch.disk, batch.sequence)
+    assert (h.type, h.disk, h.sequence) == (FrameType.BATCH, batch.disk, batch.sequence)
     back = decode_message(h, memoryview(frame)[HEADER_SIZE:])
     assert isinstance(back, Batch)
     assert back.table_bytes() == batch.table_bytes()
@@ -203,13 +203,13 @@ def test_commit_round_trip_and_canonical_meta() -> None:
 def test_header_fields_are_not_repeated_in_json() -> None:
     frame = encode(Ack(7, 99, 3))
     h = decode_header(frame)
-    assert (h.stream, h.sequence) == (7, 99)
+    assert (h.disk, h.sequence) == (7, 99)
     assert json.loads(frame[HEADER_SIZE:]) == {"generation": 3}
 
 
 def test_control_messages_without_a_disk_use_stream_zero() -> None:
     h = decode_header(encode(Hello("agent")))
-    assert (h.stream, h.sequence) == (0, 0)
+    assert (h.disk, h.sequence) == (0, 0)
 
 
 def test_encode_refuses_a_non_message() -> None:
@@ -226,7 +226,7 @@ def test_encode_refuses_an_oversized_control_message() -> None:
 
 def test_encode_refuses_a_disk_id_out_of_range() -> None:
     with pytest.raises(LocalProtocolError):
-        encode(Ack(MAX_STREAM + 1, 0, 0))
+        encode(Ack(MAX_DISK + 1, 0, 0))
     with pytest.raises(LocalProtocolError):
         encode(Ack(0, MAX_SEQUENCE + 1, 0))
 
@@ -459,7 +459,7 @@ def test_unknown_frame_type_is_remote_error(ftype: int) -> None:
 
 
 def test_disk_and_sequence_come_from_the_header_not_the_json() -> None:
-    msg = decode_payload(FrameType.ACK, b'{"generation":1,"disk":77,"sequence":88}', stream=5, sequence=9)
+    msg = decode_payload(FrameType.ACK, b'{"generation":1,"disk":77,"sequence":88}', disk=5, sequence=9)
     assert msg == Ack(5, 9, 1)
 
 
@@ -573,9 +573,9 @@ def test_commit_with_deeply_nested_meta_is_remote_error() -> None:
 # ---- fuzzing: nothing but a message or RemoteProtocolError ----------------------------------------------
 
 
-def _message_or_remote_error(ftype: int, payload: bytes, stream: int = 0, sequence: int = 0) -> None:
+def _message_or_remote_error(ftype: int, payload: bytes, disk: int = 0, sequence: int = 0) -> None:
     try:
-        msg = decode_payload(ftype, payload, stream, sequence)
+        msg = decode_payload(ftype, payload, disk, sequence)
     except RemoteProtocolError:
         return
     assert isinstance(msg, ALL_TYPES)
@@ -584,9 +584,9 @@ def _message_or_remote_error(ftype: int, payload: bytes, stream: int = 0, sequen
 
 
 @FUZZ
-@given(ftype=st.integers(0, 255), payload=st.binary(max_size=200), stream=u32, sequence=u64)
-def test_fuzz_random_bytes(ftype: int, payload: bytes, stream: int, sequence: int) -> None:
-    _message_or_remote_error(ftype, payload, stream, sequence)
+@given(ftype=st.integers(0, 255), payload=st.binary(max_size=200), disk=u32, sequence=u64)
+def test_fuzz_random_bytes(ftype: int, payload: bytes, disk: int, sequence: int) -> None:
+    _message_or_remote_error(ftype, payload, disk, sequence)
 
 
 @FUZZ
