@@ -18,10 +18,10 @@ from typing import Any
 
 from standby.plumbing.durable import load_json, save_json
 from standby.plumbing.errors import RequestFailed
+from standby.proto.point import Point
 from standby.proto.states import Replication
 
 from .disk import Disk, Disks, NotOpen
-from .diskstate import Point
 from .journal_codec import JournalError
 from .recovery import FailoverState, commit, copy_replica, elapsed, move, test_failover_path, undo_into
 from .replicas import ReplicaError
