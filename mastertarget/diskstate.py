@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from standby.plumbing.durable import DamagedFile, load_record, save_json
-from standby.proto.messages import Commit
+from standby.proto.point import Point as Point  # noqa: F401  (mastertarget.worker and .daemon import it here)
+from standby.proto.point import meta_time as meta_time  # noqa: F401  (mastertarget.segments imports it here)
 from standby.proto.states import DiskState, Replication
 
 log = logging.getLogger("standby.mt.state")
@@ -34,7 +35,7 @@ class ReplicaState:
     # or FailedOver once failed over (nothing more is applied).
     state: str = DiskState.INCONSISTENT.value
     error: str | None = None
-    last_point: dict[str, Any] | None = None
+    last_point: dict[str, Any] | None = None  # the newest point applied: proto.point.Point.as_dict()
 
     def move(self, new: DiskState | Replication, reason: str) -> bool:
         """Set the state, with one log line if it changed; True if it did (the state file must be saved)."""
@@ -66,34 +67,3 @@ class ReplicaState:
                 except DamagedFile as exc:  # that disk fails when it is opened (with this reason); not the rest
                     log.error("%s", exc)
         return out
-
-
-@dataclass
-class Point:
-    """A recovery point the replica passed through: after applying `sequence`, it equalled the source
-    at `time` (wall clock of the agent's cut)."""
-
-    sequence: int
-    generation: int
-    time: float
-    consistency: str
-
-    @classmethod
-    def from_commit(cls, c: Commit) -> Point:
-        return cls(c.sequence, c.generation, meta_time(c.meta), str(c.meta.get("consistency", "")))
-
-    @classmethod
-    def from_group(cls, g: Any) -> Point:
-        gen = g.meta.get("generation", 0)
-        return cls(g.last, gen if type(gen) is int else 0, g.time, g.consistency)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def meta_time(meta: dict[str, Any]) -> float:
-    """A commit's `time`, or 0.0 when it is not a plausible wall-clock time (a peer's value: validated)."""
-    t = meta.get("time")
-    if isinstance(t, int | float) and not isinstance(t, bool) and 0 <= t < 1e11:
-        return float(t)
-    return 0.0

@@ -18,10 +18,10 @@ from typing import Any
 
 from standby.plumbing.durable import load_json, save_json
 from standby.plumbing.errors import RequestFailed
+from standby.proto.point import Point
 from standby.proto.states import Replication
 
 from .disk import Disk, Disks, NotOpen
-from .diskstate import Point
 from .journal_codec import JournalError
 from .recovery import FailoverState, commit, copy_replica, elapsed, move, test_failover_path, undo_into
 from .replicas import ReplicaError
@@ -43,12 +43,12 @@ async def points(disks: Disks, disk: int) -> dict[str, Any]:
         return await asyncio.to_thread(point_list, w, disks.policy)
 
 
-def _choose(w: Disk, sequence: int) -> float:
+def _find(w: Disk, sequence: int) -> Point:
     g = w.journal.find_point(int(sequence))
     if g is None:
         raise RequestFailed("unknown-point",
                             f"disk {w.state.name}: no recovery point {sequence} in the retention journal")
-    return g.time
+    return Point.from_group(g)
 
 
 async def failover(disks: Disks, disk: int, sequence: int) -> dict[str, Any]:
@@ -58,7 +58,7 @@ async def failover(disks: Disks, disk: int, sequence: int) -> dict[str, Any]:
     t0 = time.monotonic()
     async with w.lock:
         j = w.journal
-        point_time = _choose(w, sequence)
+        point = _find(w, sequence)
         fo = FailoverState.load(j.dir)
         if fo is not None and fo.committed:
             raise RequestFailed("refused", f"disk {w.state.name}: the failover was committed; its history is gone")
@@ -67,7 +67,7 @@ async def failover(disks: Disks, disk: int, sequence: int) -> dict[str, Any]:
         w.halt()
         w.state.move(Replication.FAILED_OVER, f"failover to point {sequence}")
         await asyncio.to_thread(w.state.save, disks.disks_dir)
-        fo.point_time = point_time
+        fo.point_time = point.time
         try:
             written = await asyncio.to_thread(move, j, w.replica, fo, int(sequence))
         except Exception as exc:
@@ -77,14 +77,14 @@ async def failover(disks: Disks, disk: int, sequence: int) -> dict[str, Any]:
             raise RequestFailed("failed", f"disk {w.state.name}: cannot move to point {sequence}: {exc}; the replica "
                                 "is between two states, not at a recovery point: run standby failover again") from None
         w.failover_problem = None
-        w.state.last_point = Point.from_group(j.find_point(int(sequence))).as_dict()  # type: ignore[arg-type]
+        w.state.last_point = point.as_dict()
         await asyncio.to_thread(w.state.save, disks.disks_dir)
     log.info("disk %s/%s: failed over to point %s (%.3f s, %d bytes written)", w.state.machine, w.state.name,
              sequence, time.monotonic() - t0, written)
     return {
         "disk": w.state.disk,
-        "sequence": int(sequence),
-        "time": point_time,
+        "sequence": point.sequence,
+        "time": point.time,
         "replica": w.state.path,
         "format": w.state.kind,
         "bytes_written": written,
@@ -124,7 +124,7 @@ async def test_failover(disks: Disks, disk: int, sequence: int, directory: str |
     dest = test_failover_path(st.path, st.kind, st.disk, Path(directory) if directory else None)
     if not dest.parent.is_dir():
         raise RequestFailed("bad-input", f"directory {dest.parent} does not exist on the master target")
-    point_time = _choose(w, sequence)
+    point = _find(w, sequence)
     t0 = time.monotonic()
     w.pins += 1  # no pruning while the copy may need any undo record newer than the point
     try:
@@ -158,8 +158,8 @@ async def test_failover(disks: Disks, disk: int, sequence: int, directory: str |
              time.monotonic() - t0)
     return {
         "disk": st.disk,
-        "sequence": int(sequence),
-        "time": point_time,
+        "sequence": point.sequence,
+        "time": point.time,
         "path": str(dest),
         "format": "raw" if st.kind == "device" else st.kind,
         "copy_seconds": copied,

@@ -24,16 +24,43 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-APP = "app-consistent"
-CRASH = "crash-consistent"
+from standby.proto import point as recovery
+from standby.proto.enums import Consistency
+
+# The words mastertarget.journal.retention_points uses (with `Point` below).
+APP = Consistency.APP
+CRASH = Consistency.CRASH
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """Planning's input: a recovery point (proto.point.Point) and the undo bytes of the batches from it up to
+    the next newer point — the space that goes when it goes as the oldest. The bytes are the journal's
+    figure, not the point's: they change as neighbours are dropped (a plan's `keep` spans up to the next
+    *kept* point), so they travel beside the point rather than in it."""
+
+    point: recovery.Point
+    segment_bytes: int = 0
+
+    @property
+    def sequence(self) -> int:
+        return self.point.sequence
+
+    @property
+    def time(self) -> float:
+        return self.point.time
 
 
 @dataclass(frozen=True, slots=True)
 class Point:
-    sequence: int  # the commit's sequence: identifies the point
-    time: float  # its instant (wall clock)
+    """Transitional: the journal's own shape of a planning input (mastertarget.journal.retention_points
+    builds it: another change's file). mastertarget.upkeep.spans turns it into a `Span` at one place;
+    this goes when the journal builds `Span`s itself."""
+
+    sequence: int
+    time: float
     kind: str  # CRASH or APP
-    segment_bytes: int = 0  # undo bytes of the batches between this point and the next newer one
+    segment_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +91,8 @@ class Policy:
 
 @dataclass(slots=True)
 class Plan:
-    keep: list[Point] = field(default_factory=list)
-    drop: list[Point] = field(default_factory=list)
+    keep: list[Span] = field(default_factory=list)
+    drop: list[Span] = field(default_factory=list)
     alert: str = ""
 
     @property
@@ -74,7 +101,7 @@ class Plan:
         return sum(p.segment_bytes for p in self.keep)
 
 
-def plan(points: list[Point], now: float, policy: Policy) -> Plan:
+def plan(points: list[Span], now: float, policy: Policy) -> Plan:
     """Decide which of `points` (any order; sequences unique) to keep at time `now`. In the plan,
     `keep[i].segment_bytes` is the span up to the next kept point: what dropping it as the oldest frees."""
     pts = sorted(points, key=lambda p: p.sequence)
@@ -83,7 +110,7 @@ def plan(points: list[Point], now: float, policy: Policy) -> Plan:
     newest = pts[-1]
     keep: set[int] = {newest.sequence}
     candidates = [p for p in pts[:-1] if now - p.time <= policy.window]
-    buckets: dict[tuple[int, int], Point] = {}
+    buckets: dict[tuple[int, int], Span] = {}
     for p in candidates:
         age = max(now - p.time, 0.0)
         tier = next((i for i, t in enumerate(policy.tiers) if age <= t.age), None)
@@ -97,7 +124,7 @@ def plan(points: list[Point], now: float, policy: Policy) -> Plan:
         key = (tier, int(p.time // every))
         best = buckets.get(key)
         # The newest of each bucket, an app-consistent one before any crash-consistent one.
-        if best is None or (p.kind == APP, p.sequence) > (best.kind == APP, best.sequence):
+        if best is None or (p.point.is_app, p.sequence) > (best.point.is_app, best.sequence):
             buckets[key] = p
     keep.update(p.sequence for p in buckets.values())
     if candidates:
@@ -122,13 +149,13 @@ def plan(points: list[Point], now: float, policy: Policy) -> Plan:
             alert = (alert + "; " if alert else "") + "the newest point alone needs more than the space cap"
     kept_ids = {p.sequence for p in kept}
     return Plan(
-        keep=[Point(p.sequence, p.time, p.kind, spans[p.sequence]) for p in kept],
+        keep=[Span(p.point, spans[p.sequence]) for p in kept],
         drop=[p for p in pts if p.sequence not in kept_ids],
         alert=alert,
     )
 
 
-def _spans(pts: list[Point], kept: list[Point]) -> dict[int, int]:
+def _spans(pts: list[Span], kept: list[Span]) -> dict[int, int]:
     """For each kept point, the undo bytes from it up to the next kept point (the segments of the dropped
     points in between included): what dropping it as the oldest would free."""
     kept_ids = {p.sequence for p in kept}

@@ -16,9 +16,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from standby.proto.mt_requests import PointInfo
+from standby.proto.point import Point
+
 from .disk import Disk
+from .journal import DiskJournal
 from .recovery import FailoverState
-from .retention import Plan, Policy, plan
+from .retention import Plan, Policy, Span, plan
 from .volume import free_bytes
 
 log = logging.getLogger("standby.mt.ops")
@@ -30,23 +34,11 @@ ALERT_HOLD = 600.0
 
 def point_list(w: Disk, policy: Policy, now: float | None = None) -> dict[str, Any]:
     """Worker thread: the disk's recovery points inside its retention (thinned as the policy says),
-    newest last, with what status shows beside them."""
+    newest last, with what status shows beside them (the `points` reply, proto.mt_requests.PointList)."""
     j = w.journal
     kept = retention_plan(w, policy, now)
     history = j.history_bytes()
-    groups = {g.last: g for g in j.points()}
-    points = []
-    for p in kept.keep:
-        g = groups[p.sequence]
-        points.append(
-            {
-                "sequence": g.last,
-                "time": g.time,
-                "consistency": g.consistency,
-                "tag": str(g.meta.get("tag", "")),
-                "history_bytes": history.get(g.last, 0),
-            }
-        )
+    points = [PointInfo.listed(s.point, history.get(s.sequence, 0)).to_wire() for s in kept.keep]
     fo = FailoverState.load(j.dir)
     failover = None
     if fo is not None:
@@ -69,11 +61,19 @@ def point_list(w: Disk, policy: Policy, now: float | None = None) -> dict[str, A
     }
 
 
+def spans(j: DiskJournal) -> list[Span]:
+    """The journal's points as retention planning sees them, oldest first: each with the undo bytes up to
+    the next point. The one place the journal's shapes (its groups, and the byte spans of
+    `retention_points`) become proto.point.Point."""
+    groups = {g.last: g for g in j.points()}
+    return [Span(Point.from_group(groups[p.sequence]), p.segment_bytes) for p in j.retention_points()]
+
+
 def retention_plan(w: Disk, policy: Policy, now: float | None = None) -> Plan:
     cap = w.retention.space_cap
     if cap is not None:
         policy = replace(policy, space_cap=cap if policy.space_cap is None else min(cap, policy.space_cap))
-    return plan(w.journal.retention_points(), time.time() if now is None else now, policy)
+    return plan(spans(w.journal), time.time() if now is None else now, policy)
 
 
 def prune(w: Disk, policy: Policy) -> dict[str, Any]:

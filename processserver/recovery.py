@@ -20,6 +20,8 @@ from typing import Any
 
 from standby.plumbing.errors import RequestFailed
 from standby.plumbing.link import LinkClosed
+from standby.proto.enums import Consistency, ErrorCode
+from standby.proto.mt_requests import PointInfo, PointList
 from standby.proto.states import FAILED_OVER, Replication
 
 from .hub import Hub, MTPeer
@@ -38,7 +40,7 @@ def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
-def choose(points: dict[str, list[dict[str, Any]]], point: str | None, at: float | None) -> dict[str, dict[str, Any]]:
+def choose(points: dict[str, list[PointInfo]], point: str | None, at: float | None) -> dict[str, PointInfo]:
     """The point each disk goes to. `points`: disk name -> listed points (oldest first)."""
     if (point is None) == (at is None):
         raise ChoiceError("give exactly one of --point and --at")
@@ -53,7 +55,7 @@ def choose(points: dict[str, list[dict[str, Any]]], point: str | None, at: float
     if point == "latest-app":
         out = {}
         for d, pts in points.items():
-            app = [p for p in pts if p["consistency"] == "app-consistent"]
+            app = [p for p in pts if p.consistency is Consistency.APP]
             if not app:
                 raise ChoiceError(f"disk {d} has no app-consistent point in its retention window "
                                   "(make one with: standby app-point MACHINE)")
@@ -70,20 +72,25 @@ def choose(points: dict[str, list[dict[str, Any]]], point: str | None, at: float
         raise ChoiceError(
             f"not a point: {point!r} (latest, latest-processed, latest-app, or an id from standby points)"
         )
-    chosen = next((p for p in points[disk] if p["sequence"] == int(seq_text)), None)
+    chosen = next((p for p in points[disk] if p.sequence == int(seq_text)), None)
     if chosen is None:
         raise ChoiceError(f"disk {disk} has no recovery point {seq_text} (see: standby points)")
-    out = {d: _at(d, pts, chosen["time"]) for d, pts in points.items() if d != disk}
+    out = {d: _at(d, pts, chosen.time) for d, pts in points.items() if d != disk}
     out[disk] = chosen
     return out
 
 
-def _at(disk: str, pts: list[dict[str, Any]], at: float) -> dict[str, Any]:
-    before = [p for p in pts if p["time"] <= at]
+def _at(disk: str, pts: list[PointInfo], at: float) -> PointInfo:
+    before = [p for p in pts if p.time <= at]
     if not before:
         raise ChoiceError(f"disk {disk} has no recovery point at or before {_when(at)}; its oldest is "
-                          f"{_when(pts[0]['time'])}")
+                          f"{_when(pts[0].time)}")
     return before[-1]
+
+
+def _shown(p: PointInfo) -> dict[str, str]:
+    """What a failover's answer says of the chosen point beside the master target's reply."""
+    return {"consistency": p.consistency.value, "tag": p.tag}
 
 
 def protected_disks(ps: Hub, machine: str) -> list[DiskRow]:
@@ -168,9 +175,10 @@ class RecoveryAdmin:
                                     f"{DRAIN_TIMEOUT:.0f} s ({left} left); retry, or fail over to latest-processed")
             await asyncio.sleep(0.1)
 
-    def _choose(self, listed: dict[str, dict[str, Any]], point: str | None, at: float | None) -> dict[str, dict]:
+    def _choose(self, listed: dict[str, dict[str, Any]], point: str | None, at: float | None) -> dict[str, PointInfo]:
+        """The point of each disk, from the master target's `points` replies (already checked by the link)."""
         try:
-            return choose({d: r["points"] for d, r in listed.items()}, point, at)
+            return choose({d: PointList.from_wire(r, ErrorCode.BAD_REPLY).points for d, r in listed.items()}, point, at)
         except ChoiceError as exc:
             raise RequestFailed("bad-input", str(exc)) from None
 
@@ -193,13 +201,12 @@ class RecoveryAdmin:
         chosen = self._choose(await self._points(disks, session), point, at)
         out = []
         for d in disks:
-            res = await self._mt(session, "failover", timeout=LONG, disk=d.id, sequence=chosen[d.name]["sequence"])
+            res = await self._mt(session, "failover", timeout=LONG, disk=d.id, sequence=chosen[d.name].sequence)
             if d.replication is Replication.FAILED_OVER:
                 log.info("disk %s: failed over again, to point %d", d.label, res["sequence"])
             self.ps.registry.move(d, Replication.FAILED_OVER, f"failed over to point {res['sequence']}", paused=1)
             self.ps.open_stream(d).failed_over = True
-            out.append({**res, "disk": d.name, "disk_id": d.id, "consistency": chosen[d.name]["consistency"],
-                        "tag": chosen[d.name]["tag"]})
+            out.append({**res, "disk": d.name, "disk_id": d.id, **_shown(chosen[d.name])})
         return {"machine": machine, "disks": out}
 
     async def commit(self, machine: str) -> dict[str, Any]:
@@ -226,9 +233,8 @@ class RecoveryAdmin:
         out = []
         for d in disks:
             res = await self._mt(session, "test_failover", timeout=LONG, disk=d.id,
-                                 sequence=chosen[d.name]["sequence"], directory=directory)
-            out.append({**res, "disk": d.name, "disk_id": d.id, "consistency": chosen[d.name]["consistency"],
-                        "tag": chosen[d.name]["tag"]})
+                                 sequence=chosen[d.name].sequence, directory=directory)
+            out.append({**res, "disk": d.name, "disk_id": d.id, **_shown(chosen[d.name])})
         return {"machine": machine, "disks": out}
 
     async def test_failover_cleanup(self, machine: str) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from .fields import (
     uuid_text,
     wrapped_key,
 )
+from .point import Point
 from .wire import BadRequest, Invalid, Wire, checked, message, path_text
 
 # ---- master target -> process server ---------------------------------------------------------------
@@ -183,11 +184,18 @@ class Points(Wire):
 
 @message("recovery point")
 class PointInfo(Wire):
+    """A listed recovery point: the wire form of proto.point.Point in the `points` reply, with what going
+    back to it costs (`history_bytes`: the undo bytes newer than it) and without its generation."""
+
     sequence: int = checked(sequence)
     time: float = checked(time_)
     consistency: Consistency = checked(consistency)
     tag: str = checked(tag)
     history_bytes: int = checked(count)
+
+    @classmethod
+    def listed(cls, p: Point, history_bytes: int) -> PointInfo:
+        return cls(p.sequence, p.time, p.consistency, p.tag, history_bytes)
 
 
 @message("points reply")

@@ -31,7 +31,7 @@ import tomli_w
 from standby.agent import cleanstop
 from standby.agent.config import AgentConfig
 from standby.mastertarget.config import MTConfig
-from standby.mastertarget.diskstate import Point, ReplicaState
+from standby.mastertarget.diskstate import ReplicaState
 from standby.mastertarget.journal import DiskJournal, apply_undo
 from standby.mastertarget.journal_codec import (
     REDO_TYPE,
@@ -50,12 +50,14 @@ from standby.mastertarget.recovery import FailoverState, RedoLog
 from standby.mastertarget.replicas import ReplicaError, create_replica, open_replica
 from standby.mastertarget.retention import Policy, plan
 from standby.mastertarget.segments import Group, walk_records
+from standby.mastertarget.upkeep import spans
 from standby.plumbing import identity as ident
 from standby.plumbing.errors import NotStarted
 from standby.processserver.cache import CacheCorrupt, DiskCache
 from standby.processserver.deployment import PSConfig
 from standby.proto.envelope import REDO
 from standby.proto.frames import HEADER_SIZE, scan_records
+from standby.proto.point import Point
 
 from .corpus import KEY, UID, make_batch, make_commit
 from .engine import PropertyViolation, Target
@@ -224,7 +226,7 @@ def _journal_open_run(seg: bytes) -> None:
         pending = j.open()
         if pending is not None:
             apply_undo(pending.record, lambda off, data, n: None)
-        plan(j.retention_points(), time.time(), Policy())
+        plan(spans(j), time.time(), Policy())
         j.history_bytes()
         for g in j.points():
             Point.from_group(g).as_dict()

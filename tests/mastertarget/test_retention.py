@@ -6,18 +6,25 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from standby.mastertarget.retention import APP, CRASH, Point, Policy, Tier, plan
+from standby.mastertarget.retention import Policy, Span, Tier, plan
+from standby.proto.enums import Consistency
+from standby.proto.point import Point
 
 NOW = 1_000_000.0
 HOUR = 3600.0
+APP, CRASH = Consistency.APP, Consistency.CRASH
+
+
+def span(sequence: int, time: float, consistency: Consistency, segment_bytes: int = 0) -> Span:
+    return Span(Point(sequence, 1, time, consistency), segment_bytes)
 
 
 @st.composite
-def histories(draw: st.DrawFn) -> list[Point]:
+def histories(draw: st.DrawFn) -> list[Span]:
     n = draw(st.integers(0, 60))
     ages = sorted(draw(st.lists(st.floats(0, 40 * HOUR), min_size=n, max_size=n)), reverse=True)
     return [
-        Point(i + 1, NOW - age, draw(st.sampled_from([CRASH, CRASH, APP])), draw(st.integers(0, 1 << 20)))
+        span(i + 1, NOW - age, draw(st.sampled_from([CRASH, CRASH, APP])), draw(st.integers(0, 1 << 20)))
         for i, age in enumerate(ages)
     ]
 
@@ -31,7 +38,7 @@ policies = st.builds(
 
 @settings(max_examples=300, deadline=None)
 @given(histories(), policies)
-def test_plan_invariants(points: list[Point], policy: Policy) -> None:
+def test_plan_invariants(points: list[Span], policy: Policy) -> None:
     p = plan(points, NOW, policy)
     keep = {x.sequence for x in p.keep}
     drop = {x.sequence for x in p.drop}
@@ -55,7 +62,7 @@ def test_plan_invariants(points: list[Point], policy: Policy) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(histories())
-def test_without_a_cap_thinning_keeps_one_per_bucket_and_all_of_the_last_hour(points: list[Point]) -> None:
+def test_without_a_cap_thinning_keeps_one_per_bucket_and_all_of_the_last_hour(points: list[Span]) -> None:
     policy = Policy()
     p = plan(points, NOW, policy)
     keep = {x.sequence for x in p.keep}
@@ -79,7 +86,7 @@ def test_without_a_cap_thinning_keeps_one_per_bucket_and_all_of_the_last_hour(po
 
 
 def test_space_pressure_prunes_oldest_first_and_alerts() -> None:
-    points = [Point(i, NOW - (10 - i) * 60, CRASH, 100) for i in range(10)]
+    points = [span(i, NOW - (10 - i) * 60, CRASH, 100) for i in range(10)]
     p = plan(points, NOW, Policy(space_cap=450))
     assert [x.sequence for x in p.keep] == [6, 7, 8, 9]  # 4 x 100 bytes fit under 450, 5 do not
     assert [x.sequence for x in p.drop] == [0, 1, 2, 3, 4, 5]
@@ -90,10 +97,10 @@ def test_app_consistent_point_wins_its_bucket() -> None:
     base = NOW - 3 * HOUR
     base -= base % 300  # the start of a 5-minute bucket of the second tier
     points = [
-        Point(1, base + 10, CRASH),
-        Point(2, base + 20, APP),
-        Point(3, base + 30, CRASH),
-        Point(4, NOW - 60, CRASH),
+        span(1, base + 10, CRASH),
+        span(2, base + 20, APP),
+        span(3, base + 30, CRASH),
+        span(4, NOW - 60, CRASH),
     ]
     p = plan(points, NOW, Policy())
     keep = {x.sequence for x in p.keep}
@@ -102,7 +109,7 @@ def test_app_consistent_point_wins_its_bucket() -> None:
 
 
 def test_everything_older_than_the_window_but_the_newest() -> None:
-    points = [Point(1, NOW - 30 * HOUR, CRASH), Point(2, NOW - 26 * HOUR, CRASH)]
+    points = [span(1, NOW - 30 * HOUR, CRASH), span(2, NOW - 26 * HOUR, CRASH)]
     p = plan(points, NOW, Policy())
     assert [x.sequence for x in p.keep] == [2] and [x.sequence for x in p.drop] == [1]
 

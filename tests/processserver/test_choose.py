@@ -4,17 +4,18 @@ points the master target lists, oldest first."""
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import pytest
 
 from standby.processserver.recovery import ChoiceError, choose
+from standby.proto.mt_requests import PointInfo
 
 CRASH, APP = "crash-consistent", "app-consistent"
+BASE = 1_800_000_000.0  # the times below are seconds after it (a point's time is a wall-clock time)
 
 
-def pt(seq: int, t: float, consistency: str = CRASH, tag: str = "") -> dict[str, Any]:
-    return {"sequence": seq, "time": t, "consistency": consistency, "tag": tag, "history_bytes": 0}
+def pt(seq: int, t: float, consistency: str = CRASH, tag: str = "") -> PointInfo:
+    return PointInfo(seq, BASE + t, consistency, tag, 0)
 
 
 SDA = [pt(10, 100.0), pt(20, 200.0, APP, "nightly"), pt(30, 300.0)]
@@ -23,8 +24,8 @@ TWO = {"sda": SDA, "sdb": SDB}
 ONE = {"sda": SDA}
 
 
-def seqs(out: dict[str, dict[str, Any]]) -> dict[str, int]:
-    return {d: p["sequence"] for d, p in out.items()}
+def seqs(out: dict[str, PointInfo]) -> dict[str, int]:
+    return {d: p.sequence for d, p in out.items()}
 
 
 @pytest.mark.parametrize("point, at", [(None, None), ("latest", 100.0)])
@@ -48,7 +49,7 @@ def test_latest(point: str) -> None:
 def test_latest_app() -> None:
     out = choose(TWO, "latest-app", None)
     assert seqs(out) == {"sda": 20, "sdb": 25}
-    assert out["sda"]["tag"] == "nightly"
+    assert out["sda"].tag == "nightly"
 
 
 def test_latest_app_missing_on_a_disk() -> None:
@@ -67,13 +68,13 @@ def test_latest_app_missing_on_a_disk() -> None:
     ],
 )
 def test_at_takes_the_newest_point_at_or_before(at: float, want: dict[str, int]) -> None:
-    assert seqs(choose(TWO, None, at)) == want
+    assert seqs(choose(TWO, None, BASE + at)) == want
 
 
 def test_at_before_the_oldest_point() -> None:
-    oldest = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(100.0))
+    oldest = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(BASE + 100.0))
     with pytest.raises(ChoiceError, match=rf"disk sda has no recovery point at or before .*its oldest is {oldest}"):
-        choose(TWO, None, 95.0)  # sdb has one (90), sda does not
+        choose(TWO, None, BASE + 95.0)  # sdb has one (90), sda does not
 
 
 def test_point_id_on_a_single_disk() -> None:
@@ -106,7 +107,7 @@ def test_unknown_disk(point: str) -> None:
 
 @pytest.mark.parametrize("points, point", [(ONE, "newest"), (ONE, "sda:"), (TWO, "sda:x"), (TWO, "sda:-5"),
                                            (TWO, "sda: 20"), (ONE, "2.0"), (ONE, "")])
-def test_not_a_point(points: dict[str, list[dict[str, Any]]], point: str) -> None:
+def test_not_a_point(points: dict[str, list[PointInfo]], point: str) -> None:
     with pytest.raises(ChoiceError, match="not a point"):
         choose(points, point, None)
 
@@ -128,8 +129,8 @@ def test_unicode_digits_are_not_a_point() -> None:
 
 
 def test_inputs_are_not_modified() -> None:
-    before = {d: [dict(p) for p in pts] for d, pts in TWO.items()}
+    before = {d: list(pts) for d, pts in TWO.items()}
     choose(TWO, "sda:20", None)
-    choose(TWO, None, 250.0)
+    choose(TWO, None, BASE + 250.0)
     choose(TWO, "latest-app", None)
     assert TWO == before
