@@ -27,13 +27,14 @@ from standby.proto.enums import ErrorCode
 from standby.proto.errors import ProtocolError, RemoteProtocolError
 from standby.proto.keywrap import KeyWrapError, unwrap_key
 from standby.proto.messages import Batch, Commit, Reject, Reply, Request
+from standby.proto.point import Point
 from standby.proto.requests import BadRequest, parse_subscribe
 from standby.proto.states import DiskState
 
 from .apply import Applier
 from .config import MTConfig
 from .disk import NotOpen
-from .diskstate import Point, ReplicaState
+from .diskstate import ReplicaState
 from .journal import DiskJournal
 from .journal_codec import JournalError
 from .operations import HANDLERS
@@ -350,7 +351,7 @@ class MasterTarget:
                 self.failover_problems[st.disk] = f"{type(exc).__name__}: {exc}"
         newest = journal.points()
         if newest:
-            st.last_point = Point.from_group(newest[-1]).as_dict()
+            st.last_point = Point.from_group(newest[-1]).to_wire()
         st.save(self.cfg.disks_dir)
         return journal
 

@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from standby.plumbing.durable import DamagedFile, load_record, save_json
-from standby.proto.point import Point as Point  # noqa: F401  (mastertarget.worker and .daemon import it here)
-from standby.proto.point import meta_time as meta_time  # noqa: F401  (mastertarget.segments imports it here)
 from standby.proto.states import DiskState, Replication
 
 log = logging.getLogger("standby.mt.state")
@@ -35,7 +33,7 @@ class ReplicaState:
     # or FailedOver once failed over (nothing more is applied).
     state: str = DiskState.INCONSISTENT.value
     error: str | None = None
-    last_point: dict[str, Any] | None = None  # the newest point applied: proto.point.Point.as_dict()
+    last_point: dict[str, Any] | None = None  # the newest point applied: proto.point.Point.to_wire()
 
     def move(self, new: DiskState | Replication, reason: str) -> bool:
         """Set the state, with one log line if it changed; True if it did (the state file must be saved)."""

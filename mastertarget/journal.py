@@ -36,6 +36,7 @@ from typing import Any
 
 from standby.plumbing.segmentlog import SegmentLog
 from standby.proto.frames import HEADER_SIZE
+from standby.proto.point import Point
 
 from .journal_codec import (
     COMMIT_TYPE,
@@ -50,8 +51,7 @@ from .journal_codec import (
     undo_sealer,
     undo_table,
 )
-from .retention import APP, CRASH
-from .retention import Point as RPoint
+from .retention import Span
 from .segments import Group, Pending, Segment, read_segment
 
 log = logging.getLogger("standby.mt.history")
@@ -317,15 +317,15 @@ class DiskJournal:
     def points(self) -> list[Group]:
         return [g for g in self.groups if g.is_point]
 
-    def retention_points(self) -> list[RPoint]:
-        """The points as retention planning sees them: each with the undo bytes up to the next point."""
-        out: list[RPoint] = []
+    def retention_points(self) -> list[Span]:
+        """The points as retention planning sees them, oldest first: each (a proto.point.Point) with the undo
+        bytes of the batches from it up to the next point."""
+        out: list[Span] = []
         pending = 0
         for g in reversed(list(self.groups)):
             pending += g.undo_bytes
             if g.is_point:
-                kind = APP if g.consistency == APP else CRASH
-                out.append(RPoint(g.last, g.time, kind, pending))
+                out.append(Span(Point.from_group(g), pending))
                 pending = 0
         out.reverse()
         return out

@@ -77,7 +77,7 @@ async def failover(disks: Disks, disk: int, sequence: int) -> dict[str, Any]:
             raise RequestFailed("failed", f"disk {w.state.name}: cannot move to point {sequence}: {exc}; the replica "
                                 "is between two states, not at a recovery point: run standby failover again") from None
         w.failover_problem = None
-        w.state.last_point = point.as_dict()
+        w.state.last_point = point.to_wire()
         await asyncio.to_thread(w.state.save, disks.disks_dir)
     log.info("disk %s/%s: failed over to point %s (%.3f s, %d bytes written)", w.state.machine, w.state.name,
              sequence, time.monotonic() - t0, written)

@@ -25,11 +25,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from standby.proto import point as recovery
-from standby.proto.enums import Consistency
-
-# The words mastertarget.journal.retention_points uses (with `Point` below).
-APP = Consistency.APP
-CRASH = Consistency.CRASH
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,18 +44,6 @@ class Span:
     @property
     def time(self) -> float:
         return self.point.time
-
-
-@dataclass(frozen=True, slots=True)
-class Point:
-    """Transitional: the journal's own shape of a planning input (mastertarget.journal.retention_points
-    builds it: another change's file). mastertarget.upkeep.spans turns it into a `Span` at one place;
-    this goes when the journal builds `Span`s itself."""
-
-    sequence: int
-    time: float
-    kind: str  # CRASH or APP
-    segment_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)

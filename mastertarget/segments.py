@@ -13,8 +13,8 @@ from typing import Any
 from standby.plumbing.segmentlog import SegmentLog
 from standby.proto.errors import ProtocolError
 from standby.proto.frames import HEADER_SIZE, check_payload, classify_tail, decode_header
+from standby.proto.point import meta_time
 
-from .diskstate import meta_time
 from .journal_codec import COMMIT_TYPE, UNDO_TYPE, JournalError, UndoRecord, decode_commit
 
 log = logging.getLogger("standby.mt.history")

@@ -17,12 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from standby.proto.mt_requests import PointInfo
-from standby.proto.point import Point
 
 from .disk import Disk
-from .journal import DiskJournal
 from .recovery import FailoverState
-from .retention import Plan, Policy, Span, plan
+from .retention import Plan, Policy, plan
 from .volume import free_bytes
 
 log = logging.getLogger("standby.mt.ops")
@@ -61,19 +59,11 @@ def point_list(w: Disk, policy: Policy, now: float | None = None) -> dict[str, A
     }
 
 
-def spans(j: DiskJournal) -> list[Span]:
-    """The journal's points as retention planning sees them, oldest first: each with the undo bytes up to
-    the next point. The one place the journal's shapes (its groups, and the byte spans of
-    `retention_points`) become proto.point.Point."""
-    groups = {g.last: g for g in j.points()}
-    return [Span(Point.from_group(groups[p.sequence]), p.segment_bytes) for p in j.retention_points()]
-
-
 def retention_plan(w: Disk, policy: Policy, now: float | None = None) -> Plan:
     cap = w.retention.space_cap
     if cap is not None:
         policy = replace(policy, space_cap=cap if policy.space_cap is None else min(cap, policy.space_cap))
-    return plan(spans(w.journal), time.time() if now is None else now, policy)
+    return plan(w.journal.retention_points(), time.time() if now is None else now, policy)
 
 
 def prune(w: Disk, policy: Policy) -> dict[str, Any]:

@@ -19,11 +19,12 @@ from standby.plumbing.link import Link
 from standby.proto.enums import CommitKind
 from standby.proto.errors import EnvelopeError
 from standby.proto.messages import Ack, Batch, Commit, Reject
+from standby.proto.point import Point
 from standby.proto.states import DiskState, Replication
 
 from .apply import Applier, BadCommit
 from .disk import RetentionMarks
-from .diskstate import Point, ReplicaState
+from .diskstate import ReplicaState
 from .journal import DiskJournal
 from .journal_codec import JournalError
 from .recovery import replica_writer
@@ -227,7 +228,7 @@ class DiskWorker:
                 raise JournalError(f"cannot write the retention journal in {journal.dir}: "
                                    f"{exc.strerror or exc}") from exc
         if point is not None:
-            st.last_point, changed = point.as_dict(), True
+            st.last_point, changed = point.to_wire(), True
         if changed or journal is None:
             # With the journal, its COMMIT records applied_seq durably; the state file only changes.
             await asyncio.to_thread(st.save, self.host.disks_dir)

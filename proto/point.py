@@ -77,10 +77,6 @@ class Point(Wire):
         """The point a journal group ends at (the group must be one: `g.is_point`)."""
         return cls.from_meta(g.last, g.meta)
 
-    def as_dict(self) -> dict[str, Any]:
-        """The form `ReplicaState.last_point` keeps (plain JSON)."""
-        return self.to_wire()
-
 
 def _or(check: Check, v: Any, unknown: Any) -> Any:
     try:

@@ -50,7 +50,6 @@ from standby.mastertarget.recovery import FailoverState, RedoLog
 from standby.mastertarget.replicas import ReplicaError, create_replica, open_replica
 from standby.mastertarget.retention import Policy, plan
 from standby.mastertarget.segments import Group, walk_records
-from standby.mastertarget.upkeep import spans
 from standby.plumbing import identity as ident
 from standby.plumbing.errors import NotStarted
 from standby.processserver.cache import CacheCorrupt, DiskCache
@@ -184,7 +183,7 @@ def _commit_run(payload: bytes) -> None:
     c = decode_commit(1, 5, payload)
     g = Group(c.sequence, c.sequence, c.meta, Path("seg"))
     _ = g.is_point, g.time, g.consistency
-    Point.from_group(g).as_dict()
+    Point.from_group(g).to_wire()
 
 
 # ---- journal files -------------------------------------------------------------------------------------------------
@@ -226,10 +225,10 @@ def _journal_open_run(seg: bytes) -> None:
         pending = j.open()
         if pending is not None:
             apply_undo(pending.record, lambda off, data, n: None)
-        plan(spans(j), time.time(), Policy())
+        plan(j.retention_points(), time.time(), Policy())
         j.history_bytes()
         for g in j.points():
-            Point.from_group(g).as_dict()
+            Point.from_group(g).to_wire()
         for g in list(j.groups)[:3]:
             j.undo_ranges(g)
             j.read_undo(g)

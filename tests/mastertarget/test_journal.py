@@ -23,7 +23,7 @@ import xxhash
 from standby.mastertarget.journal import SEGMENT_MAX, DiskJournal, apply_undo, merge_ranges, old_contents
 from standby.mastertarget.journal_codec import COMMIT_TYPE, UNDO_TYPE, JournalError, scan
 from standby.mastertarget.replicas import Replica, create_replica
-from standby.mastertarget.retention import APP, CRASH
+from standby.proto.enums import Consistency
 from standby.proto.frames import HEADER_SIZE
 
 KEY = bytes(range(32))
@@ -146,7 +146,7 @@ class Sim:
         kind = kind or ("point" if self.rng.random() < 0.75 else "batch")
         self.replica.sync()
         self.clock += self.rng.uniform(0.5, 30.0)
-        cons = consistency or (APP if self.rng.random() < 0.2 else CRASH)
+        cons = consistency or (Consistency.APP if self.rng.random() < 0.2 else Consistency.CRASH)
         meta = {"generation": GEN, "kind": kind, "time": self.clock, "consistency": cons, "tag": f"t{last}"}
         g = self.journal.write_commit(first, last, meta)
         assert (g.first, g.last) == (first, last)
@@ -350,13 +350,13 @@ def test_segments_rotate_only_at_group_boundaries(tmp_path: Path, seg_max: int) 
 
 def test_points_are_the_point_groups(tmp_path: Path) -> None:
     sim = Sim(tmp_path, 11)
-    sim.group(kind="point", consistency=APP)
+    sim.group(kind="point", consistency=Consistency.APP)
     sim.group(kind="batch")
     sim.group(idle=True, kind="point")
     j = sim.journal
     assert [g.last for g in j.points()] == [sim.applied[0].last, sim.applied[2].last]
     p = j.find_point(sim.applied[0].last)
-    assert p is not None and p.consistency == APP and p.is_point and p.time == p.meta["time"]
+    assert p is not None and p.consistency == Consistency.APP and p.is_point and p.time == p.meta["time"]
     assert j.find_point(sim.applied[1].last) is None  # a batch group is not a point
     assert j.groups_after(sim.applied[0].last) == list(j.groups)[1:]
     sim.close()
@@ -706,7 +706,8 @@ def test_retention_points_and_history_bytes(tmp_path: Path, seed: int) -> None:
     rp = j.retention_points()
     assert [p.sequence for p in rp] == [g.last for g in pts]
     assert [p.time for p in rp] == [g.time for g in pts]
-    assert [p.kind for p in rp] == [APP if g.consistency == APP else CRASH for g in pts]
+    assert [p.point.is_app for p in rp] == [g.consistency == Consistency.APP for g in pts]
+    assert [p.point.generation for p in rp] == [g.meta["generation"] for g in pts]
     # Each point's span: its own group's undo and the groups up to the next point, as the files hold them.
     bounds = [p.sequence for p in rp] + [10**18]
     for p, nxt in zip(rp, bounds[1:], strict=True):

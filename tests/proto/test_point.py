@@ -85,7 +85,7 @@ def test_meta_time(t: Any, want: float) -> None:
 
 def test_stored_form_and_listed_form() -> None:
     p = Point(9, 2, T, Consistency.APP, "before-upgrade")
-    assert p.as_dict() == {"sequence": 9, "generation": 2, "time": T, "consistency": "app-consistent",
+    assert p.to_wire() == {"sequence": 9, "generation": 2, "time": T, "consistency": "app-consistent",
                            "tag": "before-upgrade"}
     assert PointInfo.listed(p, 4096).to_wire() == {
         "sequence": 9, "time": T, "consistency": "app-consistent", "tag": "before-upgrade", "history_bytes": 4096
