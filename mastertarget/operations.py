@@ -18,6 +18,7 @@ from typing import Any
 
 from standby.plumbing.durable import load_json, save_json
 from standby.plumbing.errors import RequestFailed
+from standby.proto.enums import ErrorCode
 from standby.proto.point import Point
 from standby.proto.states import Replication
 
@@ -34,7 +35,7 @@ def open_disk(disks: Disks, disk: int) -> Disk:
     try:
         return disks.disk(int(disk))
     except NotOpen as exc:
-        raise RequestFailed("unreachable", str(exc)) from None
+        raise RequestFailed(ErrorCode.UNREACHABLE, str(exc)) from None
 
 
 async def points(disks: Disks, disk: int) -> dict[str, Any]:
@@ -46,7 +47,7 @@ async def points(disks: Disks, disk: int) -> dict[str, Any]:
 def _find(w: Disk, sequence: int) -> Point:
     g = w.journal.find_point(int(sequence))
     if g is None:
-        raise RequestFailed("unknown-point",
+        raise RequestFailed(ErrorCode.UNKNOWN_POINT,
                             f"disk {w.state.name}: no recovery point {sequence} in the retention journal")
     return Point.from_group(g)
 
@@ -61,7 +62,8 @@ async def failover(disks: Disks, disk: int, sequence: int) -> dict[str, Any]:
         point = _find(w, sequence)
         fo = FailoverState.load(j.dir)
         if fo is not None and fo.committed:
-            raise RequestFailed("refused", f"disk {w.state.name}: the failover was committed; its history is gone")
+            raise RequestFailed(ErrorCode.REFUSED,
+                                f"disk {w.state.name}: the failover was committed; its history is gone")
         if fo is None:
             fo = FailoverState(w.state.applied_seq, w.state.applied_seq, w.state.applied_seq, 0.0, time.time())
         w.halt()
@@ -74,7 +76,8 @@ async def failover(disks: Disks, disk: int, sequence: int) -> dict[str, Any]:
             if not isinstance(exc, OSError | ReplicaError | JournalError):
                 log.exception("disk %s/%s: failover move failed unexpectedly", w.state.machine, w.state.name)
             w.failover_problem = f"{type(exc).__name__}: {exc}"
-            raise RequestFailed("failed", f"disk {w.state.name}: cannot move to point {sequence}: {exc}; the replica "
+            raise RequestFailed(ErrorCode.FAILED,
+                                f"disk {w.state.name}: cannot move to point {sequence}: {exc}; the replica "
                                 "is between two states, not at a recovery point: run standby failover again") from None
         w.failover_problem = None
         w.state.last_point = point.to_wire()
@@ -97,7 +100,8 @@ async def failover_commit(disks: Disks, disk: int) -> dict[str, Any]:
     async with w.lock:
         fo = FailoverState.load(w.journal.dir)
         if fo is None:
-            raise RequestFailed("refused", f"disk {w.state.name} is not failed over: run standby failover first")
+            raise RequestFailed(ErrorCode.REFUSED,
+                                f"disk {w.state.name} is not failed over: run standby failover first")
         if not fo.committed:
             await asyncio.to_thread(commit, w.journal, fo)
         w.state.applied_seq = fo.at
@@ -117,13 +121,13 @@ async def test_failover(disks: Disks, disk: int, sequence: int, directory: str |
     rec = _test_record(disks, st.disk)
     if rec.exists():
         old = load_json(rec)
-        raise RequestFailed("refused", f"disk {st.name} already has a test failover at {old['path']}: "
+        raise RequestFailed(ErrorCode.REFUSED, f"disk {st.name} already has a test failover at {old['path']}: "
                             "run standby test-failover-cleanup first")
     if st.kind == "device" and not directory:
-        raise RequestFailed("bad-input", f"disk {st.name} replicates to a device: give --dir for the test copy")
+        raise RequestFailed(ErrorCode.BAD_INPUT, f"disk {st.name} replicates to a device: give --dir for the test copy")
     dest = test_failover_path(st.path, st.kind, st.disk, Path(directory) if directory else None)
     if not dest.parent.is_dir():
-        raise RequestFailed("bad-input", f"directory {dest.parent} does not exist on the master target")
+        raise RequestFailed(ErrorCode.BAD_INPUT, f"directory {dest.parent} does not exist on the master target")
     point = _find(w, sequence)
     t0 = time.monotonic()
     w.pins += 1  # no pruning while the copy may need any undo record newer than the point
@@ -140,7 +144,7 @@ async def test_failover(disks: Disks, disk: int, sequence: int, directory: str |
         try:
             out = await asyncio.to_thread(copy_replica, w.replica, st.kind, dest, read_sync)
         except (OSError, ReplicaError) as exc:
-            raise RequestFailed("failed", f"disk {st.name}: cannot copy the replica to {dest}: {exc}") from None
+            raise RequestFailed(ErrorCode.FAILED, f"disk {st.name}: cannot copy the replica to {dest}: {exc}") from None
         copied = elapsed(t0)
         save_json(rec, {"path": str(dest), "files": [str(f) for f in {dest, *out.data_files()}],
                         "sequence": int(sequence)}, 0o600)
@@ -151,7 +155,7 @@ async def test_failover(disks: Disks, disk: int, sequence: int, directory: str |
         finally:
             await asyncio.to_thread(out.close)
     except (OSError, ReplicaError, JournalError) as exc:
-        raise RequestFailed("failed", f"disk {st.name}: test failover failed: {exc}") from None
+        raise RequestFailed(ErrorCode.FAILED, f"disk {st.name}: test failover failed: {exc}") from None
     finally:
         w.pins -= 1
     log.info("disk %s/%s: test failover to point %s in %s (%.3f s)", st.machine, st.name, sequence, dest,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from standby.plumbing.segmentlog import SegmentLog
+from standby.proto.enums import CommitKind
 from standby.proto.errors import ProtocolError
 from standby.proto.frames import HEADER_SIZE, check_payload, classify_tail, decode_header
 from standby.proto.point import meta_time
@@ -41,7 +42,7 @@ class Group:
 
     @property
     def is_point(self) -> bool:
-        return self.meta.get("kind") == "point"
+        return self.meta.get("kind") == CommitKind.POINT
 
     @property
     def time(self) -> float:

@@ -61,7 +61,7 @@ class Recovered:
 class RecordInfo(NamedTuple):
     """What the server remembers of a cached record until it is applied."""
 
-    kind: str  # a commit's kind ("point", "initial-complete", "resync-complete"), or "batch"
+    kind: str  # a commit's kind (CommitKind: point, initial-complete, resync-complete), or "batch"
     cursor: int  # INITIAL batches: where the copy stands after it
     nbytes: int  # logical bytes of a batch
     time: float = 0.0  # a point's instant (wall clock)

@@ -99,8 +99,8 @@ def protected_disks(ps: Hub, machine: str) -> list[DiskRow]:
     if not disks:
         m = ps.registry.machine(machine)
         if m is None or m["role"] != "agent":
-            raise RequestFailed("unknown-machine", f"unknown machine {machine!r}")
-        raise RequestFailed("bad-input", f"machine {machine!r} has no protected disk")
+            raise RequestFailed(ErrorCode.UNKNOWN_MACHINE, f"unknown machine {machine!r}")
+        raise RequestFailed(ErrorCode.BAD_INPUT, f"machine {machine!r} has no protected disk")
     return disks
 
 
@@ -114,11 +114,12 @@ class RecoveryAdmin:
         disks = protected_disks(self.ps, machine)
         mts = {d.mt for d in disks}
         if len(mts) != 1:
-            raise RequestFailed("bad-input", f"machine {machine!r} has disks on several master targets: {sorted(mts)}")
+            raise RequestFailed(ErrorCode.BAD_INPUT,
+                                f"machine {machine!r} has disks on several master targets: {sorted(mts)}")
         mt = disks[0].mt or ""
         session = self.ps.mt_sessions.get(mt)
         if session is None:
-            raise RequestFailed("unreachable", f"master target {mt!r} is not connected: start it and retry")
+            raise RequestFailed(ErrorCode.UNREACHABLE, f"master target {mt!r} is not connected: start it and retry")
         return disks, session
 
     async def _mt(self, session: MTPeer, op: str, timeout: float = 60.0, **args: Any) -> dict[str, Any]:
@@ -127,7 +128,7 @@ class RecoveryAdmin:
         except RequestFailed as exc:
             raise RequestFailed(exc.code, str(exc)) from None
         except (TimeoutError, LinkClosed) as exc:
-            raise RequestFailed("unreachable",
+            raise RequestFailed(ErrorCode.UNREACHABLE,
                                 f"master target {session.name!r} did not answer: {exc or 'timeout'}") from None
 
     async def _points(self, disks: list[DiskRow], session: MTPeer) -> dict[str, dict[str, Any]]:
@@ -167,11 +168,11 @@ class RecoveryAdmin:
         while any(self.ps.open_stream(d).applied_seq < fences[d.id] for d in disks):
             left = sum(fences[d.id] - self.ps.open_stream(d).applied_seq for d in disks)
             if mt not in self.ps.mt_sessions:
-                raise RequestFailed("unreachable",
+                raise RequestFailed(ErrorCode.UNREACHABLE,
                                     f"master target {mt!r} went away with {left} record(s) still to apply; "
                                     "start it and retry, or fail over to latest-processed")
             if time.monotonic() > deadline:
-                raise RequestFailed("failed", f"the master target did not apply the cached records within "
+                raise RequestFailed(ErrorCode.FAILED, f"the master target did not apply the cached records within "
                                     f"{DRAIN_TIMEOUT:.0f} s ({left} left); retry, or fail over to latest-processed")
             await asyncio.sleep(0.1)
 
@@ -180,17 +181,18 @@ class RecoveryAdmin:
         try:
             return choose({d: PointList.from_wire(r, ErrorCode.BAD_REPLY).points for d, r in listed.items()}, point, at)
         except ChoiceError as exc:
-            raise RequestFailed("bad-input", str(exc)) from None
+            raise RequestFailed(ErrorCode.BAD_INPUT, str(exc)) from None
 
     async def failover(self, machine: str, point: str | None = None, at: float | None = None) -> dict[str, Any]:
         disks, session = self._disks(machine)
         if (point is None) == (at is None):
-            raise RequestFailed("bad-input", "give exactly one of --point and --at")
+            raise RequestFailed(ErrorCode.BAD_INPUT, "give exactly one of --point and --at")
         if point == "latest" and any(d.replication in FAILED_OVER for d in disks):
-            raise RequestFailed("bad-input", f"{machine} is already failed over: 'latest' would drain nothing; use "
+            raise RequestFailed(ErrorCode.BAD_INPUT,
+                                f"{machine} is already failed over: 'latest' would drain nothing; use "
                                 "latest-processed or a point")
         if any(d.replication is Replication.COMMITTED for d in disks):
-            raise RequestFailed("refused", f"{machine}: the failover was committed")
+            raise RequestFailed(ErrorCode.REFUSED, f"{machine}: the failover was committed")
         if point == "latest":
             await self._drain(disks, hold=True)
         for d in disks:  # stop forwarding now: the master target stops applying at once
@@ -212,7 +214,7 @@ class RecoveryAdmin:
     async def commit(self, machine: str) -> dict[str, Any]:
         disks, session = self._disks(machine)
         if not all(d.replication in FAILED_OVER for d in disks):
-            raise RequestFailed("refused", f"{machine} is not failed over: run standby failover first")
+            raise RequestFailed(ErrorCode.REFUSED, f"{machine} is not failed over: run standby failover first")
         out = []
         for d in disks:
             res = await self._mt(session, "failover_commit", timeout=LONG, disk=d.id)
@@ -226,7 +228,7 @@ class RecoveryAdmin:
     ) -> dict[str, Any]:
         disks, session = self._disks(machine)
         if (point is None) == (at is None):
-            raise RequestFailed("bad-input", "give exactly one of --point and --at")
+            raise RequestFailed(ErrorCode.BAD_INPUT, "give exactly one of --point and --at")
         if point == "latest":
             await self._drain(disks, hold=False)
         chosen = self._choose(await self._points(disks, session), point, at)
@@ -245,14 +247,15 @@ class RecoveryAdmin:
     async def app_point(self, machine: str, tag: str = "") -> dict[str, Any]:
         disks, _ = self._disks(machine)
         if any(d.replication in FAILED_OVER for d in disks):
-            raise RequestFailed("refused", f"{machine} is failed over: no new points")
+            raise RequestFailed(ErrorCode.REFUSED, f"{machine} is failed over: no new points")
         agent = self.ps.agent_sessions.get(machine)
         if agent is None:
-            raise RequestFailed("unreachable", f"the agent of {machine!r} is not connected")
+            raise RequestFailed(ErrorCode.UNREACHABLE, f"the agent of {machine!r} is not connected")
         try:
             res = await agent.link.request("app_point", timeout=300.0, tag=tag)
         except RequestFailed as exc:
             raise RequestFailed(exc.code, f"{machine}: {exc}") from None
         except (TimeoutError, LinkClosed) as exc:
-            raise RequestFailed("unreachable", f"the agent of {machine!r} did not answer: {exc or 'timeout'}") from None
+            raise RequestFailed(ErrorCode.UNREACHABLE,
+                                f"the agent of {machine!r} did not answer: {exc or 'timeout'}") from None
         return {"machine": machine, **res}
