@@ -142,8 +142,10 @@ class Registry:
         have = {r[1] for r in self.db.execute("PRAGMA table_info(disks)")}
         if "state" in have:
             self.db.execute("ALTER TABLE disks RENAME COLUMN state TO replication")
-            for old, new in OLD_STATE_WORDS.items():
-                self.db.execute("UPDATE disks SET replication=? WHERE replication=?", (new.value, old))
+        # Every open, not only right after the rename: a crash between the rename and these updates (each
+        # its own transaction) must not leave old words that no later open would map.
+        for old, new in OLD_STATE_WORDS.items():
+            self.db.execute("UPDATE disks SET replication=? WHERE replication=?", (new.value, old))
         for col, sql in LATER_COLUMNS:
             if col not in have:
                 self.db.execute(f"ALTER TABLE disks ADD COLUMN {col} {sql}")

@@ -64,3 +64,13 @@ def test_a_registry_of_the_old_words_is_read_in_the_new_ones(tmp_path: Path) -> 
     }
     reg.close()
     assert {d.name for d in Registry(path).disks() if d.replication is R.DELTA} == {"d4"}  # opened twice: same
+
+
+def test_old_words_left_by_a_crash_after_the_column_rename_are_mapped_at_the_next_open(tmp_path: Path) -> None:
+    path = tmp_path / "registry.sqlite"
+    reg = Registry(path)
+    row = reg.add_disk("m", "sda", "u", "/dev/x", 512)
+    reg.db.execute("UPDATE disks SET replication='up-to-date' WHERE id=?", (row.id,))  # as the crash left it
+    reg.close()
+    again = Registry(path).disk(row.id)
+    assert again is not None and again.replication is R.DELTA
