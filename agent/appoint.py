@@ -45,7 +45,7 @@ MARKER = "freeze.json"  # in the state directory: what is frozen right now (see 
 # Reading what syncfs wrote, before the freeze: no file system is frozen meanwhile, so this only bounds
 # how long we wait for the flush epoch before freezing anyway.
 FLUSH_TIMEOUT = 30.0
-SLACK = 30.0  # on top of the freeze and script timeouts: cuts, proofs and COMMITs being sent
+SLACK = 30.0  # on top of the freeze and script timeouts: cuts, proofs and MARKERs being sent
 SCHEDULE_CHECK = 30.0  # how often a due scheduled point looks again for disks in delta replication
 MAX_TAG = 200
 
@@ -144,7 +144,7 @@ class AppPoints:
                     await asyncio.to_thread(run_script, cfg.post_script, "post", tag, cfg.script_timeout)
                 except ScriptFailed as exc:
                     warnings.append(str(exc))
-        await asyncio.wait([o.outcome for o in orders.values()])  # each disk's COMMIT sent, or why not
+        await asyncio.wait([o.outcome for o in orders.values()])  # each disk's MARKER sent, or why not
         disks = [self._entry(rd.name, orders.get(rd.name)) for rd in self.disks]
         made = sum(1 for e in disks if e["consistency"] == Consistency.APP)
         log.info("app-consistent point %r: %d of %d disk(s) app-consistent", tag, made, len(disks))
@@ -217,7 +217,7 @@ class AppPoints:
 
     @staticmethod
     def _entry(name: str, order: CutOrder | None) -> dict[str, Any]:
-        """One disk's line in the reply: sequence of its COMMIT (sent, not yet applied), consistency,
+        """One disk's line in the reply: sequence of its MARKER (sent, not yet applied), consistency,
         cut time, freeze seconds and why there is no point or a lesser one."""
         if order is None:
             return {

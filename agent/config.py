@@ -32,7 +32,7 @@ from standby.plumbing.config import ClientConfig, load_client_toml, parse_size
 from standby.plumbing.errors import BadInput, NotStarted
 from standby.proto.messages import MAX_BATCH_LOGICAL
 
-from .tracker import KINDS
+from .tracker import TRACKERS
 
 DEFAULT_DIR = Path("/var/lib/standby/agent")
 # zstd level 1: on the demo's data mix, 2 GiB end to end took 14.8 s at level 1 and 15.7 s at level 3 on a
@@ -104,8 +104,8 @@ class AgentConfig(ClientConfig):
             raise NotStarted(f"{path}: compression_level must be 1..19")
         if batch % (64 * 1024) or not 0 < batch <= MAX_BATCH_LOGICAL:
             raise NotStarted(f"{path}: batch_size must be a multiple of 64K, at most 16M")
-        if tracker not in KINDS:
-            raise NotStarted(f"{path}: tracker must be one of {', '.join(KINDS)}")
+        if tracker not in TRACKERS:
+            raise NotStarted(f"{path}: tracker must be one of {', '.join(TRACKERS)}")
         if not 0.05 <= cut_interval <= 3600:
             raise NotStarted(f"{path}: cut_interval must be 0.05..3600 seconds")
         if cut_bytes < batch or trace_buffer < 64 * 1024:

@@ -18,7 +18,7 @@ disk gets a checksum resync, with the reason.
 
 App-consistent points (agent.appoint) are made on the policy's schedule and when the process server
 asks: Request(id, "app_point", {"tag": T}) is answered, from its own task so the read loop goes on, with
-Reply(id, True, {"disks": [...], "warnings": [...]}) once every disk's COMMIT is sent, or with an error
+Reply(id, True, {"disks": [...], "warnings": [...]}) once every disk's MARKER is sent, or with an error
 reply ("busy": one is being made; "bad-input": bad tag; "failed": nothing could be done).
 """
 
@@ -206,7 +206,7 @@ class Agent:
             if info.get("resync"):
                 rd.want_resync(info["resync"]["mode"], info["resync"]["reason"])
             why, rd.unproven = rd.unproven, None
-            if not info["initial_committed"]:
+            if not info["initial_complete"]:
                 if info.get("seed"):
                     rd.resync_wanted = ("checksum", "offline seeding: the replica existed before protection")
                 else:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from standby.plumbing import failpoints
 from standby.plumbing.aio import wait_event
-from standby.proto.enums import CommitKind, Consistency
+from standby.proto.enums import Consistency, MarkerKind
 from standby.proto.messages import WINDOW, BatchKind
 
 from .cuts import AppCut, CutOrder
@@ -216,12 +216,12 @@ class Shipper:
         return reads, seq, False
 
     async def _point(self, gen: int, seq: int, order: CutOrder | None, frozen_at_cut: bool) -> None:
-        """Send the COMMIT that makes the proven epoch a point at its cut: crash-consistent, or
+        """Send the MARKER that makes the proven epoch a point at its cut: crash-consistent, or
         app-consistent when an app cut's freeze held at the cut instant and nothing made it lesser."""
         tr, stats = self.tracking, self.rd.stats
         app = order.app if order is not None else None
         t = tr.wall_time(tr.cut_ts)
-        meta: dict[str, Any] = {"generation": gen, "kind": CommitKind.POINT, "consistency": Consistency.CRASH,
+        meta: dict[str, Any] = {"generation": gen, "kind": MarkerKind.POINT, "consistency": Consistency.CRASH,
                                 "time": t}
         secs, lesser = None, ""
         if app is not None:
@@ -239,7 +239,7 @@ class Shipper:
                 else:
                     meta["consistency"] = Consistency.APP
                     meta["freeze_seconds"] = secs
-        await self.window.send(seq, self.rd.make_commit(seq, meta))
+        await self.window.send(seq, self.rd.make_marker(seq, meta))
         stats.points += 1
         if self.rd.error is not None:
             self.rd.error = None

@@ -1,6 +1,6 @@
 """Initial replication of one disk: copy it in large sequential batches through the disk's send window,
 a few read and sealed ahead in threads, each kept until the process server acknowledges it as durable
-(promise 1), then the `initial-complete` commit.
+(promise 1), then the `initial-complete` marker.
 
 Change tracking started before (agent.replicated), so blocks written during the copy are in the dirty
 map and go with delta replication after it. A BUSY makes the copy go on from the refused batch after the
@@ -16,7 +16,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from standby.proto.enums import CommitKind
+from standby.proto.enums import MarkerKind
 from standby.proto.messages import WINDOW
 
 from .window import Refused, SendWindow
@@ -33,7 +33,7 @@ PROGRESS_LOG_INTERVAL = 10.0
 
 
 async def initial_replication(rd: ReplicatedDisk, link: Link, info: dict[str, Any]) -> None:
-    """Copy the disk from the cursor of `info` (the process server's disk_open answer) and commit it."""
+    """Copy the disk from the cursor of `info` (the process server's disk_open answer) and mark it complete."""
     await InitialCopy(rd, link, info).run()
 
 
@@ -62,7 +62,7 @@ class InitialCopy:
         try:
             while await self._step():
                 pass
-            await commit(self.win, self.rd, self.gen, self.seq, CommitKind.INITIAL_COMPLETE)
+            await send_marker(self.win, self.rd, self.gen, self.seq, MarkerKind.INITIAL_COMPLETE)
         finally:
             self._drop_ahead()
             self.win.put_back()
@@ -125,11 +125,11 @@ class InitialCopy:
         self.last_log = now
 
 
-async def commit(win: SendWindow, rd: ReplicatedDisk, gen: int, seq: int, kind: str) -> None:
-    """Send a commit and wait until it is acknowledged (resent after each BUSY's delay)."""
+async def send_marker(win: SendWindow, rd: ReplicatedDisk, gen: int, seq: int, kind: str) -> None:
+    """Send a marker and wait until it is acknowledged (resent after each BUSY's delay)."""
     while True:
-        await win.send(seq, rd.make_commit(seq, {"generation": gen, "kind": kind, "time": time.time()}))
+        await win.send(seq, rd.make_marker(seq, {"generation": gen, "kind": kind, "time": time.time()}))
         if await win.drain() is None:
             break
         await asyncio.sleep(max(win.busy_until - time.monotonic(), 0.0))
-    log.info("disk %s: %s committed (sequence %d)", rd.name, kind, seq)
+    log.info("disk %s: %s marker acknowledged (sequence %d)", rd.name, kind, seq)

@@ -1,6 +1,6 @@
 """One protected disk as the agent replicates it: the state that outlives a connection (its change
 tracking, delta statistics, the resync it needs and the progress of the one running, its last failure)
-and what its workers need from the agent (configuration, batch builder, commit sealing, and the wakeup
+and what its workers need from the agent (configuration, batch builder, marker sealing, and the wakeup
 that makes the agent report at once).
 
 The workers get this object, never the Agent: initial replication (agent.initial), delta shipping
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from standby.proto.envelope import Sealer
-from standby.proto.messages import Commit, meta_bytes
+from standby.proto.messages import Marker, meta_bytes
 
 from . import cleanstop
 from .config import AgentConfig
@@ -109,10 +109,10 @@ class ReplicatedDisk:
         tracker = self.tracking.tracker if self.tracking is not None else None
         return BatchBuilder(str(d.cfg.path), d.id, d.key, d.uid.bytes, self.cfg.compression_level, tracker)
 
-    def make_commit(self, seq: int, meta: dict[str, Any]) -> Commit:
+    def make_marker(self, seq: int, meta: dict[str, Any]) -> Marker:
         d = self.disk
         sealer = Sealer(d.key, d.uid.bytes)
-        return Commit(d.id, seq, meta, sealer.seal_batch(int(meta["generation"]), seq, meta_bytes(meta)))
+        return Marker(d.id, seq, meta, sealer.seal_batch(int(meta["generation"]), seq, meta_bytes(meta)))
 
     # -- tracking -----------------------------------------------------------------------------------
     def start_tracking(self) -> Tracking | None:

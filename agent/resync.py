@@ -8,7 +8,7 @@ afresh first; writes during the resync are tracked and shipped after it, as ordi
   query (proto.envelope.seal_hashes). Only differing leaves are read and shipped.
 - **full**: no hashing; every byte is sent again (zero runs still as zero extents).
 
-No recovery point is made from the start of a resync until its `resync-complete` commit is applied and
+No recovery point is made from the start of a resync until its `resync-complete` marker is applied and
 the next consistent epoch follows.
 """
 
@@ -24,7 +24,7 @@ import time
 from typing import TYPE_CHECKING
 
 from standby.proto import hashtree
-from standby.proto.enums import CommitKind
+from standby.proto.enums import MarkerKind
 from standby.proto.envelope import open_hashes
 from standby.proto.messages import WINDOW, BatchKind
 
@@ -74,14 +74,14 @@ async def resync(sh: Shipper, gen: int, seq: int, mode: str, reason: str) -> tup
     win.hold(split_extents(extents, batch_size))
     meta = {
         "generation": gen,
-        "kind": CommitKind.RESYNC_COMPLETE,
+        "kind": MarkerKind.RESYNC_COMPLETE,
         "mode": mode,
         "reason": reason,
         "bytes_differing": prog.bytes_differing,
     }
-    # The differing blocks, then the resync-complete commit, all acknowledged. A BUSY puts what was not
+    # The differing blocks, then the resync-complete marker, all acknowledged. A BUSY puts what was not
     # stored back into the dirty map (agent.window); the resync then takes the dirty map again (what is
-    # in it since the resync began is shipped with it, harmlessly: no point is made before the commit)
+    # in it since the resync began is shipped with it, harmlessly: no point is made before the marker)
     # and goes on after the delay the process server asked for.
     while True:
         refused = False
@@ -97,7 +97,7 @@ async def resync(sh: Shipper, gen: int, seq: int, mode: str, reason: str) -> tup
                 seq, refused = restart, True
                 break
         if not refused:
-            await win.send(seq, sh.rd.make_commit(seq, {**meta, "time": time.time()}))
+            await win.send(seq, sh.rd.make_marker(seq, {**meta, "time": time.time()}))
             seq += 1
             restart = await sh.settle(1)
             if restart is None:

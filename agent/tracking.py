@@ -2,7 +2,7 @@
 crash-consistent point (DESIGN §4).
 
 The tracker's events are marked in the *current* dirty map. At a **cut** at time t the current map is
-closed and a new one opened; events stamped <= t still arriving (a short grace lets in-flight commits of
+closed and a new one opened; events stamped <= t still arriving (a short grace lets in-flight
 trace events land) go to the closed map, later ones to the new map. The closed map's blocks are read
 from the device and shipped (agent.delta). Then, after another grace, the epoch is a crash-consistent
 point at t **only if** no write to one of its blocks was *submitted* after t and before that block's read

@@ -8,7 +8,7 @@ the tests.
 
 1. Apply throughput with the journal against without it, same batches, same run: (a) DiskWorker.write
    without a journal (Applier.write_group + one sync per group), (b) DiskWorker.write with it (old contents
-   read, UNDO fsynced, write_group + sync) + DiskJournal.write_commit (fsynced). Rounds of b, undo, a, with
+   read, UNDO fsynced, write_group + sync) + DiskJournal.end_group (fsynced). Rounds of b, undo, a, with
    the replica rolled back to its start between runs by the journal (undo_into) and checked by hash.
 2. Journal bytes per GB of churn (from the same runs), for mixed and for incompressible random data.
 3. Failover in place (recovery.move) from the latest state back to points --backs groups back, after a
@@ -21,7 +21,7 @@ the tests.
 Churn: random writes of 4..64 KiB (4 KiB aligned), 70 % in a hot 256 MiB area, 30 % anywhere on the disk;
 data 3/8 random, 4/8 text, 1/8 zeros (mixed) or all random. Each group is cut exactly as the agent cuts an
 epoch (DirtyMap extents, split_extents at 8 MiB, BatchBuilder.read_extents + delta_batch, then a sealed point
-Commit). Sources live on tmpfs (they only feed the builder); replicas and the retention journal on --workdir.
+Marker). Sources live on tmpfs (they only feed the builder); replicas and the retention journal on --workdir.
 Page caches of the replica and the journal are dropped (POSIX_FADV_DONTNEED) before every timed run.
 Needs about 5.5 GB free on --workdir for the full run with the defaults, plus --reserve (checked before each
 large write: a part that would go below it stops with an error in the JSON); everything is deleted at the end.
@@ -62,7 +62,7 @@ from standby.mastertarget.replicas import Replica, open_replica
 from standby.mastertarget.worker import DiskWorker
 from standby.plumbing.config import parse_size
 from standby.proto.envelope import Sealer
-from standby.proto.messages import Batch, BatchKind, Commit, meta_bytes
+from standby.proto.messages import Batch, BatchKind, Marker, meta_bytes
 
 KEY = bytes(range(32))
 UID = uuid.UUID("00000000-0000-4000-8000-00000000be5c")
@@ -122,7 +122,7 @@ def instrument() -> None:
     METER.wrap(os, "fsync", "os.fsync")
     METER.wrap(mt_history, "old_contents", "old_contents_read")
     METER.wrap(DiskJournal, "write_undo", "journal.write_undo")
-    METER.wrap(DiskJournal, "write_commit", "journal.write_commit")
+    METER.wrap(DiskJournal, "end_group", "journal.end_group")
     METER.wrap(DiskJournal, "read_undo", "journal.read_undo")
     METER.wrap(Applier, "write_group", "applier.write_group")
     METER.wrap(mt_recovery, "apply_undo", "apply_undo")
@@ -206,15 +206,15 @@ class Space:
 
 @dataclass
 class Group:
-    """One epoch as the agent ships it: DELTA batches then a point commit."""
+    """One epoch as the agent ships it: DELTA batches then a point marker."""
 
     batches: list[Batch]
-    commit: Commit
+    marker: Marker
     extents: list[tuple[int, int]]
 
     @property
     def first(self) -> int:
-        return self.batches[0].sequence if self.batches else self.commit.sequence
+        return self.batches[0].sequence if self.batches else self.marker.sequence
 
     @property
     def logical(self) -> int:
@@ -275,7 +275,7 @@ class Source:
         return dm.extents()
 
     def group(self, nbytes: int, when: float) -> Group:
-        """Churn, then cut: batches of at most 8 MiB read from the image, sealed, and a point commit."""
+        """Churn, then cut: batches of at most 8 MiB read from the image, sealed, and a point marker."""
         extents = self.write_churn(nbytes)
         batches = []
         for part in split_extents(extents, BATCH_SIZE):
@@ -283,9 +283,9 @@ class Source:
             batches.append(self.builder.delta_batch(GEN, self.seq, BatchKind.DELTA, pieces))
             self.seq += 1
         meta = {"generation": GEN, "kind": "point", "consistency": "crash-consistent", "time": when}
-        commit = Commit(DISK, self.seq, meta, self.sealer.seal_batch(GEN, self.seq, meta_bytes(meta)))
+        marker = Marker(DISK, self.seq, meta, self.sealer.seal_batch(GEN, self.seq, meta_bytes(meta)))
         self.seq += 1
-        return Group(batches, commit, extents)
+        return Group(batches, marker, extents)
 
 
 # -- the master target's side ---------------------------------------------------------------------------
@@ -332,18 +332,18 @@ class Target:
 
     def apply(self, g: Group, journal: bool, save_state: bool = False) -> tuple[float, float, float]:
         """Apply one group as DiskWorker.apply_group does (verify every record, then `write`, then the
-        COMMIT when there is a journal). Returns seconds (verify, write, state save)."""
+        END when there is a journal). Returns seconds (verify, write, state save)."""
         t0 = time.perf_counter()
         verified = [(b, self.applier.verify_batch(b)) for b in g.batches]
-        self.applier.verify_commit(g.commit)
+        self.applier.verify_marker(g.marker)
         t1 = time.perf_counter()
         if journal:
             self.worker.write(self.journal, g.first, verified)
-            self.journal.write_commit(g.first, g.commit.sequence, dict(g.commit.meta))
+            self.journal.end_group(g.first, g.marker.sequence, dict(g.marker.meta))
         else:
             self.worker.write(None, g.first, verified)
         t2 = time.perf_counter()
-        self.state.applied_seq = g.commit.sequence
+        self.state.applied_seq = g.marker.sequence
         if save_state:  # without a journal the daemon saves the state file after every group
             self.state.save(self.disks_dir)
         return t1 - t0, t2 - t1, time.perf_counter() - t2
@@ -541,7 +541,7 @@ def failover_times(work: Path, shm: Path, size: int, fill: int, group_bytes: int
         m0 = METER.snap()
         t0 = time.perf_counter()
         for i, g, sec in build_history(t, src, n, group_bytes, space):
-            seqs[i], extents[i] = g.commit.sequence, g.extents
+            seqs[i], extents[i] = g.marker.sequence, g.extents
             apply_s.append(sec)
             logical += g.logical
             if i in want:
@@ -563,7 +563,7 @@ def failover_times(work: Path, shm: Path, size: int, fill: int, group_bytes: int
         reopened = DiskJournal(t.journal_dir, DISK, KEY, UID.bytes)
         pending, open_s = timed(reopened.open)
         if pending is not None or reopened.last_seq != seqs[n]:
-            raise RuntimeError("the reopened journal does not end at the last commit")
+            raise RuntimeError("the reopened journal does not end at the last group")
         t.worker.journal = reopened
         out["history"]["journal_open_seconds_cold"] = round(open_s, 3)
         out["history"]["journal_open_MBps"] = mbps(jb, open_s)
@@ -647,7 +647,7 @@ def test_failover_time(work: Path, shm: Path, size: int, fill: int, group_bytes:
         seqs: dict[int, int] = {}
         snap = ""
         for i, g, _ in build_history(t, src, history, group_bytes, space):
-            seqs[i] = g.commit.sequence
+            seqs[i] = g.marker.sequence
             if i == history - back:
                 snap = image_hash(src.path)
         alloc = allocated(t.path)
@@ -797,19 +797,19 @@ def main() -> int:
         "quick": args.quick,
         "method": (
             "in process, no daemons: real files and the product's own code paths. Source images on tmpfs "
-            "(not measured) are churned and cut into sealed DELTA batches + a sealed point Commit per group with "
+            "(not measured) are churned and cut into sealed DELTA batches + a sealed point Marker per group with "
             f"the agent's BatchBuilder (zstd level {DEFAULT_LEVEL}, AES-GCM), DirtyMap extents and split_extents "
             "at 8 MiB, as "
             f"the agent cuts an epoch. The master target side is a raw (sparse) replica on {args.workdir} "
             f"({_fs_type(args.workdir)}), an Applier and "
-            "a DiskWorker: apply = verify every record (Applier.verify_batch/verify_commit) then DiskWorker.write "
+            "a DiskWorker: apply = verify every record (Applier.verify_batch/verify_marker) then DiskWorker.write "
             "(with the journal: old contents read, UNDO fsynced, write_group + fsync) then, with the journal, "
-            "DiskJournal.write_commit (fsynced). Verify time is measured separately and reported both excluded "
+            "DiskJournal.end_group (fsynced). Verify time is measured separately and reported both excluded "
             "(MBps_write) and included (MBps_verify_and_write), the same way for both variants. Failover = "
             "recovery.move() (REDO captured, undo applied newest first, one sync); test failover = "
             "recovery.copy_replica() (copy_file_range over SEEK_DATA ranges, then fsync) + undo_into(). Page "
             "caches of the replica and journal are dropped (fsync + POSIX_FADV_DONTNEED) before each timed run. "
-            "Points are one per group with commit meta time on a synthetic clock advancing 1 s per group. Nothing "
+            "Points are one per group with marker meta time on a synthetic clock advancing 1 s per group. Nothing "
             "is applied during the moves and the test-failover copy (the daemon halts a failed-over disk; its "
             "concurrent replication during a test failover is not exercised here). Phases "
             "are timed by wrappers around the named functions (and every os.fsync) in this process. Correctness: "

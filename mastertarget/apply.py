@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from standby.proto.envelope import Opener
 from standby.proto.errors import EnvelopeError
-from standby.proto.messages import MAX_BATCH_LOGICAL, Batch, Commit, ExtentKind
-from standby.proto.requests import BadRequest, CommitMeta
+from standby.proto.messages import MAX_BATCH_LOGICAL, Batch, ExtentKind, Marker
+from standby.proto.requests import BadRequest, MarkerMeta
 
 from .replicas import Replica
 
@@ -46,13 +46,13 @@ class Applier:
             self.write_verified(b, plains)
         self.replica.sync()
 
-    def verify_commit(self, c: Commit) -> None:
+    def verify_marker(self, c: Marker) -> None:
         self.opener.check_batch(c.generation, c.sequence, c.meta_bytes(), c.seal)
         try:
-            CommitMeta.from_commit(c.meta)  # authentic, and well-formed: a point's time is a real time...
+            MarkerMeta.from_marker(c.meta)  # authentic, and well-formed: a point's time is a real time...
         except BadRequest as exc:
-            raise BadCommit(f"commit {c.sequence} is authentic but invalid: {exc}") from None
+            raise BadMarker(f"marker {c.sequence} is authentic but invalid: {exc}") from None
 
 
-class BadCommit(Exception):
-    """An authentic COMMIT whose meta is invalid (an agent's bug or a compromised agent): not applied."""
+class BadMarker(Exception):
+    """An authentic MARKER whose meta is invalid (an agent's bug or a compromised agent): not applied."""

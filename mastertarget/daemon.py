@@ -26,7 +26,7 @@ from standby.plumbing.tls import client_context
 from standby.proto.enums import ErrorCode
 from standby.proto.errors import ProtocolError, RemoteProtocolError
 from standby.proto.keywrap import KeyWrapError, unwrap_key
-from standby.proto.messages import Batch, Commit, Reject, Reply, Request
+from standby.proto.messages import Batch, Marker, Reject, Reply, Request
 from standby.proto.point import Point
 from standby.proto.requests import BadRequest, parse_subscribe
 from standby.proto.states import DiskState
@@ -139,7 +139,7 @@ class MasterTarget:
     async def read_loop(self, link: Link) -> None:
         while True:
             msg = await link.recv()
-            if isinstance(msg, Batch | Commit):
+            if isinstance(msg, Batch | Marker):
                 log.debug("disk %d: received sequence %d", msg.disk, msg.sequence)
                 w = self.workers.get(msg.disk)
                 if w is None:
@@ -268,16 +268,16 @@ class MasterTarget:
                     disk, d["machine"], d["name"], d["uid"], int(d["size"]), d["replica_format"], d["replica_path"]
                 )
                 if d.get("seed"):
-                    replica = await asyncio.to_thread(open_replica, st.kind, Path(st.path), st.size)
+                    replica = await asyncio.to_thread(open_replica, st.format, Path(st.path), st.size)
                     log.info("disk %s/%s: seeding from existing replica %s", st.machine, st.name, st.path)
                 else:
-                    replica = await asyncio.to_thread(create_replica, st.kind, Path(st.path), st.size)
-                    log.info("disk %s/%s: created %s replica %s", st.machine, st.name, st.kind, st.path)
+                    replica = await asyncio.to_thread(create_replica, st.format, Path(st.path), st.size)
+                    log.info("disk %s/%s: created %s replica %s", st.machine, st.name, st.format, st.path)
                 st.save(self.cfg.disks_dir)
             else:
                 if st.uid != d["uid"] or st.path != d["replica_path"]:
                     raise ReplicaError(f"state for disk {disk} does not match the assignment (uid or path changed)")
-                replica = await asyncio.to_thread(open_replica, st.kind, Path(st.path), st.size)
+                replica = await asyncio.to_thread(open_replica, st.format, Path(st.path), st.size)
             key = unwrap_key(
                 base64.b64decode(d["wrapped_key"]), self.identity.key_pem, b"disk:" + uuid.UUID(st.uid).bytes
             )
@@ -328,7 +328,7 @@ class MasterTarget:
             await link.send(Reject(disk, 0, "replica-error", msg))
 
     def open_journal(self, st: ReplicaState, applier: Applier) -> DiskJournal:
-        """Open the disk's retention journal; roll back a group the last run did not commit (promise 5)."""
+        """Open the disk's retention journal; roll back a group the last run left open (promise 5)."""
         journal = DiskJournal(
             self.cfg.retention_dir / st.uid, st.disk, applier.opener_key, uuid.UUID(st.uid).bytes, self.segment_size
         )

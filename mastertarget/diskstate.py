@@ -3,6 +3,9 @@
 `applied_seq` is written only after the replica was synced, so it never claims more than the replica
 holds. A crash between the replica sync and this write means the last batch is applied again on
 restart — harmless, because a batch's writes are absolute (offset, bytes), never relative.
+
+State files written before the replica format had its own word keep it under `kind`: `load` reads that
+too (the next save writes `format`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from standby.plumbing.durable import DamagedFile, load_record, save_json
+from standby.proto.enums import ReplicaFormat
 from standby.proto.states import DiskState, Replication
 
 log = logging.getLogger("standby.mt.state")
@@ -25,7 +29,7 @@ class ReplicaState:
     name: str
     uid: str
     size: int
-    kind: str
+    format: ReplicaFormat
     path: str
     applied_seq: int = 0
     generation: int = 1
@@ -34,6 +38,9 @@ class ReplicaState:
     state: str = DiskState.INCONSISTENT.value
     error: str | None = None
     last_point: dict[str, Any] | None = None  # the newest point applied: proto.point.Point.to_wire()
+
+    def __post_init__(self) -> None:
+        self.format = ReplicaFormat(self.format)  # ValueError (a damaged file) if it is not one
 
     def move(self, new: DiskState | Replication, reason: str) -> bool:
         """Set the state, with one log line if it changed; True if it did (the state file must be saved)."""
@@ -51,7 +58,7 @@ class ReplicaState:
         p = directory / f"{disk}.json"
         if not p.exists():
             return None
-        return load_record(cls, p)
+        return load_record(cls, p, _upgrade)
 
     @staticmethod
     def all(directory: Path) -> list[ReplicaState]:
@@ -61,7 +68,15 @@ class ReplicaState:
         for p in sorted(directory.glob("*.json")):
             if p.stem.isdigit():
                 try:
-                    out.append(load_record(ReplicaState, p))
+                    out.append(load_record(ReplicaState, p, _upgrade))
                 except DamagedFile as exc:  # that disk fails when it is opened (with this reason); not the rest
                     log.error("%s", exc)
         return out
+
+
+def _upgrade(raw: dict[str, Any]) -> dict[str, Any]:
+    """A state file of an older release: the replica format was saved under `kind`."""
+    if "kind" in raw and "format" not in raw:
+        raw = {**raw, "format": raw["kind"]}
+        del raw["kind"]
+    return raw

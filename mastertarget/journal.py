@@ -2,29 +2,29 @@
 
 Layout: ``<retention dir>/<disk uid>/seg-<first sequence>.jrn``, segment files of journal records
 (mastertarget.journal_codec; how the segments are indexed: mastertarget.segments). Each applied *group*
-of records (batches up to and including a commit) leaves:
+of records (batches up to and including a marker, or the batches queued when it ran) leaves:
 
     UNDO…  (sequence = the group's first)  old contents of every range the group overwrites, in one or more
            UNDO records ("parts", each at most UNDO_PART bytes of contents, so every record stays within
            the frame limit whatever the group's size) — appended, then fsynced once, *before* the replica
            is written;
-    COMMIT (sequence = the group's last)   {generation, kind, first, time, consistency, tag} — appended and
+    END    (sequence = the group's last)   {generation, kind, first, time, consistency, tag} — appended and
            fsynced *after* the replica is synced.
 
-A group without batches (an idle epoch's point) has only its COMMIT. So at any instant the journal ends
-either with a COMMIT (the replica holds exactly the committed groups) or with UNDO parts without their
-COMMIT (the replica may hold part of that group): `open()` hands those parts back and `rollback_pending`
+A group without batches (an idle epoch's point) has only its END. So at any instant the journal ends
+either with an END (the replica holds exactly the ended groups) or with UNDO parts without their
+END, an *open* group (the replica may hold part of that group): `open()` hands those parts back and `rollback_pending`
 writes them over the replica, syncs, and cuts them off. (A crash while the parts were being appended
 leaves some of them: the replica was not touched yet, and rolling them back is harmless.) Applying an
 undo record is idempotent (absolute writes of old contents), so a crash during rollback just rolls back
 again.
 
 The replica always holds the newest state; the state after group g is reached by applying the UNDO
-records of every group after g, newest first. Groups end at commits, so every recovery point is a group
+records of every group after g, newest first. A group ends at every marker, so every recovery point is a group
 boundary. Segments rotate at group boundaries; pruning deletes whole segments that only older points
 needed. The files themselves — numbered segments, appends with fsync, a new segment's directory fsync,
 cuts, deletion — are a plumbing.segmentlog.SegmentLog (as the process server's cache's are); what a
-group, a commit and a prunable segment are stays here.
+group, its end and a prunable segment are stays here.
 """
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ from standby.proto.frames import HEADER_SIZE
 from standby.proto.point import Point
 
 from .journal_codec import (
-    COMMIT_TYPE,
+    GROUP_END_TYPE,
     UNDO_TYPE,
     JournalError,
     UndoRecord,
     decode_undo,
-    encode_commit,
+    encode_group_end,
     encode_undo,
     scan,
     undo_opener,
@@ -99,7 +99,7 @@ class DiskJournal:
 
     # -- start-up -----------------------------------------------------------------------------------
     def open(self) -> Pending | None:
-        """Read every segment. Returns the uncommitted UNDO at the end, if any (the caller rolls it back
+        """Read every segment. Returns the open group's UNDO at the end, if any (the caller rolls it back
         with `rollback_pending`). A torn last record is cut off; damage anywhere else is refused."""
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         paths = self.log.paths()
@@ -124,13 +124,13 @@ class DiskJournal:
 
     def rollback_pending(self, pending: Pending, write: Callable[[int, bytes | None, int], None],
                          sync: Callable[[], None]) -> None:
-        """Put the old contents of an uncommitted group back, sync, then forget its UNDO parts."""
+        """Put the old contents of an open group back, sync, then forget its UNDO parts."""
         for rec in pending.records:  # the parts cover disjoint ranges: any order
             apply_undo(rec, write)
         sync()
         self.log.cut(pending.segment, pending.offset)
         self.segments[-1].size = pending.offset
-        log.warning("disk %d: rolled back the uncommitted group from sequence %d", self.disk, pending.record.sequence)
+        log.warning("disk %d: rolled back the open group from sequence %d", self.disk, pending.record.sequence)
 
     # -- appending ----------------------------------------------------------------------------------
     @property
@@ -147,7 +147,7 @@ class DiskJournal:
 
     @property
     def open_undo(self) -> bool:
-        """A group's UNDO parts are written and its COMMIT is not (it is being applied, or it failed)."""
+        """A group's UNDO parts are written and its END is not (it is being applied, or it failed)."""
         return self._open_undo is not None
 
     @property
@@ -237,13 +237,13 @@ class DiskJournal:
     def _sync(self) -> None:
         self.log.sync()
 
-    def write_commit(self, first: int, last: int, meta: dict[str, Any]) -> Group:
+    def end_group(self, first: int, last: int, meta: dict[str, Any]) -> Group:
         """Record that the group first..last is in the replica (after its sync): synced."""
         meta = {**meta, "first": first}
-        rec = encode_commit(self.disk, last, meta)
+        rec = encode_group_end(self.disk, last, meta)
         undo = self._open_undo
         if undo is not None and undo[0] != first:
-            raise JournalError(f"commit for {first}..{last} while the undo of {undo[0]} is open")
+            raise JournalError(f"end of group {first}..{last} while the undo of {undo[0]} is open")
         self._append(rec, first)
         seg = self.segments[-1]
         g = Group(first, last, meta, seg.path)
@@ -394,21 +394,21 @@ class DiskJournal:
                 continue
             if not later:
                 break
-            # The segment now ends where the first later group began: its UNDO, or its COMMIT alone.
+            # The segment now ends where the first later group began: its UNDO, or its END alone.
             first = later[0]
-            end = first.undo_at if first.undo_at >= 0 else self._commit_offset(seg, first)
+            end = first.undo_at if first.undo_at >= 0 else self._end_offset(seg, first)
             self.log.cut(seg.path, end)
             seg.size, seg.groups = end, keep
             break
         self.log.sync_dir()
 
-    def _commit_offset(self, seg: Segment, g: Group) -> int:
+    def _end_offset(self, seg: Segment, g: Group) -> int:
         data = seg.path.read_bytes()
         s = scan(data)
         for n, (ftype, _, seq, _) in enumerate(s.records):
-            if ftype == COMMIT_TYPE and seq == g.last:
+            if ftype == GROUP_END_TYPE and seq == g.last:
                 return s.offsets[n]
-        raise JournalError(f"retention journal {seg.path}: commit {g.last} not found")
+        raise JournalError(f"retention journal {seg.path}: end of group {g.last} not found")
 
 
 def apply_undo(rec: UndoRecord, write: Callable[[int, bytes | None, int], None]) -> int:

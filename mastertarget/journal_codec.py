@@ -11,11 +11,11 @@ types of their own that are only ever stored, never sent:
                  written: compressed and encrypted with the disk's key under the UNDO domain
                  (envelope.UNDO), so an undo ciphertext can never pass as a batch extent or back.
                  Old contents that were zeros travel as zero extents (no bytes).
-    0x41 COMMIT  disk = disk id, sequence = the batch's sequence
-                 payload: canonical JSON {generation, kind, time, consistency, tag}; written after the
-                 replica is synced: an UNDO without its COMMIT is a batch to roll back at start-up.
+    0x41 END     disk = disk id, sequence = the group's last sequence
+                 payload: canonical JSON {generation, kind, first, time, consistency, tag}; written after
+                 the replica is synced: an UNDO without its END is an open group, rolled back at start-up.
     0x42 REDO    as UNDO, under the REDO domain: during a failover, the contents a rollback is about to
-                 overwrite, so the operator can move to a newer point again before committing.
+                 overwrite, so the operator can move to a newer point again until the failover is committed.
                  disk = disk id, sequence = the step's starting state, generation field = part number
     0x43 MOVE    JSON {src, dst, parts}: a backward step of a failover, followed by its `parts` REDO records
 """
@@ -33,7 +33,7 @@ from standby.proto.frames import encode_frame, scan_segment
 from standby.proto.messages import MAX_BATCH_LOGICAL, SEAL_SIZE, ExtentKind, meta_bytes
 
 UNDO_TYPE = 0x40
-COMMIT_TYPE = 0x41
+GROUP_END_TYPE = 0x41
 REDO_TYPE = 0x42
 MOVE_TYPE = 0x43
 _HEAD = struct.Struct(">II")
@@ -54,7 +54,7 @@ class UndoRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class CommitRecord:
+class GroupEnd:
     disk: int
     sequence: int
     meta: dict[str, Any]
@@ -143,20 +143,20 @@ def undo_table(sequence: int, prefix: bytes | memoryview, opener: Opener) -> lis
     return [_ENTRY.unpack_from(p, _HEAD.size + i * _ENTRY.size)[:2] for i in range(count)]
 
 
-def encode_commit(disk: int, sequence: int, meta: dict[str, Any]) -> bytes:
+def encode_group_end(disk: int, sequence: int, meta: dict[str, Any]) -> bytes:
     if type(meta.get("generation")) is not int or not isinstance(meta.get("kind"), str):
-        raise JournalError("a commit record needs an integer generation and a kind")
-    return encode_frame(COMMIT_TYPE, disk, sequence, meta_bytes(meta))
+        raise JournalError("a group end needs an integer generation and a kind")
+    return encode_frame(GROUP_END_TYPE, disk, sequence, meta_bytes(meta))
 
 
-def decode_commit(disk: int, sequence: int, payload: bytes | memoryview) -> CommitRecord:
+def decode_group_end(disk: int, sequence: int, payload: bytes | memoryview) -> GroupEnd:
     try:
         meta = json.loads(bytes(payload))
     except (ValueError, RecursionError):
-        raise JournalError(f"commit record {sequence}: not JSON") from None
+        raise JournalError(f"group end {sequence}: not JSON") from None
     if not isinstance(meta, dict) or type(meta.get("generation")) is not int:
-        raise JournalError(f"commit record {sequence}: bad fields")
-    return CommitRecord(disk, sequence, meta)
+        raise JournalError(f"group end {sequence}: bad fields")
+    return GroupEnd(disk, sequence, meta)
 
 
 @dataclass(frozen=True, slots=True)

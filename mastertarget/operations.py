@@ -89,7 +89,7 @@ async def failover(disks: Disks, disk: int, sequence: int) -> dict[str, Any]:
         "sequence": point.sequence,
         "time": point.time,
         "replica": w.state.path,
-        "format": w.state.kind,
+        "format": w.state.format,
         "bytes_written": written,
         "seconds": elapsed(t0),
     }
@@ -123,9 +123,9 @@ async def test_failover(disks: Disks, disk: int, sequence: int, directory: str |
         old = load_json(rec)
         raise RequestFailed(ErrorCode.REFUSED, f"disk {st.name} already has a test failover at {old['path']}: "
                             "run standby test-failover-cleanup first")
-    if st.kind == "device" and not directory:
+    if st.format == "device" and not directory:
         raise RequestFailed(ErrorCode.BAD_INPUT, f"disk {st.name} replicates to a device: give --dir for the test copy")
-    dest = test_failover_path(st.path, st.kind, st.disk, Path(directory) if directory else None)
+    dest = test_failover_path(st.path, st.format, st.disk, Path(directory) if directory else None)
     if not dest.parent.is_dir():
         raise RequestFailed(ErrorCode.BAD_INPUT, f"directory {dest.parent} does not exist on the master target")
     point = _find(w, sequence)
@@ -142,7 +142,7 @@ async def test_failover(disks: Disks, disk: int, sequence: int, directory: str |
             return asyncio.run_coroutine_threadsafe(read_locked(off, n), loop).result()
 
         try:
-            out = await asyncio.to_thread(copy_replica, w.replica, st.kind, dest, read_sync)
+            out = await asyncio.to_thread(copy_replica, w.replica, st.format, dest, read_sync)
         except (OSError, ReplicaError) as exc:
             raise RequestFailed(ErrorCode.FAILED, f"disk {st.name}: cannot copy the replica to {dest}: {exc}") from None
         copied = elapsed(t0)
@@ -165,7 +165,7 @@ async def test_failover(disks: Disks, disk: int, sequence: int, directory: str |
         "sequence": point.sequence,
         "time": point.time,
         "path": str(dest),
-        "format": "raw" if st.kind == "device" else st.kind,
+        "format": "raw" if st.format == "device" else st.format,
         "copy_seconds": copied,
         "undo_groups": len(groups),
         "bytes_undone": written,

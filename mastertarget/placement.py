@@ -30,29 +30,29 @@ async def check_replica(retention_dir: Path, used: set[str], path: str, format: 
         raise RequestFailed(code, message)
 
 
-def check_existing_replica(path: str, kind: str, size: int, used: set[str]) -> tuple[str, str]:
-    """Can the replica at `path` (offline seeding) be opened as `kind` with the source's size?"""
-    if kind not in set(ReplicaFormat):
-        return "bad-input", f"unknown replica format {kind!r}"
+def check_existing_replica(path: str, fmt: str, size: int, used: set[str]) -> tuple[str, str]:
+    """Can the replica at `path` (offline seeding) be opened as format `fmt` with the source's size?"""
+    if fmt not in set(ReplicaFormat):
+        return "bad-input", f"unknown replica format {fmt!r}"
     if path in used:
         return "replica-exists", f"replica path {path} is already used by another protected disk"
     try:
-        open_replica(kind, Path(path), size).close()
+        open_replica(fmt, Path(path), size).close()
     except (ReplicaError, OSError) as exc:
         return "bad-input", f"cannot use existing replica {path}: {exc}"
     return "", ""
 
 
-def check_replica_path(path: str, kind: str, size: int, used: set[str]) -> tuple[str, str]:
+def check_replica_path(path: str, fmt: str, size: int, used: set[str]) -> tuple[str, str]:
     """Is `path` usable for a new replica of `size` bytes? ("", "") or (code, message)."""
-    if kind not in set(ReplicaFormat):
-        return "bad-input", f"unknown replica format {kind!r}"
+    if fmt not in set(ReplicaFormat):
+        return "bad-input", f"unknown replica format {fmt!r}"
     p = Path(path)
     if not p.is_absolute():
         return "bad-input", f"replica path {path!r} must be absolute"
     if path in used:
         return "replica-exists", f"replica path {path} is already used by another protected disk"
-    if kind == ReplicaFormat.DEVICE:
+    if fmt == ReplicaFormat.DEVICE:
         try:
             mode = os.stat(p).st_mode
         except OSError as exc:
@@ -64,7 +64,7 @@ def check_replica_path(path: str, kind: str, size: int, used: set[str]) -> tuple
         if dev_size != size:
             return "size-mismatch", f"device {path} has {dev_size} bytes, the source disk has {size}"
         return "", ""
-    flat = p.with_name(p.stem + "-flat.vmdk") if kind in FLAVOURS else None
+    flat = p.with_name(p.stem + "-flat.vmdk") if fmt in FLAVOURS else None
     for q in (p, flat):
         if q is not None and q.exists():
             return "replica-exists", f"replica path {q} already exists on master target (refusing to overwrite)"

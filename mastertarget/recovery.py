@@ -339,12 +339,12 @@ def commit(journal: DiskJournal, fo: FailoverState) -> None:
 
 
 # -- test failover ----------------------------------------------------------------------------------
-def copy_replica(src: Replica, kind: str, dest: Path, read_locked: Callable[[int, int], bytes]) -> Replica:
+def copy_replica(src: Replica, fmt: str, dest: Path, read_locked: Callable[[int, int], bytes]) -> Replica:
     """A new replica at `dest` with `src`'s contents as they are now (replication may be writing
     meanwhile: the undo records fix that up). Flat files copy only their data ranges in the kernel;
-    other kinds copy through `read_locked` (which serialises with applying), skipping zeros."""
-    dest_kind = "raw" if kind == "device" else kind
-    out = create_replica(dest_kind, dest, src.size)
+    other formats copy through `read_locked` (which serialises with applying), skipping zeros."""
+    dest_fmt = "raw" if fmt == "device" else fmt
+    out = create_replica(dest_fmt, dest, src.size)
     try:
         if isinstance(src, FileReplica) and isinstance(out, FileReplica):
             _copy_data_ranges(src.data_path, out.data_path, src.size)
@@ -397,11 +397,11 @@ def undo_into(journal: DiskJournal, groups: list[Group], out: Replica) -> int:
     return n
 
 
-def test_failover_path(replica_path: str, kind: str, disk: int, directory: Path | None) -> Path:
+def test_failover_path(replica_path: str, fmt: str, disk: int, directory: Path | None) -> Path:
     """Where a disk's test-failover copy goes: beside the replica (or in `directory`), named -test."""
     p = Path(replica_path)
     base = directory if directory is not None else p.parent
-    if kind == "device":
+    if fmt == "device":
         return base / f"test-failover-disk{disk}.img"
     return base / f"{p.stem}-test{p.suffix}"
 

@@ -36,7 +36,7 @@ async def answer_hashes(w: DiskWorker, link: Link, generation: int, query: dict[
             if query.get("level") is None or w.tree is None or w.tree[0] != generation:
                 log.info("disk %s/%s: hashing replica %s for a resync", w.state.machine, w.state.name, w.state.path)
                 # Sparse VMDK reads walk shared grain tables: one thread; the flat kinds read with pread.
-                threads = 1 if w.state.kind == "vmdk-sparse" else 4
+                threads = 1 if w.state.format == "vmdk-sparse" else 4
                 leaves = await asyncio.to_thread(
                     hashtree.leaf_hashes, w.applier.replica.read, w.state.size, hashtree.LEAF, None, threads
                 )

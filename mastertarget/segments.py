@@ -1,5 +1,5 @@
 """How a disk's retention journal (mastertarget.journal) knows its segment files: each segment indexed
-as the groups it holds (`Group`: first and last sequence, commit meta, where its UNDO parts are), read at
+as the groups it holds (`Group`: first and last sequence, the meta of its end, where its UNDO parts are), read at
 start-up by walking the record headers only (`walk_records`, `read_segment`).
 """
 
@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from standby.plumbing.segmentlog import SegmentLog
-from standby.proto.enums import CommitKind
+from standby.proto.enums import MarkerKind
 from standby.proto.errors import ProtocolError
 from standby.proto.frames import HEADER_SIZE, check_payload, classify_tail, decode_header
 from standby.proto.point import meta_time
 
-from .journal_codec import COMMIT_TYPE, UNDO_TYPE, JournalError, UndoRecord, decode_commit
+from .journal_codec import GROUP_END_TYPE, UNDO_TYPE, JournalError, UndoRecord, decode_group_end
 
 log = logging.getLogger("standby.mt.history")
 
@@ -42,7 +42,7 @@ class Group:
 
     @property
     def is_point(self) -> bool:
-        return self.meta.get("kind") == CommitKind.POINT
+        return self.meta.get("kind") == MarkerKind.POINT
 
     @property
     def time(self) -> float:
@@ -55,7 +55,7 @@ class Group:
 
 @dataclass(slots=True)
 class Pending:
-    """UNDO parts whose COMMIT never came: the replica may hold part of their group. `offset` is where
+    """UNDO parts whose END never came (an open group): the replica may hold part of their group. `offset` is where
     the first part starts (the segment is cut there after the rollback)."""
 
     segment: Path
@@ -122,8 +122,8 @@ def _stop(out: list[tuple[int, int, int, int, int, bytes | None]], pos: int, hea
 
 def read_segment(path: Path, disk: int, last: bool,
                  files: SegmentLog) -> tuple[Segment, tuple[int, list[tuple[int, int]]] | None]:
-    """Index one segment file of disk `disk`'s journal at start-up: its committed groups, and the (first
-    sequence, (offset, size) of each part) of UNDO parts at its end that have no COMMIT — only the last
+    """Index one segment file of disk `disk`'s journal at start-up: its ended groups, and the (first
+    sequence, (offset, size) of each part) of UNDO parts at its end that have no END — only the last
     segment (`last`) may end so. A torn last record of the last segment is cut off (through `files`, the
     journal's segment log); damage anywhere else is refused."""
     w = walk_records(path)
@@ -135,7 +135,7 @@ def read_segment(path: Path, disk: int, last: bool,
         log.warning("disk %d: cutting a torn record off the end of %s", disk, path)
         files.cut(path, w.good_end)
     seg = Segment(path, w.good_end)
-    undo: tuple[int, list[tuple[int, int]]] | None = None  # (first, parts) of UNDOs awaiting a COMMIT
+    undo: tuple[int, list[tuple[int, int]]] | None = None  # (first, parts) of UNDOs awaiting their END
     for ftype, rec_disk, seq, at, size, payload in w.records:
         if rec_disk != disk:
             raise JournalError(f"retention journal {path}: record of disk {rec_disk} in disk {disk}'s")
@@ -146,21 +146,21 @@ def read_segment(path: Path, disk: int, last: bool,
                 undo[1].append((at, size))  # the next part of the same group
             else:
                 raise JournalError(f"retention journal {path}: undo records of {undo[0]} and {seq} "
-                                   "without a commit between them")
-        elif ftype == COMMIT_TYPE and payload is not None:
-            c = decode_commit(rec_disk, seq, payload)
-            first = _int(c.meta.get("first", seq), f"{path}: commit {seq}")
+                                   "without a group end between them")
+        elif ftype == GROUP_END_TYPE and payload is not None:
+            c = decode_group_end(rec_disk, seq, payload)
+            first = _int(c.meta.get("first", seq), f"{path}: group end {seq}")
             g = Group(first, seq, c.meta, path)
             if undo is not None:
                 if undo[0] != first:
-                    raise JournalError(f"retention journal {path}: commit {seq} does not match undo {undo[0]}")
+                    raise JournalError(f"retention journal {path}: group end {seq} does not match undo {undo[0]}")
                 g.parts = undo[1]
                 undo = None
             seg.groups.append(g)
         else:
             raise JournalError(f"retention journal {path}: unexpected record type {ftype:#x} at {at}")
     if undo is not None and not last:
-        raise JournalError(f"retention journal {path}: uncommitted undo record before the last segment")
+        raise JournalError(f"retention journal {path}: undo record of an open group before the last segment")
     return seg, undo
 
 

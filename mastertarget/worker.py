@@ -1,6 +1,6 @@
 """One disk's worker: the queue of records the process server sends for it and the task that applies
-them in order, a group at a time — verify, journal the old contents, write, sync, commit, ack (promise
-1, 2 and 5 on this side).
+them in order, a group at a time — verify, journal the old contents, write, sync, end the group in the
+journal, ack (promise 1, 2 and 5 on this side).
 
 Failure handling: a record that fails authentication or cannot be written (file system full, I/O
 error) is REJECTed with the reason — which the process server shows in status — and is *not* acked,
@@ -16,13 +16,13 @@ from typing import Protocol
 
 from standby.plumbing import failpoints
 from standby.plumbing.link import Link
-from standby.proto.enums import CommitKind
+from standby.proto.enums import MarkerKind
 from standby.proto.errors import EnvelopeError
-from standby.proto.messages import Ack, Batch, Commit, Reject
+from standby.proto.messages import Ack, Batch, Marker, Reject
 from standby.proto.point import Point
 from standby.proto.states import DiskState, Replication
 
-from .apply import Applier, BadCommit
+from .apply import Applier, BadMarker
 from .disk import RetentionMarks
 from .diskstate import ReplicaState
 from .journal import DiskJournal
@@ -36,7 +36,7 @@ RETRY_DELAY = 5.0
 # Records applied under one sync at most (the process server sends at most proto.messages.WINDOW ahead anyway).
 GROUP_MAX = 8
 
-Record = Batch | Commit
+Record = Batch | Marker
 Verified = tuple[Record, list[bytes | None] | None]  # a record and, for a batch, its extents' plaintexts
 
 
@@ -95,7 +95,7 @@ class DiskWorker:
 
     async def run(self, link: Link) -> None:
         """Apply records in order, a group at a time: whatever is queued (up to GROUP_MAX) is verified in
-        worker threads in parallel, written, synced once, recorded once and then acked — group commit, so
+        worker threads in parallel, written, synced once, recorded once and then acked, so
         the cost of the syncs is shared when the master target is behind."""
         while True:
             group = await self.next_group()
@@ -112,14 +112,14 @@ class DiskWorker:
                     await self.apply_group(link, ready)
 
     async def next_group(self) -> list[Record]:
-        """The next group: what is queued, up to GROUP_MAX records. A group ends at a commit: every
+        """The next group: what is queued, up to GROUP_MAX records. A group ends at a marker: every
         recovery point is a group boundary in the retention journal. It also ends before its old contents
         would pass `group_bytes`: they must fit in the room the retention volume has (a small volume gets
         small groups), and they are read into memory."""
         group = [self.carry or await self.queue.get()]
         self.carry = None
         size = record_bytes(group[0])
-        while not isinstance(group[-1], Commit) and not self.queue.empty() and len(group) < GROUP_MAX:
+        while not isinstance(group[-1], Marker) and not self.queue.empty() and len(group) < GROUP_MAX:
             nxt = self.queue.get_nowait()
             if size + record_bytes(nxt) > self.host.group_bytes:
                 self.carry = nxt
@@ -166,7 +166,7 @@ class DiskWorker:
         def check(m: Record) -> list[bytes | None] | None:
             if isinstance(m, Batch):
                 return self.applier.verify_batch(m)
-            self.applier.verify_commit(m)
+            self.applier.verify_marker(m)
             return None
 
         results = await asyncio.gather(*(asyncio.to_thread(check, m) for m in msgs), return_exceptions=True)
@@ -210,7 +210,7 @@ class DiskWorker:
 
     async def record(self, msgs: list[Record], journal: DiskJournal | None) -> None:
         """After the group is in the replica (synced): the state it leaves — up to date, a new point, the
-        generation, the applied sequence —, its COMMIT in the journal, then the state file if needed."""
+        generation, the applied sequence —, its END in the journal, then the state file if needed."""
         st = self.state
         point, changed = self.advance(msgs)
         first, last = msgs[0].sequence, msgs[-1].sequence
@@ -219,34 +219,34 @@ class DiskWorker:
             st.error, changed = None, True
         if journal is not None:
             c = msgs[-1]
-            meta = dict(c.meta) if isinstance(c, Commit) else {"generation": c.generation, "kind": CommitKind.BATCH}
-            if meta.get("kind") == CommitKind.POINT and point is None:
-                meta["kind"] = CommitKind.BATCH  # applied, but not a point (see `advance`)
+            meta = dict(c.meta) if isinstance(c, Marker) else {"generation": c.generation, "kind": MarkerKind.BATCH}
+            if meta.get("kind") == MarkerKind.POINT and point is None:
+                meta["kind"] = MarkerKind.BATCH  # applied, but not a point (see `advance`)
             try:
-                await asyncio.to_thread(journal.write_commit, first, last, meta)
+                await asyncio.to_thread(journal.end_group, first, last, meta)
             except OSError as exc:
                 raise JournalError(f"cannot write the retention journal in {journal.dir}: "
                                    f"{exc.strerror or exc}") from exc
         if point is not None:
             st.last_point, changed = point.to_wire(), True
         if changed or journal is None:
-            # With the journal, its COMMIT records applied_seq durably; the state file only changes.
+            # With the journal, its END records applied_seq durably; the state file only changes.
             await asyncio.to_thread(st.save, self.host.disks_dir)
 
     def advance(self, msgs: list[Record]) -> tuple[Point | None, bool]:
-        """The commits of an applied group move the replica's state on: (the point the group ends at, if
+        """The markers of an applied group move the replica's state on: (the point the group ends at, if
         it is one; whether the state file must change)."""
         st = self.state
         point: Point | None = None
         changed = False
         for m in msgs:
-            kind = m.meta.get("kind") if isinstance(m, Commit) else None
-            if kind in (CommitKind.INITIAL_COMPLETE, CommitKind.RESYNC_COMPLETE):
+            kind = m.meta.get("kind") if isinstance(m, Marker) else None
+            if kind in (MarkerKind.INITIAL_COMPLETE, MarkerKind.RESYNC_COMPLETE):
                 st.move(DiskState.UP_TO_DATE, f"{kind} applied")
                 changed = True
-            elif kind == CommitKind.POINT and isinstance(m, Commit):
+            elif kind == MarkerKind.POINT and isinstance(m, Marker):
                 if st.state == DiskState.UP_TO_DATE:
-                    point = Point.from_commit(m)
+                    point = Point.from_marker(m)
                 else:  # records were skipped or the disk grew: not a copy of the source until resynced
                     log.info("disk %d: point %d not recorded: the replica awaits a resync", st.disk, m.sequence)
             changed = changed or m.generation > st.generation
@@ -257,8 +257,8 @@ class DiskWorker:
         st = self.state
         if isinstance(exc, EnvelopeError):
             await self.reject(link, m.sequence, "authentication-failed", str(exc))
-        elif isinstance(exc, BadCommit):
-            await self.reject(link, m.sequence, "bad-commit", str(exc))
+        elif isinstance(exc, BadMarker):
+            await self.reject(link, m.sequence, "bad-marker", str(exc))
         else:
             log.error("disk %d: verifying sequence %d failed unexpectedly", st.disk, m.sequence,
                       exc_info=(type(exc), exc, exc.__traceback__))
@@ -293,7 +293,7 @@ class DiskWorker:
 
     def roll_back_open_group(self) -> None:
         """Worker thread: a group that failed after its UNDO parts were written (the replica write, the
-        COMMIT append or the state file) is rolled back now, so the journal and the replica agree and the
+        END append or the state file) is rolled back now, so the journal and the replica agree and the
         group can be applied again whole. If that fails too, the next attempt (or start-up) does it."""
         if not self.journal.open_undo:
             return
@@ -317,8 +317,8 @@ class DiskWorker:
                 return
             try:
                 await asyncio.to_thread(self.applier.replica.close)
-                await asyncio.to_thread(resize_replica, st.kind, Path(st.path), size)
-                replica = await asyncio.to_thread(open_replica, st.kind, Path(st.path), size)
+                await asyncio.to_thread(resize_replica, st.format, Path(st.path), size)
+                replica = await asyncio.to_thread(open_replica, st.format, Path(st.path), size)
             except (ReplicaError, OSError) as exc:
                 msg = f"cannot resize replica {st.path} from {st.size} to {size} bytes: {exc}"
                 log.error("disk %s/%s: %s", st.machine, st.name, msg)

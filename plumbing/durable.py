@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -75,13 +76,14 @@ def load_json(path: Path) -> Any:
         raise DamagedFile(f"{path} is damaged: {str(exc)[:200]}") from None
 
 
-def load_record(cls: type[T], path: Path) -> T:
-    """A dataclass saved with `save_json(asdict(...))`; DamagedFile if the file does not hold one."""
+def load_record(cls: type[T], path: Path, upgrade: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> T:
+    """A dataclass saved with `save_json(asdict(...))`; DamagedFile if the file does not hold one. `upgrade`
+    maps the fields of a file an older release wrote to the dataclass's."""
     raw = load_json(path)
     try:
         if not isinstance(raw, dict):
             raise TypeError("not an object")
-        return cls(**raw)
+        return cls(**(upgrade(raw) if upgrade else raw))
     except (TypeError, ValueError) as exc:
         raise DamagedFile(f"{path} is damaged: {str(exc)[:200]}") from None
 

@@ -75,7 +75,7 @@ class Link:
         await self._write_whole(msg)
 
     async def send_frame(self, frame: bytes | bytearray) -> None:
-        """Forward an already-encoded operational frame (BATCH or COMMIT read from the cache) byte for byte."""
+        """Forward an already-encoded operational frame (BATCH or MARKER read from the cache) byte for byte."""
         await self._write_whole(frame)
 
     async def _write_whole(self, item: Message | bytes | bytearray) -> None:

@@ -27,7 +27,7 @@ follows a segment's last good record is
   to start; the cache keeps the intact records before it and sets the rest aside for a resync.
 
 Rotation: the owner decides when a segment is full (the cache at a size limit; the journal at a size
-limit but only at a group boundary, so a group's UNDO parts and COMMIT share a segment) and calls `start`.
+limit but only at a group boundary, so a group's UNDO parts and MARKER share a segment) and calls `start`.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from typing import Any
 from standby.plumbing.errors import RequestFailed
 from standby.plumbing.link import Link, LinkClosed
 from standby.plumbing.serve import Handler, serve_request
-from standby.proto.enums import CommitKind, ErrorCode, ReplicaFormat
+from standby.proto.enums import ErrorCode, MarkerKind, ReplicaFormat
 from standby.proto.errors import RemoteProtocolError
 from standby.proto.messages import Request
 from standby.proto.states import FAILED_OVER, Replication, disk_state
@@ -271,7 +271,7 @@ class AdminSession:
             "rpo_seconds": rpo,
             "last_point_time": d.last_point_at,
             # `latest` also counts points still in the cache (DESIGN §6): what a failover to latest reaches.
-            "latest_point_time": max([v.time for v in st.records.values() if v.kind == CommitKind.POINT]
+            "latest_point_time": max([v.time for v in st.records.values() if v.marker == MarkerKind.POINT]
                                      + [d.last_point_at or 0.0]) or None if st else d.last_point_at,
             "last_point_seq": d.last_point_seq,
             "points_last_minute": st.points_since(wall - 60) if st else 0,

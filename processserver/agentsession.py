@@ -15,8 +15,8 @@ from standby.plumbing.link import Link, LinkClosed
 from standby.plumbing.serve import Handler, serve_request
 from standby.proto.enums import ErrorCode
 from standby.proto.errors import RemoteProtocolError
-from standby.proto.messages import Batch, Commit, Reply, Request
-from standby.proto.requests import BadRequest, CommitMeta
+from standby.proto.messages import Batch, Marker, Reply, Request
+from standby.proto.requests import BadRequest, MarkerMeta
 from standby.proto.states import FAILED_OVER, Replication
 
 from .diskwriter import DiskWriter
@@ -60,7 +60,7 @@ class AgentSession:
                     self.link.deliver(msg)  # the answer to a wake (ignored) or to a request (app_point)
                 elif isinstance(msg, Request):
                     await self.serve(msg, handlers.get(msg.op))
-                elif isinstance(msg, Batch | Commit):
+                elif isinstance(msg, Batch | Marker):
                     await self.enqueue(msg, self.link.conn.last_frame)
                 else:
                     raise RemoteProtocolError("unexpected-message", f"agent sent {type(msg).__name__}")
@@ -123,7 +123,7 @@ class AgentSession:
             "generation": st.generation,
             "next_sequence": st.received_seq + 1,
             "cursor": st.cursor,
-            "initial_committed": st.initial_committed,
+            "initial_complete": st.initial_complete,
             "key_needed": row.mt is not None and row.wrapped_key is None,
             "seed": bool(row.seed),
             "resync": json.loads(row.resync_request) if row.resync_request else None,
@@ -167,7 +167,7 @@ class AgentSession:
         # Before the initial copy was all received, a resync only restarts it: replication stays Initial.
         self.ps.registry.move(
             row,
-            Replication.RESYNC if st.initial_committed else row.replication,
+            Replication.RESYNC if st.initial_complete else row.replication,
             reason,
             resync_request=None,
             resync_mode=mode,
@@ -202,17 +202,17 @@ class AgentSession:
             raise RequestFailed(ErrorCode.UNREACHABLE, f"master target {row.mt} went away: {exc}") from None
 
     # -- records ------------------------------------------------------------------------------------
-    async def enqueue(self, msg: Batch | Commit, frame: bytes | bytearray) -> None:
-        if isinstance(msg, Commit):
+    async def enqueue(self, msg: Batch | Marker, frame: bytes | bytearray) -> None:
+        if isinstance(msg, Marker):
             try:
-                CommitMeta.from_commit(msg.meta)  # never stored: a bad time would poison start-up (finding 5)
+                MarkerMeta.from_marker(msg.meta)  # never stored: a bad time would poison start-up (finding 5)
             except BadRequest as exc:
                 st = self.ps.streams.get(msg.disk)
                 if st is not None and st.machine == self.machine:
                     st.health.set("agent-record", f"the agent sent an invalid record (sequence {msg.sequence}): "
                                                   f"{exc}; it was refused, nothing stored")
-                log.warning("%s: refused commit %d of disk %d: %s", self.link.name, msg.sequence, msg.disk, exc)
-                raise RemoteProtocolError("bad-commit", str(exc)) from None
+                log.warning("%s: refused marker %d of disk %d: %s", self.link.name, msg.sequence, msg.disk, exc)
+                raise RemoteProtocolError("bad-marker", str(exc)) from None
         w = self.writers.get(msg.disk)
         if w is None:
             row = self.ps.registry.disk(msg.disk)

@@ -26,9 +26,12 @@ from typing import NamedTuple
 from standby.plumbing.durable import fsync_dir
 from standby.plumbing.errors import StandbyError
 from standby.plumbing.segmentlog import SegmentLog
+from standby.proto.enums import MarkerKind
 from standby.proto.errors import ProtocolError
+from standby.proto.fields import MARKER_KINDS
 from standby.proto.frames import HEADER_SIZE, classify_tail, scan_records
-from standby.proto.messages import Batch, BatchKind, Commit, decode_message
+from standby.proto.messages import Batch, BatchKind, Marker, decode_message
+from standby.proto.point import meta_time
 
 log = logging.getLogger("standby.ps.cache")
 
@@ -61,20 +64,20 @@ class Recovered:
 class RecordInfo(NamedTuple):
     """What the server remembers of a cached record until it is applied."""
 
-    kind: str  # a commit's kind (CommitKind: point, initial-complete, resync-complete), or "batch"
+    marker: MarkerKind | None  # what a MARKER marks; None for a batch (or a marker of a kind not known here)
     cursor: int  # INITIAL batches: where the copy stands after it
     nbytes: int  # logical bytes of a batch
     time: float = 0.0  # a point's instant (wall clock)
 
 
 def record_info(msg: object) -> RecordInfo:
-    if isinstance(msg, Commit):
-        t = msg.meta.get("time")
-        ok = isinstance(t, int | float) and not isinstance(t, bool) and 0 <= t < 1e11  # a peer's value: never trusted
-        return RecordInfo(str(msg.meta.get("kind", "")), 0, 0, float(t) if ok else 0.0)
+    if isinstance(msg, Marker):
+        kind = msg.meta.get("kind")
+        marker = MarkerKind(kind) if isinstance(kind, str) and kind in MARKER_KINDS else None
+        return RecordInfo(marker, 0, 0, meta_time(msg.meta))  # a peer's time: never trusted
     if isinstance(msg, Batch):
-        return RecordInfo("batch", msg.cursor if msg.kind == BatchKind.INITIAL else 0, msg.logical_bytes)
-    return RecordInfo("other", 0, 0)
+        return RecordInfo(None, msg.cursor if msg.kind == BatchKind.INITIAL else 0, msg.logical_bytes)
+    return RecordInfo(None, 0, 0)
 
 
 class DiskCache:
@@ -130,7 +133,7 @@ class DiskCache:
                     problem, good_end = f"sequence {r.header.sequence} is not after {last_seq}", r.offset
                     break
                 self.index.append(Entry(r.header.sequence, seg, r.offset, r.end - r.offset))
-                if isinstance(msg, Batch | Commit):
+                if isinstance(msg, Batch | Marker):
                     gen = max(gen, msg.generation)
                 info[r.header.sequence] = record_info(msg)
                 if isinstance(msg, Batch) and msg.kind == BatchKind.INITIAL:
@@ -189,7 +192,7 @@ class DiskCache:
         self.append_group([(sequence, record)])
 
     def append_group(self, items: list[tuple[int, bytes | bytearray]]) -> None:
-        """Append consecutive records with one fsync for all of them (group commit): none of them is
+        """Append consecutive records with one fsync for all of them: none of them is
         durable — and none may be acknowledged — before this returns."""
         with self._lock:
             last = self.index[-1].sequence if self.index else None

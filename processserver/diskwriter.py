@@ -2,7 +2,7 @@
 fsynced (promise 1), refused with BUSY when they cannot be stored (promise 8), the connection closed at a
 sequence gap. What to do with each group is decided by intake.py; this module does it.
 
-Whatever is queued is appended as a group under one fsync (group commit). The frames are stored as
+Whatever is queued is appended as a group under one fsync. The frames are stored as
 received (already verified), byte for byte, never encoded again.
 """
 
@@ -15,8 +15,8 @@ import logging
 from standby.plumbing import failpoints
 from standby.plumbing.link import Link, LinkClosed
 from standby.plumbing.supervise import describe
-from standby.proto.enums import CommitKind
-from standby.proto.messages import Ack, Batch, Busy, Commit
+from standby.proto.enums import MarkerKind
+from standby.proto.messages import Ack, Batch, Busy, Marker
 
 from .cache import drop_quarantine, record_info
 from .hub import Hub
@@ -25,7 +25,7 @@ from .streams import DiskStream
 
 log = logging.getLogger("standby.ps")
 
-Arrival = tuple[Batch | Commit, bytes | bytearray]  # a record and its frame as received
+Arrival = tuple[Batch | Marker, bytes | bytearray]  # a record and its frame as received
 # Records appended to the cache under one fsync at most.
 GROUP_MAX = 8
 # Records queued between the session's read loop and the writer; beyond, the read loop waits (and with it
@@ -44,7 +44,7 @@ class DiskWriter:
         self.refused_from: int | None = None  # the first sequence refused since the last one stored in order
         self.task = asyncio.get_running_loop().create_task(self.run())
 
-    async def put(self, msg: Batch | Commit, frame: bytes | bytearray) -> None:
+    async def put(self, msg: Batch | Marker, frame: bytes | bytearray) -> None:
         await self.queue.put((msg, frame))
 
     async def run(self) -> None:
@@ -169,8 +169,8 @@ class DiskWriter:
                 st.records[m.sequence] = info
                 if info.cursor:
                     st.cursor = info.cursor
-                if info.kind in (CommitKind.INITIAL_COMPLETE, CommitKind.RESYNC_COMPLETE):
-                    st.initial_committed = True
+                if info.marker in (MarkerKind.INITIAL_COMPLETE, MarkerKind.RESYNC_COMPLETE):
+                    st.initial_complete = True
                 st.generation = max(st.generation, m.generation)
                 if isinstance(m, Batch):
                     reg.add_counters(st.id, bytes_logical=m.logical_bytes, bytes_data=m.data_bytes, bytes_wire=len(r))

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from standby.plumbing.link import Link, LinkClosed
 from standby.plumbing.supervise import spawn
-from standby.proto.enums import CommitKind
+from standby.proto.enums import MarkerKind
 from standby.proto.messages import Request
 from standby.proto.states import FAILED_OVER, Replication
 
@@ -92,10 +92,10 @@ class Hub:
         st.cursor = max(row.cursor, rec.last_cursor)
         st.generation = max(row.generation, rec.generation)
         st.records = {s: v for s, v in rec.records.items() if s > st.applied_seq}
-        st.initial_committed = (
+        st.initial_complete = (
             row.synced_at is not None
             or row.replication is Replication.DELTA
-            or any(v.kind in (CommitKind.INITIAL_COMPLETE, CommitKind.RESYNC_COMPLETE) for v in st.records.values())
+            or any(v.marker in (MarkerKind.INITIAL_COMPLETE, MarkerKind.RESYNC_COMPLETE) for v in st.records.values())
         )
         st.pause = bool(row.paused)
         st.failed_over = row.replication in FAILED_OVER
@@ -137,12 +137,12 @@ class Hub:
         on from what is still held — the newest cached INITIAL batch, else what was applied — so the agent
         sends the lost part again (the master target skips the lost sequence numbers; see MTSession.pull)."""
         cursor = max([v.cursor for v in st.records.values() if v.cursor] + [row.applied_cursor])
-        st.initial_committed = (
+        st.initial_complete = (
             row.synced_at is not None
             or row.replication is Replication.DELTA
-            or any(v.kind in (CommitKind.INITIAL_COMPLETE, CommitKind.RESYNC_COMPLETE) for v in st.records.values())
+            or any(v.marker in (MarkerKind.INITIAL_COMPLETE, MarkerKind.RESYNC_COMPLETE) for v in st.records.values())
         )
-        if not st.initial_committed and cursor != st.cursor:
+        if not st.initial_complete and cursor != st.cursor:
             log.warning("disk %s/%s: the initial copy goes on from %d bytes (was %d)", row.machine, row.name, cursor,
                         st.cursor)
             st.cursor = cursor

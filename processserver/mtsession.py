@@ -16,7 +16,7 @@ from standby.plumbing.link import Link, LinkClosed
 from standby.plumbing.serve import Handler, serve_request
 from standby.plumbing.service import host_id
 from standby.plumbing.supervise import describe, supervise
-from standby.proto.enums import CommitKind, ErrorCode
+from standby.proto.enums import ErrorCode, MarkerKind
 from standby.proto.errors import RemoteProtocolError
 from standby.proto.messages import WINDOW, Ack, Reject, Reply, Request
 from standby.proto.states import FAILED_OVER, IllegalTransition, Replication
@@ -209,7 +209,7 @@ class MTSession:
                     st.health.clear("ps-sender")
                     sent = e.sequence
                     info = st.records.get(sent)
-                    if st.pause and not st.paused_at and info is not None and info.kind == CommitKind.POINT:
+                    if st.pause and not st.paused_at and info is not None and info.marker == MarkerKind.POINT:
                         st.paused_at = sent
                         log.info("disk %d: applying paused after point %d", st.id, sent)
                     log.debug("disk %d: sent sequence %d to %s", st.id, sent, self.name)
@@ -237,20 +237,20 @@ class MTSession:
         faithful = row.resync_request is None and row.replication is Replication.DELTA
         done: str | None = None  # the copy that completed: initial replication or a resync
         for s in [s for s in st.records if s <= seq]:
-            kind, cursor, nbytes, t = st.records.pop(s)
+            marker, cursor, nbytes, t = st.records.pop(s)
             if cursor:
                 fields["applied_cursor"] = cursor
             if nbytes:
                 self.ps.registry.add_counters(st.id, bytes_applied=nbytes)
                 st.apply_rate.add(nbytes)
-            if kind == CommitKind.POINT and faithful:
+            if marker == MarkerKind.POINT and faithful:
                 st.point_times.append(t)
                 fields["last_point_at"], fields["last_point_seq"] = t, s
-            if kind == CommitKind.INITIAL_COMPLETE:
+            if marker == MarkerKind.INITIAL_COMPLETE:
                 done = "initial replication complete"
                 faithful = row.resync_request is None
                 fields["synced_at"] = time.time()
-            if kind == CommitKind.RESYNC_COMPLETE:
+            if marker == MarkerKind.RESYNC_COMPLETE:
                 done = "resync complete"
                 st.health.clear("cache-damage")  # what was lost is repaired
                 faithful = row.resync_request is None
@@ -285,7 +285,7 @@ class MTSession:
         self.stop_sender(rej.disk)
         if rej.sequence == 0:  # about the disk, not a record: the replica cannot be opened or used
             st.health.set("mt-replica", f"master target {self.name}: {rej.reason}")
-        elif rej.code in ("authentication-failed", "bad-commit"):
+        elif rej.code in ("authentication-failed", "bad-marker"):
             # Promise 6: nothing of it was written. Retrying the same cached record cannot help: quarantine
             # the disk until the operator has it resynced (which sets the cached records aside).
             st.quarantined_from = rej.sequence

@@ -60,7 +60,7 @@ class DiskStream:
         self.quarantined_from: int | None = None
         # Sequences received but lost (damaged cache) and passed over, whose resync was asked for.
         self.lost: tuple[int, int] | None = None
-        self.initial_committed = False  # an initial-complete commit is in the cache or applied
+        self.initial_complete = False  # an initial-complete marker is in the cache or applied
         # Recovery points the master target has applied (promise 4: only what it holds counts for RPO; the
         # newest is in the registry row).
         self.point_times: deque[float] = deque(maxlen=10000)  # wall times of recent applied points

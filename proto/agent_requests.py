@@ -74,7 +74,7 @@ class DiskOpened(Wire):
     generation: int = checked(generation)
     next_sequence: int = checked(sequence)
     cursor: int = checked(count)
-    initial_committed: bool = checked(boolean)
+    initial_complete: bool = checked(boolean)
     key_needed: bool = checked(boolean)
     seed: bool = checked(boolean, False)
     resync: ResyncWanted | None = checked(optional(nested(ResyncWanted)), None)

@@ -5,7 +5,7 @@ Theory of operation
 Every connection starts with a handshake. The side that dialled (CLIENT) sends HELLO with the versions
 it speaks and its role; the listening side (SERVER) answers WELCOME with the chosen version, or GOODBYE
 with a reason. After that the connection is OPEN and both sides may send any operational message
-(REQUEST, REPLY, BATCH, COMMIT, ACK, BUSY, REJECT). GOODBYE, sent or received, ends it (CLOSED), as does
+(REQUEST, REPLY, BATCH, MARKER, ACK, BUSY, REJECT). GOODBYE, sent or received, ends it (CLOSED), as does
 the peer closing its end (EOF → `Closed`).
 
 The transition table below is the only place that decides what may be sent or received in which state.
@@ -29,9 +29,9 @@ from .messages import (
     Ack,
     Batch,
     Busy,
-    Commit,
     Goodbye,
     Hello,
+    Marker,
     Message,
     Reject,
     Reply,
@@ -72,7 +72,7 @@ class Closed:
 NEED_DATA: Final = NeedData()
 CLOSED: Final = Closed()
 
-_OPERATIONAL = (Request, Reply, Batch, Commit, Ack, Busy, Reject)
+_OPERATIONAL = (Request, Reply, Batch, Marker, Ack, Busy, Reject)
 
 # (role, state, direction, message class) -> next state. direction: "send" or "recv".
 _TABLE: dict[tuple[Role, State, str, type], State] = {
@@ -105,7 +105,7 @@ class Connection:
         self._header: FrameHeader | None = None
         self._eof = False
         # The verified bytes of the last message next_event() returned: a process server stores and forwards
-        # BATCH and COMMIT frames byte for byte instead of encoding them again. Never mutated afterwards.
+        # BATCH and MARKER frames byte for byte instead of encoding them again. Never mutated afterwards.
         self.last_frame: bytearray = bytearray()
 
     # -- outgoing ---------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
-"""The closed sets of words both ends must agree on: commit kinds, consistencies, replica formats and the
+"""The closed sets of words both ends must agree on: marker kinds, consistencies, replica formats and the
 error codes of replies.
 
 Each is a `StrEnum` whose values are exactly the strings on the wire, so the JSON does not change: a member
-*is* a str (`CommitKind.POINT == "point"`, `json.dumps` writes `"point"`), and a typed request or reply
+*is* a str (`MarkerKind.POINT == "point"`, `json.dumps` writes `"point"`), and a typed request or reply
 (proto.requests) holds the member after decoding while its `to_wire()` gives back the plain string.
 
 `ErrorCode` lists the codes a REPLY carries when `ok` is false (and a `BadRequest` carries): the CLI maps
@@ -16,8 +16,8 @@ from __future__ import annotations
 from enum import StrEnum
 
 
-class CommitKind(StrEnum):
-    """What a COMMIT record marks (proto.requests.CommitMeta.kind)."""
+class MarkerKind(StrEnum):
+    """What a MARKER record marks (proto.requests.MarkerMeta.kind)."""
 
     INITIAL_COMPLETE = "initial-complete"  # the initial replication of a generation is complete
     RESYNC_COMPLETE = "resync-complete"  # a resync reached its end: the replica equals the source again
@@ -51,7 +51,7 @@ class ErrorCode(StrEnum):
     UNKNOWN_REQUEST = "unknown-request"  # no such op, or not one this peer serves
     FORBIDDEN = "forbidden"  # not an op this role may send, or not this identity's disk
     BAD_REPLY = "bad-reply"  # the peer's reply to our request is invalid
-    BAD_COMMIT = "bad-commit"  # a COMMIT's meta is invalid
+    BAD_MARKER = "bad-marker"  # a MARKER's meta is invalid
     # what the request names
     UNKNOWN_MACHINE = "unknown-machine"
     UNKNOWN_DISK = "unknown-disk"

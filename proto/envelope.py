@@ -110,7 +110,7 @@ class Sealer:
         return bytes((flags,)) + nonce + body
 
     def seal_batch(self, generation: int, sequence: int, table: bytes) -> bytes:
-        """Tag (nonce + 16-byte tag) over a batch's extent table or a commit's metadata."""
+        """Tag (nonce + 16-byte tag) over a batch's extent table or a marker's metadata."""
         nonce = os.urandom(NONCE_SIZE)
         ad = self._domain.table + _AD.pack(self._uid, generation, sequence, 0, len(table)) + table
         return nonce + self._aead.encrypt(nonce, b"", ad)

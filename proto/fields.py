@@ -43,7 +43,7 @@ from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from .enums import CommitKind, Consistency, ReplicaFormat
+from .enums import Consistency, MarkerKind, ReplicaFormat
 from .frames import MAX_CONTROL_PAYLOAD
 from .states import DiskState, Replication
 from .wire import BadRequest as BadRequest
@@ -61,7 +61,7 @@ MAX_GENERATION = 2**32 - 1
 MAX_DISK_SIZE = 2**50
 TIME_MIN = 946_684_800.0  # 2000-01-01T00:00:00Z
 TIME_MAX = 7_258_118_400.0  # 2200-01-01T00:00:00Z
-MAX_POINT_TIME = 1e11  # year 5138: beyond it a commit's time is not a wall-clock time (proto.point.meta_time)
+MAX_POINT_TIME = 1e11  # year 5138: beyond it a marker's time is not a wall-clock time (proto.point.meta_time)
 MAX_SECONDS = 10**9
 MAX_TAG = 200  # agent.appoint.MAX_TAG
 MAX_TEXT = 4096
@@ -91,7 +91,7 @@ RESYNC_MODES = ("checksum", "full")
 RESYNC_PHASES = ("waiting", "hashing", "comparing", "shipping", "complete")  # agent.resync.Progress.phase
 # The words of proto.enums as plain tuples, for the daemons that test membership or list the choices.
 REPLICA_FORMATS = tuple(f.value for f in ReplicaFormat)
-COMMIT_KINDS = tuple(k.value for k in CommitKind)
+MARKER_KINDS = tuple(k.value for k in MarkerKind)
 CONSISTENCIES = tuple(c.value for c in Consistency)
 
 
@@ -112,7 +112,7 @@ def _int_range(lo: int, hi: int, what: str) -> Check:
 
 
 def _number_range(lo: float, hi: float, what: str) -> Check:
-    """int or float (kept as given: a COMMIT's seal covers its JSON, so 5 must not become 5.0)."""
+    """int or float (kept as given: a MARKER's seal covers its JSON, so 5 must not become 5.0)."""
 
     def check(v: Any) -> int | float:
         # NaN compares false and the bounds are finite, so nan and +-inf fail the range test too.
@@ -279,7 +279,7 @@ def member_of(enum: type[E]) -> Check:
 
 replica_format = member_of(ReplicaFormat)
 consistency = member_of(Consistency)
-commit_kind = member_of(CommitKind)
+marker_kind = member_of(MarkerKind)
 replication_state = member_of(Replication)  # proto.states
 replica_state = member_of(DiskState)
 resync_mode = one_of(*RESYNC_MODES)

@@ -164,16 +164,16 @@ DAMAGE = "damage"
 class Tail:
     """What follows the last good record of a segment: CLEAN (nothing), TORN (cut it off) or DAMAGE."""
 
-    kind: str
+    verdict: str  # CLEAN, TORN or DAMAGE
     reason: str | None = None
 
     @property
     def torn(self) -> bool:
-        return self.kind == TORN
+        return self.verdict == TORN
 
     @property
     def damaged(self) -> bool:
-        return self.kind == DAMAGE
+        return self.verdict == DAMAGE
 
 
 def classify_tail(

@@ -9,7 +9,7 @@ Frame types (the `type` byte of the header) and what they carry:
     4 REQUEST   JSON  a control request (enroll, open a disk, admin operations) with a request id
     5 REPLY     JSON  the answer to a request id: ok + result, or an error code and message
     6 BATCH     binary  one batch of a disk's stream: extent table + sealed extent payloads
-    7 COMMIT    binary  a batch commit: a sealed marker in a disk's stream (e.g. initial replication complete)
+    7 MARKER    binary  a sealed marker in a disk's stream (e.g. initial replication complete)
     8 ACK       JSON  "stored durably" (agent <- ps) or "applied and synced" (ps <- mt), by sequence
     9 BUSY      JSON  the process server's cache is over quota: not stored, retry after a delay
    10 REJECT    JSON  mt -> ps: a record failed verification or could not be written; not applied
@@ -21,7 +21,7 @@ BATCH payload layout::
     seal 28 B  : AES-GCM tag over batch header + extent table (envelope.seal_batch)
     payloads   : the sealed data extents, back to back (zero extents have none)
 
-COMMIT payload: meta length u32 | meta JSON | seal 28 B over the meta JSON.
+MARKER payload: meta length u32 | meta JSON | seal 28 B over the meta JSON.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class FrameType(IntEnum):
     REQUEST = 4
     REPLY = 5
     BATCH = 6
-    COMMIT = 7
+    MARKER = 7
     ACK = 8
     BUSY = 9
     REJECT = 10
@@ -189,10 +189,10 @@ _META_LEN = struct.Struct(">I")
 
 
 @dataclass(frozen=True, slots=True)
-class Commit:
-    """A batch commit: a sealed marker in a disk's stream, ordered and acknowledged like a batch.
+class Marker:
+    """A sealed marker in a disk's stream, ordered and acknowledged like a batch.
 
-    `meta` always holds `generation` and `kind` (a proto.enums.CommitKind word); proto.requests.CommitMeta
+    `meta` always holds `generation` and `kind` (a proto.enums.MarkerKind word); proto.requests.MarkerMeta
     checks the rest.
     """
 
@@ -203,9 +203,9 @@ class Commit:
 
     def __post_init__(self) -> None:
         if type(self.meta.get("generation")) is not int or not isinstance(self.meta.get("kind"), str):
-            raise LocalProtocolError("bad-commit", "commit meta needs an integer generation and a kind")
+            raise LocalProtocolError("bad-marker", "marker meta needs an integer generation and a kind")
         if len(self.seal) != SEAL_SIZE:
-            raise LocalProtocolError("bad-commit", "commit seal has the wrong size")
+            raise LocalProtocolError("bad-marker", "marker seal has the wrong size")
 
     @property
     def generation(self) -> int:
@@ -216,27 +216,27 @@ class Commit:
 
     def encode(self) -> bytes:
         m = self.meta_bytes()
-        return encode_frame(FrameType.COMMIT, self.disk, self.sequence, _META_LEN.pack(len(m)) + m + self.seal)
+        return encode_frame(FrameType.MARKER, self.disk, self.sequence, _META_LEN.pack(len(m)) + m + self.seal)
 
 
 def meta_bytes(meta: dict[str, Any]) -> bytes:
-    """Canonical JSON (sorted keys, no spaces): what a commit seal covers."""
+    """Canonical JSON (sorted keys, no spaces): what a marker seal covers."""
     return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _decode_commit(h: FrameHeader, p: memoryview) -> Commit:
+def _decode_marker(h: FrameHeader, p: memoryview) -> Marker:
     if len(p) < 4 + SEAL_SIZE:
-        raise RemoteProtocolError("bad-commit", "commit payload too short")
+        raise RemoteProtocolError("bad-marker", "marker payload too short")
     (n,) = _META_LEN.unpack(p[:4])
     if 4 + n + SEAL_SIZE != len(p):
-        raise RemoteProtocolError("bad-commit", "commit payload length mismatch")
+        raise RemoteProtocolError("bad-marker", "marker payload length mismatch")
     try:
         meta = json.loads(bytes(p[4 : 4 + n]))
         if not isinstance(meta, dict):
             raise ValueError("meta is not an object")
-        return Commit(h.disk, h.sequence, meta, bytes(p[4 + n :]))
+        return Marker(h.disk, h.sequence, meta, bytes(p[4 + n :]))
     except (ValueError, RecursionError, LocalProtocolError) as exc:
-        raise RemoteProtocolError("bad-commit", f"invalid commit: {exc}") from None
+        raise RemoteProtocolError("bad-marker", f"invalid marker: {exc}") from None
 
 
 # ---- JSON control messages -------------------------------------------------------------------------
@@ -310,7 +310,7 @@ class Reject:
     reason: str
 
 
-Message = Hello | Welcome | Goodbye | Request | Reply | Batch | Commit | Ack | Busy | Reject
+Message = Hello | Welcome | Goodbye | Request | Reply | Batch | Marker | Ack | Busy | Reject
 
 # (class, frame type, fields carried as disk/sequence in the header rather than in the JSON)
 _JSON_TYPES: dict[type, FrameType] = {
@@ -328,7 +328,7 @@ _HEADER_FIELDS = ("disk", "sequence")
 
 
 def encode(msg: Message) -> bytes:
-    if isinstance(msg, Batch | Commit):
+    if isinstance(msg, Batch | Marker):
         return msg.encode()
     ftype = _JSON_TYPES.get(type(msg))
     if ftype is None:
@@ -344,8 +344,8 @@ def decode_message(h: FrameHeader, payload: memoryview) -> Message:
     """Build the typed message of a checked frame. Raises RemoteProtocolError for anything invalid."""
     if h.type == FrameType.BATCH:
         return _decode_batch(h, payload)
-    if h.type == FrameType.COMMIT:
-        return _decode_commit(h, payload)
+    if h.type == FrameType.MARKER:
+        return _decode_marker(h, payload)
     cls = _BY_TYPE.get(h.type)
     if cls is None:
         raise RemoteProtocolError("bad-type", f"unknown frame type {h.type}")

@@ -1,11 +1,11 @@
 """`Point`, a recovery point: the one shape the master target, the process server and the CLI speak of.
 
 A recovery point is where a disk's replica equalled the source disk at one instant (DESIGN promise 4):
-after applying the COMMIT record of `sequence` (kind `point`) of `generation`, at `time` (the wall clock of
+after applying the MARKER record of `sequence` (kind `point`) of `generation`, at `time` (the wall clock of
 the agent's cut), with what the instant promises (`consistency`) and the operator's `tag` of an
 app-consistent point made on demand.
 
-It is born from a COMMIT's meta (the agent's, `from_commit`; or the journal's copy of it, `from_group`) and
+It is born from a MARKER's meta (the agent's, `from_marker`; or the journal's copy of it, `from_group`) and
 travels as:
 - `mastertarget.diskstate.ReplicaState.last_point`: `to_wire()` of the newest point applied;
 - retention planning (`mastertarget.retention.Span`): the point and the undo bytes up to the next one;
@@ -19,13 +19,13 @@ from typing import Any, Protocol
 
 from .enums import Consistency
 from .fields import MAX_POINT_TIME, consistency, generation, optional, point_time, record_sequence, tag
-from .messages import Commit
+from .messages import Marker
 from .wire import Check, Invalid, Wire, checked, message
 
 
 class Committed(Protocol):
     """A group of the master target's retention journal (mastertarget.segments.Group): the sequence of its
-    COMMIT record and the meta that record keeps."""
+    MARKER record and the meta that record keeps."""
 
     @property
     def last(self) -> int: ...
@@ -36,7 +36,7 @@ class Committed(Protocol):
 
 @message("recovery point")
 class Point(Wire):
-    # The COMMIT's sequence: identifies the point on its disk. As wide as the frame header's (a damaged journal
+    # The MARKER's sequence: identifies the point on its disk. As wide as the frame header's (a damaged journal
     # may hold one beyond what a request carries: listing the point, PointInfo, refuses it).
     sequence: int = checked(record_sequence)
     # The fields below take their "unknown" value (0, 0.0, None, "") where a journal record's meta does not
@@ -52,11 +52,11 @@ class Point(Wire):
 
     @classmethod
     def from_meta(cls, seq: int, meta: dict[str, Any]) -> Point:
-        """The point of a COMMIT meta of kind `point`: the agent's (checked by proto.commit_meta.CommitMeta
+        """The point of a MARKER meta of kind `point`: the agent's (checked by proto.marker_meta.MarkerMeta
         before it is applied) or the journal's copy (which adds `first`).
 
         Never refuses: the journal's copy is read back from the retention volume, where only the JSON and an
-        integer generation are checked (mastertarget.journal_codec.decode_commit), and a damaged record must
+        integer generation are checked (mastertarget.journal_codec.decode_group_end), and a damaged record must
         not stop the disk from opening. A field whose value does not check takes its unknown value instead:
         generation 0, time 0.0 (see meta_time), consistency None (so the point cannot be listed: a listed
         point names its consistency), tag ""."""
@@ -69,7 +69,7 @@ class Point(Wire):
         )
 
     @classmethod
-    def from_commit(cls, c: Commit) -> Point:
+    def from_marker(cls, c: Marker) -> Point:
         return cls.from_meta(c.sequence, c.meta)
 
     @classmethod
@@ -86,7 +86,7 @@ def _or(check: Check, v: Any, unknown: Any) -> Any:
 
 
 def meta_time(meta: dict[str, Any]) -> float:
-    """A commit's `time`, or 0.0 when it is not a plausible wall-clock time (a peer's value: validated)."""
+    """A marker's `time`, or 0.0 when it is not a plausible wall-clock time (a peer's value: validated)."""
     t = meta.get("time")
     if isinstance(t, int | float) and not isinstance(t, bool) and 0 <= t < MAX_POINT_TIME:
         return float(t)

@@ -1,5 +1,5 @@
 """Typed control requests and replies: every value a peer sends in a REQUEST's args or a REPLY's result,
-and in a COMMIT's meta, is checked here before anything stores or acts on it (DESIGN promise 9).
+and in a MARKER's meta, is checked here before anything stores or acts on it (DESIGN promise 9).
 
 Theory of operation
 -------------------
@@ -32,13 +32,13 @@ Where things are
 ----------------
 This module holds the table of ops and the two parse functions. The dataclasses live by conversation:
 proto.agent_requests (agent <-> process server), proto.mt_requests (master target <-> process server),
-proto.admin_requests (admin -> process server), proto.enroll_requests (enrollment) and proto.commit_meta
-(a COMMIT's meta). The checks of single values (bounds, names, times, paths) are in proto.fields, the
-`Wire` base class and the two errors in proto.wire, the closed sets of words (commit kind, consistency,
+proto.admin_requests (admin -> process server), proto.enroll_requests (enrollment) and proto.marker_meta
+(a MARKER's meta). The checks of single values (bounds, names, times, paths) are in proto.fields, the
+`Wire` base class and the two errors in proto.wire, the closed sets of words (marker kind, consistency,
 replica format, error code) in proto.enums.
 
 This module also re-exports all of those dataclasses, errors, enums and constants (`__all__`): the
-daemons and the tests import them from here (`from standby.proto.requests import BadRequest, CommitMeta`),
+daemons and the tests import them from here (`from standby.proto.requests import BadRequest, MarkerMeta`),
 as they did when everything lived in this one module, and need to know only this one name.
 """
 
@@ -97,14 +97,13 @@ from .agent_requests import (
     ResyncWanted,
     SealedHashes,
 )
-from .commit_meta import CommitMeta
 from .enroll_requests import Ca, CaCert, Enroll, Enrolled
-from .enums import CommitKind, Consistency, ErrorCode, ReplicaFormat
+from .enums import Consistency, ErrorCode, MarkerKind, ReplicaFormat
 from .errors import LocalProtocolError
 from .fields import (
-    COMMIT_KINDS,
     CONSISTENCIES,
     ENROLL_ROLES,
+    MARKER_KINDS,
     MAX_DISK_ID,
     MAX_HASH_PARENTS,
     MAX_ITEMS,
@@ -115,6 +114,7 @@ from .fields import (
     RESYNC_PHASES,
     ROLES,
 )
+from .marker_meta import MarkerMeta
 from .mt_requests import (
     Assignment,
     Assignments,
@@ -235,7 +235,7 @@ def parse_reply(op: str, result: Any, role: str) -> Wire:
 
 __all__ = [
     "Empty", "OP_NAMES", "OPS", "OpSpec", "Wake", "parse_reply", "parse_request", "BadRequest", "InvalidMessage",
-    "Wire", "message", "CommitKind", "Consistency", "ErrorCode", "ReplicaFormat", "COMMIT_KINDS", "CONSISTENCIES",
+    "Wire", "message", "MarkerKind", "Consistency", "ErrorCode", "ReplicaFormat", "MARKER_KINDS", "CONSISTENCIES",
     "ENROLL_ROLES", "MAX_DISK_ID", "MAX_HASH_PARENTS", "MAX_ITEMS", "MAX_REPLICAS", "MAX_TAG", "REPLICA_FORMATS",
     "RESYNC_MODES", "RESYNC_PHASES", "ROLES", "DiskOpen", "ResyncWanted", "DiskOpened", "DiskKey", "ResyncProgress",
     "LastAppPoint", "AgentReport", "DiskReport", "DiskReported", "ResyncBegin", "ResyncBegun", "HashQuery",
@@ -248,5 +248,5 @@ __all__ = [
     "AdminPointList", "AdminFailover", "AdminFailoverDisk", "AdminFailedOver", "AdminCommit", "AdminCommitDisk",
     "AdminCommitted", "AdminTestFailover", "AdminTestFailoverDisk", "AdminTestFailedOver",
     "AdminTestFailoverCleanup", "AdminCleanupDisk", "AdminTestFailoverCleaned", "AdminAppPoint",
-    "AdminAppPointMade", "Ca", "CaCert", "Enroll", "Enrolled", "CommitMeta",
+    "AdminAppPointMade", "Ca", "CaCert", "Enroll", "Enrolled", "MarkerMeta",
 ]

@@ -44,7 +44,7 @@ class InvalidMessage(LocalProtocolError):
 
 class BadRequest(RemoteProtocolError):
     """A peer sent an invalid request (code `bad-input`), an unknown one (`unknown-request`), one its role
-    may not send (`forbidden`), an invalid reply (`bad-reply`) or an invalid COMMIT meta (`bad-commit`);
+    may not send (`forbidden`), an invalid reply (`bad-reply`) or an invalid MARKER meta (`bad-marker`);
     the code is a proto.enums.ErrorCode. `str(exc)` names the op, the field and what was wrong: it is what
     the peer is told."""
 

@@ -37,13 +37,13 @@ def walk_points(
     oldest: int = 0,
 ) -> Iterator[tuple[int, bytearray]]:
     """Yield (point sequence, the image at that point) newest first, down to `oldest`, for the points in
-    `want` (all if None). `image` must hold the replica's newest committed state; it is modified."""
+    `want` (all if None). `image` must hold the replica's newest applied state; it is modified."""
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "j"
         shutil.copytree(retention_dir / str(uid), copy)
         journal = DiskJournal(copy, disk, key, uid.bytes)
         if journal.open() is not None:
-            raise AssertionError("the journal ends with an uncommitted group while nothing is applied")
+            raise AssertionError("the journal ends with an open group while nothing is applied")
 
         def write(offset: int, data: bytes | None, length: int) -> None:
             image[offset : offset + length] = bytes(length) if data is None else data

@@ -42,31 +42,31 @@ def _check_format(format: str) -> None:
         raise ReplicaError(f"unknown replica format {format!r}; choose one of: {', '.join(ReplicaFormat)}")
 
 
-def create_replica(kind: str, path: Path, size: int) -> Replica:
+def create_replica(fmt: str, path: Path, size: int) -> Replica:
     """Create a replica of ``size`` bytes at ``path`` and return it open for writing.
 
     Refuses (``ReplicaExists``) if ``path`` -- or, for flat VMDKs, its ``-flat.vmdk`` extent --
     exists; a ``device`` must instead exist already and have exactly ``size`` bytes.
     """
-    _check_format(kind)
+    _check_format(fmt)
     path = Path(path)
-    if kind in FLAVOURS:
-        return create_vmdk_flat(kind, path, size)
-    if kind == "vmdk-sparse":
+    if fmt in FLAVOURS:
+        return create_vmdk_flat(fmt, path, size)
+    if fmt == "vmdk-sparse":
         return create_vmdk_sparse(path, size)
-    if kind == "raw":
+    if fmt == "raw":
         return create_raw(path, size)
     return open_device(path, size)
 
 
-def open_replica(kind: str, path: Path, size: int) -> Replica:
+def open_replica(fmt: str, path: Path, size: int) -> Replica:
     """Reopen an existing replica; ``ReplicaSizeMismatch`` if it does not hold ``size`` bytes."""
-    _check_format(kind)
+    _check_format(fmt)
     path = Path(path)
-    if kind in FLAVOURS:
-        return open_vmdk_flat(kind, path, size)
-    if kind == "vmdk-sparse":
+    if fmt in FLAVOURS:
+        return open_vmdk_flat(fmt, path, size)
+    if fmt == "vmdk-sparse":
         return open_vmdk_sparse(path, size)
-    if kind == "raw":
+    if fmt == "raw":
         return open_raw(path, size)
     return open_device(path, size)

@@ -1,11 +1,11 @@
-"""The replica seam: one small interface in front of every kind of target disk.
+"""The replica seam: one small interface in front of every format of target disk.
 
 The master target applies a batch as many ``write()``/``write_zeroes()`` calls, then one ``sync()``,
-then acknowledges. That one call is the durability point, so each kind only has to make *its own*
+then acknowledges. That one call is the durability point, so each format only has to make *its own*
 metadata crash-safe relative to it; the data itself behaves like a disk (a write not yet synced may
 or may not be there after a crash).
 
-This module holds what every kind shares: the errors, the range checks, the mapping of OS errors
+This module holds what every format shares: the errors, the range checks, the mapping of OS errors
 to messages an operator can act on, and the few low-level file helpers (full pwrite, zero-padded
 pread, hole punching through libc ``fallocate``, which Python's ``os`` module does not expose).
 """
@@ -64,12 +64,12 @@ class Replica(ABC):
     ``OSError`` into ``ReplicaError`` naming the file, so callers handle one exception type.
     """
 
-    kind: str
+    format: str
     path: Path
     size: int
 
-    def __init__(self, kind: str, path: Path, size: int) -> None:
-        self.kind = kind
+    def __init__(self, fmt: str, path: Path, size: int) -> None:
+        self.format = fmt
         self.path = Path(path)
         self.size = size
         self._closed = False
@@ -84,7 +84,7 @@ class Replica(ABC):
                 self._write(offset, memoryview(data).cast("B"))
 
     def write_zeroes(self, offset: int, length: int) -> None:
-        """Make the range read as zeros; thin kinds give the space back where they can."""
+        """Make the range read as zeros; thin formats give the space back where they can."""
         self._check_range("write_zeroes", offset, length)
         if length:
             with self._io("write zeros to"):
@@ -133,7 +133,7 @@ class Replica(ABC):
         self.close()
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} kind={self.kind} path={str(self.path)!r} size={self.size}>"
+        return f"<{type(self).__name__} format={self.format} path={str(self.path)!r} size={self.size}>"
 
     # -- hooks for subclasses -------------------------------------------------------------------
 
@@ -280,10 +280,10 @@ def zero_range(fd: int, offset: int, length: int) -> None:
         write_zero_bytes(fd, offset, length)
 
 
-def check_size(kind: str, size: int) -> None:
+def check_size(fmt: str, size: int) -> None:
     """Refuse sizes no disk has: zero, negative, or not whole sectors."""
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % SECTOR:
-        raise ReplicaError(f"{kind} replica size {size!r} must be a positive multiple of {SECTOR} bytes")
+        raise ReplicaError(f"{fmt} replica size {size!r} must be a positive multiple of {SECTOR} bytes")
 
 
 def refuse_existing(*paths: Path) -> None:

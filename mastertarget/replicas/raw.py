@@ -34,8 +34,8 @@ from .base import (
 class FileReplica(SingleFdReplica):
     """A disk stored as one regular file of exactly ``size`` bytes."""
 
-    def __init__(self, kind: str, path: Path, size: int, data_path: Path, fd: int, thin: bool) -> None:
-        super().__init__(kind, path, size)
+    def __init__(self, fmt: str, path: Path, size: int, data_path: Path, fd: int, thin: bool) -> None:
+        super().__init__(fmt, path, size)
         self.data_path = Path(data_path)
         self.thin = thin
         self._fd = fd

@@ -1,6 +1,6 @@
 """Resizing a replica when its source disk changed size (the resync that follows fixes the contents).
 
-Raw and flat VMDK kinds resize their data file (thin: truncate; thick: the new part preallocated) and,
+Raw and flat VMDK formats resize their data file (thin: truncate; thick: the new part preallocated) and,
 for VMDKs, rewrite the descriptor's extent size and geometry keeping its identity (ddb.uuid, CID: a
 VM that uses the disk must still recognise it). A block-device replica cannot be resized from here: it
 must already have the new size. monolithicSparse is not resizable yet (its grain directory is sized
@@ -20,13 +20,13 @@ from .descriptor import geometry, parse_descriptor
 from .vmdk_flat import FLAVOURS, read_descriptor_file
 
 
-def resize_replica(kind: str, path: Path, new_size: int) -> None:
-    check_size(kind, new_size)
+def resize_replica(fmt: str, path: Path, new_size: int) -> None:
+    check_size(fmt, new_size)
     path = Path(path)
-    if kind == "raw":
+    if fmt == "raw":
         _resize_file(path, new_size, thin=True)
-    elif kind in FLAVOURS:
-        flavour = FLAVOURS[kind]
+    elif fmt in FLAVOURS:
+        flavour = FLAVOURS[fmt]
         desc = parse_descriptor(read_descriptor_file(path), str(path))
         if len(desc.extents) != 1:
             raise ReplicaError(f"{path}: only single-extent VMDKs can be resized")
@@ -40,7 +40,7 @@ def resize_replica(kind: str, path: Path, new_size: int) -> None:
         desc.ddb["ddb.geometry.heads"] = str(heads)
         desc.ddb["ddb.geometry.sectors"] = str(sectors)
         save_file(path, desc.render().encode("ascii"), mode=0o600)
-    elif kind == "device":
+    elif fmt == "device":
         with open(path, "rb") as f:
             have = f.seek(0, os.SEEK_END)
         if have != new_size:
@@ -48,7 +48,7 @@ def resize_replica(kind: str, path: Path, new_size: int) -> None:
                 f"replica device {path} has {have} bytes, the source disk now {new_size}: resize the device first"
             )
     else:
-        raise ReplicaError(f"{kind} replicas cannot be resized (yet): the source disk changed size")
+        raise ReplicaError(f"{fmt} replicas cannot be resized (yet): the source disk changed size")
 
 
 def _resize_file(path: Path, size: int, thin: bool) -> None:

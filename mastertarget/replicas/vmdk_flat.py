@@ -1,9 +1,9 @@
 """Flat VMDKs: a text descriptor ``NAME.vmdk`` over a raw extent ``NAME-flat.vmdk``.
 
-Three kinds share this layout and differ only in the descriptor and in how the extent is allocated:
+Three formats share this layout and differ only in the descriptor and in how the extent is allocated:
 
 ==========================  =================  ===========  ==============================
-kind                        createType         extent type  extent file
+format                      createType         extent type  extent file
 ==========================  =================  ===========  ==============================
 ``vmdk``                    vmfs               VMFS         sparse, ddb.thinProvisioned=1
 ``vmdk-thick``              vmfs               VMFS         preallocated (posix_fallocate)
@@ -46,7 +46,7 @@ MAX_DESCRIPTOR_BYTES = 64 * 1024
 
 @dataclass(frozen=True, slots=True)
 class FlatFlavour:
-    """What distinguishes the flat kinds from one another."""
+    """What distinguishes the flat formats from one another."""
 
     create_type: str
     extent_type: str
@@ -67,10 +67,10 @@ class FlatVmdkReplica(FileReplica):
     """A flat VMDK: ``path`` is the descriptor, ``data_path`` the extent the data lives in."""
 
 
-def create_vmdk_flat(kind: str, path: Path, size: int) -> FlatVmdkReplica:
-    """Create descriptor and extent for one of the flat kinds; refuses if either already exists."""
-    flavour = FLAVOURS[kind]
-    check_size(kind, size)
+def create_vmdk_flat(fmt: str, path: Path, size: int) -> FlatVmdkReplica:
+    """Create descriptor and extent for one of the flat formats; refuses if either already exists."""
+    flavour = FLAVOURS[fmt]
+    check_size(fmt, size)
     path = Path(path)
     flat_path = path.with_name(flat_extent_name(path.name))
     refuse_existing(path, flat_path)
@@ -89,19 +89,19 @@ def create_vmdk_flat(kind: str, path: Path, size: int) -> FlatVmdkReplica:
         os.close(fd)
         remove_quietly(flat_path)
         raise
-    return FlatVmdkReplica(kind, path, size, flat_path, fd, flavour.thin)
+    return FlatVmdkReplica(fmt, path, size, flat_path, fd, flavour.thin)
 
 
-def open_vmdk_flat(kind: str, path: Path, size: int) -> FlatVmdkReplica:
-    """Reopen a flat VMDK, checking that its descriptor is the kind and size the caller expects."""
-    flavour = FLAVOURS[kind]
-    check_size(kind, size)
+def open_vmdk_flat(fmt: str, path: Path, size: int) -> FlatVmdkReplica:
+    """Reopen a flat VMDK, checking that its descriptor is the format and size the caller expects."""
+    flavour = FLAVOURS[fmt]
+    check_size(fmt, size)
     path = Path(path)
     text = read_descriptor_file(path)
     desc = parse_descriptor(text, str(path))
     if desc.create_type != flavour.create_type:
         raise ReplicaError(
-            f"{path} is a createType={desc.create_type!r} VMDK, not {flavour.create_type!r} as kind {kind} needs"
+            f"{path} is a createType={desc.create_type!r} VMDK, not {flavour.create_type!r} as format {fmt} needs"
         )
     if len(desc.extents) != 1:
         raise ReplicaError(f"{path} has {len(desc.extents)} extents; only single-extent VMDKs are supported")
@@ -118,7 +118,7 @@ def open_vmdk_flat(kind: str, path: Path, size: int) -> FlatVmdkReplica:
     if not flat_path.is_absolute():
         flat_path = path.parent / flat_path
     fd = open_data_file(flat_path, size, "VMDK extent")
-    return FlatVmdkReplica(kind, path, size, flat_path, fd, flavour.thin)
+    return FlatVmdkReplica(fmt, path, size, flat_path, fd, flavour.thin)
 
 
 def read_descriptor_file(path: Path) -> str:

@@ -24,7 +24,7 @@ from standby.agent.replicated import ReplicatedDisk
 from standby.agent.tracker.base import TrackingLost
 from standby.agent.tracking import Tracking
 from standby.plumbing.serve import serve_request
-from standby.proto.messages import Ack, Commit, Reply, Request
+from standby.proto.messages import Ack, Marker, Reply, Request
 
 MiB = 1024 * 1024
 
@@ -238,8 +238,8 @@ class FakeLink:
         if fut is not None and not fut.done():
             fut.set_result(Ack(self.disk.id, seq, 0))
 
-    def commits(self) -> list[Commit]:
-        return [r for r in self.sent if isinstance(r, Commit)]
+    def markers(self) -> list[Marker]:
+        return [r for r in self.sent if isinstance(r, Marker)]
 
 
 class FakeBuilder:
@@ -304,7 +304,7 @@ class Harness:
             await asyncio.gather(task, poller, return_exceptions=True)
 
 
-def test_an_app_cut_commits_an_app_consistent_point_with_tag_and_freeze_time(tmp_path):
+def test_an_app_cut_markers_an_app_consistent_point_with_tag_and_freeze_time(tmp_path):
     log = tmp_path / "scripts.log"
     pre = script(tmp_path / "pre", f'echo "$STANDBY_PHASE $STANDBY_TAG" >> {log}')
     post = script(tmp_path / "post", f'echo "$STANDBY_PHASE $STANDBY_TAG" >> {log}')
@@ -315,9 +315,9 @@ def test_an_app_cut_commits_an_app_consistent_point_with_tag_and_freeze_time(tmp
     [entry] = res["disks"]
     assert entry["disk"] == "d0" and entry["consistency"] == "app-consistent" and entry["reason"] == ""
     assert isinstance(entry["freeze_seconds"], float) and entry["freeze_seconds"] >= 0
-    [commit] = h.link.commits()
-    assert commit.sequence == entry["sequence"]
-    meta = commit.meta
+    [marker] = h.link.markers()
+    assert marker.sequence == entry["sequence"]
+    meta = marker.meta
     assert meta["kind"] == "point" and meta["consistency"] == "app-consistent" and meta["tag"] == "nightly"
     assert meta["freeze_seconds"] == entry["freeze_seconds"] and meta["time"] == entry["time"]
     assert h.builder.reads == [[(0, 4096)]]  # the block dirty before the cut is in the point's epoch
@@ -344,9 +344,9 @@ def test_a_failing_pre_script_gives_a_tagged_crash_consistent_point_and_a_warnin
     assert "pre-script" in entry["reason"]
     [warning] = res["warnings"]
     assert "exit status 3" in warning and "database refused to quiesce" in warning
-    [commit] = h.link.commits()
-    assert commit.meta["consistency"] == "crash-consistent" and commit.meta["tag"] == "before-upgrade"
-    assert "freeze_seconds" not in commit.meta
+    [marker] = h.link.markers()
+    assert marker.meta["consistency"] == "crash-consistent" and marker.meta["tag"] == "before-upgrade"
+    assert "freeze_seconds" not in marker.meta
     assert frozen == []  # nothing was frozen
     assert log.read_text() == "post\n"  # the application is released even so
     assert h.rd.stats.app_points == 0
@@ -362,7 +362,7 @@ def test_a_raw_write_after_the_cut_before_the_read_makes_no_point(tmp_path):
     [entry] = res["disks"]
     assert entry["sequence"] is None and entry["consistency"] is None
     assert "written after the cut" in entry["reason"]
-    assert h.link.commits() == []
+    assert h.link.markers() == []
     assert (0, 4096) in h.tracking.map.extents()  # shipped again in the next epoch
 
 
@@ -372,7 +372,7 @@ def test_a_disk_with_nothing_to_quiesce_gets_a_crash_consistent_point(tmp_path):
     res = asyncio.run(h.app_point(""))
     [entry] = res["disks"]
     assert entry["consistency"] == "crash-consistent" and "nothing was quiesced" in entry["reason"]
-    assert h.link.commits()[0].meta["tag"] == ""
+    assert h.link.markers()[0].meta["tag"] == ""
 
 
 def test_thawed_before_the_cut_is_not_app_consistent(tmp_path):
@@ -386,7 +386,7 @@ def test_thawed_before_the_cut_is_not_app_consistent(tmp_path):
         out = await asyncio.wait_for(order.outcome, 5)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        return out, h.link.commits()[0].meta
+        return out, h.link.markers()[0].meta
 
     out, meta = asyncio.run(run())
     assert out["consistency"] == meta["consistency"] == "crash-consistent"
@@ -445,7 +445,7 @@ def test_the_schedule_makes_tagged_points(tmp_path):
         task = asyncio.create_task(h.shipper.run(0, 1))
         sched = asyncio.create_task(h.app_points.schedule())
         for _ in range(300):
-            if len(h.link.commits()) >= 2:
+            if len(h.link.markers()) >= 2:
                 break
             await asyncio.sleep(0.01)
         for t in (task, sched):
@@ -453,6 +453,6 @@ def test_the_schedule_makes_tagged_points(tmp_path):
         await asyncio.gather(task, sched, return_exceptions=True)
 
     asyncio.run(run())
-    metas = [c.meta for c in h.link.commits()]
+    metas = [c.meta for c in h.link.markers()]
     assert len(metas) >= 2 and all(m["tag"] == "scheduled" and m["consistency"] == "app-consistent" for m in metas)
     assert metas[1]["time"] - metas[0]["time"] >= 0.15  # one per interval, not back to back

@@ -265,7 +265,7 @@ def test_an_app_point_holds_the_freeze_while_the_frozen_epoch_is_read(ext4, tmp_
     [entry] = res["disks"]
     assert entry["consistency"] == "app-consistent" and 0.3 <= entry["freeze_seconds"] < 10
     assert res["warnings"] == []
-    assert h.link.commits()[-1].meta["freeze_seconds"] == entry["freeze_seconds"]
+    assert h.link.markers()[-1].meta["freeze_seconds"] == entry["freeze_seconds"]
     for _ in range(100):  # the blocked writer finishes once thawed
         if (mnt / "w1").exists() and (mnt / "w1").read_text() == "written\n":
             break
@@ -318,7 +318,7 @@ def test_an_app_point_under_a_live_file_writer_with_the_kernel_tracker(ext4, tmp
     [entry] = res["disks"]
     assert entry["consistency"] == "app-consistent", entry["reason"]
     assert res["warnings"] == [] and entry["freeze_seconds"] < 10
-    assert h.link.commits()[-1].meta["tag"] == "live"
+    assert h.link.markers()[-1].meta["tag"] == "live"
 
 
 # -- scripts ------------------------------------------------------------------------------------------

@@ -70,10 +70,10 @@ def test_tracking_starts_unproven_without_a_clean_stop_record_and_stops(tmp_path
     assert not list((tmp_path / "disks").glob("*.clean-stop.json"))
 
 
-def test_a_commit_is_sealed_with_the_disks_key_over_its_meta(tmp_path: Path) -> None:
+def test_a_marker_is_sealed_with_the_disks_key_over_its_meta(tmp_path: Path) -> None:
     rd = replicated(tmp_path)
     meta = {"generation": 2, "kind": "point", "consistency": "crash-consistent", "time": 1.5}
-    c = rd.make_commit(9, meta)
+    c = rd.make_marker(9, meta)
     assert (c.disk, c.sequence, c.meta) == (3, 9, meta)
     opener = Opener(rd.disk.key, rd.disk.uid.bytes, MiB)
     opener.check_batch(2, 9, meta_bytes(meta), c.seal)  # what the master target checks before it applies

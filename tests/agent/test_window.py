@@ -32,7 +32,7 @@ from standby.agent.replicated import ReplicatedDisk
 from standby.agent.tracking import Tracking
 from standby.agent.window import SendWindow
 from standby.plumbing.link import LinkClosed
-from standby.proto.messages import Ack, Busy, Commit
+from standby.proto.messages import Ack, Busy, Marker
 from tests.agent.test_delta_points import ScriptedTracker
 
 BLOCK = 4096
@@ -281,14 +281,14 @@ def test_no_block_is_forgotten_under_resets_refusals_and_cancellations(tmp_path:
     assert model.shipped <= 4 * model.written, (model.shipped, model.written)
 
 
-def test_commits_carry_no_blocks(tmp_path: Path) -> None:
-    """A point's COMMIT goes through the window too (its sequence must be acknowledged in order)."""
+def test_markers_carry_no_blocks(tmp_path: Path) -> None:
+    """A point's MARKER goes through the window too (its sequence must be acknowledged in order)."""
 
     async def main() -> list[Any]:
         d = disk()
         link = RecordingLink()
         win = SendWindow(d, link, lambda: DirtyMap(SIZE))
-        c = Commit(1, 1, {"generation": 1, "kind": "point"}, bytes(28))
+        c = Marker(1, 1, {"generation": 1, "kind": "point"}, bytes(28))
         await win.send(1, c)
         answer(d, 1, Ack(1, 1, 0))
         assert await win.drain() is None

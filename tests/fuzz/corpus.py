@@ -1,7 +1,7 @@
 """Valid inputs made with the product's own encoders: the seeds every mutation starts from.
 
 A batch is sealed the way the agent seals it (agent/reader.py: zero runs become zero extents, the seal
-covers the extent table), a commit the way the agent's delta loop makes a point, control messages with the
+covers the extent table), a marker the way the agent's delta loop makes a point, control messages with the
 arguments the daemons really send.
 """
 
@@ -18,11 +18,11 @@ from standby.proto.messages import (
     Batch,
     BatchKind,
     Busy,
-    Commit,
     Extent,
     ExtentKind,
     Goodbye,
     Hello,
+    Marker,
     Reject,
     Reply,
     Request,
@@ -80,13 +80,13 @@ def point_meta(rng: random.Random, generation: int = 1) -> dict[str, Any]:
     ])
 
 
-def make_commit(
+def make_marker(
     rng: random.Random, disk: int = 1, sequence: int = 2, generation: int = 1, meta: dict[str, Any] | None = None,
     key: bytes = KEY, uid: bytes = UID.bytes,
-) -> Commit:
+) -> Marker:
     meta = meta if meta is not None else point_meta(rng, generation)
     sealer = Sealer(key, uid, 1)
-    return Commit(disk, sequence, meta, sealer.seal_batch(generation, sequence, meta_bytes(meta)))
+    return Marker(disk, sequence, meta, sealer.seal_batch(generation, sequence, meta_bytes(meta)))
 
 
 def control_messages() -> list[Any]:
@@ -119,5 +119,5 @@ def frame_corpus(rng: random.Random) -> list[bytes]:
         kind = [BatchKind.INITIAL, BatchKind.DELTA, BatchKind.RESYNC][i % 3]
         frames.append(make_batch(rng, 1 + i % 2, 1 + i, 1, kind).encode())
     for i in range(4):
-        frames.append(make_commit(rng, 1, 10 + i).encode())
+        frames.append(make_marker(rng, 1, 10 + i).encode())
     return frames

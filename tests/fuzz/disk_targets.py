@@ -37,9 +37,9 @@ from standby.mastertarget.journal_codec import (
     REDO_TYPE,
     UNDO_TYPE,
     JournalError,
-    decode_commit,
+    decode_group_end,
     decode_undo,
-    encode_commit,
+    encode_group_end,
     encode_undo,
     scan,
     undo_opener,
@@ -58,7 +58,7 @@ from standby.proto.envelope import REDO
 from standby.proto.frames import HEADER_SIZE, scan_records
 from standby.proto.point import Point
 
-from .corpus import KEY, UID, make_batch, make_commit
+from .corpus import KEY, UID, make_batch, make_marker
 from .engine import PropertyViolation, Target
 from .formats import mutate_undo_payload
 from .mutators import dumps, mutate_bytes, mutate_frame, mutate_json_text, mutate_json_value
@@ -170,17 +170,17 @@ def _undo_table_run(inp: tuple[int, bytes]) -> None:
         raise PropertyViolation(f"undo_table asks for {got} bytes having {len(prefix)}: its caller would loop")
 
 
-def _commit_seeds(rng: random.Random) -> list[bytes]:
-    return [encode_commit(1, s, {"generation": 1, "kind": k, "time": time.time(), "consistency": c, "first": s,
+def _marker_seeds(rng: random.Random) -> list[bytes]:
+    return [encode_group_end(1, s, {"generation": 1, "kind": k, "time": time.time(), "consistency": c, "first": s,
                                  "tag": "t"})[HEADER_SIZE:]
             for s, (k, c) in enumerate([("point", "crash-consistent"), ("point", "app-consistent"), ("batch", ""),
                                         ("initial-complete", "")], 1)]
 
 
-def _commit_run(payload: bytes) -> None:
-    """decode_commit, then what start-up and `points` read from the record: its group's time, consistency
+def _marker_run(payload: bytes) -> None:
+    """decode_group_end, then what start-up and `points` read from the record: its group's time, consistency
     and kind, and the point the state file keeps."""
-    c = decode_commit(1, 5, payload)
+    c = decode_group_end(1, 5, payload)
     g = Group(c.sequence, c.sequence, c.meta, Path("seg"))
     _ = g.is_point, g.time, g.consistency
     Point.from_group(g).to_wire()
@@ -191,7 +191,7 @@ def _commit_run(payload: bytes) -> None:
 
 @cache
 def _journal_files() -> tuple[bytes, ...]:
-    """Real segments: groups with undo and commit records, points of both kinds, a pending undo at the end."""
+    """Real segments: groups with undo and end records, points of both kinds, a pending undo at the end."""
     rng = random.Random(3)
     out = []
     for variant in range(3):
@@ -204,7 +204,7 @@ def _journal_files() -> tuple[bytes, ...]:
             if g % 2 == 0:
                 j.write_undo(first, 1, _pieces(rng))
             seq += rng.randint(0, 2)
-            j.write_commit(first, seq, {"generation": 1, "kind": "point" if g != 1 else "batch",
+            j.end_group(first, seq, {"generation": 1, "kind": "point" if g != 1 else "batch",
                                         "consistency": "app-consistent" if g == 2 else "crash-consistent",
                                         "time": time.time() - 100 + g, "tag": ""})
             seq += 1
@@ -293,7 +293,7 @@ def _cache_files() -> tuple[bytes, ...]:
             if rng.random() < 0.6:
                 m: Any = make_batch(rng, 1, seq, 1)
             else:
-                m = make_commit(rng, 1, seq, 1)
+                m = make_marker(rng, 1, seq, 1)
             c.append(seq, m.encode())
             seq += 1
         c.close()
@@ -573,7 +573,7 @@ def _scan_run(seg: bytes) -> None:
     scan(seg)
 
 
-def _commit_mutate(rng: random.Random, seed: bytes, seeds: list[bytes]) -> bytes:
+def _marker_mutate(rng: random.Random, seed: bytes, seeds: list[bytes]) -> bytes:
     return _mutate_meta_text(rng, seed) if rng.random() < 0.7 else mutate_json_text(rng, seed)
 
 
@@ -582,7 +582,7 @@ TARGETS = [
            weight=0.5),
     Target("journal.undo_table", _undo_seeds, _undo_table_mutate, _undo_table_run, (JournalError,),
            ci_inputs=20_000, weight=0.3),
-    Target("journal.decode_commit+group", _commit_seeds, _commit_mutate, _commit_run, (JournalError,),
+    Target("journal.decode_group_end+group", _marker_seeds, _marker_mutate, _marker_run, (JournalError,),
            ci_inputs=6_000, weight=0.5),
     Target("journal.scan", _journal_seeds, _mutate_journal_file, _scan_run, (), ci_inputs=10_000, weight=0.3),
     Target("history.walk_records", _journal_seeds, _mutate_journal_file, _walk_run, (), ci_inputs=6_000,

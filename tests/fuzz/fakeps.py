@@ -6,8 +6,8 @@ built on the real `Link`/`Connection`. The master target is enrolled by the real
 then stopped. The fake server hands out disks (data keys really wrapped to the master target's
 certificate), answers its subscribe/pull/mt_report, and sends it:
 
-- BATCH and COMMIT records sealed with the disk's key — valid ones (initial copy, deltas, points), hostile
-  ones past the seal (extent tables edited and sealed again, commit meta with `time` as a list, None, a
+- BATCH and MARKER records sealed with the disk's key — valid ones (initial copy, deltas, points), hostile
+  ones past the seal (extent tables edited and sealed again, marker meta with `time` as a list, None, a
   string, 1e400...), out of order, for disks not pulled;
 - requests: check_replica, resync_hashes, points, failover, test_failover..., with hostile arguments, and
   unknown ops;
@@ -54,7 +54,7 @@ from standby.proto.messages import Ack, BatchKind, FrameType, Hello, Reject, Rep
 from tests.deploy import LocalDeployment
 
 from . import engine
-from .corpus import make_batch, make_commit
+from .corpus import make_batch, make_marker
 from .formats import mutate_batch_payload, mutate_meta
 from .mutators import Raw, dumps, fix_frame, mutate_frame, mutate_json_value
 from .sessionkit import ANSWER_SECONDS, Findings, Input, LogWatch
@@ -292,9 +292,9 @@ class MTFuzz:
                 return Input("ps", "record", b.encode(), f"INITIAL batch disk {d.id} seq {seq}", record=(d.id, seq),
                              op="BATCH")
             meta = {"generation": d.generation, "kind": "initial-complete"}
-            c = make_commit(rng, d.id, seq, d.generation, meta, d.key, d.uid.bytes)
-            return Input("ps", "record", c.encode(), f"COMMIT initial-complete disk {d.id} seq {seq}",
-                         record=(d.id, seq), op="COMMIT", args=meta)
+            c = make_marker(rng, d.id, seq, d.generation, meta, d.key, d.uid.bytes)
+            return Input("ps", "record", c.encode(), f"MARKER initial-complete disk {d.id} seq {seq}",
+                         record=(d.id, seq), op="MARKER", args=meta)
         r = rng.random()
         if r < 0.08:
             seq = rng.choice([seq + 1, seq + 3, max(seq - 1, 1)])
@@ -322,9 +322,9 @@ class MTFuzz:
                 seal = sealer.seal_batch(gen if type(gen) is int and 0 <= gen < 2**32 else 0, seq, meta_bytes(parsed))
             except (ValueError, RecursionError, TypeError, OverflowError):
                 seal = os.urandom(28)
-            frame = encode_frame(FrameType.COMMIT, d.id, seq, len(text).to_bytes(4, "big") + text + seal)
-            return Input("ps", "record", frame, f"COMMIT disk {d.id} seq {seq} meta {dumps(meta)[:300]}",
-                         record=(d.id, seq), op="COMMIT", args=meta)
+            frame = encode_frame(FrameType.MARKER, d.id, seq, len(text).to_bytes(4, "big") + text + seal)
+            return Input("ps", "record", frame, f"MARKER disk {d.id} seq {seq} meta {dumps(meta)[:300]}",
+                         record=(d.id, seq), op="MARKER", args=meta)
         b = make_batch(rng, d.id, seq, d.generation, BatchKind.DELTA, d.key, d.uid.bytes)
         frame, desc = b.encode(), f"DELTA batch disk {d.id} seq {seq}"
         if rng.random() < 0.15:  # most such tables the codec refuses: the connection closes (1 s to come back)
@@ -475,7 +475,7 @@ class MTFuzz:
                 p == disk and t > t0 for p, t in s.pulls), ANSWER_SECONDS * (3 if gap else 1))
             if ok and (disk, seq) in s.answers:
                 a = s.answers.pop((disk, seq))
-                if isinstance(a, Ack) and inp.op == "COMMIT" and d is not None and inp.args == {
+                if isinstance(a, Ack) and inp.op == "MARKER" and d is not None and inp.args == {
                         "generation": d.generation, "kind": "initial-complete"}:
                     d.phase = "up-to-date"
         elif inp.kind == "request":

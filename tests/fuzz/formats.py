@@ -1,5 +1,5 @@
-"""Structure-aware mutation of BATCH, COMMIT and UNDO payloads: change one field of the batch header, the
-extent table or the commit meta, rebuild the payload and — when the caller passes a `reseal` — seal the
+"""Structure-aware mutation of BATCH, MARKER and UNDO payloads: change one field of the batch header, the
+extent table or the marker meta, rebuild the payload and — when the caller passes a `reseal` — seal the
 table again with the disk's key, so the mutation survives AES-GCM authentication and reaches the code that
 trusts an authenticated table (a hostile agent holds that key).
 
@@ -116,7 +116,7 @@ def mutate_batch_payload(rng: random.Random, payload: bytes, reseal: Reseal | No
 
 
 def mutate_meta(rng: random.Random, meta: dict[str, Any]) -> Any:
-    """A commit meta with one hostile field — mostly keeping generation and kind valid, so the commit is
+    """A marker meta with one hostile field — mostly keeping generation and kind valid, so the marker is
     accepted by the codec and the hostile value reaches what uses it (time, consistency, tag, first)."""
     r = rng.random()
     if r < 0.6:
@@ -132,7 +132,7 @@ def mutate_meta(rng: random.Random, meta: dict[str, Any]) -> Any:
     return mutate_json_value(rng, meta)
 
 
-def mutate_commit_payload(rng: random.Random, payload: bytes, reseal: Reseal | None = None) -> bytes:
+def mutate_marker_payload(rng: random.Random, payload: bytes, reseal: Reseal | None = None) -> bytes:
     if len(payload) < 4 + SEAL:
         return mutate_bytes(rng, payload)
     (n,) = META_LEN.unpack_from(payload, 0)

@@ -92,7 +92,7 @@ class Input:
     frame: bytes
     desc: str
     rid: int | None = None
-    record: tuple[int, int] | None = None  # (disk, sequence) of a BATCH or COMMIT
+    record: tuple[int, int] | None = None  # (disk, sequence) of a BATCH or MARKER
     op: str = ""
     args: Any = None
     hello: tuple[str, str] | None = None  # handshake: (identity, role in the HELLO)

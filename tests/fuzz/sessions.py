@@ -5,14 +5,14 @@ unauthenticated enrolling machine — plus fresh handshakes.
 
 Inputs: requests with mutated arguments (wrong types, 10**400, 1e400 and NaN as JSON text, nested junk,
 `../` names, negative sizes, not-a-uuid uids, 10k-element lists), unknown ops, raw frames mutated with
-their checksums recomputed, BATCH and COMMIT records (in order, out of order, for disks not owned, with
-hostile commit meta), ACK/REJECT from the master target with hostile numbers, HELLOs with the wrong role.
+their checksums recomputed, BATCH and MARKER records (in order, out of order, for disks not owned, with
+hostile marker meta), ACK/REJECT from the master target with hostile numbers, HELLOs with the wrong role.
 The fake master target and agent behind the clients also answer the server's relayed requests, sometimes
 with hostile replies (a compromised peer is a peer).
 
 Oracles (DESIGN promises 8 and 9), checked after every input:
 - a REQUEST gets its REPLY within ANSWER_SECONDS, or the connection is closed with a GOODBYE;
-- a BATCH/COMMIT gets an ACK or BUSY within ANSWER_SECONDS, or a GOODBYE;
+- a BATCH/MARKER gets an ACK or BUSY within ANSWER_SECONDS, or a GOODBYE;
 - any other frame: a follow-up request on the same connection is answered, or a GOODBYE came;
 - no connection ends without a GOODBYE, and the server never sends a frame our codec refuses;
 - the server's log gains no "Traceback" and no "unexpected error";
@@ -49,10 +49,10 @@ from standby.proto.messages import (
     Ack,
     Batch,
     Busy,
-    Commit,
     FrameType,
     Goodbye,
     Hello,
+    Marker,
     Reject,
     Reply,
     Request,
@@ -62,7 +62,7 @@ from standby.proto.messages import (
 from tests.deploy import LocalDeployment
 
 from . import engine
-from .corpus import make_batch, make_commit, point_meta
+from .corpus import make_batch, make_marker, point_meta
 from .formats import mutate_meta
 from .mutators import dumps, fix_frame, hostile_value, mutate_frame, mutate_json_value
 from .sessionkit import ANSWER_SECONDS, Findings, Input, LogWatch, finite, is_goodbye, is_uuid
@@ -115,7 +115,7 @@ class Client:
                     self.records[(msg.disk, msg.sequence)] = msg
                 elif isinstance(msg, Request):
                     await self.fz.answer(self, msg)
-                elif isinstance(msg, Batch | Commit):
+                elif isinstance(msg, Batch | Marker):
                     await self.fz.on_record(self, msg)
         except LinkClosed as exc:
             self.closed, self.goodbye = exc, "said goodbye" in str(exc)
@@ -282,11 +282,11 @@ class PSFuzz:
         cl.history.append(Input(cl.role, "peer-answer", frame, f"answer to {req.op}: {repr(result)[:200]}"))
         await cl.send(frame)
 
-    async def on_record(self, cl: Client, msg: Batch | Commit) -> None:
-        """The fake master target applies what it is sent, in order, at once — except a commit whose time is
+    async def on_record(self, cl: Client, msg: Batch | Marker) -> None:
+        """The fake master target applies what it is sent, in order, at once — except a marker whose time is
         not a finite number, which it refuses as a real one must: the record then stays in the cache, and the
         restart at the end shows whether the server can read back what it stored."""
-        if isinstance(msg, Commit) and "time" in msg.meta and not finite(msg.meta["time"]):
+        if isinstance(msg, Marker) and "time" in msg.meta and not finite(msg.meta["time"]):
             await cl.send(encode(Reject(msg.disk, msg.sequence, "bad-meta", "point time is not a finite number")))
             return
         if msg.sequence == self.acked_by_mt.get(msg.disk, 0) + 1:
@@ -370,12 +370,12 @@ class PSFuzz:
             if rng.random() < 0.7:
                 meta = mutate_meta(rng, meta)
             try:
-                frame = encode_frame(FrameType.COMMIT, disk, seq, _commit_payload(meta))
+                frame = encode_frame(FrameType.MARKER, disk, seq, _marker_payload(meta))
             except (TypeError, ValueError) as exc:  # not even hand-written JSON can carry it
-                frame = encode(make_commit(rng, disk, seq))
+                frame = encode(make_marker(rng, disk, seq))
                 meta = {"unencodable": repr(exc)}
-            return Input("agent", "record", frame, f"COMMIT disk {disk} seq {seq} meta {dumps(meta)[:300]}",
-                         record=(disk, seq), op="COMMIT", args=meta)
+            return Input("agent", "record", frame, f"MARKER disk {disk} seq {seq} meta {dumps(meta)[:300]}",
+                         record=(disk, seq), op="MARKER", args=meta)
         frame = make_batch(rng, disk, seq, 1).encode()
         desc = f"BATCH disk {disk} seq {seq}"
         if rng.random() < 0.3:
@@ -618,11 +618,11 @@ class PSFuzz:
         disk, seq = inp.record or (0, 0)
         if isinstance(answer, Ack) and disk == self.disk_a and seq == self.next_seq.get(disk):
             self.next_seq[disk] = seq + 1
-        if isinstance(answer, Ack) and inp.op == "COMMIT" and isinstance(inp.args, dict):
+        if isinstance(answer, Ack) and inp.op == "MARKER" and isinstance(inp.args, dict):
             t = inp.args.get("time", 0.0)
             if inp.args.get("kind") == "point" and not finite(t):
                 self.problems.append(
-                    ("agent/record/COMMIT: a point whose time is not a finite number was stored and acked",
+                    ("agent/record/MARKER: a point whose time is not a finite number was stored and acked",
                      f"time {t!r:.80}"))
 
     def log_problems(self, inp: Input) -> list[tuple[str, str]]:
@@ -745,8 +745,8 @@ class PSFuzz:
         asyncio.run(self.health())
 
 
-def _commit_payload(meta: Any) -> bytes:
-    """A COMMIT payload (meta length, meta JSON as text, a 28-byte seal the server cannot check anyway)."""
+def _marker_payload(meta: Any) -> bytes:
+    """A MARKER payload (meta length, meta JSON as text, a 28-byte seal the server cannot check anyway)."""
     text = dumps(meta).encode("utf-8", "surrogatepass")
     return len(text).to_bytes(4, "big") + text + os.urandom(28)
 

@@ -38,18 +38,18 @@ from standby.proto.keywrap import KeyWrapError, unwrap_key, wrap_key
 from standby.proto.messages import (
     MAX_BATCH_LOGICAL,
     Batch,
-    Commit,
     ExtentKind,
     FrameType,
     Hello,
+    Marker,
     Message,
     decode_message,
     encode,
 )
 
-from .corpus import KEY, UID, control_messages, frame_corpus, make_batch, make_commit
+from .corpus import KEY, UID, control_messages, frame_corpus, make_batch, make_marker
 from .engine import PropertyViolation, Target
-from .formats import mutate_batch_payload, mutate_commit_payload
+from .formats import mutate_batch_payload, mutate_marker_payload
 from .mutators import INTERESTING, mutate_bytes, mutate_frame, mutate_header, mutate_json_text
 
 SEALER = Sealer(KEY, UID.bytes, 1)
@@ -61,11 +61,11 @@ def reseal_for(sequence: int):  # noqa: ANN201 - a closure for formats.Reseal
 
 
 def payload_mutator(rng: random.Random, ftype: int, payload: bytes) -> bytes:
-    """Type-aware payload edits: JSON documents for control frames, tables for BATCH, meta for COMMIT."""
+    """Type-aware payload edits: JSON documents for control frames, tables for BATCH, meta for MARKER."""
     if ftype == FrameType.BATCH:
         return mutate_batch_payload(rng, payload, reseal_for(rng.randrange(1, 20)))
-    if ftype == FrameType.COMMIT:
-        return mutate_commit_payload(rng, payload, reseal_for(rng.randrange(1, 20)))
+    if ftype == FrameType.MARKER:
+        return mutate_marker_payload(rng, payload, reseal_for(rng.randrange(1, 20)))
     return mutate_json_text(rng, payload)
 
 
@@ -143,7 +143,7 @@ def _verify(msg: Message) -> None:
             for e in msg.extents:
                 if e.kind == ExtentKind.DATA:
                     OPENER.open(msg.generation, msg.sequence, e.offset, e.length, e.payload)
-        elif isinstance(msg, Commit):
+        elif isinstance(msg, Marker):
             OPENER.check_batch(msg.generation, msg.sequence, msg.meta_bytes(), msg.seal)
     except EnvelopeError:
         pass
@@ -292,7 +292,7 @@ def _seals_seeds(rng: random.Random) -> list[tuple[str, int, int, bytes, bytes]]
         out.append(("batch", b.generation, b.sequence, b.table_bytes(), b.seal))
         q = json.dumps({"nonce": rng.randbytes(8).hex(), "level": 1, "parents": [0]}).encode()
         out.append(("hashes", 2, 0, q, seal_hashes(KEY, UID.bytes, 2, q, rng.randbytes(64))))
-        c = make_commit(rng, 1, 9 + i)
+        c = make_marker(rng, 1, 9 + i)
         out.append(("batch", c.generation, c.sequence, c.meta_bytes(), c.seal))
     return out
 
@@ -304,7 +304,7 @@ def _seals_mutate(rng: random.Random, seed: tuple, seeds: list[Any]) -> tuple[st
         tag = mutate_bytes(rng, tag)
     elif r < 0.8:
         table = mutate_bytes(rng, table)
-    else:  # a commit's generation comes from its JSON meta: any integer
+    else:  # a marker's generation comes from its JSON meta: any integer
         gen = rng.choice([*INTERESTING, -1, -(2**31), 2**40, 10**30])
     return kind, gen, seq, table, tag
 

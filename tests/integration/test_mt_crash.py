@@ -1,7 +1,7 @@
 """Promise 5: the master target survives kill -9 at any instant (issue 4's fault test).
 
 A write-order workload runs on the source the whole time; the master target is killed with SIGKILL at
-a random moment while it applies (undo append, replica write, sync, commit append — wherever it is),
+a random moment while it applies (undo append, replica write, sync, group end append — wherever it is),
 then started again. After each restart applying is paused at a point and the listed recovery points are
 materialised from the replica and the journal and judged against the source (the replica equals the
 source after exactly the first N records for one N). A point seen before must still be listed after
@@ -59,12 +59,12 @@ def test_master_target_survives_kill_9_during_apply(deployment, protected, tmp_p
             # (the master target busiest), half anywhere later.
             time.sleep(rng.uniform(0.0, 0.3) if trial % 2 else rng.uniform(0.05, 1.2))
             deployment.kill("mt-mt1", signal.SIGKILL)
-            before = deployment.log_text("mt-mt1").count("rolled back the uncommitted group")
+            before = deployment.log_text("mt-mt1").count("rolled back the open group")
             deployment.start("mt", "mt1")
             deployment.wait_mt_connected("mt1")
             res = deployment.cli("pause", "src", "--wait", "60")
             assert res.returncode == 0, f"trial {trial}: {res.stdout} {res.stderr}"
-            rollbacks += deployment.log_text("mt-mt1").count("rolled back the uncommitted group") - before
+            rollbacks += deployment.log_text("mt-mt1").count("rolled back the open group") - before
             listed = json.loads(deployment.cli("points", "src", "--json").stdout)["disks"][0]
             seqs = [p["sequence"] for p in listed["points"]]
             assert seqs, f"trial {trial}: no points listed"
@@ -113,7 +113,7 @@ def test_master_target_survives_kill_9_during_apply(deployment, protected, tmp_p
     finally:
         stop_workload(proc)
         deployment.cli("resume", "src")
-    print(f"kill -9 trials: {TRIALS}, points judged: {len(known)}, uncommitted groups rolled back: {rollbacks}")
+    print(f"kill -9 trials: {TRIALS}, points judged: {len(known)}, open groups rolled back: {rollbacks}")
     assert len(known) > TRIALS, "too few points were made to mean anything"
     # In the end everything catches up and the newest state is the source's.
     end = time.time()

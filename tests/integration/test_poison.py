@@ -21,7 +21,7 @@ from standby.plumbing.errors import RequestFailed
 from standby.plumbing.identity import Identity
 from standby.plumbing.link import LinkClosed, dial
 from standby.plumbing.tls import client_context
-from standby.proto.messages import Commit
+from standby.proto.messages import Marker
 from tests.conftest import needs_loop
 
 from .conftest import MiB
@@ -64,8 +64,8 @@ def test_invalid_disk_open_arguments_are_refused_and_never_registered(deployment
     assert "refused request disk_open (bad-input)" in deployment.log_text("ps")
 
 
-def test_a_commit_with_a_poisoned_time_is_refused_not_stored(deployment, protected):
-    """A COMMIT for the agent's own disk with `time` 10**400: the connection is closed with `bad-commit`,
+def test_a_marker_with_a_poisoned_time_is_refused_not_stored(deployment, protected):
+    """A MARKER for the agent's own disk with `time` 10**400: the connection is closed with `bad-marker`,
     nothing is cached, the disk keeps replicating when the real agent comes back, and a restart of the
     process server works (on 47f798a it crashed with OverflowError for every disk)."""
     dev, replica = protected("raw", 16 * MiB, fill=False)
@@ -80,7 +80,7 @@ def test_a_commit_with_a_poisoned_time_is_refused_not_stored(deployment, protect
         seq = opened["next_sequence"]
         meta = {"generation": opened["generation"], "kind": "point", "consistency": "crash-consistent",
                 "time": 10**400}
-        await link.send(Commit(opened["disk"], seq, meta, bytes(28)))
+        await link.send(Marker(opened["disk"], seq, meta, bytes(28)))
         try:
             while True:
                 await asyncio.wait_for(link.recv(), 10)
@@ -89,9 +89,9 @@ def test_a_commit_with_a_poisoned_time_is_refused_not_stored(deployment, protect
         finally:
             await link.close()
 
-    assert asyncio.run(main()) == "bad-commit"
+    assert asyncio.run(main()) == "bad-marker"
     after = disk(deployment.status())
-    assert after["received_seq"] == d["received_seq"], "the poisoned commit must not be stored"
+    assert after["received_seq"] == d["received_seq"], "the poisoned marker must not be stored"
     assert "agent sent an invalid record" in (after["error"] or ""), after
     deployment.kill("ps", 15)
     deployment.start("ps")  # starts: nothing poisoned was stored

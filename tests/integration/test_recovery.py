@@ -93,7 +93,7 @@ def test_failover_test_failover_change_point_commit(deployment, protected, tmp_p
     assert cut_of(replica, log) == last
     cli_json(deployment, "failover", "src", "--point", str(mid["sequence"]))
     assert cut_of(replica, log) == cut_mid
-    # Commit: newer history is gone, the replica stays at the point.
+    # Marker: newer history is gone, the replica stays at the point.
     res = cli_json(deployment, "commit", "src")
     assert res["disks"][0]["sequence"] == mid["sequence"]
     after = points(deployment)

@@ -29,7 +29,7 @@ pytestmark = [needs_loop]
 
 SIZE = 8 * MiB
 BATCH = MiB
-N_BATCHES = SIZE // BATCH  # sequences 1..N_BATCHES are batches, N_BATCHES + 1 the initial-complete commit
+N_BATCHES = SIZE // BATCH  # sequences 1..N_BATCHES are batches, N_BATCHES + 1 the initial-complete marker
 TABLE_HEAD, TABLE_ENTRY = 20, 20  # messages._BATCH_HEAD / _EXTENT sizes (see the BATCH layout there)
 
 

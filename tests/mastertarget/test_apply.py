@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from standby.agent.reader import ZERO_GRAIN, BatchBuilder
-from standby.mastertarget.apply import Applier, BadCommit
+from standby.mastertarget.apply import Applier, BadMarker
 from standby.mastertarget.replicas import Replica, create_replica
 from standby.proto.envelope import Sealer
 from standby.proto.errors import EnvelopeError
@@ -30,9 +30,9 @@ from standby.proto.messages import (
     SECTOR,
     Batch,
     BatchKind,
-    Commit,
     Extent,
     ExtentKind,
+    Marker,
     decode_message,
     meta_bytes,
 )
@@ -166,24 +166,24 @@ def test_valid_batch_applies(env: Env) -> None:
     assert env.replica.read(0, SIZE) == expected
 
 
-def test_valid_commit_verifies(env: Env) -> None:
+def test_valid_marker_verifies(env: Env) -> None:
     meta = {"generation": GEN, "kind": "initial-complete", "time": 1_800_000_000.5}
     seal = Sealer(KEY, UID).seal_batch(GEN, 9, meta_bytes(meta))
-    env.applier.verify_commit(Commit(DISK, 9, meta, seal))
+    env.applier.verify_marker(Marker(DISK, 9, meta, seal))
     with pytest.raises(EnvelopeError, match="failed authentication"):
-        env.applier.verify_commit(Commit(DISK, 9, {**meta, "kind": "something-else"}, seal))
+        env.applier.verify_marker(Marker(DISK, 9, {**meta, "kind": "something-else"}, seal))
     with pytest.raises(EnvelopeError, match="failed authentication"):
-        env.applier.verify_commit(Commit(DISK, 10, meta, seal))  # replayed at another sequence
+        env.applier.verify_marker(Marker(DISK, 10, meta, seal))  # replayed at another sequence
 
 
 @pytest.mark.parametrize("time", [10**400, None, [1.0], "1800000000", {"t": 1}, -1, 1.0, True])
-def test_an_authentic_commit_with_an_invalid_time_is_refused(env: Env, time: object) -> None:
+def test_an_authentic_marker_with_an_invalid_time_is_refused(env: Env, time: object) -> None:
     """Issue 9, finding 5: a point whose time is 10**400 or not a number at all (sealed by an enrolled
     agent, so it authenticates) must be refused, not crash the master target's point parsing."""
     meta = {"generation": GEN, "kind": "point", "consistency": "crash-consistent", "time": time}
     seal = Sealer(KEY, UID).seal_batch(GEN, 9, meta_bytes(meta))
-    with pytest.raises(BadCommit, match="authentic but invalid"):
-        env.applier.verify_commit(Commit(DISK, 9, meta, seal))
+    with pytest.raises(BadMarker, match="authentic but invalid"):
+        env.applier.verify_marker(Marker(DISK, 9, meta, seal))
 
 
 # ---- tampering: each must raise and leave the replica untouched ------------------------------------------
@@ -403,7 +403,7 @@ def test_batch_beyond_replica_from_a_larger_disk_is_rejected(env: Env) -> None:
 @pytest.mark.parametrize("state, recorded", [("UpToDate", True), ("Inconsistent", False)])
 def test_point_is_recorded_only_while_the_replica_is_a_faithful_copy(env: Env, state: str, recorded: bool) -> None:
     """Promise 4: after skipped records or a grown disk (state Inconsistent until a resync completes) a
-    point commit is applied but not recorded as a recovery point."""
+    point marker is applied but not recorded as a recovery point."""
     import asyncio
     from types import SimpleNamespace
 
@@ -411,7 +411,7 @@ def test_point_is_recorded_only_while_the_replica_is_a_faithful_copy(env: Env, s
     from standby.mastertarget.journal import DiskJournal
     from standby.mastertarget.worker import DiskWorker
     from standby.proto.envelope import Sealer
-    from standby.proto.messages import Ack, Commit, meta_bytes
+    from standby.proto.messages import Ack, Marker, meta_bytes
 
     st = ReplicaState(DISK, "m", "d", "u", SIZE, "raw", str(env.replica_path), 1, GEN, state)
     host = SimpleNamespace(disks_dir=env.root)
@@ -419,7 +419,7 @@ def test_point_is_recorded_only_while_the_replica_is_a_faithful_copy(env: Env, s
     assert journal.open() is None
     worker = DiskWorker(host, st, env.applier, journal)  # type: ignore[arg-type]
     meta = {"generation": GEN, "kind": "point", "consistency": "crash-consistent", "time": 1_800_000_001.0}
-    point = Commit(DISK, 2, meta, Sealer(KEY, UID).seal_batch(GEN, 2, meta_bytes(meta)))
+    point = Marker(DISK, 2, meta, Sealer(KEY, UID).seal_batch(GEN, 2, meta_bytes(meta)))
     sent: list[object] = []
 
     class Link:

@@ -1,9 +1,9 @@
 """The retention journal's files (standby.mastertarget.journal): write order, reopening, rollback of an
-uncommitted group, torn tails and corruption, abort, rotation, pruning, truncation, retention figures.
+open group, torn tails and corruption, abort, rotation, pruning, truncation, retention figures.
 
 A simulated apply loop drives it the way the master target does: for each group of random writes, the
 old contents go to the journal (`write_undo`, synced) before the replica is written, the replica is
-synced, then the COMMIT is written. The model keeps a digest of the image after every group and the
+synced, then the END is written. The model keeps a digest of the image after every group and the
 writes themselves, so the image at any group boundary can be rebuilt exactly.
 """
 
@@ -21,7 +21,7 @@ import pytest
 import xxhash
 
 from standby.mastertarget.journal import SEGMENT_MAX, DiskJournal, apply_undo, merge_ranges, old_contents
-from standby.mastertarget.journal_codec import COMMIT_TYPE, UNDO_TYPE, JournalError, scan
+from standby.mastertarget.journal_codec import GROUP_END_TYPE, UNDO_TYPE, JournalError, scan
 from standby.mastertarget.replicas import Replica, create_replica
 from standby.proto.enums import Consistency
 from standby.proto.frames import HEADER_SIZE
@@ -137,18 +137,18 @@ class Sim:
             writes = [] if idle else self.random_writes()
         first, last = self.begin(writes)
         self.write(writes)
-        return self.commit(first, last, writes, kind=kind, consistency=consistency)
+        return self.end(first, last, writes, kind=kind, consistency=consistency)
 
-    def commit(
+    def end(
         self, first: int, last: int, writes: list[Write], *, kind: str | None = None, consistency: str | None = None
     ) -> Applied:
-        """The end of a group begun with `begin` and written (all of `writes`): sync, COMMIT, model."""
+        """The end of a group begun with `begin` and written (all of `writes`): sync, END, model."""
         kind = kind or ("point" if self.rng.random() < 0.75 else "batch")
         self.replica.sync()
         self.clock += self.rng.uniform(0.5, 30.0)
         cons = consistency or (Consistency.APP if self.rng.random() < 0.2 else Consistency.CRASH)
         meta = {"generation": GEN, "kind": kind, "time": self.clock, "consistency": cons, "tag": f"t{last}"}
-        g = self.journal.write_commit(first, last, meta)
+        g = self.journal.end_group(first, last, meta)
         assert (g.first, g.last) == (first, last)
         for w in writes:
             put(self.image, *w)
@@ -335,14 +335,14 @@ def test_segments_rotate_only_at_group_boundaries(tmp_path: Path, seg_max: int) 
         assert int(seg.path.stem[4:]) == seg.groups[0].first
         if n < len(j.segments) - 1:
             assert seg.size >= seg_max
-        # Every UNDO is followed by its group's COMMIT in the same file.
+        # Every UNDO is followed by its group's END in the same file.
         it = iter(recs)
         for g in seg.groups:
             t, seq, at, end = next(it)
             if g.undo_at >= 0:
                 assert (t, seq, at, end - at) == (UNDO_TYPE, g.first, g.undo_at, g.undo_bytes)
                 t, seq, at, end = next(it)
-            assert (t, seq) == (COMMIT_TYPE, g.last)
+            assert (t, seq) == (GROUP_END_TYPE, g.last)
         assert next(it, None) is None
     check_restorable(sim)
     sim.close()
@@ -400,7 +400,7 @@ def test_crash_mid_group_rolls_back(tmp_path: Path, seg_max: int, how: str) -> N
         sim.write(writes)
         sim.replica.sync()
     assert sim.read_replica() != before or how == "undo-only" or not writes
-    sim.journal.close()  # the process dies: no COMMIT
+    sim.journal.close()  # the process dies: no END
 
     j = sim.new_journal()
     pending = j.open()
@@ -411,7 +411,7 @@ def test_crash_mid_group_rolls_back(tmp_path: Path, seg_max: int, how: str) -> N
     assert sim.read_replica() == before
     check_files(j)
     sim.journal = j
-    # The journal now ends at the previous commit: a new start finds nothing to roll back.
+    # The journal now ends at the previous group's end: a new start finds nothing to roll back.
     j2 = sim.reopen()
     assert snapshot(j2)[0] == groups_before and j2.last_seq == prev_last
     # Applying goes on (the process server resends from the same sequence).
@@ -464,10 +464,10 @@ def test_torn_tail_is_cut_off(tmp_path: Path, seg_max: int) -> None:
     seg = sim.journal.segments[-1].path
     recs = records(seg)
     (ut, useq, u, _), (ct, cseq, c, end) = recs[-2:]
-    assert (ut, useq, ct, cseq) == (UNDO_TYPE, last.first, COMMIT_TYPE, last.last)
+    assert (ut, useq, ct, cseq) == (UNDO_TYPE, last.first, GROUP_END_TYPE, last.last)
     final = sim.read_replica()
 
-    # Cut inside (or exactly before) the COMMIT: the group's UNDO is pending, and rolls back.
+    # Cut inside (or exactly before) the END: the group's UNDO is pending, and rolls back.
     for i, cut in enumerate([end - 1, end - 5, c + HEADER_SIZE + 1, c + HEADER_SIZE, c + 7, c + 1, c]):
         d = _copy_journal(sim, tmp_path / f"c{i}")
         os.truncate(d / seg.name, cut)
@@ -501,7 +501,7 @@ def test_torn_tail_is_cut_off(tmp_path: Path, seg_max: int) -> None:
     sim.replica.close()
 
 
-def test_torn_idle_commit_is_cut_off(tmp_path: Path) -> None:
+def test_torn_idle_group_end_is_cut_off(tmp_path: Path) -> None:
     sim = Sim(tmp_path / "sim", 32)
     sim.run(6)
     prev = sim.journal.last_seq
@@ -555,13 +555,13 @@ def test_corruption_before_the_tail_is_refused(tmp_path: Path, where: str) -> No
     sim.replica.close()
 
 
-def test_uncommitted_undo_before_the_last_segment_is_refused(tmp_path: Path) -> None:
+def test_open_group_undo_before_the_last_segment_is_refused(tmp_path: Path) -> None:
     sim = Sim(tmp_path, 42, seg_max=1)
     sim.run(4, idle_rate=0)
     sim.journal.close()
     segs = [s.path for s in sim.journal.segments]
     _, _, c, _ = records(segs[1])[-1]
-    os.truncate(segs[1], c)  # segment 1 loses its COMMIT, segments 2 and 3 follow
+    os.truncate(segs[1], c)  # segment 1 loses its END, segments 2 and 3 follow
     with pytest.raises(JournalError):
         sim.new_journal().open()
     sim.replica.close()
@@ -669,12 +669,12 @@ def test_truncate_after_keeps_exactly_the_older_groups(tmp_path: Path, seed: int
 def test_truncate_after_with_an_idle_group_next(tmp_path: Path) -> None:
     sim = Sim(tmp_path, 81)
     keep = sim.group(kind="point")
-    sim.group(idle=True, kind="point")  # an idle epoch's point: COMMIT only
+    sim.group(idle=True, kind="point")  # an idle epoch's point: END only
     sim.group(kind="point")
     sim.journal.truncate_after(keep.last)
     assert [g.last for g in sim.journal.groups] == [keep.last]
     check_files(sim.journal)
-    j2 = sim.reopen()  # the file still holds the idle group's COMMIT
+    j2 = sim.reopen()  # the file still holds the idle group's END
     assert [g.last for g in j2.groups] == [keep.last]
     sim.close()
 
@@ -713,9 +713,9 @@ def test_retention_points_and_history_bytes(tmp_path: Path, seed: int) -> None:
     for p, nxt in zip(rp, bounds[1:], strict=True):
         assert p.segment_bytes == sum(g.undo_bytes for g in groups if p.sequence <= g.last < nxt)
     assert sum(p.segment_bytes for p in rp) == sum(g.undo_bytes for g in groups if g.last >= rp[0].sequence)
-    # undo_bytes are the records' sizes: with the commits they make up the files exactly.
-    commit_bytes = sum(end - at for s in j.segments for t, _, at, end in records(s.path) if t == COMMIT_TYPE)
-    assert sum(g.undo_bytes for g in groups) + commit_bytes == j.bytes
+    # undo_bytes are the records' sizes: with the group ends they make up the files exactly.
+    end_bytes = sum(end - at for s in j.segments for t, _, at, end in records(s.path) if t == GROUP_END_TYPE)
+    assert sum(g.undo_bytes for g in groups) + end_bytes == j.bytes
     hist = j.history_bytes()
     assert list(hist) != [] and set(hist) == {g.last for g in pts}
     for seq, n in hist.items():

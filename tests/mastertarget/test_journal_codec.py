@@ -8,12 +8,12 @@ import random
 import pytest
 
 from standby.mastertarget.journal_codec import (
-    COMMIT_TYPE,
+    GROUP_END_TYPE,
     UNDO_TYPE,
     JournalError,
-    decode_commit,
+    decode_group_end,
     decode_undo,
-    encode_commit,
+    encode_group_end,
     encode_undo,
     scan,
     undo_opener,
@@ -79,15 +79,15 @@ def test_wire_extents_do_not_open_as_undo_and_back() -> None:
         Opener(KEY, UID, MAX_BATCH_LOGICAL).open(2, 42, 0, 4096, undo)
 
 
-def test_commit_round_trip_and_validation() -> None:
+def test_group_end_round_trip_and_validation() -> None:
     meta = {"generation": 2, "kind": "point", "time": 1.5, "consistency": "crash-consistent", "tag": "t"}
-    s = scan(encode_commit(3, 43, meta))
+    s = scan(encode_group_end(3, 43, meta))
     ftype, disk, seq, payload = s.records[0]
-    assert ftype == COMMIT_TYPE and decode_commit(disk, seq, payload).meta == meta
+    assert ftype == GROUP_END_TYPE and decode_group_end(disk, seq, payload).meta == meta
     with pytest.raises(JournalError):
-        encode_commit(3, 43, {"kind": "point"})
+        encode_group_end(3, 43, {"kind": "point"})
     with pytest.raises(JournalError):
-        decode_commit(3, 43, b"{not json")
+        decode_group_end(3, 43, b"{not json")
 
 
 def segment() -> bytes:
@@ -95,13 +95,13 @@ def segment() -> bytes:
     out = b""
     for seq in range(1, 4):
         out += encode_undo(1, seq, 1, old_contents(seq), sealer)
-        out += encode_commit(1, seq, {"generation": 1, "kind": "batch"})
+        out += encode_group_end(1, seq, {"generation": 1, "kind": "batch"})
     return out
 
 
 def test_every_cut_of_the_last_record_is_a_torn_tail() -> None:
     full = segment()
-    last = encode_commit(1, 4, {"generation": 1, "kind": "batch"})
+    last = encode_group_end(1, 4, {"generation": 1, "kind": "batch"})
     whole = full + last
     for cut in range(len(full) + 1, len(whole)):
         s = scan(whole[:cut])

@@ -277,7 +277,7 @@ def test_copy_then_undo_gives_each_point(tmp_path: Path, kind: str) -> None:
         dest = recovery.test_failover_path(str(sim.replica.path), kind, 0, tmp_path / f"copy{i}")
         dest.parent.mkdir()
         out = copy_replica(sim.replica, kind, dest, sim.replica.read)
-        assert out.kind == kind and dest.exists()
+        assert out.format == kind and dest.exists()
         undo_into(sim.journal, sim.journal.groups_after(p), out)
         assert out.read(0, sim.size) == sim.image_at(p)
         out.close()
@@ -307,7 +307,7 @@ def test_copy_taken_in_the_middle_of_a_group(tmp_path: Path) -> None:
     sim.write(writes[:2])
     out = copy_replica(sim.replica, "raw", tmp_path / "copy.img", sim.replica.read)
     sim.write(writes[2:])
-    sim.commit(first, last, writes, kind="point")
+    sim.end(first, last, writes, kind="point")
     sim.run(3)
     undo_into(sim.journal, sim.journal.groups_after(p), out)
     assert out.read(0, sim.size) == sim.image_at(p)
@@ -483,7 +483,7 @@ def test_an_undo_that_cannot_be_written_is_discarded_and_the_group_retried(tmp_p
     first = sim.next_seq
     sim.journal.write_undo_ranges(first, 2, ranges, sim.replica.read)  # tried again: works
     sim.write(writes)
-    sim.commit(first, first, writes, kind="point")
+    sim.end(first, first, writes, kind="point")
     check_restorable(sim)
     sim.close()
 

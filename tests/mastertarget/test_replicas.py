@@ -209,7 +209,7 @@ def test_random_pattern_matches_reference(tmp_path: Path, kind: str) -> None:
     rng = random.Random(f"pattern-{kind}")
     ref = bytearray(SIZE)
     replica = create_replica(kind, path, SIZE)
-    assert (replica.kind, replica.path, replica.size) == (kind, path, SIZE)
+    assert (replica.format, replica.path, replica.size) == (kind, path, SIZE)
     random_pattern(replica, ref, rng)
     replica.sync()
     assert replica.read(0, SIZE) == ref

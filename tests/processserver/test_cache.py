@@ -9,7 +9,7 @@ import pytest
 
 from standby.processserver import cache as cache_mod
 from standby.processserver.cache import DiskCache, drop_quarantine
-from standby.proto.messages import Batch, BatchKind, Commit, Extent, ExtentKind
+from standby.proto.messages import Batch, BatchKind, Extent, ExtentKind, Marker
 
 SEAL = bytes(28)
 
@@ -19,20 +19,20 @@ def batch(seq: int, cursor: int, payload: bytes = b"x" * 100) -> bytes:
     return Batch(1, seq, 1, BatchKind.INITIAL, cursor, ext, SEAL).encode()
 
 
-def commit(seq: int) -> bytes:
-    return Commit(1, seq, {"generation": 1, "kind": "initial-complete"}, SEAL).encode()
+def marker(seq: int) -> bytes:
+    return Marker(1, seq, {"generation": 1, "kind": "initial-complete"}, SEAL).encode()
 
 
 def test_append_recover_roundtrip(tmp_path):
     c = DiskCache(tmp_path)
     for s in range(1, 6):
         c.append(s, batch(s, s * 512))
-    c.append(6, commit(6))
+    c.append(6, marker(6))
     c.close()
     r = DiskCache(tmp_path)
     rec = r.recover()
     assert rec.last_seq == 6 and rec.last_cursor == 5 * 512 and rec.generation == 1
-    assert rec.records[6][0] == "initial-complete"
+    assert rec.records[6].marker == "initial-complete"
     assert [e.sequence for e in r.after(3)] == [4, 5, 6]
     assert DiskCache.read(r.after(3)[0]) == batch(4, 4 * 512)
 
@@ -155,7 +155,7 @@ def test_a_record_that_does_not_decode_is_damage(tmp_path):
 
     c = DiskCache(tmp_path)
     c.append(1, batch(1, 512))
-    c.append(2, encode_frame(FrameType.COMMIT, 1, 2, b"\x00\x00\x00\x05junk!" + bytes(28)))
+    c.append(2, encode_frame(FrameType.MARKER, 1, 2, b"\x00\x00\x00\x05junk!" + bytes(28)))
     c.append(3, batch(3, 1536))
     c.close()
     r = DiskCache(tmp_path)
@@ -163,10 +163,10 @@ def test_a_record_that_does_not_decode_is_damage(tmp_path):
     assert rec.last_seq == 1 and rec.damage is not None and "does not decode" in rec.damage
 
 
-def test_record_info_never_trusts_a_commit_time():
+def test_record_info_never_trusts_a_marker_time():
     for bad in (10**400, float("inf"), float("nan"), -5, True, "1", [1], None, {"a": 1}):
-        info = cache_mod.record_info(Commit(1, 1, {"generation": 1, "kind": "point", "time": bad}, SEAL))
-        assert info.time == 0.0 and info.kind == "point"
+        info = cache_mod.record_info(Marker(1, 1, {"generation": 1, "kind": "point", "time": bad}, SEAL))
+        assert info.time == 0.0 and info.marker == "point"
 
 
 def test_quarantine_gives_way_oldest_first(tmp_path):

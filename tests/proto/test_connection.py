@@ -32,11 +32,11 @@ from standby.proto.messages import (
     Batch,
     BatchKind,
     Busy,
-    Commit,
     Extent,
     ExtentKind,
     Goodbye,
     Hello,
+    Marker,
     Message,
     Reject,
     Reply,
@@ -66,12 +66,12 @@ SAMPLES: dict[type, Message] = {
         (Extent(ExtentKind.DATA, 0, 512, b"x" * 40), Extent(ExtentKind.ZERO, 512, 4096)),
         SEAL,
     ),
-    Commit: Commit(3, 2, {"generation": 1, "kind": "initial-complete"}, SEAL),
+    Marker: Marker(3, 2, {"generation": 1, "kind": "initial-complete"}, SEAL),
     Ack: Ack(3, 1, 1),
     Busy: Busy(3, 1, 2.5, "cache over quota"),
     Reject: Reject(3, 1, "bad-seal", "failed verification"),
 }
-OPERATIONAL = (Request, Reply, Batch, Commit, Ack, Busy, Reject)
+OPERATIONAL = (Request, Reply, Batch, Marker, Ack, Busy, Reject)
 
 
 # ---- the fake link --------------------------------------------------------------------------------------
@@ -183,7 +183,7 @@ def test_server_may_refuse_with_goodbye() -> None:
 
 # ---- a whole conversation, and chunking -----------------------------------------------------------------
 
-AGENT_SENDS = [SAMPLES[Request], SAMPLES[Batch], SAMPLES[Commit], SAMPLES[Batch]]
+AGENT_SENDS = [SAMPLES[Request], SAMPLES[Batch], SAMPLES[Marker], SAMPLES[Batch]]
 SERVER_SENDS = [SAMPLES[Reply], SAMPLES[Ack], SAMPLES[Busy], SAMPLES[Reject]]
 
 

@@ -1,6 +1,6 @@
 """The closed sets of wire words (`standby.proto.enums`): their values are the strings the wire carried
 before the enums existed, a decoded request or reply holds the member, and `to_wire()` gives back plain
-strings, so the JSON (and a COMMIT's sealed meta) does not change.
+strings, so the JSON (and a MARKER's sealed meta) does not change.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 
 from standby.proto import fields
 from standby.proto import requests as rq
-from standby.proto.enums import CommitKind, Consistency, ErrorCode, ReplicaFormat
+from standby.proto.enums import Consistency, ErrorCode, MarkerKind, ReplicaFormat
 from standby.proto.messages import meta_bytes
 from standby.proto.requests import BadRequest
 
@@ -21,10 +21,10 @@ from .test_requests import EXAMPLES, METAS, T
 
 def test_the_values_are_the_wire_words_of_before():
     assert tuple(ReplicaFormat) == ("vmdk", "vmdk-thick", "vmdk-monolithic-flat", "vmdk-sparse", "raw", "device")
-    assert tuple(CommitKind) == ("initial-complete", "resync-complete", "point", "batch")
+    assert tuple(MarkerKind) == ("initial-complete", "resync-complete", "point", "batch")
     assert tuple(Consistency) == ("crash-consistent", "app-consistent")
     # The old tuple names stay, derived from the enums, and hold plain strings.
-    for old, enum in ((fields.REPLICA_FORMATS, ReplicaFormat), (fields.COMMIT_KINDS, CommitKind),
+    for old, enum in ((fields.REPLICA_FORMATS, ReplicaFormat), (fields.MARKER_KINDS, MarkerKind),
                       (fields.CONSISTENCIES, Consistency)):
         assert old == tuple(enum) and all(type(w) is str for w in old)
     assert rq.REPLICA_FORMATS is fields.REPLICA_FORMATS and rq.CONSISTENCIES is fields.CONSISTENCIES
@@ -66,9 +66,9 @@ def test_decoded_words_are_members():
 
 
 @pytest.mark.parametrize("meta", METAS, ids=lambda m: m["kind"])
-def test_commit_meta_holds_members_and_seals_the_same_bytes(meta):
-    cm = rq.CommitMeta.from_commit(meta)
-    assert cm.kind is CommitKind(meta["kind"])
+def test_marker_meta_holds_members_and_seals_the_same_bytes(meta):
+    cm = rq.MarkerMeta.from_marker(meta)
+    assert cm.kind is MarkerKind(meta["kind"])
     if "consistency" in meta:
         assert cm.consistency is Consistency(meta["consistency"])
     assert meta_bytes(cm.to_wire()) == meta_bytes(meta)
@@ -76,9 +76,9 @@ def test_commit_meta_holds_members_and_seals_the_same_bytes(meta):
 
 
 def test_built_with_a_member_or_its_string_alike():
-    a = rq.CommitMeta(generation=1, kind=CommitKind.POINT, time=T, consistency=Consistency.CRASH)
-    b = rq.CommitMeta(generation=1, kind="point", time=T, consistency="crash-consistent")
-    assert a == b and b.kind is CommitKind.POINT
+    a = rq.MarkerMeta(generation=1, kind=MarkerKind.POINT, time=T, consistency=Consistency.CRASH)
+    b = rq.MarkerMeta(generation=1, kind="point", time=T, consistency="crash-consistent")
+    assert a == b and b.kind is MarkerKind.POINT
     assert a.to_wire() == {"generation": 1, "kind": "point", "time": T, "consistency": "crash-consistent"}
 
 
@@ -92,8 +92,8 @@ def test_an_unknown_word_is_refused_naming_the_choices():
     )
     for junk in (7, None, ["raw"], "Point", "\ud800"):
         with pytest.raises(BadRequest) as exc:
-            rq.CommitMeta.from_commit({"generation": 1, "kind": junk})
-        assert exc.value.code == ErrorCode.BAD_COMMIT
+            rq.MarkerMeta.from_marker({"generation": 1, "kind": junk})
+        assert exc.value.code == ErrorCode.BAD_MARKER
 
 
 def test_refusal_codes_are_members():

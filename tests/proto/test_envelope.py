@@ -22,9 +22,9 @@ from standby.proto.messages import (
     SECTOR,
     Batch,
     BatchKind,
-    Commit,
     Extent,
     ExtentKind,
+    Marker,
     decode_message,
     meta_bytes,
 )
@@ -351,15 +351,15 @@ def test_batch_and_extent_domains_are_separate(sealer: Sealer, opener: Opener) -
         opener.check_batch(GEN, SEQ, b"", sealer.seal(GEN, SEQ, 0, b"x")[1 : 1 + SEAL_SIZE])
 
 
-# ---- commits --------------------------------------------------------------------------------------------
+# ---- markers --------------------------------------------------------------------------------------------
 
 
-def test_commit_seal_covers_its_meta(sealer: Sealer, opener: Opener) -> None:
+def test_marker_seal_covers_its_meta(sealer: Sealer, opener: Opener) -> None:
     meta = {"generation": GEN, "kind": "initial-complete"}
-    commit = Commit(7, SEQ, meta, sealer.seal_batch(GEN, SEQ, meta_bytes(meta)))
-    frame = commit.encode()
+    marker = Marker(7, SEQ, meta, sealer.seal_batch(GEN, SEQ, meta_bytes(meta)))
+    frame = marker.encode()
     back = decode_message(decode_header(frame), memoryview(frame)[HEADER_SIZE:])
-    assert isinstance(back, Commit)
+    assert isinstance(back, Marker)
     opener.check_batch(back.generation, back.sequence, back.meta_bytes(), back.seal)
     for changed in ({**meta, "kind": "recovery-point"}, {**meta, "generation": GEN + 1}, {**meta, "x": 1}):
         with pytest.raises(EnvelopeError):

@@ -26,12 +26,12 @@ from standby.proto.messages import (
     Batch,
     BatchKind,
     Busy,
-    Commit,
     Extent,
     ExtentKind,
     FrameType,
     Goodbye,
     Hello,
+    Marker,
     Message,
     Reject,
     Reply,
@@ -46,7 +46,7 @@ FAST = settings(max_examples=50, deadline=None)
 FUZZ = settings(max_examples=200, deadline=None)
 
 SEAL = bytes(range(SEAL_SIZE))
-ALL_TYPES: tuple[type, ...] = (Hello, Welcome, Goodbye, Request, Reply, Batch, Commit, Ack, Busy, Reject)
+ALL_TYPES: tuple[type, ...] = (Hello, Welcome, Goodbye, Request, Reply, Batch, Marker, Ack, Busy, Reject)
 
 
 def decode(frame: bytes) -> Message:
@@ -112,8 +112,8 @@ batches = st.builds(
     seal=st.binary(min_size=SEAL_SIZE, max_size=SEAL_SIZE),
     flags=st.integers(0, 255),
 )
-commits = st.builds(
-    Commit,
+markers = st.builds(
+    Marker,
     disk=u32,
     sequence=u64,
     meta=st.builds(lambda extra, g, k: {**extra, "generation": g, "kind": k}, json_objects, u32, text),
@@ -136,7 +136,7 @@ controls = st.one_of(
     ),
     st.builds(Reject, disk=u32, sequence=u64, code=text, reason=text),
 )
-messages = st.one_of(controls, batches, commits)
+messages = st.one_of(controls, batches, markers)
 
 
 # ---- round trips ----------------------------------------------------------------------------------------
@@ -192,10 +192,10 @@ def test_mixed_batch_accounting() -> None:
     assert [e.kind for e in back.extents] == [ExtentKind.DATA, ExtentKind.ZERO, ExtentKind.DATA]
 
 
-def test_commit_round_trip_and_canonical_meta() -> None:
-    c = Commit(3, 10, {"kind": "initial-complete", "generation": 4, "note": [1, 2]}, SEAL)
+def test_marker_round_trip_and_canonical_meta() -> None:
+    c = Marker(3, 10, {"kind": "initial-complete", "generation": 4, "note": [1, 2]}, SEAL)
     back = decode(c.encode())
-    assert back == c and isinstance(back, Commit)
+    assert back == c and isinstance(back, Marker)
     assert back.generation == 4
     assert c.meta_bytes() == meta_bytes(c.meta) == b'{"generation":4,"kind":"initial-complete","note":[1,2]}'
 
@@ -314,15 +314,15 @@ def test_out_of_range_batch_fields_are_local_errors(make: Any) -> None:
         pytest.param({"generation": 1, "kind": "x"}, SEAL[:27], id="short-seal"),
     ],
 )
-def test_invalid_commit(meta: dict[str, Any], seal: bytes) -> None:
+def test_invalid_marker(meta: dict[str, Any], seal: bytes) -> None:
     with pytest.raises(LocalProtocolError) as exc:
-        Commit(1, 1, meta, seal)
-    assert exc.value.code == "bad-commit"
+        Marker(1, 1, meta, seal)
+    assert exc.value.code == "bad-marker"
 
 
-def test_commit_rejects_bool_generation() -> None:
+def test_marker_rejects_bool_generation() -> None:
     with pytest.raises(LocalProtocolError):
-        Commit(1, 1, {"generation": True, "kind": "x"}, SEAL)
+        Marker(1, 1, {"generation": True, "kind": "x"}, SEAL)
 
 
 @pytest.mark.parametrize(
@@ -531,10 +531,10 @@ def test_malformed_batch_is_remote_error(payload: bytes) -> None:
     assert assert_remote_error(FrameType.BATCH, payload).code == "bad-batch"
 
 
-# ---- malformed payloads: COMMIT -------------------------------------------------------------------------
+# ---- malformed payloads: MARKER -------------------------------------------------------------------------
 
 
-def commit_payload(meta: bytes, *, n: int | None = None, seal: bytes = SEAL) -> bytes:
+def marker_payload(meta: bytes, *, n: int | None = None, seal: bytes = SEAL) -> bytes:
     return struct.pack(">I", len(meta) if n is None else n) + meta + seal
 
 
@@ -543,31 +543,31 @@ def commit_payload(meta: bytes, *, n: int | None = None, seal: bytes = SEAL) -> 
     [
         pytest.param(b"", id="empty"),
         pytest.param(b"\0" * 31, id="too-short"),
-        pytest.param(commit_payload(b'{"generation":1,"kind":"x"}', n=100), id="length-too-big"),
-        pytest.param(commit_payload(b'{"generation":1,"kind":"x"}', n=3), id="length-too-small"),
-        pytest.param(commit_payload(b'{"generation":1,"kind":"x"}', n=2**32 - 1), id="length-u32-max"),
-        pytest.param(commit_payload(b'{"generation":1,"kind":"x"}', seal=SEAL[:-1]), id="short-seal"),
-        pytest.param(commit_payload(b"not json"), id="not-json"),
-        pytest.param(commit_payload(b"\xff\xfe"), id="not-utf8"),
-        pytest.param(commit_payload(b"[1,2]"), id="array"),
-        pytest.param(commit_payload(b"null"), id="null"),
-        pytest.param(commit_payload(b""), id="empty-meta"),
-        pytest.param(commit_payload(b'{"kind":"x"}'), id="no-generation"),
-        pytest.param(commit_payload(b'{"generation":"1","kind":"x"}'), id="string-generation"),
-        pytest.param(commit_payload(b'{"generation":1}'), id="no-kind"),
-        pytest.param(commit_payload(b'{"generation":1,"kind":null}'), id="null-kind"),
+        pytest.param(marker_payload(b'{"generation":1,"kind":"x"}', n=100), id="length-too-big"),
+        pytest.param(marker_payload(b'{"generation":1,"kind":"x"}', n=3), id="length-too-small"),
+        pytest.param(marker_payload(b'{"generation":1,"kind":"x"}', n=2**32 - 1), id="length-u32-max"),
+        pytest.param(marker_payload(b'{"generation":1,"kind":"x"}', seal=SEAL[:-1]), id="short-seal"),
+        pytest.param(marker_payload(b"not json"), id="not-json"),
+        pytest.param(marker_payload(b"\xff\xfe"), id="not-utf8"),
+        pytest.param(marker_payload(b"[1,2]"), id="array"),
+        pytest.param(marker_payload(b"null"), id="null"),
+        pytest.param(marker_payload(b""), id="empty-meta"),
+        pytest.param(marker_payload(b'{"kind":"x"}'), id="no-generation"),
+        pytest.param(marker_payload(b'{"generation":"1","kind":"x"}'), id="string-generation"),
+        pytest.param(marker_payload(b'{"generation":1}'), id="no-kind"),
+        pytest.param(marker_payload(b'{"generation":1,"kind":null}'), id="null-kind"),
     ],
 )
-def test_malformed_commit_is_remote_error(payload: bytes) -> None:
-    assert assert_remote_error(FrameType.COMMIT, payload).code == "bad-commit"
+def test_malformed_marker_is_remote_error(payload: bytes) -> None:
+    assert assert_remote_error(FrameType.MARKER, payload).code == "bad-marker"
 
 
-def test_commit_with_bool_generation_is_remote_error() -> None:
-    assert_remote_error(FrameType.COMMIT, commit_payload(b'{"generation":true,"kind":"x"}'))
+def test_marker_with_bool_generation_is_remote_error() -> None:
+    assert_remote_error(FrameType.MARKER, marker_payload(b'{"generation":true,"kind":"x"}'))
 
 
-def test_commit_with_deeply_nested_meta_is_remote_error() -> None:
-    assert_remote_error(FrameType.COMMIT, commit_payload(b'{"x":' + b"[" * 200_000 + b"]" * 200_000 + b"}"))
+def test_marker_with_deeply_nested_meta_is_remote_error() -> None:
+    assert_remote_error(FrameType.MARKER, marker_payload(b'{"x":' + b"[" * 200_000 + b"]" * 200_000 + b"}"))
 
 
 # ---- fuzzing: nothing but a message or RemoteProtocolError ----------------------------------------------
@@ -591,7 +591,7 @@ def test_fuzz_random_bytes(ftype: int, payload: bytes, disk: int, sequence: int)
 
 @FUZZ
 @given(
-    ftype=st.sampled_from(JSON_TYPES + [FrameType.COMMIT]),
+    ftype=st.sampled_from(JSON_TYPES + [FrameType.MARKER]),
     body=st.dictionaries(
         st.sampled_from(sorted(FIELD_KIND) + ["disk", "sequence", "x"]), json_values | st.floats(), max_size=6
     )
@@ -599,7 +599,7 @@ def test_fuzz_random_bytes(ftype: int, payload: bytes, disk: int, sequence: int)
 )
 def test_fuzz_json_bodies(ftype: FrameType, body: Any) -> None:
     raw = json.dumps(body).encode()
-    payload = commit_payload(raw) if ftype == FrameType.COMMIT else raw
+    payload = marker_payload(raw) if ftype == FrameType.MARKER else raw
     _message_or_remote_error(ftype, payload)
 
 

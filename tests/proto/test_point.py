@@ -1,4 +1,4 @@
-"""proto.point.Point: the one shape of a recovery point, validated; built from a COMMIT meta or a journal
+"""proto.point.Point: the one shape of a recovery point, validated; built from a MARKER meta or a journal
 group; its wire form in the `points` reply (proto.mt_requests.PointInfo) is the JSON peers always read."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from standby.proto.enums import Consistency
-from standby.proto.messages import Commit
+from standby.proto.messages import Marker
 from standby.proto.mt_requests import PointInfo
 from standby.proto.point import Point, meta_time
 from standby.proto.wire import InvalidMessage
@@ -18,8 +18,8 @@ T = 1_800_000_000.5
 META: dict[str, Any] = {"generation": 3, "kind": "point", "time": T, "consistency": "app-consistent", "tag": "nightly"}
 
 
-def test_from_commit_and_from_group_agree() -> None:
-    p = Point.from_commit(Commit(7, 42, META, bytes(28)))
+def test_from_marker_and_from_group_agree() -> None:
+    p = Point.from_marker(Marker(7, 42, META, bytes(28)))
     assert p == Point(42, 3, T, Consistency.APP, "nightly") and p.is_app
 
     class Group:  # the journal keeps the agent's meta with the group's first sequence added

@@ -1,8 +1,8 @@
 """Typed control requests and replies (`standby.proto.requests`): round trips of every op, the refusals
 issue 9 finding 5 asks for, agreement with what today's daemons send, and a fuzz property.
 
-Rule under test: whatever JSON a peer sends as a request's args, a reply's result or a COMMIT's meta,
-`parse_request` / `parse_reply` / `CommitMeta.from_commit` return a typed, valid object or raise
+Rule under test: whatever JSON a peer sends as a request's args, a reply's result or a MARKER's meta,
+`parse_request` / `parse_reply` / `MarkerMeta.from_marker` return a typed, valid object or raise
 BadRequest naming the op and the field — never any other exception.
 """
 
@@ -130,7 +130,7 @@ EXAMPLES: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {
             "generation": 1,
             "next_sequence": 1,
             "cursor": 0,
-            "initial_committed": False,
+            "initial_complete": False,
             "key_needed": True,
             "seed": False,
             "resync": {"mode": "checksum", "reason": "requested by the operator"},
@@ -318,7 +318,7 @@ EXAMPLES: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {
     ),
 }
 
-# The three COMMIT metas the agent writes, and the journal's own.
+# The three MARKER metas the agent writes, and the journal's own.
 METAS = [
     {"generation": 1, "kind": "initial-complete", "time": T},
     {
@@ -541,8 +541,8 @@ def test_the_agents_hash_query_is_relayed_byte_for_byte():
 
 
 @pytest.mark.parametrize("meta", METAS, ids=lambda m: m["kind"])
-def test_commit_meta_round_trip_keeps_the_sealed_bytes(meta):
-    cm = rq.CommitMeta.from_commit(meta)
+def test_marker_meta_round_trip_keeps_the_sealed_bytes(meta):
+    cm = rq.MarkerMeta.from_marker(meta)
     assert cm.kind == meta["kind"] and cm.generation == meta["generation"]
     assert meta_bytes(cm.to_wire()) == meta_bytes(meta)  # an int time stays an int: the seal covers the JSON
 
@@ -567,24 +567,24 @@ def test_finding5_disk_open_refusals_name_op_field_and_value():
         bad(exc, "bad-input", "disk_open: size")
 
 
-def test_finding5_commit_meta_time_refusals():
+def test_finding5_marker_meta_time_refusals():
     point = {"generation": 2, "kind": "point", "consistency": "crash-consistent"}
     for t in (10**400, json.loads("1e400"), math.inf, -math.inf, math.nan, [], None, "1780000000", {}, True, 0, -1):
         with pytest.raises(BadRequest) as exc:
-            rq.CommitMeta.from_commit({**point, "time": t})
-        bad(exc, "bad-commit", "commit meta:")
+            rq.MarkerMeta.from_marker({**point, "time": t})
+        bad(exc, "bad-marker", "marker meta:")
     with pytest.raises(BadRequest) as exc:
-        rq.CommitMeta.from_commit(point)
-    bad(exc, "bad-commit", "a point needs a time")
+        rq.MarkerMeta.from_marker(point)
+    bad(exc, "bad-marker", "a point needs a time")
     with pytest.raises(BadRequest) as exc:
-        rq.CommitMeta.from_commit({**point, "time": T, "generation": 2**32})
-    bad(exc, "bad-commit", "generation")
+        rq.MarkerMeta.from_marker({**point, "time": T, "generation": 2**32})
+    bad(exc, "bad-marker", "generation")
     with pytest.raises(BadRequest) as exc:
-        rq.CommitMeta.from_commit({**point, "time": T, "kind": "pointless"})
-    bad(exc, "bad-commit", "kind must be one of")
+        rq.MarkerMeta.from_marker({**point, "time": T, "kind": "pointless"})
+    bad(exc, "bad-marker", "kind must be one of")
     with pytest.raises(BadRequest) as exc:
-        rq.CommitMeta.from_commit({**point, "time": T, "evil": 1})
-    bad(exc, "bad-commit", "evil is not a field")
+        rq.MarkerMeta.from_marker({**point, "time": T, "evil": 1})
+    bad(exc, "bad-marker", "evil is not a field")
 
 
 def test_finding5_subscribe_with_a_poisoned_disk_fails_that_disk_alone():
@@ -828,7 +828,7 @@ def test_error_kinds():
         rq.DiskOpen("../x", "/dev/sda", 512, UID)  # we tried to build it: our bug
     assert exc.value.code == "bad-input" and str(exc.value).startswith("disk_open: name must be a name")
     with pytest.raises(rq.InvalidMessage):
-        rq.CommitMeta(1, "point")
+        rq.MarkerMeta(1, "point")
     with pytest.raises(LocalProtocolError):
         rq.parse_reply("status", {}, "agent")  # we never send that as an agent
     with pytest.raises(BadRequest) as bexc:
@@ -943,7 +943,7 @@ def _only_bad_request(fn: Any, *args: Any) -> Any:
     try:
         return fn(*args)
     except BadRequest as exc:
-        assert exc.code in ("bad-input", "bad-reply", "bad-commit", "unknown-request", "forbidden")
+        assert exc.code in ("bad-input", "bad-reply", "bad-marker", "unknown-request", "forbidden")
         assert str(exc)
         return exc
 
@@ -1020,11 +1020,11 @@ def test_every_place_of_every_message_takes_any_value_safely(key):
                 _only_bad_request(rq.parse_subscribe, _replace(result, p, v))
 
 
-def test_every_place_of_every_commit_meta_takes_any_value_safely():
+def test_every_place_of_every_marker_meta_takes_any_value_safely():
     for meta in METAS:
         for p in _leaves(meta):
             for v in SUBSTITUTES:
-                _only_bad_request(rq.CommitMeta.from_commit, _replace(meta, p, v))
+                _only_bad_request(rq.MarkerMeta.from_marker, _replace(meta, p, v))
 
 
 @FUZZ
@@ -1056,14 +1056,14 @@ def test_fuzz_replies_never_raise_anything_but_bad_request(key, data):
 
 @FUZZ
 @given(data=st.data())
-def test_fuzz_commit_meta_never_raises_anything_but_bad_request(data):
-    keys = st.sampled_from(_field_names(rq.CommitMeta)) | st.text(max_size=8)
+def test_fuzz_marker_meta_never_raises_anything_but_bad_request(data):
+    keys = st.sampled_from(_field_names(rq.MarkerMeta)) | st.text(max_size=8)
     meta = data.draw(
         st.dictionaries(keys, JSON, max_size=8) | JSON | st.just(_mutate(data.draw(st.sampled_from(METAS)), data))
     )
-    got = _only_bad_request(rq.CommitMeta.from_commit, meta)
+    got = _only_bad_request(rq.MarkerMeta.from_marker, meta)
     if not isinstance(got, BadRequest):
-        assert rq.CommitMeta.from_commit(json.loads(json.dumps(got.to_wire()))) == got
+        assert rq.MarkerMeta.from_marker(json.loads(json.dumps(got.to_wire()))) == got
 
 
 @FAST

@@ -11,13 +11,13 @@ REC = encode_frame(0x10, 1, 7, b"p" * 64)
 
 
 def tail_of(buf: bytes, good_end: int, **kw: bool) -> str:
-    return classify_tail(buf[good_end : good_end + HEADER_SIZE], len(buf) - good_end, "why", **kw).kind
+    return classify_tail(buf[good_end : good_end + HEADER_SIZE], len(buf) - good_end, "why", **kw).verdict
 
 
 def test_nothing_after_the_last_good_record_is_clean() -> None:
-    assert classify_tail(b"", 0).kind == CLEAN
+    assert classify_tail(b"", 0).verdict == CLEAN
     records, good_end, tail = scan_segment(REC + REC)
-    assert len(records) == 2 and good_end == 2 * len(REC) and tail.kind == CLEAN and tail.reason is None
+    assert len(records) == 2 and good_end == 2 * len(REC) and tail.verdict == CLEAN and tail.reason is None
 
 
 @pytest.mark.parametrize("cut", [1, HEADER_SIZE - 1, HEADER_SIZE, HEADER_SIZE + 1, len(REC) - 1])
@@ -36,7 +36,7 @@ def test_a_last_record_reaching_the_end_with_a_bad_payload_is_torn() -> None:
 def test_a_bad_payload_with_bytes_after_it_is_damage() -> None:
     bad = REC[:-1] + bytes([REC[-1] ^ 1])
     _, good_end, tail = scan_segment(REC + bad + REC)
-    assert good_end == len(REC) and tail.kind == DAMAGE and "checksum" in (tail.reason or "")
+    assert good_end == len(REC) and tail.verdict == DAMAGE and "checksum" in (tail.reason or "")
 
 
 def test_a_header_that_does_not_decode_is_damage_even_at_the_end() -> None:
