@@ -449,7 +449,7 @@ def apply_throughput(work: Path, shm: Path, data: str, size: int, fill: int, siz
         for group_bytes, count in sizes:
             before = image_hash(src.path)
             t0 = time.perf_counter()
-            groups = [src.group(group_bytes, 0.0) for _ in range(count)]
+            groups = [src.group(group_bytes, time.time()) for _ in range(count)]
             build = time.perf_counter() - t0
             after = image_hash(src.path)
             logical = sum(g.logical for g in groups)

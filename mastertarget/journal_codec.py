@@ -29,8 +29,11 @@ from typing import Any
 
 from standby.proto.envelope import REDO, UNDO, Domain, Opener, Sealer, seal_pieces
 from standby.proto.errors import EnvelopeError
+from standby.proto.fields import MAX_SEQUENCE
 from standby.proto.frames import encode_frame, scan_segment
+from standby.proto.marker_meta import MarkerMeta
 from standby.proto.messages import MAX_BATCH_LOGICAL, SEAL_SIZE, ExtentKind, meta_bytes
+from standby.proto.wire import BadRequest
 
 UNDO_TYPE = 0x40
 GROUP_END_TYPE = 0x41
@@ -144,9 +147,20 @@ def undo_table(sequence: int, prefix: bytes | memoryview, opener: Opener) -> lis
 
 
 def encode_group_end(disk: int, sequence: int, meta: dict[str, Any]) -> bytes:
-    if type(meta.get("generation")) is not int or not isinstance(meta.get("kind"), str):
-        raise JournalError("a group end needs an integer generation and a kind")
+    check_end_meta(sequence, meta)
     return encode_frame(GROUP_END_TYPE, disk, sequence, meta_bytes(meta))
+
+
+def check_end_meta(sequence: int, meta: Any) -> MarkerMeta:
+    """The meta of a group end is a MARKER's meta (checked again: the file may be damaged or crafted behind a
+    valid checksum) or the journal's own kind `batch`, plus `first`. JournalError if it is not: a journal
+    whose points cannot be named must not be listed or moved to, and the disk says why."""
+    if not 0 <= sequence <= MAX_SEQUENCE:
+        raise JournalError(f"group end {sequence}: the sequence is beyond what a disk's stream numbers")
+    try:
+        return MarkerMeta.from_wire(meta, what="group end meta")
+    except BadRequest as exc:
+        raise JournalError(f"group end {sequence}: {exc}") from None
 
 
 def decode_group_end(disk: int, sequence: int, payload: bytes | memoryview) -> GroupEnd:
@@ -154,8 +168,7 @@ def decode_group_end(disk: int, sequence: int, payload: bytes | memoryview) -> G
         meta = json.loads(bytes(payload))
     except (ValueError, RecursionError):
         raise JournalError(f"group end {sequence}: not JSON") from None
-    if not isinstance(meta, dict) or type(meta.get("generation")) is not int:
-        raise JournalError(f"group end {sequence}: bad fields")
+    check_end_meta(sequence, meta)
     return GroupEnd(disk, sequence, meta)
 
 

@@ -125,17 +125,12 @@ def _number_range(lo: float, hi: float, what: str) -> Check:
 
 disk_id = _int_range(1, MAX_DISK_ID, f"a disk id (an integer 1..{MAX_DISK_ID})")
 sequence = _int_range(0, MAX_SEQUENCE, "a sequence number (an integer 0..2**63-1)")
-# A record's sequence as its frame header carries it (u64): what the master target reads back from its own
-# retention journal, which a request or reply bounds further (`sequence`) when it carries one.
-record_sequence = _int_range(0, 2**64 - 1, "a record's sequence number (an integer 0..2**64-1)")
 generation = _int_range(0, MAX_GENERATION, "a generation (an integer 0..2**32-1)")
 count = _int_range(0, MAX_COUNT, "a count (an integer 0..2**63-1)")
 hash_level = _int_range(0, MAX_HASH_LEVEL, f"a checksum tree level (an integer 0..{MAX_HASH_LEVEL})")
 hash_node = _int_range(0, MAX_HASH_NODE, "a checksum tree node index (an integer 0..2**40)")
 step_op = _int_range(0, 1, "0 (undo) or 1 (redo)")
 time_ = _number_range(TIME_MIN, TIME_MAX, "a time in seconds since the epoch, between the years 2000 and 2200")
-# A recovery point's instant as the master target keeps it (proto.point.meta_time): 0 when not plausible.
-point_time = _number_range(0, MAX_POINT_TIME, "a point's time (0, or seconds since the epoch below 1e11)")
 seconds = _number_range(0, MAX_SECONDS, f"a duration in seconds (a finite number 0..{MAX_SECONDS})")
 # A wall-clock difference (agent.resync.Progress.elapsed) is negative after a clock step: say so, do not refuse.
 span = _number_range(-MAX_SECONDS, MAX_SECONDS, "a finite number of seconds")

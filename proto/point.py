@@ -17,15 +17,16 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from .enums import Consistency
-from .fields import MAX_POINT_TIME, consistency, generation, optional, point_time, record_sequence, tag
+from .enums import Consistency, ErrorCode, MarkerKind
+from .fields import MAX_POINT_TIME, consistency, generation, sequence, tag, time_
+from .marker_meta import MarkerMeta
 from .messages import Marker
-from .wire import Check, Invalid, Wire, checked, message
+from .wire import BadRequest, Wire, checked, message
 
 
-class Committed(Protocol):
+class Ended(Protocol):
     """A group of the master target's retention journal (mastertarget.segments.Group): the sequence of its
-    MARKER record and the meta that record keeps."""
+    END record and the meta that record keeps (checked when it was read: mastertarget.journal_codec)."""
 
     @property
     def last(self) -> int: ...
@@ -36,14 +37,10 @@ class Committed(Protocol):
 
 @message("recovery point")
 class Point(Wire):
-    # The MARKER's sequence: identifies the point on its disk. As wide as the frame header's (a damaged journal
-    # may hold one beyond what a request carries: listing the point, PointInfo, refuses it).
-    sequence: int = checked(record_sequence)
-    # The fields below take their "unknown" value (0, 0.0, None, "") where a journal record's meta does not
-    # give a valid one (see from_meta): None is never a consistency a point can be listed with.
+    sequence: int = checked(sequence)  # the MARKER's sequence: identifies the point on its disk
     generation: int = checked(generation)
-    time: float = checked(point_time)
-    consistency: Consistency | None = checked(optional(consistency))
+    time: float = checked(time_)
+    consistency: Consistency = checked(consistency)
     tag: str = checked(tag, "")
 
     @property
@@ -52,37 +49,23 @@ class Point(Wire):
 
     @classmethod
     def from_meta(cls, seq: int, meta: dict[str, Any]) -> Point:
-        """The point of a MARKER meta of kind `point`: the agent's (checked by proto.marker_meta.MarkerMeta
-        before it is applied) or the journal's copy (which adds `first`).
-
-        Never refuses: the journal's copy is read back from the retention volume, where only the JSON and an
-        integer generation are checked (mastertarget.journal_codec.decode_group_end), and a damaged record must
-        not stop the disk from opening. A field whose value does not check takes its unknown value instead:
-        generation 0, time 0.0 (see meta_time), consistency None (so the point cannot be listed: a listed
-        point names its consistency), tag ""."""
-        return cls(
-            seq,
-            _or(generation, meta.get("generation"), 0),
-            meta_time(meta),
-            _or(consistency, meta.get("consistency"), None),
-            _or(tag, meta.get("tag"), ""),
-        )
+        """The point of a MARKER meta of kind `point`, checked before: the agent's (proto.marker_meta.MarkerMeta,
+        before it is applied) or the journal's copy, which adds `first` (checked when the journal is read).
+        BadRequest if it is not one: a bug, never a peer's value."""
+        m = MarkerMeta.from_wire(meta, what="recovery point")
+        if m.kind != MarkerKind.POINT:
+            raise BadRequest(ErrorCode.BAD_INPUT, f"recovery point: a marker of kind {m.kind} is not one")
+        assert m.time is not None and m.consistency is not None  # MarkerMeta._check: a point has both
+        return cls(seq, m.generation, m.time, m.consistency, m.tag or "")
 
     @classmethod
     def from_marker(cls, c: Marker) -> Point:
         return cls.from_meta(c.sequence, c.meta)
 
     @classmethod
-    def from_group(cls, g: Committed) -> Point:
+    def from_group(cls, g: Ended) -> Point:
         """The point a journal group ends at (the group must be one: `g.is_point`)."""
         return cls.from_meta(g.last, g.meta)
-
-
-def _or(check: Check, v: Any, unknown: Any) -> Any:
-    try:
-        return check(v)
-    except Invalid:
-        return unknown
 
 
 def meta_time(meta: dict[str, Any]) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 
@@ -80,7 +81,7 @@ def test_wire_extents_do_not_open_as_undo_and_back() -> None:
 
 
 def test_group_end_round_trip_and_validation() -> None:
-    meta = {"generation": 2, "kind": "point", "time": 1.5, "consistency": "crash-consistent", "tag": "t"}
+    meta = {"generation": 2, "kind": "point", "time": 1.8e9, "consistency": "crash-consistent", "tag": "t"}
     s = scan(encode_group_end(3, 43, meta))
     ftype, disk, seq, payload = s.records[0]
     assert ftype == GROUP_END_TYPE and decode_group_end(disk, seq, payload).meta == meta
@@ -88,6 +89,28 @@ def test_group_end_round_trip_and_validation() -> None:
         encode_group_end(3, 43, {"kind": "point"})
     with pytest.raises(JournalError):
         decode_group_end(3, 43, b"{not json")
+
+
+@pytest.mark.parametrize(
+    "damage, field",
+    [
+        ({"time": "soon"}, "time"),
+        ({"time": 1.5}, "time"),  # not a wall-clock time
+        ({"consistency": "mostly"}, "consistency"),
+        ({"consistency": None}, "point needs"),
+        ({"kind": "later"}, "kind"),
+        ({"generation": True}, "generation"),
+        ({"first": -1}, "first"),
+    ],
+)
+def test_a_group_end_whose_meta_names_no_point_is_refused_on_read(damage: dict[str, object], field: str) -> None:
+    """Behind a valid checksum (a crafted or mis-written file) the meta is checked again, as the agent's marker
+    was: the journal refuses to open rather than list a point it cannot name (promise 9)."""
+    meta = {"generation": 2, "kind": "point", "time": 1.8e9, "consistency": "crash-consistent", **damage}
+    with pytest.raises(JournalError, match=f"group end 43: .*{field}"):
+        decode_group_end(3, 43, json.dumps(meta).encode())
+    with pytest.raises(JournalError, match="beyond"):
+        decode_group_end(3, 2**63, json.dumps({"generation": 1, "kind": "batch"}).encode())
 
 
 def segment() -> bytes:

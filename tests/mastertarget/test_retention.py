@@ -10,7 +10,7 @@ from standby.mastertarget.retention import Policy, Span, Tier, plan
 from standby.proto.enums import Consistency
 from standby.proto.point import Point
 
-NOW = 1_000_000.0
+NOW = 1_800_000_000.0  # a wall-clock time: a point's time is one
 HOUR = 3600.0
 APP, CRASH = Consistency.APP, Consistency.CRASH
 
