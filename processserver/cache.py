@@ -107,6 +107,7 @@ class DiskCache:
         last_seq, cursor, gen = 0, 0, 0
         info: dict[int, RecordInfo] = {}
         damage: str | None = None
+        lost_from = 0  # the first sequence set aside with the damage
         for i, seg in enumerate(segs):
             newest = i == len(segs) - 1
             size = seg.stat().st_size
@@ -115,6 +116,7 @@ class DiskCache:
                     seg.unlink()
                     continue
                 damage = f"cache segment {seg.name} is empty but is not the newest"
+                lost_from = SegmentLog.first_of(seg)
                 self._quarantine(segs[i:], None)
                 break
             data = seg.read_bytes()  # segments are at most ~64 MiB
@@ -151,13 +153,15 @@ class DiskCache:
                     # Acknowledged records may be in or after the damage: keep the intact prefix, set the
                     # rest aside, say what is lost.
                     damage = f"cache segment {seg.name} is damaged at offset {good_end} ({problem})"
+                    lost_from = seg_last + 1
                     self._quarantine(segs[i:], (seg, good_end))
                     self.index = [e for e in self.index if e.segment != seg or e.offset < good_end]
                     self.bytes += good_end
                     break
             self.bytes += size
-        if damage is not None and acked > last_seq:
-            damage += f"; records {last_seq + 1}..{acked} are lost"
+        if damage is not None and acked >= lost_from:
+            # Not from 1: what came before the damaged segment may have been applied and released long ago.
+            damage += f"; records {lost_from}..{acked} are lost" if acked > lost_from else f"; record {acked} is lost"
         return Recovered(last_seq, cursor, gen, info, damage)
 
     def _quarantine(self, segs: list[Path], keep: tuple[Path, int] | None) -> None:

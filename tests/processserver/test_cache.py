@@ -93,7 +93,7 @@ def test_a_damaged_acknowledged_last_record_is_not_cut_as_a_torn_tail(tmp_path):
     seg.write_bytes(bytes(data))
     r = DiskCache(tmp_path)
     rec = r.recover(acked=3)
-    assert rec.last_seq == 2 and rec.damage is not None and "records 3..3 are lost" in rec.damage
+    assert rec.last_seq == 2 and rec.damage is not None and "; record 3 is lost" in rec.damage
     assert [e.sequence for e in r.index] == [1, 2]
     assert (tmp_path / "quarantine").exists()
     assert seg.stat().st_size == len(batch(1, 512)) + len(batch(2, 1024))
@@ -214,3 +214,22 @@ def test_a_torn_first_record_of_a_fresh_segment_is_a_torn_tail(tmp_path):
     seg.write_bytes(data[: len(data) - 7])
     r2 = DiskCache(tmp_path)
     assert r2.recover(acked=4).damage is not None
+
+
+def test_damage_after_released_records_names_only_what_is_lost(tmp_path):
+    """Records 1..3 were applied and their segment released: damage in the segment that begins at 4 loses
+    4..6, and the message says so (it said "records 1..6 are lost", sending the operator after records the
+    replica holds)."""
+    c = DiskCache(tmp_path)
+    for s in range(1, 4):
+        c.append(s, batch(s, s * 512))
+    c.release(3)
+    for s in range(4, 7):
+        c.append(s, batch(s, s * 512))
+    c.close()
+    (seg,) = sorted(tmp_path.glob("seg-*.log"))
+    data = bytearray(seg.read_bytes())
+    data[len(batch(4, 4 * 512)) - 5] ^= 0xFF  # inside record 4's payload
+    seg.write_bytes(bytes(data))
+    rec = DiskCache(tmp_path).recover(acked=6)
+    assert rec.damage is not None and "records 4..6 are lost" in rec.damage, rec.damage
