@@ -115,7 +115,7 @@ class Connection:
         if nxt is None:
             raise LocalProtocolError(
                 GoodbyeCode.ILLEGAL_SEND,
-                f"cannot send {type(msg).__name__} in state {self.state.name} as {self.role.name}"
+                f"cannot send {type(msg).__name__} in state {self.state.name} as {self.role.name}",
             )
         data = encode(msg)
         if isinstance(msg, Welcome):
@@ -164,7 +164,7 @@ class Connection:
         if isinstance(msg, Hello) and choose_version(msg) is None:
             raise RemoteProtocolError(
                 GoodbyeCode.BAD_VERSION,
-                f"peer speaks versions {list(msg.versions)}, we speak {list(SUPPORTED_VERSIONS)}"
+                f"peer speaks versions {list(msg.versions)}, we speak {list(SUPPORTED_VERSIONS)}",
             )
         if isinstance(msg, Welcome):
             if msg.version not in SUPPORTED_VERSIONS:

@@ -6,12 +6,14 @@ Each is a `StrEnum` whose values are exactly the strings on the wire, so the JSO
 (proto.requests) holds the member after decoding while its `to_wire()` gives back the plain string.
 
 `ErrorCode` lists the codes a REPLY carries when `ok` is false (and a `BadRequest` carries): the CLI maps
-them to exit codes (plumbing.errors.REPLY_CODES). `GoodbyeCode` lists why a connection ends (the `code` of
-a GOODBYE, and of every proto.errors.ProtocolError but a BadRequest's); `RejectCode` why a master target
-refused a record (the `code` of a REJECT). A REPLY, GOODBYE or REJECT decoded from a peer keeps its code
-as text (proto.messages): a newer peer may send a code this release does not know, and the message still
-says what happened. Senders use the members; receivers compare the text with them.
+them to exit codes (plumbing.errors.REPLY_CODES). `GoodbyeCode` lists why a connection ends: the `code` of
+a GOODBYE, and of every proto.errors.ProtocolError but those about a request (proto.wire's BadRequest and
+InvalidMessage carry an ErrorCode). `RejectCode` lists why a master target refused a record: the `code` of
+a REJECT. A REPLY, GOODBYE or REJECT decoded from a peer keeps its code as text (proto.messages): a newer
+peer may send a code this release does not know, and the message still says what happened. Senders use the
+members; receivers compare the text with them.
 """
+
 from __future__ import annotations
 
 from enum import StrEnum
@@ -85,7 +87,8 @@ class GoodbyeCode(StrEnum):
 
     # the process server refuses the connection (processserver.server) or what comes on it
     NOT_ENROLLED = "not-enrolled"  # no client certificate, and the HELLO is not an enrollment's
-    FORBIDDEN = "forbidden"  # certificate not current, a role that cannot connect, or another machine's disk
+    FORBIDDEN = "forbidden"  # certificate not current, a role that cannot connect here, another machine's disk,
+    # or a master target's ack for a disk not assigned to it
     TIMEOUT = "timeout"  # an enrollment connection sent no request in time (processserver.enroll)
     REPLACED = "replaced"  # a newer connection from the same master target took this one's place
     NOT_PROTECTED = "not-protected"  # an agent sent a record for a disk that is not protected yet
