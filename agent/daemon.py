@@ -39,6 +39,7 @@ from standby.plumbing.link import Link, LinkClosed, stay_connected
 from standby.plumbing.serve import send_reply, serve_request
 from standby.plumbing.supervise import describe, spawn, supervise
 from standby.plumbing.tls import client_context
+from standby.proto.enums import GoodbyeCode
 from standby.proto.errors import ProtocolError, RemoteProtocolError
 from standby.proto.keywrap import wrap_key
 from standby.proto.messages import Ack, Busy, Reply, Request
@@ -161,7 +162,7 @@ class Agent:
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
             else:
-                raise RemoteProtocolError("unexpected-message", f"process server sent {type(msg).__name__}")
+                raise RemoteProtocolError(GoodbyeCode.UNEXPECTED_MESSAGE, f"process server sent {type(msg).__name__}")
 
     async def protect_disk(self, link: Link, rd: ReplicatedDisk) -> None:
         """Open the disk at the process server until it is protected, then replicate it."""

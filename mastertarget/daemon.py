@@ -23,7 +23,7 @@ from standby.plumbing.serve import send_reply, serve_request
 from standby.plumbing.service import host_id
 from standby.plumbing.supervise import describe, spawn, supervise
 from standby.plumbing.tls import client_context
-from standby.proto.enums import ErrorCode
+from standby.proto.enums import ErrorCode, GoodbyeCode, RejectCode
 from standby.proto.errors import ProtocolError, RemoteProtocolError
 from standby.proto.keywrap import KeyWrapError, unwrap_key
 from standby.proto.messages import Batch, Marker, Reject, Reply, Request
@@ -143,7 +143,7 @@ class MasterTarget:
                 log.debug("disk %d: received sequence %d", msg.disk, msg.sequence)
                 w = self.workers.get(msg.disk)
                 if w is None:
-                    raise RemoteProtocolError("unexpected-message", f"record for disk {msg.disk}, not pulled")
+                    raise RemoteProtocolError(GoodbyeCode.UNEXPECTED_MESSAGE, f"record for disk {msg.disk}, not pulled")
                 w.queue.put_nowait(msg)  # bounded by the process server's window
             elif isinstance(msg, Reply):
                 link.deliver(msg)
@@ -153,7 +153,7 @@ class MasterTarget:
             elif isinstance(msg, Request):
                 self.spawn(self.answer(link, msg), f"request {msg.op}")  # answered in its own task, always
             else:
-                raise RemoteProtocolError("unexpected-message", f"unexpected {type(msg).__name__}")
+                raise RemoteProtocolError(GoodbyeCode.UNEXPECTED_MESSAGE, f"unexpected {type(msg).__name__}")
 
     async def answer(self, link: Link, req: Request) -> None:
         """Run a request from the process server and always answer it (plumbing.serve): validated at the
@@ -207,8 +207,8 @@ class MasterTarget:
             self.wakeup.clear()  # before asking, so a wake that arrives meanwhile is not lost
             try:
                 got, invalid = parse_subscribe(await link.request("subscribe"))
-            except BadRequest as exc:
-                raise RemoteProtocolError(exc.code, str(exc)) from None  # not a subscribe reply: end this session
+            except BadRequest as exc:  # not a subscribe reply: end this session
+                raise RemoteProtocolError(GoodbyeCode.BAD_REPLY, str(exc)) from None
             for disk, why in invalid:  # one poisoned assignment fails that disk alone
                 if disk is not None:
                     await self.disk_failed(link, disk, why)
@@ -325,7 +325,7 @@ class MasterTarget:
         if self.failed.get(disk) != msg:
             log.error("disk %d: %s", disk, msg)
             self.failed[disk] = msg
-            await link.send(Reject(disk, 0, "replica-error", msg))
+            await link.send(Reject(disk, 0, RejectCode.REPLICA_ERROR, msg))
 
     def open_journal(self, st: ReplicaState, applier: Applier) -> DiskJournal:
         """Open the disk's retention journal; roll back a group the last run left open (promise 5)."""

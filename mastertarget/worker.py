@@ -16,7 +16,7 @@ from typing import Protocol
 
 from standby.plumbing import failpoints
 from standby.plumbing.link import Link
-from standby.proto.enums import MarkerKind
+from standby.proto.enums import MarkerKind, RejectCode
 from standby.proto.errors import EnvelopeError
 from standby.proto.messages import Ack, Batch, Marker, Reject
 from standby.proto.point import Point
@@ -194,12 +194,12 @@ class DiskWorker:
             await asyncio.to_thread(self.roll_back_open_group)
             reason = str(exc) if isinstance(exc, JournalError) else (
                 f"cannot write replica {st.path}: {exc.strerror if isinstance(exc, OSError) else exc}")
-            await self.reject(link, first, "write-failed", reason)
+            await self.reject(link, first, RejectCode.WRITE_FAILED, reason)
             return False
         except Exception as exc:  # a bug: logged with its traceback; the disk is failed, others go on
             log.exception("disk %d: applying sequences %d..%d failed unexpectedly", st.disk, first, last)
             await asyncio.to_thread(self.roll_back_open_group)
-            await self.reject(link, first, "failed", f"applying failed unexpectedly: {exc!r}")
+            await self.reject(link, first, RejectCode.FAILED, f"applying failed unexpectedly: {exc!r}")
             return False
         if self.error is not None:
             log.info("disk %s/%s: applying works again", st.machine, st.name)
@@ -256,13 +256,13 @@ class DiskWorker:
     async def reject_unverified(self, link: Link, m: Record, exc: BaseException) -> None:
         st = self.state
         if isinstance(exc, EnvelopeError):
-            await self.reject(link, m.sequence, "authentication-failed", str(exc))
+            await self.reject(link, m.sequence, RejectCode.AUTHENTICATION_FAILED, str(exc))
         elif isinstance(exc, BadMarker):
-            await self.reject(link, m.sequence, "bad-marker", str(exc))
+            await self.reject(link, m.sequence, RejectCode.BAD_MARKER, str(exc))
         else:
             log.error("disk %d: verifying sequence %d failed unexpectedly", st.disk, m.sequence,
                       exc_info=(type(exc), exc, exc.__traceback__))
-            await self.reject(link, m.sequence, "failed", f"verifying failed unexpectedly: {exc!r}")
+            await self.reject(link, m.sequence, RejectCode.FAILED, f"verifying failed unexpectedly: {exc!r}")
 
     def write(self, journal: DiskJournal | None, first: int, batches: list[tuple[Batch, list[bytes | None]]]) -> None:
         """Worker thread: old contents to the journal (synced), then the batches into the replica (synced).
@@ -303,7 +303,7 @@ class DiskWorker:
         except (OSError, ReplicaError, JournalError) as exc:
             log.critical("disk %d: cannot roll back a failed group yet: %s (retried)", self.state.disk, exc)
 
-    async def reject(self, link: Link, seq: int, code: str, reason: str) -> None:
+    async def reject(self, link: Link, seq: int, code: RejectCode, reason: str) -> None:
         log.error("disk %s/%s sequence %d rejected: %s", self.state.machine, self.state.name, seq, reason)
         self.state.error = reason
         self.blocked_until = asyncio.get_running_loop().time() + RETRY_DELAY
@@ -324,7 +324,7 @@ class DiskWorker:
                 log.error("disk %s/%s: %s", st.machine, st.name, msg)
                 st.error = msg
                 self.blocked_until = asyncio.get_running_loop().time() + RETRY_DELAY * 6
-                await link.send(Reject(st.disk, 0, "replica-error", msg))
+                await link.send(Reject(st.disk, 0, RejectCode.REPLICA_ERROR, msg))
                 return
             log.warning("disk %s/%s: replica %s resized from %d to %d bytes", st.machine, st.name, st.path, st.size,
                         size)

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from standby.proto.connection import CLOSED, NEED_DATA, Connection, Role
+from standby.proto.enums import GoodbyeCode
 from standby.proto.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from standby.proto.messages import Goodbye, Hello, Message, Reply, Request, Welcome
 from standby.proto.requests import OPS, BadRequest, parse_reply
@@ -28,10 +29,17 @@ log = logging.getLogger("standby.link")
 READ_CHUNK = 1 << 20
 
 
-class LinkClosed(Exception):
-    """The peer closed the connection (or said goodbye)."""
+# LinkClosed's code when the connection ended without a GOODBYE (lost, closed, or closed by us): never on the wire.
+NO_GOODBYE = "closed"
 
-    def __init__(self, message: str, code: str = "closed") -> None:
+
+class LinkClosed(Exception):
+    """The peer closed the connection (or said goodbye).
+
+    `code` is the peer's GOODBYE code as text (a newer peer may send one this release does not know; compare
+    it with proto.enums.GoodbyeCode members), or NO_GOODBYE."""
+
+    def __init__(self, message: str, code: str = NO_GOODBYE) -> None:
         super().__init__(message)
         self.code = code
 
@@ -155,7 +163,8 @@ class Link:
             if not fut.done():
                 fut.set_exception(exc)
 
-    async def close(self, code: str | None = None, reason: str = "") -> None:
+    async def close(self, code: GoodbyeCode | None = None, reason: str = "") -> None:
+        """Close the connection, first saying GOODBYE with `code` and `reason` unless `code` is None."""
         if self.closed:
             return
         self.closed = True
@@ -210,7 +219,7 @@ async def dial(
     except LinkClosed as exc:
         refusal = _tls_refusal(writer, exc)
         await link.close()
-        if exc.code in ("forbidden", "not-enrolled"):
+        if exc.code in (GoodbyeCode.FORBIDDEN, GoodbyeCode.NOT_ENROLLED):
             raise Refused(str(exc)) from None
         if refusal is not None:
             raise Refused(
@@ -223,7 +232,7 @@ async def dial(
         await link.close()
         raise Unreachable(f"the process server at {host}:{port} did not complete the handshake: {exc}") from None
     if not isinstance(msg, Welcome):
-        await link.close("unexpected-message", "expected WELCOME")
+        await link.close(GoodbyeCode.UNEXPECTED_MESSAGE, "expected WELCOME")
         raise Unreachable(f"unexpected answer from {host}:{port}: {type(msg).__name__}")
     return link
 
@@ -248,7 +257,7 @@ def _tls_refusal(writer: asyncio.StreamWriter, closed: LinkClosed) -> str | None
     `closed` ended the first exchange after the handshake; `Link` raises it from the read or write error,
     which stays reachable as its `__context__`. A GOODBYE is the protocol speaking, never a TLS refusal.
     """
-    if closed.code != "closed":
+    if closed.code != NO_GOODBYE:
         return None
     cause = closed.__context__
     if isinstance(cause, ssl.SSLError):
@@ -295,11 +304,12 @@ async def stay_connected(
         stopper.cancel()
         if not task.done():
             task.cancel()
-        code, reason = None, ""
+        code: GoodbyeCode | None = None
+        reason = ""
         try:
             await task
         except RemoteProtocolError as exc:  # the process server broke the protocol: say why before closing
-            code, reason = exc.code, str(exc)
+            code, reason = exc.goodbye_code, str(exc)
             log.warning("session ended: the process server sent something invalid (%s): %s", exc.code, exc)
         except (asyncio.CancelledError, LinkClosed, ProtocolError, ConnectionError, OSError, StandbyError,
                 TimeoutError) as exc:

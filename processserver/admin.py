@@ -11,7 +11,7 @@ from typing import Any
 from standby.plumbing.errors import RequestFailed
 from standby.plumbing.link import Link, LinkClosed
 from standby.plumbing.serve import Handler, serve_request
-from standby.proto.enums import ErrorCode, MarkerKind, ReplicaFormat
+from standby.proto.enums import ErrorCode, GoodbyeCode, MarkerKind, ReplicaFormat
 from standby.proto.errors import RemoteProtocolError
 from standby.proto.messages import Request
 from standby.proto.states import FAILED_OVER, Replication, disk_state
@@ -54,7 +54,7 @@ class AdminSession:
         while True:
             msg = await self.link.recv()
             if not isinstance(msg, Request):
-                raise RemoteProtocolError("unexpected-message", f"admin sent {type(msg).__name__}")
+                raise RemoteProtocolError(GoodbyeCode.UNEXPECTED_MESSAGE, f"admin sent {type(msg).__name__}")
             await serve_request(self.link, msg, "admin", "ps", handlers.get(msg.op))
 
     async def machines(self) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any
 from standby.plumbing.errors import RequestFailed
 from standby.plumbing.link import Link, LinkClosed
 from standby.plumbing.serve import Handler, serve_request
-from standby.proto.enums import ErrorCode
+from standby.proto.enums import ErrorCode, GoodbyeCode
 from standby.proto.errors import RemoteProtocolError
 from standby.proto.messages import Batch, Marker, Reply, Request
 from standby.proto.requests import BadRequest, MarkerMeta
@@ -63,7 +63,7 @@ class AgentSession:
                 elif isinstance(msg, Batch | Marker):
                     await self.enqueue(msg, self.link.conn.last_frame)
                 else:
-                    raise RemoteProtocolError("unexpected-message", f"agent sent {type(msg).__name__}")
+                    raise RemoteProtocolError(GoodbyeCode.UNEXPECTED_MESSAGE, f"agent sent {type(msg).__name__}")
         finally:
             if self.ps.agent_sessions.get(self.machine) is self:
                 del self.ps.agent_sessions[self.machine]
@@ -212,15 +212,15 @@ class AgentSession:
                     st.health.set("agent-record", f"the agent sent an invalid record (sequence {msg.sequence}): "
                                                   f"{exc}; it was refused, nothing stored")
                 log.warning("%s: refused marker %d of disk %d: %s", self.link.name, msg.sequence, msg.disk, exc)
-                raise RemoteProtocolError("bad-marker", str(exc)) from None
+                raise RemoteProtocolError(GoodbyeCode.BAD_MARKER, str(exc)) from None
         w = self.writers.get(msg.disk)
         if w is None:
             row = self.ps.registry.disk(msg.disk)
             if row is None or row.machine != self.machine:
                 log.warning("%s: refused: sent data for disk %d, not its own", self.link.name, msg.disk)
-                await self.link.close("forbidden", f"disk {msg.disk} does not belong to {self.machine!r}")
+                await self.link.close(GoodbyeCode.FORBIDDEN, f"disk {msg.disk} does not belong to {self.machine!r}")
                 raise LinkClosed("forbidden")
             if row.mt is None or row.wrapped_key is None:
-                raise RemoteProtocolError("not-protected", f"disk {row.name} is not protected yet")
+                raise RemoteProtocolError(GoodbyeCode.NOT_PROTECTED, f"disk {row.name} is not protected yet")
             w = self.writers[msg.disk] = DiskWriter(self.ps, self.link, self.ps.open_stream(row))
         await w.put(msg, frame)

@@ -15,7 +15,7 @@ import logging
 from standby.plumbing import failpoints
 from standby.plumbing.link import Link, LinkClosed
 from standby.plumbing.supervise import describe
-from standby.proto.enums import MarkerKind
+from standby.proto.enums import GoodbyeCode, MarkerKind
 from standby.proto.messages import Ack, Batch, Busy, Marker
 
 from .cache import drop_quarantine, record_info
@@ -60,7 +60,7 @@ class DiskWriter:
                           "this trace)", self.link.name, self.st.id)
             self.st.health.set("ps-writer", f"the process server's cache writer failed: {describe(exc)} (the "
                                "agent reconnects and sends again)")
-            await self.link.close("internal-error", "the process server failed to store a record; send again")
+            await self.link.close(GoodbyeCode.INTERNAL_ERROR, "the process server failed to store a record; send again")
 
     async def write(self) -> None:
         """Take whatever is queued (up to GROUP_MAX records) as one group, until the connection ends."""
@@ -89,7 +89,7 @@ class DiskWriter:
         if intake.gap is not None:
             expect, got = intake.gap
             log.warning("%s: disk %d sequence gap (%d after %d)", self.link.name, st.id, got, expect - 1)
-            await self.link.close("sequence-gap", f"expected sequence {expect}, got {got}")
+            await self.link.close(GoodbyeCode.SEQUENCE_GAP, f"expected sequence {expect}, got {got}")
             return False
         failpoints.hit("ps.writer")
         why, retry = f"process server cache over quota ({quota >> 20} MiB)", QUOTA_RETRY
@@ -108,7 +108,7 @@ class DiskWriter:
                 self.cache_ok()
                 if stored < len(intake.take):  # another session of this machine stored in between
                     m = group[intake.take[stored]][0]
-                    await self.link.close("sequence-gap", f"sequence {m.sequence} is out of order")
+                    await self.link.close(GoodbyeCode.SEQUENCE_GAP, f"sequence {m.sequence} is out of order")
                     return False
         self.refused_from = intake.refused_from
         await self.answer(group, intake, why, retry)

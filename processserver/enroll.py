@@ -33,6 +33,7 @@ from standby.plumbing.errors import RequestFailed
 from standby.plumbing.link import Link
 from standby.plumbing.passphrase import RateLimiter, verify_passphrase
 from standby.plumbing.serve import serve_request
+from standby.proto.enums import GoodbyeCode
 from standby.proto.messages import Request
 
 from .ratelog import RateLimitedLog
@@ -96,10 +97,10 @@ class Enrollment:
                     msg = await link.recv()
             except TimeoutError:
                 log.debug("%s: enrollment session idle for %.0f s: closing", link.name, self.idle)
-                await link.close("timeout", f"no request within {self.idle:.0f} s")
+                await link.close(GoodbyeCode.TIMEOUT, f"no request within {self.idle:.0f} s")
                 return
             if not isinstance(msg, Request):
-                await link.close("unexpected-message", "enrollment connections only send requests")
+                await link.close(GoodbyeCode.UNEXPECTED_MESSAGE, "enrollment connections only send requests")
                 return
             # Validated at the boundary (proto.requests): a malformed request costs no scrypt; any op other
             # than ca/enroll is refused ("forbidden": not enrolled).

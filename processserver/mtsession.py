@@ -16,7 +16,7 @@ from standby.plumbing.link import Link, LinkClosed
 from standby.plumbing.serve import Handler, serve_request
 from standby.plumbing.service import host_id
 from standby.plumbing.supervise import describe, supervise
-from standby.proto.enums import ErrorCode, MarkerKind
+from standby.proto.enums import ErrorCode, GoodbyeCode, MarkerKind, RejectCode
 from standby.proto.errors import RemoteProtocolError
 from standby.proto.messages import WINDOW, Ack, Reject, Reply, Request
 from standby.proto.states import FAILED_OVER, IllegalTransition, Replication
@@ -62,7 +62,7 @@ class MTSession:
     async def run(self) -> None:
         old = self.ps.mt_sessions.get(self.name)
         if old is not None:
-            await old.link.close("replaced", "a newer connection from this master target replaced this one")
+            await old.link.close(GoodbyeCode.REPLACED, "a newer connection from this master target replaced this one")
         self.ps.mt_sessions[self.name] = self
         handlers = self.handlers()
         try:
@@ -78,7 +78,9 @@ class MTSession:
                 elif isinstance(msg, Reject):
                     self.on_reject(msg)
                 else:
-                    raise RemoteProtocolError("unexpected-message", f"master target sent {type(msg).__name__}")
+                    raise RemoteProtocolError(
+                        GoodbyeCode.UNEXPECTED_MESSAGE, f"master target sent {type(msg).__name__}"
+                    )
         finally:
             if self.ps.mt_sessions.get(self.name) is self:
                 del self.ps.mt_sessions[self.name]
@@ -265,11 +267,13 @@ class MTSession:
         st = self.ps.streams.get(ack.disk)
         row = self.ps.registry.disk(ack.disk)
         if st is None or row is None or row.mt != self.name:
-            raise RemoteProtocolError("forbidden", f"ack for disk {ack.disk}, which is not assigned here")
+            raise RemoteProtocolError(GoodbyeCode.FORBIDDEN, f"ack for disk {ack.disk}, which is not assigned here")
         if ack.sequence <= st.applied_seq:
             return  # a repeated ack (a record sent twice around a reject or a restart): already counted
         if ack.sequence != st.applied_seq + 1:
-            raise RemoteProtocolError("bad-ack", f"ack for sequence {ack.sequence}, expected {st.applied_seq + 1}")
+            raise RemoteProtocolError(
+                GoodbyeCode.BAD_ACK, f"ack for sequence {ack.sequence}, expected {st.applied_seq + 1}"
+            )
         self.set_applied(st, row, ack.sequence)
         self.ps.skip_lost(st, row)
         st.progress_at = time.monotonic()
@@ -285,7 +289,7 @@ class MTSession:
         self.stop_sender(rej.disk)
         if rej.sequence == 0:  # about the disk, not a record: the replica cannot be opened or used
             st.health.set("mt-replica", f"master target {self.name}: {rej.reason}")
-        elif rej.code in ("authentication-failed", "bad-marker"):
+        elif rej.code in (RejectCode.AUTHENTICATION_FAILED, RejectCode.BAD_MARKER):
             # Promise 6: nothing of it was written. Retrying the same cached record cannot help: quarantine
             # the disk until the operator has it resynced (which sets the cached records aside).
             st.quarantined_from = rej.sequence

@@ -26,6 +26,7 @@ from standby.plumbing.link import Link, LinkClosed
 from standby.plumbing.supervise import supervise
 from standby.plumbing.tls import server_context
 from standby.proto.connection import Connection, Role, choose_version
+from standby.proto.enums import GoodbyeCode
 from standby.proto.errors import RemoteProtocolError
 from standby.proto.messages import Hello, Welcome
 
@@ -93,17 +94,19 @@ class ProcessServer(Hub):
     async def _session(self, link: Link, ip: str) -> None:
         hello = await asyncio.wait_for(link.recv(), HANDSHAKE_TIMEOUT)  # as long as the TLS handshake may take
         if not isinstance(hello, Hello):
-            raise RemoteProtocolError("unexpected-message", "expected HELLO")
+            raise RemoteProtocolError(GoodbyeCode.UNEXPECTED_MESSAGE, "expected HELLO")
         peer = link.peer
         if peer is None:
             if hello.role != "enroll":
                 log.warning("%s: refused: no client certificate (role %s)", link.name, hello.role)
-                await link.close("not-enrolled", "no client certificate: enroll this machine first")
+                await link.close(GoodbyeCode.NOT_ENROLLED, "no client certificate: enroll this machine first")
                 return
         else:
             if hello.role != peer.role or not self._current_cert(peer.name, peer.role, peer.serial):
                 log.warning("%s: refused: certificate %s/%s is not current", link.name, peer.role, peer.name)
-                await link.close("forbidden", f"certificate for {peer.role} {peer.name!r} is not (or no longer) valid")
+                await link.close(
+                    GoodbyeCode.FORBIDDEN, f"certificate for {peer.role} {peer.name!r} is not (or no longer) valid"
+                )
                 return
             self.gate.admit(link.writer)  # an enrolled identity: no longer a stranger (gate.py)
         version = choose_version(hello)
@@ -123,7 +126,7 @@ class ProcessServer(Hub):
         elif hello.role == "admin":
             await AdminSession(self, link).run()
         else:
-            await link.close("forbidden", f"role {hello.role} cannot connect here")
+            await link.close(GoodbyeCode.FORBIDDEN, f"role {hello.role} cannot connect here")
 
     def _current_cert(self, name: str, role: str, serial: int) -> bool:
         if role == "admin":
@@ -139,7 +142,7 @@ async def serve_connection(link: Link, session: Awaitable[None]) -> None:
         await session
     except RemoteProtocolError as exc:
         log.warning("%s: protocol error (%s): %s; closing this connection", link.name, exc.code, exc)
-        await link.close(exc.code, str(exc))
+        await link.close(exc.goodbye_code, str(exc))
     except LinkClosed as exc:
         log.log(logging.DEBUG if link.quiet else logging.INFO, "%s", exc)
     except (ConnectionError, ssl.SSLError, TimeoutError) as exc:

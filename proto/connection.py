@@ -23,6 +23,7 @@ from __future__ import annotations
 from enum import Enum, auto
 from typing import Final
 
+from .enums import GoodbyeCode
 from .errors import LocalProtocolError, RemoteProtocolError
 from .frames import HEADER_SIZE, SUPPORTED_VERSIONS, FrameHeader, check_payload, decode_header
 from .messages import (
@@ -113,7 +114,8 @@ class Connection:
         nxt = _TABLE.get((self.role, self.state, "send", type(msg)))
         if nxt is None:
             raise LocalProtocolError(
-                "illegal-send", f"cannot send {type(msg).__name__} in state {self.state.name} as {self.role.name}"
+                GoodbyeCode.ILLEGAL_SEND,
+                f"cannot send {type(msg).__name__} in state {self.state.name} as {self.role.name}",
             )
         data = encode(msg)
         if isinstance(msg, Welcome):
@@ -124,7 +126,7 @@ class Connection:
     # -- incoming ---------------------------------------------------------------------------------
     def receive_data(self, data: bytes) -> None:
         if self._eof:
-            raise LocalProtocolError("after-eof", "receive_data after end of stream")
+            raise LocalProtocolError(GoodbyeCode.AFTER_EOF, "receive_data after end of stream")
         if not data:
             self._eof = True
             return
@@ -157,15 +159,16 @@ class Connection:
         nxt = _TABLE.get((self.role, self.state, "recv", type(msg)))
         if nxt is None:
             raise RemoteProtocolError(
-                "unexpected-message", f"peer sent {type(msg).__name__} in state {self.state.name}"
+                GoodbyeCode.UNEXPECTED_MESSAGE, f"peer sent {type(msg).__name__} in state {self.state.name}"
             )
         if isinstance(msg, Hello) and choose_version(msg) is None:
             raise RemoteProtocolError(
-                "bad-version", f"peer speaks versions {list(msg.versions)}, we speak {list(SUPPORTED_VERSIONS)}"
+                GoodbyeCode.BAD_VERSION,
+                f"peer speaks versions {list(msg.versions)}, we speak {list(SUPPORTED_VERSIONS)}",
             )
         if isinstance(msg, Welcome):
             if msg.version not in SUPPORTED_VERSIONS:
-                raise RemoteProtocolError("bad-version", f"server chose unsupported version {msg.version}")
+                raise RemoteProtocolError(GoodbyeCode.BAD_VERSION, f"server chose unsupported version {msg.version}")
             self.version = msg.version
         self.state = nxt
         self.last_frame = frame
@@ -174,7 +177,9 @@ class Connection:
     def _end_or_need(self) -> NeedData | Closed:
         if self._eof:
             if self._buf:
-                raise RemoteProtocolError("truncated", f"connection closed inside a frame ({len(self._buf)} bytes)")
+                raise RemoteProtocolError(
+                    GoodbyeCode.TRUNCATED, f"connection closed inside a frame ({len(self._buf)} bytes)"
+                )
             self.state = State.CLOSED
             return CLOSED
         return NEED_DATA

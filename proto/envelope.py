@@ -31,6 +31,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .checksum import DIGEST_SIZE, block_digest
+from .enums import GoodbyeCode
 from .errors import EnvelopeError, LocalProtocolError
 
 KEY_SIZE = 32
@@ -83,7 +84,7 @@ def _in_range(generation: int, sequence: int, offset: int = 0, length: int = 0) 
 
 def _check_uid(disk_uid: bytes) -> bytes:
     if len(disk_uid) != 16:
-        raise LocalProtocolError("bad-disk-uid", "disk uid must be 16 bytes")
+        raise LocalProtocolError(GoodbyeCode.BAD_DISK_UID, "disk uid must be 16 bytes")
     return bytes(disk_uid)
 
 
@@ -92,7 +93,7 @@ class Sealer:
 
     def __init__(self, key: bytes, disk_uid: bytes, level: int = 3, domain: Domain = WIRE) -> None:
         if len(key) != KEY_SIZE:
-            raise LocalProtocolError("bad-key", "data key must be 32 bytes (AES-256)")
+            raise LocalProtocolError(GoodbyeCode.BAD_KEY, "data key must be 32 bytes (AES-256)")
         self._aead = AESGCM(key)
         self._uid = _check_uid(disk_uid)
         self._zc = zstandard.ZstdCompressor(level=level)
@@ -153,7 +154,7 @@ class Opener:
 
     def __init__(self, key: bytes, disk_uid: bytes, max_extent: int, domain: Domain = WIRE) -> None:
         if len(key) != KEY_SIZE:
-            raise LocalProtocolError("bad-key", "data key must be 32 bytes (AES-256)")
+            raise LocalProtocolError(GoodbyeCode.BAD_KEY, "data key must be 32 bytes (AES-256)")
         self._aead = AESGCM(key)
         self._uid = _check_uid(disk_uid)
         self._max = max_extent

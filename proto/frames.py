@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import xxhash
 
+from .enums import GoodbyeCode
 from .errors import LocalProtocolError, RemoteProtocolError
 
 MAGIC = b"STBY"
@@ -64,9 +65,11 @@ def encode_frame(ftype: int, disk: int, sequence: int, payload: bytes | memoryvi
     """Return header + payload as one bytes object."""
     length = len(payload)
     if length > MAX_PAYLOAD:
-        raise LocalProtocolError("oversized", f"payload of {length} bytes exceeds the {MAX_PAYLOAD}-byte limit")
+        raise LocalProtocolError(
+            GoodbyeCode.OVERSIZED, f"payload of {length} bytes exceeds the {MAX_PAYLOAD}-byte limit"
+        )
     if not (0 <= disk <= MAX_DISK and 0 <= sequence <= MAX_SEQUENCE and 0 <= ftype <= 255 and 0 <= flags <= 0xFFFF):
-        raise LocalProtocolError("bad-header", "disk, sequence, type or flags out of range")
+        raise LocalProtocolError(GoodbyeCode.BAD_HEADER, "disk, sequence, type or flags out of range")
     head = _HEAD.pack(MAGIC, VERSION, ftype, flags, disk, sequence, length, xxhash.xxh64_intdigest(payload))
     return b"".join((head, _CHECK.pack(xxhash.xxh32_intdigest(head)), payload))
 
@@ -74,26 +77,28 @@ def encode_frame(ftype: int, disk: int, sequence: int, payload: bytes | memoryvi
 def decode_header(buf: bytes | memoryview) -> FrameHeader:
     """Parse and check a 36-byte header, in a fixed order: magic, version, checksum, length."""
     if len(buf) < HEADER_SIZE:
-        raise RemoteProtocolError("truncated", f"header needs {HEADER_SIZE} bytes, got {len(buf)}")
+        raise RemoteProtocolError(GoodbyeCode.TRUNCATED, f"header needs {HEADER_SIZE} bytes, got {len(buf)}")
     head = bytes(buf[: _HEAD.size])
     magic, version, ftype, flags, disk, sequence, length, phash = _HEAD.unpack(head)
     if magic != MAGIC:
-        raise RemoteProtocolError("bad-magic", f"not a standby frame (magic {magic!r})")
+        raise RemoteProtocolError(GoodbyeCode.BAD_MAGIC, f"not a standby frame (magic {magic!r})")
     if version not in SUPPORTED_VERSIONS:
         raise RemoteProtocolError(
-            "bad-version", f"frame version {version} is not supported (supported: {SUPPORTED_VERSIONS})"
+            GoodbyeCode.BAD_VERSION, f"frame version {version} is not supported (supported: {SUPPORTED_VERSIONS})"
         )
     (check,) = _CHECK.unpack(bytes(buf[_HEAD.size : HEADER_SIZE]))
     if check != xxhash.xxh32_intdigest(head):
-        raise RemoteProtocolError("bad-header-checksum", "frame header checksum mismatch (corrupted header)")
+        raise RemoteProtocolError(GoodbyeCode.BAD_HEADER_CHECKSUM, "frame header checksum mismatch (corrupted header)")
     if length > MAX_PAYLOAD:
-        raise RemoteProtocolError("oversized", f"frame announces {length} bytes, limit is {MAX_PAYLOAD}")
+        raise RemoteProtocolError(GoodbyeCode.OVERSIZED, f"frame announces {length} bytes, limit is {MAX_PAYLOAD}")
     return FrameHeader(version, ftype, flags, disk, sequence, length, phash)
 
 
 def check_payload(header: FrameHeader, payload: bytes | memoryview) -> None:
     if xxhash.xxh64_intdigest(payload) != header.payload_hash:
-        raise RemoteProtocolError("bad-payload-checksum", "frame payload checksum mismatch (corrupted payload)")
+        raise RemoteProtocolError(
+            GoodbyeCode.BAD_PAYLOAD_CHECKSUM, "frame payload checksum mismatch (corrupted payload)"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,4 +222,4 @@ def iter_frames(buf: bytes | memoryview) -> Iterator[tuple[FrameHeader, memoryvi
     for r in records:
         yield r.header, r.payload
     if problem:
-        raise RemoteProtocolError("bad-record", problem)
+        raise RemoteProtocolError(GoodbyeCode.BAD_RECORD, problem)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
+from .enums import GoodbyeCode
 from .errors import LocalProtocolError, RemoteProtocolError
 from .frames import MAX_CONTROL_PAYLOAD, FrameHeader, encode_frame
 
@@ -81,13 +82,15 @@ class Extent:
 
     def __post_init__(self) -> None:
         if self.offset < 0 or self.offset % SECTOR or self.length <= 0 or self.length % SECTOR:
-            raise LocalProtocolError("bad-extent", f"extent {self.offset}+{self.length} is not sector-aligned")
+            raise LocalProtocolError(
+                GoodbyeCode.BAD_EXTENT, f"extent {self.offset}+{self.length} is not sector-aligned"
+            )
         if self.length >= 2**32 or self.offset >= 2**64:
-            raise LocalProtocolError("bad-extent", "extent longer than 4 GiB or offset out of range")
+            raise LocalProtocolError(GoodbyeCode.BAD_EXTENT, "extent longer than 4 GiB or offset out of range")
         if self.kind == ExtentKind.ZERO and len(self.payload):
-            raise LocalProtocolError("bad-extent", "a zero extent carries no payload")
+            raise LocalProtocolError(GoodbyeCode.BAD_EXTENT, "a zero extent carries no payload")
         if self.kind == ExtentKind.DATA and (self.length > MAX_BATCH_LOGICAL or not len(self.payload)):
-            raise LocalProtocolError("bad-extent", "a data extent needs a payload and at most 16 MiB")
+            raise LocalProtocolError(GoodbyeCode.BAD_EXTENT, "a data extent needs a payload and at most 16 MiB")
 
 
 _BATCH_HEAD = struct.Struct(">IBBxxIQ")
@@ -107,21 +110,23 @@ class Batch:
 
     def __post_init__(self) -> None:
         if not 0 < len(self.extents) <= MAX_EXTENTS:
-            raise LocalProtocolError("bad-batch", f"a batch holds 1..{MAX_EXTENTS} extents")
+            raise LocalProtocolError(GoodbyeCode.BAD_BATCH, f"a batch holds 1..{MAX_EXTENTS} extents")
         if len(self.seal) != SEAL_SIZE:
-            raise LocalProtocolError("bad-batch", "batch seal has the wrong size")
+            raise LocalProtocolError(GoodbyeCode.BAD_BATCH, "batch seal has the wrong size")
         if not (0 <= self.generation < 2**32 and 0 <= self.cursor < 2**64 and 0 <= self.flags < 256):
-            raise LocalProtocolError("bad-batch", "generation, cursor or flags out of range")
+            raise LocalProtocolError(GoodbyeCode.BAD_BATCH, "generation, cursor or flags out of range")
         end = -1
         data = 0
         for e in self.extents:
             if e.offset < end:
-                raise LocalProtocolError("bad-batch", "extents must be sorted and must not overlap")
+                raise LocalProtocolError(GoodbyeCode.BAD_BATCH, "extents must be sorted and must not overlap")
             end = e.offset + e.length
             if e.kind == ExtentKind.DATA:
                 data += e.length
         if data > MAX_BATCH_LOGICAL:
-            raise LocalProtocolError("bad-batch", f"batch carries {data} data bytes, limit {MAX_BATCH_LOGICAL}")
+            raise LocalProtocolError(
+                GoodbyeCode.BAD_BATCH, f"batch carries {data} data bytes, limit {MAX_BATCH_LOGICAL}"
+            )
 
     @staticmethod
     def table(generation: int, kind: int, flags: int, cursor: int, extents: list[tuple[int, int, int, int]]) -> bytes:
@@ -158,23 +163,23 @@ class Batch:
 
 def _decode_batch(h: FrameHeader, p: memoryview) -> Batch:
     if len(p) < _BATCH_HEAD.size + SEAL_SIZE:
-        raise RemoteProtocolError("bad-batch", "batch payload too short")
+        raise RemoteProtocolError(GoodbyeCode.BAD_BATCH, "batch payload too short")
     generation, kind, flags, count, cursor = _BATCH_HEAD.unpack(p[: _BATCH_HEAD.size])
     if not 0 < count <= MAX_EXTENTS:
-        raise RemoteProtocolError("bad-batch", f"batch announces {count} extents")
+        raise RemoteProtocolError(GoodbyeCode.BAD_BATCH, f"batch announces {count} extents")
     try:
         bkind = BatchKind(kind)
     except ValueError:
-        raise RemoteProtocolError("bad-batch", f"unknown batch kind {kind}") from None
+        raise RemoteProtocolError(GoodbyeCode.BAD_BATCH, f"unknown batch kind {kind}") from None
     pos = _BATCH_HEAD.size
     table_end = pos + count * _EXTENT.size
     if len(p) < table_end + SEAL_SIZE:
-        raise RemoteProtocolError("bad-batch", "batch extent table truncated")
+        raise RemoteProtocolError(GoodbyeCode.BAD_BATCH, "batch extent table truncated")
     entries = [_EXTENT.unpack(p[pos + i * _EXTENT.size : pos + (i + 1) * _EXTENT.size]) for i in range(count)]
     seal = bytes(p[table_end : table_end + SEAL_SIZE])
     data_pos = table_end + SEAL_SIZE
     if data_pos + sum(e[3] for e in entries) != len(p):
-        raise RemoteProtocolError("bad-batch", "batch payload length does not match its extent table")
+        raise RemoteProtocolError(GoodbyeCode.BAD_BATCH, "batch payload length does not match its extent table")
     extents = []
     try:
         for k, offset, length, stored in entries:
@@ -182,7 +187,7 @@ def _decode_batch(h: FrameHeader, p: memoryview) -> Batch:
             data_pos += stored
         return Batch(h.disk, h.sequence, generation, bkind, cursor, tuple(extents), seal, flags)
     except (LocalProtocolError, ValueError) as exc:
-        raise RemoteProtocolError("bad-batch", f"invalid batch: {exc}") from None
+        raise RemoteProtocolError(GoodbyeCode.BAD_BATCH, f"invalid batch: {exc}") from None
 
 
 _META_LEN = struct.Struct(">I")
@@ -203,9 +208,9 @@ class Marker:
 
     def __post_init__(self) -> None:
         if type(self.meta.get("generation")) is not int or not isinstance(self.meta.get("kind"), str):
-            raise LocalProtocolError("bad-marker", "marker meta needs an integer generation and a kind")
+            raise LocalProtocolError(GoodbyeCode.BAD_MARKER, "marker meta needs an integer generation and a kind")
         if len(self.seal) != SEAL_SIZE:
-            raise LocalProtocolError("bad-marker", "marker seal has the wrong size")
+            raise LocalProtocolError(GoodbyeCode.BAD_MARKER, "marker seal has the wrong size")
 
     @property
     def generation(self) -> int:
@@ -226,17 +231,17 @@ def meta_bytes(meta: dict[str, Any]) -> bytes:
 
 def _decode_marker(h: FrameHeader, p: memoryview) -> Marker:
     if len(p) < 4 + SEAL_SIZE:
-        raise RemoteProtocolError("bad-marker", "marker payload too short")
+        raise RemoteProtocolError(GoodbyeCode.BAD_MARKER, "marker payload too short")
     (n,) = _META_LEN.unpack(p[:4])
     if 4 + n + SEAL_SIZE != len(p):
-        raise RemoteProtocolError("bad-marker", "marker payload length mismatch")
+        raise RemoteProtocolError(GoodbyeCode.BAD_MARKER, "marker payload length mismatch")
     try:
         meta = json.loads(bytes(p[4 : 4 + n]))
         if not isinstance(meta, dict):
             raise ValueError("meta is not an object")
         return Marker(h.disk, h.sequence, meta, bytes(p[4 + n :]))
     except (ValueError, RecursionError, LocalProtocolError) as exc:
-        raise RemoteProtocolError("bad-marker", f"invalid marker: {exc}") from None
+        raise RemoteProtocolError(GoodbyeCode.BAD_MARKER, f"invalid marker: {exc}") from None
 
 
 # ---- JSON control messages -------------------------------------------------------------------------
@@ -250,7 +255,7 @@ class Hello:
 
     def __post_init__(self) -> None:
         if self.role not in ROLES or not self.versions:
-            raise LocalProtocolError("bad-hello", f"invalid role {self.role!r} or no versions")
+            raise LocalProtocolError(GoodbyeCode.BAD_HELLO, f"invalid role {self.role!r} or no versions")
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +267,7 @@ class Welcome:
 
 @dataclass(frozen=True, slots=True)
 class Goodbye:
+    # A proto.enums.GoodbyeCode word. Kept as text: a newer peer may send a code we do not know.
     code: str
     reason: str
 
@@ -274,7 +280,7 @@ class Request:
 
     def __post_init__(self) -> None:
         if not self.op or not isinstance(self.args, dict) or self.id < 0:
-            raise LocalProtocolError("bad-request", "a request needs an op, a non-negative id and dict args")
+            raise LocalProtocolError(GoodbyeCode.BAD_REQUEST, "a request needs an op, a non-negative id and dict args")
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +312,7 @@ class Busy:
 class Reject:
     disk: int
     sequence: int
+    # A proto.enums.RejectCode word. Kept as text: a newer peer may send a code we do not know.
     code: str
     reason: str
 
@@ -332,11 +339,11 @@ def encode(msg: Message) -> bytes:
         return msg.encode()
     ftype = _JSON_TYPES.get(type(msg))
     if ftype is None:
-        raise LocalProtocolError("bad-message", f"cannot encode {type(msg).__name__}")
+        raise LocalProtocolError(GoodbyeCode.BAD_MESSAGE, f"cannot encode {type(msg).__name__}")
     body = {k: getattr(msg, k) for k in msg.__slots__ if k not in _HEADER_FIELDS}  # type: ignore[union-attr]
     payload = json.dumps(body, separators=(",", ":")).encode()
     if len(payload) > MAX_CONTROL_PAYLOAD:
-        raise LocalProtocolError("oversized", "control message over 1 MiB")
+        raise LocalProtocolError(GoodbyeCode.OVERSIZED, "control message over 1 MiB")
     return encode_frame(ftype, getattr(msg, "disk", 0), getattr(msg, "sequence", 0), payload)
 
 
@@ -348,9 +355,9 @@ def decode_message(h: FrameHeader, payload: memoryview) -> Message:
         return _decode_marker(h, payload)
     cls = _BY_TYPE.get(h.type)
     if cls is None:
-        raise RemoteProtocolError("bad-type", f"unknown frame type {h.type}")
+        raise RemoteProtocolError(GoodbyeCode.BAD_TYPE, f"unknown frame type {h.type}")
     if len(payload) > MAX_CONTROL_PAYLOAD:
-        raise RemoteProtocolError("oversized", "control message over 1 MiB")
+        raise RemoteProtocolError(GoodbyeCode.OVERSIZED, "control message over 1 MiB")
     try:
         body = json.loads(bytes(payload))
         if not isinstance(body, dict):
@@ -363,7 +370,7 @@ def decode_message(h: FrameHeader, payload: memoryview) -> Message:
         _check_types(msg)
         return msg
     except (ValueError, TypeError, RecursionError, LocalProtocolError) as exc:
-        raise RemoteProtocolError("bad-message", f"invalid {cls.__name__}: {exc}") from None
+        raise RemoteProtocolError(GoodbyeCode.BAD_MESSAGE, f"invalid {cls.__name__}: {exc}") from None
 
 
 def _check_types(msg: Message) -> None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from .enums import GoodbyeCode
 from .errors import LocalProtocolError
 
 
@@ -89,7 +90,7 @@ def move(old: Replication, new: Replication) -> Replication:
     """`new` if the table allows `old -> new` (or they are equal); else IllegalTransition."""
     if old == new or (old, new) in TRANSITIONS:
         return new
-    raise IllegalTransition("illegal-transition", f"replication {old} -> {new} is not a legal move")
+    raise IllegalTransition(GoodbyeCode.ILLEGAL_TRANSITION, f"replication {old} -> {new} is not a legal move")
 
 
 def describe(disk: str, old: Replication, new: Replication, reason: str) -> str:
