@@ -53,7 +53,7 @@ MAX_TAG = 200
 class AppPointFailed(RequestFailed):
     """No point could be made at all (no disk in delta replication, or the whole attempt timed out)."""
 
-    def __init__(self, message: str, code: str = "failed") -> None:
+    def __init__(self, message: str, code: str = ErrorCode.FAILED) -> None:
         super().__init__(code, message)
 
 

@@ -9,7 +9,7 @@ import stat
 from pathlib import Path
 
 from standby.plumbing.errors import RequestFailed
-from standby.proto.enums import ReplicaFormat
+from standby.proto.enums import ErrorCode, ReplicaFormat
 
 from .replicas import ReplicaError, open_replica
 from .replicas.vmdk_flat import FLAVOURS
@@ -21,7 +21,7 @@ async def check_replica(retention_dir: Path, used: set[str], path: str, format: 
     """RequestFailed unless `path` can hold the replica (`format`, `size` bytes) of a disk: off the retention
     volume, used by no other protected disk (`used`), and new — or, `existing`, a replica to seed from."""
     if overlaps(path, retention_dir):
-        code, message = "bad-input", f"replica {path} would be on the retention volume {retention_dir}"
+        code, message = ErrorCode.BAD_INPUT, f"replica {path} would be on the retention volume {retention_dir}"
     elif existing:
         code, message = await asyncio.to_thread(check_existing_replica, path, format, size, used)
     else:
@@ -33,32 +33,32 @@ async def check_replica(retention_dir: Path, used: set[str], path: str, format: 
 def check_existing_replica(path: str, fmt: str, size: int, used: set[str]) -> tuple[str, str]:
     """Can the replica at `path` (offline seeding) be opened as format `fmt` with the source's size?"""
     if fmt not in set(ReplicaFormat):
-        return "bad-input", f"unknown replica format {fmt!r}"
+        return ErrorCode.BAD_INPUT, f"unknown replica format {fmt!r}"
     if path in used:
         return "replica-exists", f"replica path {path} is already used by another protected disk"
     try:
         open_replica(fmt, Path(path), size).close()
     except (ReplicaError, OSError) as exc:
-        return "bad-input", f"cannot use existing replica {path}: {exc}"
+        return ErrorCode.BAD_INPUT, f"cannot use existing replica {path}: {exc}"
     return "", ""
 
 
 def check_replica_path(path: str, fmt: str, size: int, used: set[str]) -> tuple[str, str]:
     """Is `path` usable for a new replica of `size` bytes? ("", "") or (code, message)."""
     if fmt not in set(ReplicaFormat):
-        return "bad-input", f"unknown replica format {fmt!r}"
+        return ErrorCode.BAD_INPUT, f"unknown replica format {fmt!r}"
     p = Path(path)
     if not p.is_absolute():
-        return "bad-input", f"replica path {path!r} must be absolute"
+        return ErrorCode.BAD_INPUT, f"replica path {path!r} must be absolute"
     if path in used:
         return "replica-exists", f"replica path {path} is already used by another protected disk"
     if fmt == ReplicaFormat.DEVICE:
         try:
             mode = os.stat(p).st_mode
         except OSError as exc:
-            return "bad-input", f"replica device {path}: {exc.strerror}"
+            return ErrorCode.BAD_INPUT, f"replica device {path}: {exc.strerror}"
         if not stat.S_ISBLK(mode):
-            return "bad-input", f"{path} is not a block device"
+            return ErrorCode.BAD_INPUT, f"{path} is not a block device"
         with open(p, "rb") as f:
             dev_size = f.seek(0, os.SEEK_END)
         if dev_size != size:
@@ -69,7 +69,7 @@ def check_replica_path(path: str, fmt: str, size: int, used: set[str]) -> tuple[
         if q is not None and q.exists():
             return "replica-exists", f"replica path {q} already exists on master target (refusing to overwrite)"
     if not p.parent.is_dir():
-        return "bad-input", f"directory {p.parent} does not exist on the master target"
+        return ErrorCode.BAD_INPUT, f"directory {p.parent} does not exist on the master target"
     if not os.access(p.parent, os.W_OK):
-        return "bad-input", f"directory {p.parent} is not writable on the master target"
+        return ErrorCode.BAD_INPUT, f"directory {p.parent} is not writable on the master target"
     return "", ""

@@ -75,13 +75,13 @@ async def answer(link: Link, msg: Request, role: str, server: str, handler: Hand
     except RequestFailed as exc:  # the request's own failure, with its code
         return Reply(msg.id, False, {}, exc.code, str(exc))
     except StandbyError as exc:
-        return Reply(msg.id, False, {}, "failed", str(exc))
+        return Reply(msg.id, False, {}, ErrorCode.FAILED, str(exc))
     except ProtocolError as exc:  # a message a handler passed on was refused: answered with its reason code
         return Reply(msg.id, False, {}, exc.code, str(exc))
     except Exception as exc:
         log.exception("%s: request %s failed unexpectedly (a bug: please report it with this trace)", link.name,
                       msg.op)
-        return Reply(msg.id, False, {}, "failed", f"{msg.op} failed: {exc!r}")
+        return Reply(msg.id, False, {}, ErrorCode.FAILED, f"{msg.op} failed: {exc!r}")
 
 
 def refused(link: Link, msg: Request, code: str, text: str) -> None:

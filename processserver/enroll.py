@@ -33,7 +33,7 @@ from standby.plumbing.errors import RequestFailed
 from standby.plumbing.link import Link
 from standby.plumbing.passphrase import RateLimiter, verify_passphrase
 from standby.plumbing.serve import serve_request
-from standby.proto.enums import GoodbyeCode
+from standby.proto.enums import ErrorCode, GoodbyeCode
 from standby.proto.messages import Request
 
 from .ratelog import RateLimitedLog
@@ -141,14 +141,14 @@ class Enrollment:
             return "bad-passphrase", "wrong enrollment passphrase", {}
         self.limiter.success(ip)  # the global count stays: one right answer does not excuse other addresses
         if not NAME.fullmatch(name) or role not in ENROLL_ROLES or name == "admin":
-            return "bad-input", f"invalid machine name {name[:80]!r} or role {role[:20]!r}", {}
+            return ErrorCode.BAD_INPUT, f"invalid machine name {name[:80]!r} or role {role[:20]!r}", {}
         existing = self.registry.machine(name)
         if existing is not None and args.get("replace") is not True:
-            return "bad-input", f"a {existing['role']} named {name!r} is already enrolled (use --replace)", {}
+            return ErrorCode.BAD_INPUT, f"a {existing['role']} named {name!r} is already enrolled (use --replace)", {}
         try:
             cert = ident.sign_csr(self.identity.ca_pem, self.ca_key, csr.encode(), name, role)
         except Exception as exc:  # a malformed CSR is the client's problem, not a crash
-            return "bad-input", f"invalid certificate request: {exc}", {}
+            return ErrorCode.BAD_INPUT, f"invalid certificate request: {exc}", {}
         self.registry.add_machine(name, role, ident.cert_serial(cert), cert)
         log.info("enrolled %s %r from %s", role, name, ip)
         return "", "", {"cert_pem": cert.decode(), "ca_pem": self.identity.ca_pem.decode()}
