@@ -12,6 +12,7 @@ import inspect
 import json
 import os
 import random
+import select
 import shutil
 import signal
 import struct
@@ -596,6 +597,36 @@ while True:
 """
 
 
+# How long the writer may stay silent before the test gives up on it (a hung writer must fail the
+# test, not hang the run). Generous: a loaded machine can take seconds to start Python or to fsync.
+WRITER_SILENCE_LIMIT = 120.0
+
+
+def expect_line(proc: subprocess.Popen[str], want: bytes) -> bytes:
+    """Read one line of the writer's stdout and check it is ``want``; kill the writer otherwise.
+
+    Byte by byte from the descriptor: a buffered readline could swallow the next progress lines, which
+    communicate() (reading the descriptor directly) would then never see.
+    """
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    deadline = time.monotonic() + WRITER_SILENCE_LIMIT
+    line = b""
+    while not line.endswith(b"\n"):
+        readable, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not readable:
+            break
+        chunk = os.read(fd, 1)
+        if not chunk:
+            break
+        line += chunk
+    if line != want:
+        proc.kill()
+        _, err = proc.communicate(timeout=30)
+        pytest.fail(f"writer said {line!r}, expected {want!r} (within {WRITER_SILENCE_LIMIT:.0f} s): {err}")
+    return line
+
+
 def _apply(ref: bytearray, ops: list[tuple[int, int, bytes | None]]) -> None:
     for off, length, data in ops:
         ref[off : off + length] = data if data is not None else bytes(length)
@@ -620,22 +651,20 @@ def test_sigkill_at_random_moments(tmp_path: Path) -> None:
             text=True,
         )
         early = seed % 7 == 0  # sometimes kill during start-up or recovery, before "ready"
+        progress = b""
         if not early:
-            assert proc.stdout is not None
-            # Read "ready" byte by byte from the descriptor: a buffered readline could swallow the first
-            # progress lines, which communicate() (reading the descriptor directly) would then never see.
-            line = b""
-            while not line.endswith(b"\n"):
-                chunk = os.read(proc.stdout.fileno(), 1)
-                if not chunk:
-                    break
-                line += chunk
-            assert line == b"ready\n", proc.stderr.read() if proc.stderr else line
+            expect_line(proc, b"ready\n")
+            # Then wait for the writer to complete 0 to 3 batches (seed % 4, at least 25 in all) before
+            # the random sleep. The sleep alone is wall-clock time: on a loaded machine (busy CPUs, an
+            # fsync taking tens of milliseconds) it could end before the writer completed anything, and
+            # the test would fail below for proving too little rather than for a wrong image.
+            for n in range(1, seed % 4 + 1):
+                progress += expect_line(proc, f"{n}\n".encode())
         time.sleep(rng.uniform(0.0, 0.25 if not early else 0.4))
         proc.send_signal(signal.SIGKILL)
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == -signal.SIGKILL, f"writer died on its own: {err}"
-        done = [int(x) for x in out.split() if x.isdigit()]
+        done = [int(x) for x in (progress.decode() + out).split() if x.isdigit()]
         last = done[-1] if done else 0
         assert done == list(range(1, last + 1))
         completed_total += last
@@ -664,6 +693,7 @@ def test_sigkill_at_random_moments(tmp_path: Path) -> None:
         report = vmdkcheck.check(path, expect_clean=True)
         assert report.file_sectors == report.overhead + len(report.allocated) * 128
         qemu_check(path)
+    # At least 25 by the waits above; kept so a change to the harness cannot quietly make it prove little.
     assert completed_total > 20, "the writer hardly ever completed a batch; the test proves little"
     qemu_compare(write_ref(tmp_path, ref), path, "vmdk")
 
