@@ -87,6 +87,8 @@ class LocalDeployment:
 
     def enroll(self, kind: str, name: str) -> Path:
         d = self.root / f"{kind}-{name}"
+        if kind == "mt":
+            self.retention_dir(name).mkdir(exist_ok=True)  # checked before enrolling
         self.run(
             kind,
             "enroll",
@@ -100,10 +102,10 @@ class LocalDeployment:
             name,
             "--dir",
             str(d),
-            *(["--retention-dir", str(self.retention_dir(name))] if kind == "mt" else []),
+            # A local deployment shares the machine's disk (accepted: --shared-volume).
+            *(["--retention-dir", str(self.retention_dir(name)), "--shared-volume"] if kind == "mt" else []),
         )
         if kind == "mt":
-            self.retention_dir(name).mkdir(exist_ok=True)
             # A local deployment shares the machine's disk: keep a small reserve there, not the default 5 %
             # (up to 4 GiB) of that disk, or history would be pruned whenever the disk is fairly full.
             self.set_mt_option(name, reserve="64M")

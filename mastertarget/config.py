@@ -49,6 +49,7 @@ class MTConfig(ClientConfig):
     policy: Policy = field(default_factory=Policy)
     reserve: int | None = None  # bytes the journal leaves free on the retention volume (None: 5 %, <= 4 GiB)
     segment_size: int = SEGMENT_MAX  # journal file size: pruning frees whole files
+    shared_volume: bool = False  # the operator accepted a retention directory on the root file system
 
     @classmethod
     def load(cls, state_dir: Path) -> MTConfig:
@@ -70,7 +71,10 @@ class MTConfig(ClientConfig):
             segment = parse_size(r.get("segment_size", SEGMENT_MAX))
             if not 64 * 1024 <= segment <= 1 << 30:
                 raise BadInput("segment_size must be 64K..1G")
+            shared = r.get("shared_volume", False)
+            if not isinstance(shared, bool):
+                raise TypeError("shared_volume must be true or false")
             return cls(common.state_dir, common.name, common.host, common.port,
-                       Path(r.get("dir", DEFAULT_RETENTION_DIR)), policy, reserve, segment)
+                       Path(r.get("dir", DEFAULT_RETENTION_DIR)), policy, reserve, segment, shared)
         except (TypeError, ValueError, OverflowError, KeyError, BadInput) as exc:
             raise NotStarted(f"{path}: invalid [retention] settings: {exc}") from None

@@ -44,7 +44,14 @@ from .replicas import ReplicaError, create_replica, open_replica
 from .resync import answer_hashes
 from .retention import Policy
 from .upkeep import make_room, point_list, prune, volume_pressure
-from .volume import VolumeError, check_retention_dir, free_bytes, overlaps
+from .volume import (
+    VolumeError,
+    check_retention_dir,
+    free_bytes,
+    on_root_file_system,
+    overlaps,
+    shared_volume_warning,
+)
 from .worker import RETRY_DELAY, DiskWorker
 
 log = logging.getLogger("standby.mt")
@@ -78,6 +85,9 @@ class MasterTarget:
                                 allow_full=has_history)
         except VolumeError as exc:
             raise NotStarted(str(exc)) from None
+        if on_root_file_system(cfg.retention_dir):
+            log.log(logging.INFO if cfg.shared_volume else logging.WARNING, "%s%s", shared_volume_warning(
+                cfg.retention_dir), " (accepted at enroll: --shared-volume)" if cfg.shared_volume else "")
         volume = free_bytes(cfg.retention_dir)[1]
         self.segment_size = segment_size_for(cfg.segment_size, volume)
         # Old contents of one apply group at most: a sixteenth of the volume, at most 32 MiB (a group may

@@ -8,8 +8,10 @@ refusal says what is wrong and what to do (the seeds' rules).
   and the cache is the process server's, not history.
 - Not holding a replica: pruning history must never compete with, or delete beside, a replica.
 
-Volumes are compared by path (one inside the other), so a small deployment may keep everything on one
-file system; the separate-volume advice is in the README.
+Volumes are compared by path (one inside the other). A retention directory on the root file system is no
+volume of its own: when history fills it, the system's own file system fills too. `standby-mt enroll`
+refuses one unless the operator accepts it (`--shared-volume`: a small or test deployment), and the
+master target says so at every start.
 """
 
 from __future__ import annotations
@@ -75,6 +77,16 @@ def check_retention_dir(path: Path, replica_paths: list[Path] | None = None, cac
     for r in replica_paths or []:
         if overlaps(path, r):
             raise VolumeError(f"{where} holds replica {r}: keep replicas off the retention volume")
+
+
+def on_root_file_system(path: Path) -> bool:
+    """Is `path` on the file system of `/` (not a volume of its own)?"""
+    return os.stat(path).st_dev == os.stat("/").st_dev
+
+
+def shared_volume_warning(path: Path) -> str:
+    return (f"retention volume {path} is on the root file system: when history fills it, the system's own "
+            "file system fills too; mount a volume of its own there")
 
 
 def free_bytes(path: Path) -> tuple[int, int]:
