@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from tests import writeorder
+from tests.tools import needs
 
-from .conftest import HAVE_QEMU, MiB, qemu_info
+from .conftest import MiB, qemu_info
 from .test_delta import disk, start_workload, stop_workload
 
 SLOTS = 2048  # 8 MiB of write-order records at the start of the disk
@@ -138,6 +139,7 @@ def test_points_listing_and_choices(deployment, protected, tmp_path):
     assert "history:" in status and "journal:" in status, status
 
 
+@needs("mkfs.ext4", "e2fsck")
 def test_fsck_passes_at_a_crash_consistent_point(deployment, protected, tmp_path, make_loop):
     """ext4 under a live file workload: a test failover to a crash-consistent point is a file system
     `fsck -n` accepts (journal replay is what a crash leaves; fsck -n does not replay, so the copy's
@@ -170,6 +172,7 @@ def test_fsck_passes_at_a_crash_consistent_point(deployment, protected, tmp_path
     cli_json(deployment, "test-failover-cleanup", "src")
 
 
+@needs("mkfs.ext4", "e2fsck", "debugfs")
 def test_app_consistent_point_and_failover_to_latest_app(deployment, protected, tmp_path):
     """`standby app-point` through the process server: the pre-script writes a marker file, the file
     system is frozen for the cut; failover to latest-app gives a replica whose file system is clean
@@ -298,7 +301,7 @@ def test_space_cap_prunes_oldest_first_with_an_alert(deployment, make_loop, tmp_
         stop_workload(proc)
 
 
-@pytest.mark.skipif(not HAVE_QEMU, reason="qemu-img is not installed")
+@needs("qemu-img")
 @pytest.mark.parametrize("fmt", ["vmdk", "vmdk-sparse"])
 def test_test_failover_copies_vmdk_replicas_qemu_reads_the_point(deployment, protected, tmp_path, fmt):
     """Flat VMDKs are copied by data range in the kernel, sparse ones block by block under the apply
