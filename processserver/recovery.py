@@ -206,7 +206,9 @@ class RecoveryAdmin:
             res = await self._mt(session, "failover", timeout=LONG, disk=d.id, sequence=chosen[d.name].sequence)
             if d.replication is Replication.FAILED_OVER:
                 log.info("disk %s: failed over again, to point %d", d.label, res["sequence"])
-            self.ps.registry.move(d, Replication.FAILED_OVER, f"failed over to point {res['sequence']}", paused=1)
+            # A resync asked for before would be refused for ever (hub.no_resync): it goes with the failover.
+            self.ps.registry.move(d, Replication.FAILED_OVER, f"failed over to point {res['sequence']}", paused=1,
+                                  resync_request=None)
             self.ps.open_stream(d).failed_over = True
             out.append({**res, "disk": d.name, "disk_id": d.id, **_shown(chosen[d.name])})
         return {"machine": machine, "disks": out}

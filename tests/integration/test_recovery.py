@@ -94,6 +94,10 @@ def test_failover_test_failover_change_point_commit(deployment, protected, tmp_p
     assert cut_of(replica, log) == last
     cli_json(deployment, "failover", "src", "--point", str(mid["sequence"]))
     assert cut_of(replica, log) == cut_mid
+    # A resync would overwrite the failed-over replica: refused with the reason, nothing asked of the agent.
+    bad = deployment.cli("resync", "src")
+    assert bad.returncode == 1 and "src/disk0 is failed over: a resync would overwrite" in bad.stderr, bad.stderr
+    assert disk(deployment.status())["resync_requested"] is None
     # Marker: newer history is gone, the replica stays at the point.
     res = cli_json(deployment, "commit", "src")
     assert res["disks"][0]["sequence"] == mid["sequence"]
@@ -105,6 +109,9 @@ def test_failover_test_failover_change_point_commit(deployment, protected, tmp_p
     assert bad.returncode == 2 and "not allowed with" in bad.stderr
     bad = deployment.cli("failover", "src", "--point", str(latest_seq))
     assert bad.returncode != 0 and "committed" in (bad.stdout + bad.stderr)
+    bad = deployment.cli("resync", "src", "--full")
+    assert bad.returncode == 1 and "src/disk0 is committed: its replica is the machine now" in bad.stderr, bad.stderr
+    assert cut_of(replica, log) == cut_mid and disk(deployment.status())["resync_requested"] is None
 
 
 def test_points_listing_and_choices(deployment, protected, tmp_path):
