@@ -28,6 +28,7 @@ PACKAGES = {
     "blockdev": "util-linux",
     "fsfreeze": "util-linux",
     "ss": "iproute2",
+    "openssl": "openssl",
 }
 
 
