@@ -104,7 +104,7 @@ def test_protect_replica_already_exists(deployment, ready, existing):
     name = "src-disk0.vmdk" if existing == "descriptor" else "src-disk0-flat.vmdk"
     (ready / name).write_bytes(b"precious data the master target must not overwrite\n")
     res = deployment.cli("protect", "src", "--mt", "mt1", "--replica-dir", str(ready))
-    failed_with(res, EXIT_BAD_INPUT, "already exists", name)
+    failed_with(res, EXIT_BAD_INPUT, "already exists", name, "protect with --existing")
     assert (ready / name).read_bytes() == b"precious data the master target must not overwrite\n"
     # Nothing was protected: the disk is still unassigned and a corrected command works.
     d = deployment.status("src")["disks"][0]
@@ -118,7 +118,7 @@ def test_protect_replica_already_exists(deployment, ready, existing):
 def test_protect_raw_replica_already_exists(deployment, ready):
     (ready / "src-disk0.img").write_bytes(b"x")
     res = deployment.cli("protect", "src", "--mt", "mt1", "--format", "raw", "--replica-dir", str(ready))
-    failed_with(res, EXIT_BAD_INPUT, "already exists", "src-disk0.img")
+    failed_with(res, EXIT_BAD_INPUT, "already exists", "src-disk0.img", "protect with --existing")
 
 
 @needs_loop
