@@ -194,7 +194,7 @@ def cmd_pause(client: AdminClient, args: argparse.Namespace) -> int:
             return 0
         if time.monotonic() > deadline:
             why = ""
-            if any(d.get("tracker") == "FullScanTracker" for d in disks):
+            if any(d.get("tracker") == "full-scan" for d in disks):
                 why = " (a disk tracked by the full-scan tracker makes no recovery points)"
             raise StandbyError(f"not every disk of {args.machine} reached a point within {args.wait:.0f} s{why}")
         time.sleep(0.1)

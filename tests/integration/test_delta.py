@@ -99,7 +99,7 @@ def test_live_fio_workload_replica_identical_and_rpo_shown(deployment, protected
     end = time.time()
     st = deployment.wait_caught_up("src", end, timeout=60)
     d = disk(st)
-    assert d["tracker"] == "TracefsTracker"
+    assert d["tracker"] == "tracefs"
     assert d["rpo_seconds"] is not None and d["rpo_seconds"] < 30
     # Unthrottled random writes on a small disk leave few epochs clean; once they stop, points come
     # every cut again.
@@ -108,7 +108,7 @@ def test_live_fio_workload_replica_identical_and_rpo_shown(deployment, protected
     assert d["last_resync"] is None, d["last_resync"]  # nothing was lost: no resync happened
     assert_identical(dev, replica, "vmdk")
     out = deployment.cli("status", "src").stdout
-    assert "rpo:" in out and "points/min:" in out and "tracker:TracefsTracker" in out
+    assert "rpo:" in out and "points/min:" in out and "tracker:tracefs" in out
 
 
 def test_write_order_every_paused_point_is_one_instant(deployment, protected, tmp_path):
