@@ -134,6 +134,10 @@ def test_points_listing_and_choices(deployment, protected, tmp_path):
     cli_json(deployment, "test-failover-cleanup", "src")
     res = deployment.cli("test-failover", "src", "--at", "2001-01-01 00:00")
     assert res.returncode != 0 and "no recovery point at or before" in res.stderr
+    for verb in ("test-failover", "failover"):  # a time in the future names no point: refused, nothing moves
+        res = deployment.cli(verb, "src", "--at", str(int(time.time()) + 3600))
+        assert res.returncode == 2 and "is in the future" in res.stderr, res.stderr
+    assert disk(deployment.status())["replication"] == "Delta"
     res = deployment.cli("test-failover", "src", "--point", "latest-app")
     assert res.returncode != 0 and "no app-consistent point" in res.stderr
     res = deployment.cli("test-failover", "src", "--point", "999999999")
