@@ -1,6 +1,6 @@
 """`standby`: the admin CLI. Talks to the configuration service in the process server.
 
-Exit codes: see standby.plumbing.errors (0 ok, 1 failed, 2 bad input, 3 unreachable, 4 refused).
+Exit codes: standby.plumbing.errors.EXIT_CODES (README "Exit codes").
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from standby.plumbing.errors import BadInput, run_main
+from standby.plumbing.version import add_version
 from standby.proto.enums import ReplicaFormat
 
 from . import recoverycli
@@ -24,6 +25,7 @@ FORMATS = tuple(ReplicaFormat)
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="standby", description="standby admin CLI: protect machines, watch replication")
+    add_version(p)
     p.add_argument(
         "--admin",
         type=Path,
@@ -192,7 +194,7 @@ def cmd_pause(client: AdminClient, args: argparse.Namespace) -> int:
             return 0
         if time.monotonic() > deadline:
             why = ""
-            if any(d.get("tracker") == "FullScanTracker" for d in disks):
+            if any(d.get("tracker") == "full-scan" for d in disks):
                 why = " (a disk tracked by the full-scan tracker makes no recovery points)"
             raise StandbyError(f"not every disk of {args.machine} reached a point within {args.wait:.0f} s{why}")
         time.sleep(0.1)

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from standby.plumbing.config import load_toml, parse_address
-from standby.plumbing.errors import Refused
+from standby.plumbing.errors import Refused, Unreachable
 from standby.plumbing.identity import Identity, IdentityError
-from standby.plumbing.link import dial
+from standby.plumbing.link import LinkClosed, dial
 from standby.plumbing.tls import client_context
 
 DEFAULT_ADMIN_DIR = Path(os.environ.get("STANDBY_ADMIN", "/var/lib/standby/ps/admin"))
@@ -30,9 +30,16 @@ class AdminClient:
         self.host, self.port = parse_address(server)
 
     async def acall(self, op: str, timeout: float | None = 60.0, **args: Any) -> dict[str, Any]:
+        """One request. A connection lost or an answer not given in time is the process server being
+        unreachable (exit 3), never a crash."""
         link = await dial(self.host, self.port, client_context(self.identity), "admin")
+        where = f"the process server at {self.host}:{self.port}"
         try:
             return await link.call(op, timeout, **args)
+        except TimeoutError:
+            raise Unreachable(f"{where} did not answer {op} within {timeout:.0f} s") from None
+        except LinkClosed as exc:
+            raise Unreachable(f"{where} closed the connection during {op}: {exc}") from None
         finally:
             await link.close()
 

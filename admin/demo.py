@@ -220,7 +220,7 @@ def wait_settled(dep: LocalDeployment, since: float, timeout: float = 300.0) -> 
         idle = d["applied_seq"] == d["received_seq"] and d["replication"] == "Delta"
         if idle and (d["last_point_time"] or 0) >= since:
             return d
-        if d.get("tracker") == "FullScanTracker":
+        if d.get("tracker") == "full-scan":
             quiet = quiet + 1 if idle and d.get("dirty_bytes") == 0 and time.time() > since + 5 else 0
             if quiet >= 10:
                 return d

@@ -15,6 +15,7 @@ from standby.plumbing.enrollment import add_enroll_parser, enroll, read_passphra
 from standby.plumbing.errors import BadInput, StandbyError, run_main
 from standby.plumbing.logs import setup_logging
 from standby.plumbing.service import run_daemon, sd_notify
+from standby.plumbing.version import add_version
 
 from .config import DEFAULT_DIR, DISK_NAME, AgentConfig
 
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="standby-agent", description="standby mobility agent: replicates this machine's disks"
     )
+    add_version(p)
     sub = p.add_subparsers(dest="cmd", required=True)
     add_enroll_parser(sub, "machine", DEFAULT_DIR)
     a = sub.add_parser("add-disk", help="add a block device or image file to the disks this agent protects")

@@ -133,7 +133,7 @@ class ReplicatedDisk:
         else:
             tr.map.mark_extents(extents)
             log.info("disk %s: clean-stop record accepted (%d bytes dirty carried over)", name, tr.map.dirty_bytes)
-        log.info("disk %s: tracking changes with the %s tracker", name, type(tracker).__name__)
+        log.info("disk %s: tracking changes with the %s tracker", name, tracker.name)
         return tr
 
     def retire_tracking(self) -> None:
@@ -166,7 +166,7 @@ class ReplicatedDisk:
         cost, points made, resync progress, the last failure."""
         tr, st, prog = self.tracking, self.stats, self.resync_progress
         return {
-            "tracker": type(tr.tracker).__name__ if tr else None,
+            "tracker": tr.tracker.name if tr else None,
             "tracking_lost": tr.lost if tr else "not tracking",
             "dirty_bytes": tr.map.dirty_bytes if tr else None,
             "tracker_cpu_seconds": tr.poll_cpu + float(tr.tracker.stats.get("cpu_seconds", 0)) if tr else 0,

@@ -11,6 +11,7 @@ from standby.plumbing.enrollment import add_enroll_parser, enroll, read_passphra
 from standby.plumbing.errors import BadInput, run_main
 from standby.plumbing.logs import setup_logging
 from standby.plumbing.service import run_daemon, sd_notify
+from standby.plumbing.version import add_version
 
 from .config import DEFAULT_DIR, DEFAULT_RETENTION_DIR, MTConfig
 from .volume import VolumeError, check_retention_dir, on_root_file_system, shared_volume_warning
@@ -18,6 +19,7 @@ from .volume import VolumeError, check_retention_dir, on_root_file_system, share
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="standby-mt", description="standby master target: writes replica disks")
+    add_version(p)
     sub = p.add_subparsers(dest="cmd", required=True)
     e = add_enroll_parser(sub, "master target", DEFAULT_DIR)
     e.add_argument(

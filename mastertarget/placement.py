@@ -67,7 +67,10 @@ def check_replica_path(path: str, fmt: str, size: int, used: set[str]) -> tuple[
     flat = p.with_name(p.stem + "-flat.vmdk") if fmt in FLAVOURS else None
     for q in (p, flat):
         if q is not None and q.exists():
-            return "replica-exists", f"replica path {q} already exists on master target (refusing to overwrite)"
+            return "replica-exists", (
+                f"replica path {q} already exists on the master target (refusing to overwrite it); if {p} holds a "
+                "copy of this disk (a restored backup, an earlier replica), protect with --existing to seed from it: "
+                "only the differences travel")
     if not p.parent.is_dir():
         return ErrorCode.BAD_INPUT, f"directory {p.parent} does not exist on the master target"
     if not os.access(p.parent, os.W_OK):

@@ -1,7 +1,9 @@
 """Client side of enrollment, shared by `standby-agent enroll` and `standby-mt enroll`.
 
 1. Fetch the CA certificate over an unverified TLS connection and compare its SHA-256 fingerprint with
-   the one `standby-ps init` printed. Nothing secret is sent on that connection.
+   the one `standby-ps init` printed. Nothing secret is sent on that connection. A mismatch never shows
+   the fingerprint the server presented: an operator could paste it back, and trust whoever sits in
+   between; a malformed fingerprint is called malformed before any connection is made.
 2. Open a second connection that verifies the server against that CA, and only then send the
    passphrase and a CSR made here (the private key never leaves this machine).
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hmac
+import re
 import socket
 from pathlib import Path
 
@@ -31,6 +34,26 @@ def read_passphrase(path: Path | None) -> str:
         raise BadInput(f"cannot read the passphrase file: {exc}") from None
 
 
+def parse_fingerprint(text: str) -> str:
+    """The CA fingerprint the operator gave, as `standby-ps init` prints it: 'sha256:' and 64 hex digits.
+    Upper case and OpenSSL's form (`sha256 Fingerprint=AB:CD:...`) are taken too; anything else is
+    BadInput, so a typo is not reported as a wrong server."""
+    given = text.strip()
+    digits = given.lower()
+    for prefix in ("sha256 fingerprint=", "sha256:"):
+        if digits.startswith(prefix):
+            digits = digits[len(prefix):]
+            break
+    digits = digits.replace(":", "")
+    if not re.fullmatch(r"[0-9a-f]{64}", digits):
+        shown = given if len(given) <= 100 else given[:100] + "…"
+        raise BadInput(
+            f"the fingerprint {shown!r} is malformed: expected 'sha256:' followed by 64 hex digits, as "
+            "'standby-ps init' printed it"
+        )
+    return "sha256:" + digits
+
+
 async def _enroll(
     host: str, port: int, fingerprint: str, name: str, role: str, passphrase: str, replace: bool
 ) -> ident.Identity:
@@ -40,10 +63,12 @@ async def _enroll(
     finally:
         await link.close()
     seen = ident.ca_fingerprint(ca_pem)
-    if not hmac.compare_digest(seen.lower(), fingerprint.strip().lower()):
+    if not hmac.compare_digest(seen, fingerprint):
         raise Refused(
-            f"the server at {host}:{port} presents CA {seen}, not the expected {fingerprint}: "
-            "wrong server, or somebody in between — nothing was sent"
+            f"the server at {host}:{port} presents a CA whose fingerprint is not {fingerprint}: wrong server, or "
+            "somebody in between — nothing was sent. Take the fingerprint from the process server itself "
+            "('standby-ps init' printed it; 'openssl x509 -noout -fingerprint -sha256 -in "
+            "/var/lib/standby/ps/ca/ca.pem' prints it again there), never from this connection"
         )
     key_pem, csr_pem = ident.make_key_and_csr(name, role)
     link = await dial(host, port, anonymous_client_context(ca_pem), "enroll")
@@ -66,6 +91,7 @@ def enroll(
     directory: Path,
     replace: bool = False,
 ) -> ident.Identity:
+    fingerprint = parse_fingerprint(fingerprint)
     if (Path(directory) / "cert.pem").exists() and not replace:
         raise BadInput(f"{directory} already holds an identity (use --replace to enroll again)")
     identity = asyncio.run(_enroll(host, port, fingerprint, name, role, passphrase, replace))

@@ -1,13 +1,9 @@
 """User-facing errors and exit codes, and the one top-level handler every command runs under.
 
-Exit codes (stable, for scripts):
-    0  success
-    1  an operation failed (see the message)
-    2  bad input: unknown machine, replica exists, size mismatch, bad arguments
-    3  the process server cannot be reached
-    4  not enrolled, or refused by the server (identity, permission)
-    5  the daemon could not start (bad config, port in use)
-  130  interrupted (Ctrl-C)
+Exit codes are stable, for scripts: EXIT_CODES below says what each means (README "Exit codes" is the
+same table, checked by tests/plumbing/test_errors.py). 3 and 6 differ in who is away: with 3 the command
+itself could not talk to the process server; with 6 the process server answered, but the daemon that
+must do the work (a master target or an agent) is not connected to it or did not answer it.
 """
 
 from __future__ import annotations
@@ -24,7 +20,22 @@ EXIT_BAD_INPUT = 2
 EXIT_UNREACHABLE = 3
 EXIT_REFUSED = 4
 EXIT_NOT_STARTED = 5
+EXIT_NOT_CONNECTED = 6
 EXIT_INTERRUPTED = 130
+
+EXIT_CODES: dict[int, str] = {
+    EXIT_OK: "ok",
+    EXIT_FAILED: "failed, or not possible in the current state (failed over, committed, already running): the "
+    "message says why",
+    EXIT_BAD_INPUT: "bad input: bad arguments, unknown machine, disk or point, replica exists, size mismatch",
+    EXIT_UNREACHABLE: "the process server cannot be reached, or the connection to it was lost",
+    EXIT_REFUSED: "not enrolled, or refused by the process server (certificate, permission, passphrase, rate "
+    "limit)",
+    EXIT_NOT_STARTED: "a daemon's `run` could not start (bad config, port in use, not enrolled)",
+    EXIT_NOT_CONNECTED: "the process server answered, but the daemon that must do it (master target or agent) is "
+    "not connected to it or did not answer",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+}
 
 
 class StandbyError(Exception):
@@ -45,6 +56,12 @@ class Refused(StandbyError):
     exit_code = EXIT_REFUSED
 
 
+class NotConnected(StandbyError):
+    """The process server cannot reach the daemon that must do the work (ErrorCode.UNREACHABLE)."""
+
+    exit_code = EXIT_NOT_CONNECTED
+
+
 class NotStarted(StandbyError):
     exit_code = EXIT_NOT_STARTED
 
@@ -54,6 +71,7 @@ REPLY_CODES: dict[str, type[StandbyError]] = {
     ErrorCode.BAD_INPUT: BadInput,
     ErrorCode.UNKNOWN_MACHINE: BadInput,
     ErrorCode.UNKNOWN_DISK: BadInput,
+    ErrorCode.UNKNOWN_POINT: BadInput,
     ErrorCode.REPLICA_EXISTS: BadInput,
     ErrorCode.SIZE_MISMATCH: BadInput,
     ErrorCode.UNKNOWN_REQUEST: BadInput,
@@ -61,8 +79,8 @@ REPLY_CODES: dict[str, type[StandbyError]] = {
     ErrorCode.NOT_ENROLLED: Refused,
     ErrorCode.BAD_PASSPHRASE: Refused,
     ErrorCode.RATE_LIMITED: Refused,
-    ErrorCode.UNREACHABLE: Unreachable,
-}
+    ErrorCode.UNREACHABLE: NotConnected,
+}  # every other code (refused, busy, failed, bad-reply, bad-marker) is EXIT_FAILED
 
 
 class RequestFailed(StandbyError):

@@ -17,7 +17,7 @@ from standby.proto.messages import Request
 from standby.proto.states import FAILED_OVER, Replication, disk_state
 
 from .health import ALERT, ERROR
-from .hub import Hub
+from .hub import Hub, no_resync
 from .recovery import RecoveryAdmin, protected_disks
 from .registry import DiskRow
 from .streams import DiskStream
@@ -162,6 +162,9 @@ class AdminSession:
         disks = [d for d in self._machine_disks(machine) if disk is None or d.name == disk]
         if not disks:
             raise RequestFailed(ErrorCode.UNKNOWN_DISK, f"machine {machine!r} has no protected disk {disk!r}")
+        for d in disks:
+            if d.replication in FAILED_OVER:
+                raise RequestFailed(ErrorCode.REFUSED, no_resync(d))
         for d in disks:
             st = self.ps.open_stream(d)
             if st.quarantined_from is not None:

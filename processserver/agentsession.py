@@ -21,7 +21,7 @@ from standby.proto.states import FAILED_OVER, Replication
 
 from .diskwriter import DiskWriter
 from .health import ALERT
-from .hub import Hub
+from .hub import Hub, no_resync
 from .registry import DiskRow
 
 log = logging.getLogger("standby.ps")
@@ -29,6 +29,14 @@ log = logging.getLogger("standby.ps")
 # How long a resync hash query waits for the master target to apply what is cached before it.
 DRAIN_TIMEOUT = 600.0
 
+
+
+def pending_resync(row: DiskRow) -> dict[str, Any] | None:
+    """The resync asked for the disk, if any. None for a failed-over disk, whose resync_begin is refused
+    (a request stored before the failover was dropped with it; one from an older registry is ignored)."""
+    if not row.resync_request or row.replication in FAILED_OVER:
+        return None
+    return json.loads(row.resync_request)
 
 class AgentSession:
     """An agent: registers its disks, receives each disk's batches in order and acks once durable."""
@@ -126,7 +134,7 @@ class AgentSession:
             "initial_complete": st.initial_complete,
             "key_needed": row.mt is not None and row.wrapped_key is None,
             "seed": bool(row.seed),
-            "resync": json.loads(row.resync_request) if row.resync_request else None,
+            "resync": pending_resync(row),
         }
         if result["key_needed"]:
             mt = reg.machine(row.mt or "")
@@ -151,7 +159,7 @@ class AgentSession:
         lost, failed = report.get("tracking_lost"), report.get("error")  # validated: text or None
         st.health.update("tracking", lost and f"change tracking: {lost}", ALERT)
         st.health.update("agent", failed and f"agent: {failed}")
-        return {"resync": json.loads(row.resync_request) if row.resync_request else None}
+        return {"resync": pending_resync(row)}
 
     async def resync_begin(self, disk: int, generation: int, mode: str, reason: str) -> dict[str, Any]:
         row = self.own_row(disk)
@@ -159,7 +167,7 @@ class AgentSession:
         if mode not in ("checksum", "full"):
             raise RequestFailed(ErrorCode.BAD_INPUT, f"unknown resync mode {mode!r}")
         if row.replication in FAILED_OVER:
-            raise RequestFailed(ErrorCode.REFUSED, f"disk {row.name} is failed over: no resync")
+            raise RequestFailed(ErrorCode.REFUSED, no_resync(row))
         # A resync that broke off after some of its records were stored left its generation here: a
         # retry starts the next one.
         generation = max(generation, st.generation + 1)

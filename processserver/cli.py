@@ -11,12 +11,14 @@ from standby.plumbing.config import DEFAULT_PORT, parse_size
 from standby.plumbing.errors import run_main
 from standby.plumbing.logs import setup_logging
 from standby.plumbing.service import run_daemon, sd_notify
+from standby.plumbing.version import add_version
 
 from .deployment import DEFAULT_DIR, DEFAULT_QUOTA, PSConfig, init_deployment
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="standby-ps", description="standby process server and configuration service")
+    add_version(p)
     sub = p.add_subparsers(dest="cmd", required=True)
     i = sub.add_parser("init", help="create a new deployment: CA, server certificate, admin identity, passphrase")
     i.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"deployment directory (default {DEFAULT_DIR})")

@@ -28,6 +28,17 @@ from .streams import DiskStream
 log = logging.getLogger("standby.ps")
 
 
+def no_resync(row: DiskRow) -> str:
+    """Why a failed-over or committed disk takes no resync, for the operator: a resync copies the source
+    onto the replica, and the replica is now the recovered machine (reprotect, which is not built yet, is
+    what will replicate it back)."""
+    if row.replication is Replication.COMMITTED:
+        return (f"{row.label} is committed: its replica is the machine now, and a resync would overwrite it with "
+                "the source's contents (replicating it back, reprotect, is not built yet)")
+    return (f"{row.label} is failed over: a resync would overwrite the failed-over replica with the source's "
+            "contents; choose another point with standby failover, or make it final with standby commit")
+
+
 class AgentPeer(Protocol):
     """A connected agent, as the other sessions see it (agentsession.AgentSession)."""
 
@@ -151,6 +162,9 @@ class Hub:
     def request_resync(self, row: DiskRow, mode: str, reason: str) -> None:
         """Ask the disk's agent for a resync (it learns at its next report, or now if connected)."""
         if row.resync_request:
+            return
+        if row.replication in FAILED_OVER:  # the agent would be refused at resync_begin, and ask for ever
+            log.warning("disk %s: no resync (%s): %s", row.label, reason, no_resync(row))
             return
         log.warning("disk %s/%s: resync requested (%s): %s", row.machine, row.name, mode, reason)
         self.registry.update_disk(row.id, resync_request=json.dumps({"mode": mode, "reason": reason}))

@@ -80,6 +80,15 @@ def choose(points: dict[str, list[PointInfo]], point: str | None, at: float | No
     return out
 
 
+def future_at(at: float | None, now: float) -> str | None:
+    """Why `--at` names no point, when it is after `now`: "the newest point at or before it" would silently
+    be the newest point now, and another one a moment later."""
+    if at is None or at <= now:
+        return None
+    return (f"--at {_when(at)} is in the future (the process server's clock says {_when(now)}): give an earlier "
+            "time, or --point latest-processed for the newest point")
+
+
 def _at(disk: str, pts: list[PointInfo], at: float) -> PointInfo:
     before = [p for p in pts if p.time <= at]
     if not before:
@@ -183,10 +192,18 @@ class RecoveryAdmin:
         except ChoiceError as exc:
             raise RequestFailed(ErrorCode.BAD_INPUT, str(exc)) from None
 
-    async def failover(self, machine: str, point: str | None = None, at: float | None = None) -> dict[str, Any]:
-        disks, session = self._disks(machine)
+    @staticmethod
+    def _check_choice(point: str | None, at: float | None) -> None:
+        """Before anything moves: exactly one of point and at, and at not in the future."""
         if (point is None) == (at is None):
             raise RequestFailed(ErrorCode.BAD_INPUT, "give exactly one of --point and --at")
+        why = future_at(at, time.time())
+        if why is not None:
+            raise RequestFailed(ErrorCode.BAD_INPUT, why)
+
+    async def failover(self, machine: str, point: str | None = None, at: float | None = None) -> dict[str, Any]:
+        disks, session = self._disks(machine)
+        self._check_choice(point, at)
         if point == "latest" and any(d.replication in FAILED_OVER for d in disks):
             raise RequestFailed(ErrorCode.BAD_INPUT,
                                 f"{machine} is already failed over: 'latest' would drain nothing; use "
@@ -206,7 +223,9 @@ class RecoveryAdmin:
             res = await self._mt(session, "failover", timeout=LONG, disk=d.id, sequence=chosen[d.name].sequence)
             if d.replication is Replication.FAILED_OVER:
                 log.info("disk %s: failed over again, to point %d", d.label, res["sequence"])
-            self.ps.registry.move(d, Replication.FAILED_OVER, f"failed over to point {res['sequence']}", paused=1)
+            # A resync asked for before would be refused for ever (hub.no_resync): it goes with the failover.
+            self.ps.registry.move(d, Replication.FAILED_OVER, f"failed over to point {res['sequence']}", paused=1,
+                                  resync_request=None)
             self.ps.open_stream(d).failed_over = True
             out.append({**res, "disk": d.name, "disk_id": d.id, **_shown(chosen[d.name])})
         return {"machine": machine, "disks": out}
@@ -227,8 +246,7 @@ class RecoveryAdmin:
         self, machine: str, point: str | None = None, at: float | None = None, directory: str | None = None
     ) -> dict[str, Any]:
         disks, session = self._disks(machine)
-        if (point is None) == (at is None):
-            raise RequestFailed(ErrorCode.BAD_INPUT, "give exactly one of --point and --at")
+        self._check_choice(point, at)
         if point == "latest":
             await self._drain(disks, hold=False)
         chosen = self._choose(await self._points(disks, session), point, at)

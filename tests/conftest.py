@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tools import needs
+
 HAVE_ROOT = os.geteuid() == 0
 HAVE_LOSETUP = shutil.which("losetup") is not None
 
@@ -20,7 +22,7 @@ def _loop_devices_usable() -> bool:
 
 LOOP_OK = _loop_devices_usable()
 needs_loop = pytest.mark.skipif(not LOOP_OK, reason="needs root, losetup and /dev/loop-control")
-needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed")
+needs_qemu_img = needs("qemu-img")
 
 
 @pytest.fixture

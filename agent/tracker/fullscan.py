@@ -24,6 +24,7 @@ UNKNOWN = bytes(hashtree.HASH)
 
 
 class FullScanTracker:
+    name = "full-scan"  # as the config's `tracker` choice, status and logs name it
     proves_order = False
 
     def __init__(self, path: str, size: int, pause: float = 1.0) -> None:

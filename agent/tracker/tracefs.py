@@ -171,6 +171,7 @@ def _fresh_stats() -> dict[str, int | float]:
 class TracefsTracker:
     """Tracks writes to one block device (whole disk or partition) through a private tracefs instance."""
 
+    name = "tracefs"  # as the config's `tracker` choice, status and logs name it
     proves_order = True  # its timestamps let the caller prove crash consistency
 
     def __init__(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 import threading
 import time
@@ -34,12 +33,14 @@ from standby.agent.tracker import tracefs
 from standby.plumbing.errors import NotStarted
 from tests.agent.test_delta_points import Harness, script
 from tests.conftest import LOOP_OK
+from tests.tools import missing, need
 
 MiB = 1024 * 1024
-needs_fs = pytest.mark.skipif(
-    not LOOP_OK or shutil.which("mkfs.ext4") is None,
-    reason="needs root, loop devices and mkfs.ext4 (mounting and FIFREEZE are root-only)",
+_NO_FS = (
+    "needs root and loop devices (mounting and FIFREEZE are root-only)" if not LOOP_OK
+    else missing("mkfs.ext4", "fsfreeze")
 )
+needs_fs = pytest.mark.skipif(_NO_FS is not None, reason=_NO_FS or "")
 
 
 def mkfs_mount(dev: str, mnt: Path, mounted: list[Path]) -> Path:
@@ -122,8 +123,9 @@ def test_a_bind_mount_is_frozen_once(ext4, tmp_path, mounted):
 def partitioned(tmp_path: Path, mounted: list[Path]) -> Iterator[tuple[str, str, Path]]:
     """A loop device with a partition table (losetup --partscan) and ext4 on its first partition:
     (whole device, partition, mount point). Detached after the test, like conftest's make_loop."""
-    if not LOOP_OK or shutil.which("sfdisk") is None or shutil.which("mkfs.ext4") is None:
-        pytest.skip("needs root, loop devices, sfdisk and mkfs.ext4")
+    if not LOOP_OK:
+        pytest.skip("needs root and loop devices")
+    need("sfdisk", "mkfs.ext4")
     backing = tmp_path / "parted.img"
     with open(backing, "wb") as f:
         f.truncate(64 * MiB)

@@ -61,7 +61,7 @@ def test_tracking_starts_unproven_without_a_clean_stop_record_and_stops(tmp_path
         assert tr is not None and rd.tracking is tr and isinstance(tr.tracker, FullScanTracker)
         assert rd.unproven is not None and "did not stop cleanly" in rd.unproven
         rep = rd.report()
-        assert rep["tracker"] == "FullScanTracker" and rep["tracking_lost"] is None and rep["dirty_bytes"] == 0
+        assert rep["tracker"] == "full-scan" and rep["tracking_lost"] is None and rep["dirty_bytes"] == 0
         valid_report(rd)
     finally:
         rd.stop_tracking()

@@ -9,7 +9,6 @@ import mmap
 import os
 import random
 import re
-import shutil
 import struct
 import subprocess
 import time
@@ -23,6 +22,7 @@ from standby.agent.tracker.ringbuffer import MISSED_EVENTS, MISSED_STORED, Event
 from standby.agent.tracker.tracefs import TracefsTracker, available
 
 from ..conftest import LOOP_OK
+from ..tools import need
 
 TRACEFS = Path("/sys/kernel/tracing")
 MiB = 1 << 20
@@ -251,9 +251,7 @@ def wait_for(path: str, seconds: float) -> bool:
 @pytest.fixture
 def partitioned(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """A 64 MiB loop device with one MBR partition holding a mounted ext4: yields (partition, mount point)."""
-    for tool in ("sfdisk", "partx", "mkfs.ext4", "filefrag"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed")
+    need("sfdisk", "partx", "mkfs.ext4", "filefrag", "blockdev")
     img, mnt = tmp_path / "part.img", tmp_path / "mnt"
     with open(img, "wb") as f:
         f.truncate(64 * MiB)

@@ -36,11 +36,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import needs_loop
+from tests.tools import needs
 
 from .campaign import Campaign, Settings, StopCampaign
 from .rig import Rig
 
-pytestmark = needs_loop
+pytestmark = [needs_loop, needs("mkfs.ext4", "e2fsck", "ss")]
 
 
 def test_fault_campaign(make_loop, tmp_path: Path) -> None:

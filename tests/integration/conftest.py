@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.deploy import LocalDeployment
+from tests.tools import need
 
 MiB = 1024 * 1024
 
@@ -55,6 +56,7 @@ def fill_mixed(path: str, size: int, seed: int = 7) -> None:
 
 
 def qemu_compare(source: str, replica: Path, fmt: str) -> subprocess.CompletedProcess[str]:
+    need("qemu-img")
     rfmt = "raw" if fmt in ("raw", "device") else "vmdk"
     return subprocess.run(
         ["qemu-img", "compare", "-f", "raw", "-F", rfmt, source, str(replica)], capture_output=True, text=True
@@ -62,6 +64,7 @@ def qemu_compare(source: str, replica: Path, fmt: str) -> subprocess.CompletedPr
 
 
 def qemu_info(replica: Path) -> dict:
+    need("qemu-img")
     out = subprocess.run(
         ["qemu-img", "info", "--output=json", str(replica)], capture_output=True, text=True, check=True
     )

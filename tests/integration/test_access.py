@@ -101,6 +101,17 @@ def test_wrong_fingerprint_sends_nothing(deployment, tmp_path):
         check=False,
     )
     assert res.returncode == 4 and "nothing was sent" in res.stderr
+    assert deployment.fingerprint[len("sha256:"):] not in res.stderr  # never the one to paste back
+
+
+def test_malformed_fingerprint_is_called_malformed(deployment, tmp_path):
+    res = deployment.run(
+        "agent", "enroll", "--server", deployment.server, "--fingerprint", "sha256:0123abc",
+        "--passphrase-file", str(deployment.ps_dir / "enroll-passphrase"), "--name", "x", "--dir", str(tmp_path / "x"),
+        check=False,
+    )
+    assert res.returncode == 2 and "'sha256:0123abc' is malformed" in res.stderr, res.stderr
+    assert deployment.fingerprint[len("sha256:"):] not in res.stderr
 
 
 def test_agent_cannot_touch_another_machines_disk(deployment, tmp_path):

@@ -22,7 +22,7 @@ pytestmark = [needs_loop, pytest.mark.skipif(WHY_NOT is not None, reason=f"trace
 
 def test_cleanup_removes_the_instance_a_killed_agent_left(deployment, protected) -> None:
     protected("raw", 16 * MiB)
-    deployment.wait_for(lambda s: s["disks"][0].get("tracker") == "TracefsTracker", 120, "the kernel tracker")
+    deployment.wait_for(lambda s: s["disks"][0].get("tracker") == "tracefs", 120, "the kernel tracker")
     state = deployment.root / "agent-src"
     uid = uuid.UUID(json.loads((state / "disks" / "disk0.json").read_text())["uid"])
     instance = Path("/sys/kernel/tracing/instances") / trace_instance(uid)

@@ -1,5 +1,6 @@
 """The admin CLI and the daemons' start-up, as an operator meets them: clear messages and the documented
-exit codes (standby.plumbing.errors: 2 bad input, 3 unreachable, 4 not enrolled/refused, 5 not started).
+exit codes (standby.plumbing.errors: 2 bad input, 3 process server unreachable, 4 not enrolled/refused,
+5 not started, 6 the daemon that must do it not connected).
 
 Every command runs as a real subprocess against a real process server (the `deployment` fixture).
 """
@@ -13,7 +14,13 @@ from pathlib import Path
 import pytest
 
 from standby.admin.localdeploy import free_port
-from standby.plumbing.errors import EXIT_BAD_INPUT, EXIT_NOT_STARTED, EXIT_REFUSED, EXIT_UNREACHABLE
+from standby.plumbing.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_NOT_CONNECTED,
+    EXIT_NOT_STARTED,
+    EXIT_REFUSED,
+    EXIT_UNREACHABLE,
+)
 from tests.conftest import needs_loop
 from tests.deploy import LocalDeployment
 
@@ -97,7 +104,7 @@ def test_protect_replica_already_exists(deployment, ready, existing):
     name = "src-disk0.vmdk" if existing == "descriptor" else "src-disk0-flat.vmdk"
     (ready / name).write_bytes(b"precious data the master target must not overwrite\n")
     res = deployment.cli("protect", "src", "--mt", "mt1", "--replica-dir", str(ready))
-    failed_with(res, EXIT_BAD_INPUT, "already exists", name)
+    failed_with(res, EXIT_BAD_INPUT, "already exists", name, "protect with --existing")
     assert (ready / name).read_bytes() == b"precious data the master target must not overwrite\n"
     # Nothing was protected: the disk is still unassigned and a corrected command works.
     d = deployment.status("src")["disks"][0]
@@ -111,7 +118,7 @@ def test_protect_replica_already_exists(deployment, ready, existing):
 def test_protect_raw_replica_already_exists(deployment, ready):
     (ready / "src-disk0.img").write_bytes(b"x")
     res = deployment.cli("protect", "src", "--mt", "mt1", "--format", "raw", "--replica-dir", str(ready))
-    failed_with(res, EXIT_BAD_INPUT, "already exists", "src-disk0.img")
+    failed_with(res, EXIT_BAD_INPUT, "already exists", "src-disk0.img", "protect with --existing")
 
 
 @needs_loop
@@ -152,7 +159,7 @@ def test_protect_twice_is_refused(deployment, ready):
     assert d["replica"] == f"{ready}/src-disk0.vmdk"  # the first assignment stands
 
 
-# ---- unreachable (3) and not enrolled (4) ----------------------------------------------------------------
+# ---- unreachable (3), not enrolled (4), the daemon that must do it not connected (6) ---------------------
 
 
 def test_server_unreachable(deployment):
@@ -163,6 +170,15 @@ def test_server_unreachable(deployment):
     )
     failed_with(res, EXIT_UNREACHABLE, "cannot reach", f"127.0.0.1:{port}")
     assert time.monotonic() - t0 < 30
+
+
+@needs_loop
+def test_protect_to_a_master_target_that_is_not_connected(deployment, ready):
+    """The process server is there (not 3): the master target that must check the replica is not (6)."""
+    deployment.enroll("mt", "mt2")  # enrolled, never started
+    res = deployment.cli("protect", "src", "--mt", "mt2", "--replica-dir", str(ready))
+    failed_with(res, EXIT_NOT_CONNECTED, "master target 'mt2' is not connected")
+    assert deployment.status("src")["disks"][0]["mt"] is None  # nothing was assigned
 
 
 def test_bad_server_address(deployment):

@@ -11,10 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from tests import writeorder
 from tests.conftest import needs_loop
+from tests.tools import need, needs
 
 from .conftest import HAVE_QEMU, MiB, qemu_compare
 
@@ -26,6 +25,7 @@ def disk(status: dict, name: str = "disk0") -> dict:
 
 
 def fio(dev: str, seconds: float, bs: str = "4k/50:64k/50", rate: str | None = None, size: str | None = None) -> None:
+    need("fio")
     args = [
         "fio",
         "--name=churn",
@@ -91,7 +91,7 @@ def stop_workload(proc: subprocess.Popen[str]) -> None:
     proc.wait(timeout=30)
 
 
-@pytest.mark.skipif(not HAVE_QEMU, reason="qemu-img is not installed")
+@needs("fio", "qemu-img")
 def test_live_fio_workload_replica_identical_and_rpo_shown(deployment, protected):
     dev, replica = protected("vmdk", 256 * MiB, cut_interval=0.5)
     deployment.wait_synced("src", timeout=120)
@@ -99,7 +99,7 @@ def test_live_fio_workload_replica_identical_and_rpo_shown(deployment, protected
     end = time.time()
     st = deployment.wait_caught_up("src", end, timeout=60)
     d = disk(st)
-    assert d["tracker"] == "TracefsTracker"
+    assert d["tracker"] == "tracefs"
     assert d["rpo_seconds"] is not None and d["rpo_seconds"] < 30
     # Unthrottled random writes on a small disk leave few epochs clean; once they stop, points come
     # every cut again.
@@ -108,7 +108,7 @@ def test_live_fio_workload_replica_identical_and_rpo_shown(deployment, protected
     assert d["last_resync"] is None, d["last_resync"]  # nothing was lost: no resync happened
     assert_identical(dev, replica, "vmdk")
     out = deployment.cli("status", "src").stdout
-    assert "rpo:" in out and "points/min:" in out and "tracker:TracefsTracker" in out
+    assert "rpo:" in out and "points/min:" in out and "tracker:tracefs" in out
 
 
 def test_write_order_every_paused_point_is_one_instant(deployment, protected, tmp_path):
@@ -147,6 +147,7 @@ def test_write_order_every_paused_point_is_one_instant(deployment, protected, tm
     assert_identical(dev, replica, "raw")
 
 
+@needs("fio")
 def test_pull_ahead_master_target_away_then_catch_up(make_loop, tmp_path):
     """The master target is stopped and the cache fills while writes go on: the agent keeps tracking in
     its dirty map, the source is never blocked, nothing is lost, and it all catches up."""

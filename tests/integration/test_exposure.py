@@ -43,6 +43,7 @@ from standby.plumbing.tls import anonymous_client_context, client_context
 from standby.proto.connection import Connection, Role
 from standby.proto.messages import Hello, Welcome
 from tests.deploy import LocalDeployment
+from tests.tools import needs
 
 MiB = 1024 * 1024
 NOFILE = 1024  # the usual default soft limit, and the one finding 6 was made under
@@ -214,6 +215,7 @@ def compare_devices(a: str, b: Path) -> int:
             diff += x != y
 
 
+@needs("ss")
 def test_idle_strangers_do_not_stop_replication_or_status(
     deployment: LocalDeployment, protected: Callable[..., tuple[str, Path]]
 ) -> None:

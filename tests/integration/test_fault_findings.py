@@ -30,6 +30,7 @@ from standby.proto.frames import HEADER_SIZE, scan_records
 from tests import writeorder
 from tests.conftest import needs_loop
 from tests.deploy import LocalDeployment
+from tests.tools import need, needs
 
 from .conftest import MiB
 from .test_delta import disk, start_workload, stop_workload
@@ -73,12 +74,14 @@ def same(a: str | Path, b: str | Path, size: int) -> int:
 def reset_connections(dep: LocalDeployment) -> str:
     """Reset every TCP connection to the process server's port (agent, master target, admin), as a
     network failure would: `ss -K` sends RSTs to both ends."""
+    need("ss")
     res = subprocess.run(["ss", "-K", "dst", "127.0.0.1", "dport", "=", f":{dep.port}"], capture_output=True,
                          text=True, timeout=10)
     return res.stdout
 
 
 # -- 1 --------------------------------------------------------------------------------------------------
+@needs("ss")
 def test_an_epoch_survives_a_connection_reset_in_the_middle_of_a_cut(deployment, protected):
     """The finding's reproduction: batch_size 1M, a 150 MiB burst of random writes, the connections reset
     0.3 s later; after a point newer than the last write the replica must equal the source. On 47f798a 4
@@ -110,6 +113,7 @@ def test_an_epoch_survives_a_connection_reset_in_the_middle_of_a_cut(deployment,
 # -- 2 --------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def mounted(dev: str, where: Path) -> Iterator[Path]:
+    need("mkfs.ext4")
     subprocess.run(["mkfs.ext4", "-q", "-F", dev], check=True, capture_output=True)
     where.mkdir(exist_ok=True)
     subprocess.run(["mount", dev, str(where)], check=True, capture_output=True)
@@ -119,6 +123,7 @@ def mounted(dev: str, where: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(where)], check=False, capture_output=True)
 
 
+@needs("mkfs.ext4", "e2fsck")
 def test_a_file_copy_with_large_writes_is_applied(deployment, protected, tmp_path):
     """mkfs.ext4 + mount + copy 20 MiB of incompressible files onto a freshly synced 512 MiB disk, then
     4 MiB random writes: apply groups whose old contents are far over the 32 MiB frame limit. On
@@ -315,6 +320,7 @@ def test_sigterm_under_load_stops_the_agent_quickly_and_cleanly(deployment, prot
     assert same(dev, replica, size) == 0
 
 
+@needs("mkfs.ext4")
 def test_a_small_retention_volume_prunes_instead_of_filling(make_loop, tmp_path):
     """A 64 MiB retention volume: with the default 64 MiB journal segment nothing could ever be pruned
     (pruning frees whole segments, never the newest) and applying stopped when it filled. Now segments are

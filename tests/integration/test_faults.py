@@ -25,6 +25,7 @@ import pytest
 from standby.proto.frames import scan_records
 from tests.conftest import needs_loop, needs_qemu_img
 from tests.deploy import LocalDeployment
+from tests.tools import needs
 
 from .conftest import MiB, qemu_compare
 
@@ -321,6 +322,7 @@ def mounted_ext4(dev: str, mountpoint: Path) -> Iterator[Path]:
             subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
 
 
+@needs("mkfs.ext4")
 def test_replica_file_system_full(deployment, make_loop, tmp_path):
     size = 64 * MiB
     dev = make_loop(size, "source")

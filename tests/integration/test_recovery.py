@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from tests import writeorder
+from tests.tools import needs
 
-from .conftest import HAVE_QEMU, MiB, qemu_info
+from .conftest import MiB, qemu_info
 from .test_delta import disk, start_workload, stop_workload
 
 SLOTS = 2048  # 8 MiB of write-order records at the start of the disk
@@ -93,6 +94,10 @@ def test_failover_test_failover_change_point_commit(deployment, protected, tmp_p
     assert cut_of(replica, log) == last
     cli_json(deployment, "failover", "src", "--point", str(mid["sequence"]))
     assert cut_of(replica, log) == cut_mid
+    # A resync would overwrite the failed-over replica: refused with the reason, nothing asked of the agent.
+    bad = deployment.cli("resync", "src")
+    assert bad.returncode == 1 and "src/disk0 is failed over: a resync would overwrite" in bad.stderr, bad.stderr
+    assert disk(deployment.status())["resync_requested"] is None
     # Marker: newer history is gone, the replica stays at the point.
     res = cli_json(deployment, "commit", "src")
     assert res["disks"][0]["sequence"] == mid["sequence"]
@@ -104,6 +109,9 @@ def test_failover_test_failover_change_point_commit(deployment, protected, tmp_p
     assert bad.returncode == 2 and "not allowed with" in bad.stderr
     bad = deployment.cli("failover", "src", "--point", str(latest_seq))
     assert bad.returncode != 0 and "committed" in (bad.stdout + bad.stderr)
+    bad = deployment.cli("resync", "src", "--full")
+    assert bad.returncode == 1 and "src/disk0 is committed: its replica is the machine now" in bad.stderr, bad.stderr
+    assert cut_of(replica, log) == cut_mid and disk(deployment.status())["resync_requested"] is None
 
 
 def test_points_listing_and_choices(deployment, protected, tmp_path):
@@ -126,6 +134,10 @@ def test_points_listing_and_choices(deployment, protected, tmp_path):
     cli_json(deployment, "test-failover-cleanup", "src")
     res = deployment.cli("test-failover", "src", "--at", "2001-01-01 00:00")
     assert res.returncode != 0 and "no recovery point at or before" in res.stderr
+    for verb in ("test-failover", "failover"):  # a time in the future names no point: refused, nothing moves
+        res = deployment.cli(verb, "src", "--at", str(int(time.time()) + 3600))
+        assert res.returncode == 2 and "is in the future" in res.stderr, res.stderr
+    assert disk(deployment.status())["replication"] == "Delta"
     res = deployment.cli("test-failover", "src", "--point", "latest-app")
     assert res.returncode != 0 and "no app-consistent point" in res.stderr
     res = deployment.cli("test-failover", "src", "--point", "999999999")
@@ -138,6 +150,7 @@ def test_points_listing_and_choices(deployment, protected, tmp_path):
     assert "history:" in status and "journal:" in status, status
 
 
+@needs("mkfs.ext4", "e2fsck")
 def test_fsck_passes_at_a_crash_consistent_point(deployment, protected, tmp_path, make_loop):
     """ext4 under a live file workload: a test failover to a crash-consistent point is a file system
     `fsck -n` accepts (journal replay is what a crash leaves; fsck -n does not replay, so the copy's
@@ -170,6 +183,7 @@ def test_fsck_passes_at_a_crash_consistent_point(deployment, protected, tmp_path
     cli_json(deployment, "test-failover-cleanup", "src")
 
 
+@needs("mkfs.ext4", "e2fsck", "debugfs")
 def test_app_consistent_point_and_failover_to_latest_app(deployment, protected, tmp_path):
     """`standby app-point` through the process server: the pre-script writes a marker file, the file
     system is frozen for the cut; failover to latest-app gives a replica whose file system is clean
@@ -298,7 +312,7 @@ def test_space_cap_prunes_oldest_first_with_an_alert(deployment, make_loop, tmp_
         stop_workload(proc)
 
 
-@pytest.mark.skipif(not HAVE_QEMU, reason="qemu-img is not installed")
+@needs("qemu-img")
 @pytest.mark.parametrize("fmt", ["vmdk", "vmdk-sparse"])
 def test_test_failover_copies_vmdk_replicas_qemu_reads_the_point(deployment, protected, tmp_path, fmt):
     """Flat VMDKs are copied by data range in the kernel, sparse ones block by block under the apply

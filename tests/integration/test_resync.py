@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from tests.conftest import needs_loop
+from tests.tools import needs
 
 from .conftest import MiB, fill_mixed
 from .test_delta import disk, fio
@@ -80,6 +81,7 @@ def test_resync_after_agent_kill9_ships_about_what_differs(deployment, protected
     deployment.wait_caught_up("src", time.time(), timeout=60)  # points again after the resync
 
 
+@needs("fio")
 def test_tracking_loss_turns_into_resync_never_a_wrong_replica(deployment, protected):
     """A deliberately tiny ring buffer under load: the tracker must notice the loss and resync."""
     size = 128 * MiB

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from standby.processserver.recovery import ChoiceError, choose
+from standby.processserver.recovery import ChoiceError, choose, future_at
 from standby.proto.mt_requests import PointInfo
 
 CRASH, APP = "crash-consistent", "app-consistent"
@@ -134,3 +134,13 @@ def test_inputs_are_not_modified() -> None:
     choose(TWO, None, BASE + 250.0)
     choose(TWO, "latest-app", None)
     assert TWO == before
+
+
+def test_a_time_in_the_future_is_refused_with_the_clock_it_was_judged_by() -> None:
+    """--at after now would silently be the newest point (and another one a moment later): refused."""
+    now = BASE + 1000.0
+    why = future_at(BASE + 1060.0, now)
+    assert why is not None and why.startswith(f"--at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(BASE + 1060))}"
+                                              " is in the future (the process server's clock says ")
+    assert "--point latest-processed" in why
+    assert future_at(now, now) is None and future_at(BASE + 10.0, now) is None and future_at(None, now) is None

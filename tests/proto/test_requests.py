@@ -49,7 +49,7 @@ FAILOVER_INFO = {
 POINT = {"sequence": 40, "time": T, "consistency": "app-consistent", "tag": "before upgrade", "history_bytes": 4096}
 POINT_LIST = {"points": [POINT], "journal_bytes": 1 << 20, "applied_seq": 90, "alert": "", "failover": FAILOVER_INFO}
 REPORT = {
-    "tracker": "TracefsTracker",
+    "tracker": "tracefs",
     "tracking_lost": None,
     "dirty_bytes": 8192,
     "tracker_cpu_seconds": 0.25,
