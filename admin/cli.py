@@ -235,8 +235,11 @@ def format_status(res: dict[str, Any]) -> str:
             rpo = d.get("rpo_seconds")
             dirty = d.get("dirty_bytes")
             tcpu = "-" if d.get("tracker_cpu_seconds") is None else f"{d['tracker_cpu_seconds']:.1f}s"
+            rpo_s = "-" if rpo is None else f"{rpo:.1f}s"
+            if d["replication"] in ("FailedOver", "Committed"):
+                rpo_s = "-(failed-over:nothing-replicates)"
             lines.append(
-                f"    rpo:{'-' if rpo is None else f'{rpo:.1f}s'} points/min:{d.get('points_last_minute', 0)} "
+                f"    rpo:{rpo_s} points/min:{d.get('points_last_minute', 0)} "
                 f"dirty:{'-' if dirty is None else human_bytes(dirty)} cache-backlog:{human_bytes(d['backlog_bytes'])} "
                 f"tracker:{d.get('tracker') or '-'} tracker-cpu:{tcpu} applying:{d.get('applying')}"
             )

@@ -134,7 +134,13 @@ def dispatch(client: AdminClient, args: argparse.Namespace) -> int | None:
             print(f"{args.machine}/{d['disk']}: point {d['sequence']} ({d['consistency']}) of {when(d['time'])} "
                   f"materialised in {d['path']} ({d['format']}) in {d['seconds']:.1f} s (copy "
                   f"{d['copy_seconds']:.1f} s, {d['undo_groups']} undo records applied)")
-        print(f"replication goes on; remove the copies with: standby test-failover-cleanup {args.machine}")
+        stopped = sorted({d["replication"] for d in res["disks"] if d["replication"] in ("FailedOver", "Committed")})
+        if stopped:  # the copies are of a machine that no longer replicates: say so, not "replication goes on"
+            state = "failed over and committed" if stopped == ["Committed"] else "failed over"
+            print(f"{args.machine} is {state}: nothing replicates; the copies are separate from its replica")
+        else:
+            print("replication goes on")
+        print(f"remove the copies with: standby test-failover-cleanup {args.machine}")
         return 0
     if args.cmd == "test-failover-cleanup":
         res = client.call("test_failover_cleanup", machine=args.machine)

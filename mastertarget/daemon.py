@@ -27,6 +27,7 @@ from standby.proto.enums import ErrorCode, GoodbyeCode, RejectCode
 from standby.proto.errors import ProtocolError, RemoteProtocolError
 from standby.proto.keywrap import KeyWrapError, unwrap_key
 from standby.proto.messages import Batch, Marker, Reject, Reply, Request
+from standby.proto.mt_requests import DiskHistory, PointList
 from standby.proto.point import Point
 from standby.proto.requests import BadRequest, parse_subscribe
 from standby.proto.states import DiskState
@@ -195,16 +196,7 @@ class MasterTarget:
                 except (OSError, JournalError) as exc:
                     log.error("disk %d: retention upkeep: %s", w.state.disk, exc)
                     continue
-                p = pts["points"]
-                report[str(w.state.disk)] = {
-                    "points": len(p),
-                    "oldest_point": p[0]["time"] if p else None,
-                    "newest_point": p[-1]["time"] if p else None,
-                    "journal_bytes": pts["journal_bytes"],
-                    "alert": pts["alert"],
-                    "failed_over": pts["failover"],
-                    "error": w.error,
-                }
+                report[str(w.state.disk)] = DiskHistory.of(PointList.from_wire(pts), w.error).to_wire()
             for disk, why in self.failed.items():  # disks that could not be opened: still said every time
                 report.setdefault(str(disk), {"error": why})
             if report:

@@ -260,7 +260,8 @@ class AdminSession:
     def _continuous(self, d: DiskRow, st: DiskStream | None, wall: float) -> dict[str, Any]:
         """Delta replication health of one disk: RPO, points, the agent's dirty bytes, cache backlog,
         resync progress and reason, alerts."""
-        rpo = wall - d.last_point_at if d.last_point_at else None
+        # Failed over, nothing replicates: no RPO (it would only rise while the replica is the machine).
+        rpo = wall - d.last_point_at if d.last_point_at and d.replication not in FAILED_OVER else None
         rep = dict(st.agent_report) if st else {}
         fresh = st is not None and wall - st.agent_report_at < 30
         backlog = sum(v.nbytes for v in st.records.values()) if st else 0

@@ -21,7 +21,7 @@ from typing import Any
 from standby.plumbing.errors import RequestFailed
 from standby.plumbing.link import LinkClosed
 from standby.proto.enums import Consistency, ErrorCode
-from standby.proto.mt_requests import PointInfo, PointList
+from standby.proto.mt_requests import DiskHistory, PointInfo, PointList
 from standby.proto.states import FAILED_OVER, Replication
 
 from .hub import Hub, MTPeer
@@ -143,6 +143,17 @@ class RecoveryAdmin:
     async def _points(self, disks: list[DiskRow], session: MTPeer) -> dict[str, dict[str, Any]]:
         return {d.name: await self._mt(session, "points", disk=d.id) for d in disks}
 
+    async def _note_history(self, d: DiskRow, session: MTPeer) -> None:
+        """Status at once, not at the master target's next report: the failover (point, committed) it names
+        must never be the one before this request's."""
+        try:
+            listed = PointList.from_wire(await self._mt(session, "points", disk=d.id), ErrorCode.BAD_REPLY)
+        except RequestFailed as exc:  # the failover itself is done: status catches up at the next report
+            log.warning("disk %s: no fresh history after the failover: %s", d.label, exc)
+            return
+        st = self.ps.open_stream(d)
+        st.mt_report = {**st.mt_report, **DiskHistory.of(listed).to_wire()}
+
     async def points(self, machine: str) -> dict[str, Any]:
         disks, session = self._disks(machine)
         listed = await self._points(disks, session)
@@ -227,6 +238,7 @@ class RecoveryAdmin:
             self.ps.registry.move(d, Replication.FAILED_OVER, f"failed over to point {res['sequence']}", paused=1,
                                   resync_request=None)
             self.ps.open_stream(d).failed_over = True
+            await self._note_history(d, session)
             out.append({**res, "disk": d.name, "disk_id": d.id, **_shown(chosen[d.name])})
         return {"machine": machine, "disks": out}
 
@@ -238,6 +250,7 @@ class RecoveryAdmin:
         for d in disks:
             res = await self._mt(session, "failover_commit", timeout=LONG, disk=d.id)
             self.ps.registry.move(d, Replication.COMMITTED, "failover committed")
+            await self._note_history(d, session)
             out.append({**res, "disk": d.name, "disk_id": d.id})
         log.info("%s: failover committed", machine)
         return {"machine": machine, "disks": out}
@@ -254,7 +267,8 @@ class RecoveryAdmin:
         for d in disks:
             res = await self._mt(session, "test_failover", timeout=LONG, disk=d.id,
                                  sequence=chosen[d.name].sequence, directory=directory)
-            out.append({**res, "disk": d.name, "disk_id": d.id, **_shown(chosen[d.name])})
+            out.append({**res, "disk": d.name, "disk_id": d.id, **_shown(chosen[d.name]),
+                        "replication": d.replication.value})
         return {"machine": machine, "disks": out}
 
     async def test_failover_cleanup(self, machine: str) -> dict[str, Any]:

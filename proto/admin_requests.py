@@ -38,6 +38,7 @@ from .fields import (
     time_,
 )
 from .mt_requests import FailoverInfo, PointInfo
+from .states import Replication
 from .wire import Invalid, Wire, checked, message
 
 # What the CLI reads from each status disk (admin.cli.format_status, cmd_pause). Lenient on purpose: text
@@ -243,6 +244,7 @@ class AdminTestFailoverDisk(Wire):
     seconds: float = checked(seconds)
     consistency: Consistency = checked(consistency)
     tag: str = checked(tag)
+    replication: Replication = checked(replication_state)  # the disk's, now: replicating on, or failed over
 
 
 @message("test_failover reply")

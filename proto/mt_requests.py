@@ -149,6 +149,14 @@ class DiskHistory(Wire):
     failed_over: FailoverInfo | None = checked(optional(nested(FailoverInfo)), None)
     error: str | None = checked(optional(text), None)
 
+    @classmethod
+    def of(cls, listed: PointList, error: str | None = None) -> DiskHistory:
+        """The summary of a disk's `points` reply: what the master target reports every few seconds, and
+        what the process server notes at once after a failover or commit (so status is never stale)."""
+        p = listed.points
+        return cls(len(p), p[0].time if p else None, p[-1].time if p else None, listed.journal_bytes,
+                   listed.alert, listed.failover, error)
+
 
 @message("mt_report")
 class MTReport(Wire):

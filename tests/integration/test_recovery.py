@@ -80,7 +80,9 @@ def test_failover_test_failover_change_point_commit(deployment, protected, tmp_p
     res = cli_json(deployment, "failover", "src", "--point", "latest")
     latest_seq = res["disks"][0]["sequence"]
     assert cut_of(replica, log) == last
-    assert disk(deployment.status())["replication"] == "FailedOver"
+    d = disk(deployment.status())  # at once, not at the master target's next report: status tells the truth
+    assert d["replication"] == "FailedOver" and d["rpo_seconds"] is None, d
+    assert d["failover"]["point"] == latest_seq and not d["failover"]["committed"], d["failover"]
     # Back to the older point, in place: the same instant as the test failover showed.
     cli_json(deployment, "failover", "src", "--point", str(old["sequence"]))
     assert cut_of(replica, log) == cut_old
@@ -98,9 +100,19 @@ def test_failover_test_failover_change_point_commit(deployment, protected, tmp_p
     bad = deployment.cli("resync", "src")
     assert bad.returncode == 1 and "src/disk0 is failed over: a resync would overwrite" in bad.stderr, bad.stderr
     assert disk(deployment.status())["resync_requested"] is None
-    # Marker: newer history is gone, the replica stays at the point.
+    # Commit: newer history is gone, the replica stays at the point.
     res = cli_json(deployment, "commit", "src")
     assert res["disks"][0]["sequence"] == mid["sequence"]
+    d = disk(deployment.status())
+    assert d["replication"] == "Committed" and d["rpo_seconds"] is None, d
+    assert d["failover"]["point"] == mid["sequence"] and d["failover"]["committed"], d["failover"]
+    shown = deployment.cli("status").stdout
+    assert "(committed)" in shown and "rpo:-(failed-over:nothing-replicates)" in shown, shown
+    # A test failover of a committed machine says that nothing replicates (it said "replication goes on").
+    tf = deployment.cli("test-failover", "src", "--point", "latest-processed")
+    assert tf.returncode == 0 and "src is failed over and committed: nothing replicates" in tf.stdout, tf.stdout
+    assert "replication goes on" not in tf.stdout
+    cli_json(deployment, "test-failover-cleanup", "src")
     after = points(deployment)
     assert after and max(p["sequence"] for p in after) == mid["sequence"]
     assert cut_of(replica, log) == cut_mid

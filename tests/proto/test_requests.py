@@ -299,6 +299,7 @@ EXAMPLES: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {
                     "seconds": 1.2,
                     "consistency": "app-consistent",
                     "tag": "t",
+                    "replication": "Delta",
                 }
             ],
         },
