@@ -30,7 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_ADMIN_DIR,
         help=f"admin identity directory (default $STANDBY_ADMIN or {DEFAULT_ADMIN_DIR})",
     )
-    p.add_argument("--server", help="process server HOST[:PORT] (default: from the admin identity's admin.toml)")
+    p.add_argument(
+        "--server",
+        help="process server HOST[:PORT] (default $STANDBY_SERVER, else the admin identity's admin.toml: the "
+        "advertised name, or on the process server itself its local address when that name does not resolve)",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     pr = sub.add_parser("protect", help="protect a machine's disks into replicas on a master target")
     pr.add_argument("machine", help="the enrolled machine (agent) to protect")
