@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from standby.proto.enums import ReplicaFormat
 from . import recoverycli
 from .client import DEFAULT_ADMIN_DIR, AdminClient
 from .display import human_bytes, when
+from .watch import watch_status
 
 FORMATS = tuple(ReplicaFormat)
 
@@ -74,10 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     re_ = sub.add_parser("resume", help="apply again what a pause held back")
     re_.add_argument("machine", help="the paused machine")
     recoverycli.add_parsers(sub)
-    st = sub.add_parser("status", help="replication state of every protected disk")
-    st.add_argument("machine", nargs="?", help="only this machine")
-    st.add_argument("--json", action="store_true", help="machine-readable output")
-    st.add_argument("--watch", type=float, metavar="SECONDS", help="repeat every SECONDS until interrupted")
+    add_status_parser(sub)
     ms = sub.add_parser("machines", help="enrolled machines and master targets")
     ms.add_argument("--json", action="store_true", help="machine-readable output")
     dm = sub.add_parser(
@@ -102,6 +99,26 @@ def build_parser() -> argparse.ArgumentParser:
         "shown live), then verify again (default 10; 0 skips)",
     )
     return p
+
+
+def add_status_parser(sub: Any) -> None:
+    st = sub.add_parser("status", help="replication state of every protected disk")
+    st.add_argument("machine", nargs="?", help="only this machine")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument(
+        "--watch",
+        type=float,
+        metavar="SECONDS",
+        help="repeat every SECONDS until interrupted (Ctrl-C); while the process server is unreachable, say so "
+        "once and retry every SECONDS",
+    )
+    st.add_argument(
+        "--for",
+        dest="watch_for",
+        type=float,
+        metavar="SECONDS",
+        help="with --watch: stop after SECONDS (exit 0, or 3 when the process server is unreachable then)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,16 +158,15 @@ def dispatch(args: argparse.Namespace) -> int:
                 print(f"{m['name']:<24} {m['role']:<6} enrolled {when}")
         return 0
     if args.cmd == "status":
-        while True:
-            res = client.call("status", machine=args.machine)
-            if args.json:
-                print(json.dumps(res, indent=2))
-            else:
-                print(format_status(res))
-            if not args.watch:
-                return 0
-            sys.stdout.flush()
-            time.sleep(args.watch)
+        if args.watch is not None:
+            if args.watch <= 0 or (args.watch_for is not None and args.watch_for <= 0):
+                raise BadInput("--watch and --for take a positive number of seconds")
+            return watch_status(client, args.machine, args.json, args.watch, args.watch_for, format_status)
+        if args.watch_for is not None:
+            raise BadInput("--for bounds a --watch: give --watch SECONDS too")
+        res = client.call("status", machine=args.machine)
+        print(json.dumps(res, indent=2) if args.json else format_status(res))
+        return 0
     raise BadInput(f"unknown command {args.cmd}")
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from standby.plumbing.config import load_toml, parse_address
-from standby.plumbing.errors import Refused
+from standby.plumbing.errors import Refused, Unreachable
 from standby.plumbing.identity import Identity, IdentityError
-from standby.plumbing.link import dial
+from standby.plumbing.link import LinkClosed, dial
 from standby.plumbing.tls import client_context
 
 DEFAULT_ADMIN_DIR = Path(os.environ.get("STANDBY_ADMIN", "/var/lib/standby/ps/admin"))
@@ -62,6 +62,11 @@ class AdminClient:
         link = await dial(host, port, client_context(self.identity), "admin", server_hostname=name)
         try:
             return await link.call(op, timeout, **args)
+        except LinkClosed as exc:  # the server went away mid-request (stopped, restarted)
+            raise Unreachable(f"cannot reach the process server at {self.where}: {exc}") from None
+        except TimeoutError:
+            raise Unreachable(f"cannot reach the process server at {self.where}: no answer to {op} within "
+                              f"{timeout:.0f} s") from None
         finally:
             await link.close()
 
