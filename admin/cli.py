@@ -14,7 +14,7 @@ from typing import Any
 from standby.plumbing.errors import BadInput, run_main
 from standby.proto.enums import ReplicaFormat
 
-from . import recoverycli
+from . import machinecli, recoverycli
 from .client import DEFAULT_ADMIN_DIR, AdminClient
 from .display import human_bytes, when
 from .watch import watch_status
@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     re_ = sub.add_parser("resume", help="apply again what a pause held back")
     re_.add_argument("machine", help="the paused machine")
     recoverycli.add_parsers(sub)
+    machinecli.add_parsers(sub)
     add_status_parser(sub)
     ms = sub.add_parser("machines", help="enrolled machines and master targets")
     ms.add_argument("--json", action="store_true", help="machine-readable output")
@@ -142,6 +143,8 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "pause":
         return cmd_pause(client, args)
     done = recoverycli.dispatch(client, args)
+    if done is None:
+        done = machinecli.dispatch(client, args)
     if done is not None:
         return done
     if args.cmd == "resume":
