@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,10 @@ from standby.plumbing.errors import BadInput, run_main
 from standby.plumbing.version import add_version
 from standby.proto.enums import ReplicaFormat
 
-from . import recoverycli
+from . import machinecli, recoverycli
 from .client import DEFAULT_ADMIN_DIR, AdminClient
 from .display import human_bytes, when
+from .watch import watch_status
 
 FORMATS = tuple(ReplicaFormat)
 
@@ -32,7 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_ADMIN_DIR,
         help=f"admin identity directory (default $STANDBY_ADMIN or {DEFAULT_ADMIN_DIR})",
     )
-    p.add_argument("--server", help="process server HOST[:PORT] (default: from the admin identity's admin.toml)")
+    p.add_argument(
+        "--server",
+        help="process server HOST[:PORT] (default $STANDBY_SERVER, else the admin identity's admin.toml: the "
+        "advertised name, or on the process server itself its local address when that name does not resolve)",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     pr = sub.add_parser("protect", help="protect a machine's disks into replicas on a master target")
     pr.add_argument("machine", help="the enrolled machine (agent) to protect")
@@ -72,10 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     re_ = sub.add_parser("resume", help="apply again what a pause held back")
     re_.add_argument("machine", help="the paused machine")
     recoverycli.add_parsers(sub)
-    st = sub.add_parser("status", help="replication state of every protected disk")
-    st.add_argument("machine", nargs="?", help="only this machine")
-    st.add_argument("--json", action="store_true", help="machine-readable output")
-    st.add_argument("--watch", type=float, metavar="SECONDS", help="repeat every SECONDS until interrupted")
+    machinecli.add_parsers(sub)
+    add_status_parser(sub)
     ms = sub.add_parser("machines", help="enrolled machines and master targets")
     ms.add_argument("--json", action="store_true", help="machine-readable output")
     dm = sub.add_parser(
@@ -102,6 +104,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_status_parser(sub: Any) -> None:
+    st = sub.add_parser("status", help="replication state of every protected disk")
+    st.add_argument("machine", nargs="?", help="only this machine")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument(
+        "--watch",
+        type=float,
+        metavar="SECONDS",
+        help="repeat every SECONDS until interrupted (Ctrl-C); while the process server is unreachable, say so "
+        "once and retry every SECONDS",
+    )
+    st.add_argument(
+        "--for",
+        dest="watch_for",
+        type=float,
+        metavar="SECONDS",
+        help="with --watch: stop after SECONDS (exit 0, or 3 when the process server is unreachable then)",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_main(lambda: dispatch(args), "standby")
@@ -123,6 +145,8 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "pause":
         return cmd_pause(client, args)
     done = recoverycli.dispatch(client, args)
+    if done is None:
+        done = machinecli.dispatch(client, args)
     if done is not None:
         return done
     if args.cmd == "resume":
@@ -139,16 +163,15 @@ def dispatch(args: argparse.Namespace) -> int:
                 print(f"{m['name']:<24} {m['role']:<6} enrolled {when}")
         return 0
     if args.cmd == "status":
-        while True:
-            res = client.call("status", machine=args.machine)
-            if args.json:
-                print(json.dumps(res, indent=2))
-            else:
-                print(format_status(res))
-            if not args.watch:
-                return 0
-            sys.stdout.flush()
-            time.sleep(args.watch)
+        if args.watch is not None:
+            if args.watch <= 0 or (args.watch_for is not None and args.watch_for <= 0):
+                raise BadInput("--watch and --for take a positive number of seconds")
+            return watch_status(client, args.machine, args.json, args.watch, args.watch_for, format_status)
+        if args.watch_for is not None:
+            raise BadInput("--for bounds a --watch: give --watch SECONDS too")
+        res = client.call("status", machine=args.machine)
+        print(json.dumps(res, indent=2) if args.json else format_status(res))
+        return 0
     raise BadInput(f"unknown command {args.cmd}")
 
 

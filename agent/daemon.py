@@ -78,6 +78,7 @@ class Agent:
         self.tasks: list[asyncio.Task[None]] = []
         self.app_points = AppPoints(cfg, self.disks)
         self.requests: set[asyncio.Task[None]] = set()  # requests from the process server being answered
+        self.protected: set[str] = set()  # disks the process server said were protected, in this run
 
     async def run(self, stop: asyncio.Event) -> None:
         # An agent killed while it held a freeze must not leave the machine frozen until someone notices.
@@ -187,8 +188,11 @@ class Agent:
                 continue
             d.id = int(info["disk"])
             if not info["protected"]:
+                if name in self.protected:
+                    self.unprotected(rd)
                 await self.wait_for_wake(POLL_INTERVAL)
                 continue
+            self.protected.add(name)
             if info["key_needed"]:
                 await self.send_key(link, d, info.get("mt_cert"))
                 continue
@@ -222,6 +226,14 @@ class Agent:
                 await self.replicate(link, rd, info)
             except DiskResized:
                 continue
+
+    def unprotected(self, rd: ReplicatedDisk) -> None:
+        """The operator unprotected this disk (standby unprotect): stop tracking it; nothing is sent until
+        it is protected again, which starts over with an initial replication."""
+        self.protected.discard(rd.name)
+        rd.retire_tracking()
+        rd.resync_wanted, rd.unproven, rd.announced = None, None, False
+        log.warning("disk %s: no longer protected: change tracking stopped, nothing is sent", rd.name)
 
     async def replicate(self, link: Link, rd: ReplicatedDisk, info: dict[str, Any]) -> None:
         """Delta replication over this connection, with resyncs when wanted."""
@@ -257,8 +269,11 @@ class Agent:
             for rd in self.disks:
                 if not rd.disk.id:
                     continue
+                rep = rd.report()
+                if rd.tracking is None and rd.name not in self.protected:
+                    rep["tracking_lost"] = None  # not tracked on purpose: it is not protected (any more)
                 try:
-                    res = await link.request("disk_report", disk=rd.disk.id, report=rd.report())
+                    res = await link.request("disk_report", disk=rd.disk.id, report=rep)
                 except RequestFailed as exc:  # refused (a value out of range?): say so, keep replicating
                     log.warning("disk %s: status report refused: %s", rd.name, exc)
                     continue

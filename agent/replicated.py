@@ -137,7 +137,8 @@ class ReplicatedDisk:
         return tr
 
     def retire_tracking(self) -> None:
-        """The disk changed size: this tracking ends (its poll loop too); a new one starts at the new size."""
+        """The disk changed size (a new tracking starts at the new size) or is no longer protected: this
+        tracking ends, its poll loop too."""
         tr, self.tracking = self.tracking, None
         if tr is not None:
             tr.retired = True

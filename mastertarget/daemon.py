@@ -41,6 +41,7 @@ from .journal_codec import JournalError
 from .operations import HANDLERS
 from .placement import check_replica
 from .recovery import FailoverState, move, replica_writer
+from .release import release
 from .replicas import ReplicaError, create_replica, open_replica
 from .resync import answer_hashes
 from .retention import Policy
@@ -101,6 +102,9 @@ class MasterTarget:
         self.failed: dict[int, str] = {}
         self.failover_problems: dict[int, str] = {}  # disk -> why the move resumed at start-up broke off
         self.retry_at: dict[int, float] = {}  # disk -> when opening it may be tried again (loop clock)
+        # Disks released (unprotected) in this run: an assignment list the process server made just before
+        # must not open them again (disk ids are never reused).
+        self.released: set[int] = set()
         self.wakeup = asyncio.Event()
         self.background: set[asyncio.Task[Any]] = set()
 
@@ -153,6 +157,8 @@ class MasterTarget:
             if isinstance(msg, Batch | Marker):
                 log.debug("disk %d: received sequence %d", msg.disk, msg.sequence)
                 w = self.workers.get(msg.disk)
+                if w is None and msg.disk in self.released:
+                    continue  # sent before the process server stopped its sender for this disk
                 if w is None:
                     raise RemoteProtocolError(GoodbyeCode.UNEXPECTED_MESSAGE, f"record for disk {msg.disk}, not pulled")
                 w.queue.put_nowait(msg)  # bounded by the process server's window
@@ -172,6 +178,7 @@ class MasterTarget:
         handlers: dict[str, Any] = {
             "check_replica": self.check_replica,
             "resync_hashes": functools.partial(self.resync_hashes, link),
+            "release": functools.partial(release, self),
             **{op: functools.partial(fn, self) for op, fn in HANDLERS.items()},  # the operator's requests
         }
         await serve_request(link, req, "ps", "mt", handlers.get(req.op))
@@ -230,6 +237,8 @@ class MasterTarget:
             for d in res["disks"]:
                 # One disk's trouble (even a bug) must not keep the others from starting (promise 9).
                 try:
+                    if d["disk"] in self.released:
+                        continue
                     if d["disk"] not in self.workers:
                         await self.start_disk(link, d)
                     elif int(d["size"]) != self.workers[d["disk"]].state.size:
@@ -382,6 +391,10 @@ class MasterTarget:
     @property
     def disks_dir(self) -> Path:
         return self.cfg.disks_dir
+
+    @property
+    def retention_dir(self) -> Path:
+        return self.cfg.retention_dir
 
     @property
     def policy(self) -> Policy:

@@ -1,7 +1,9 @@
-"""Admin requests of the configuration service: protect, status, machines. Admin identity only."""
+"""Admin requests of the configuration service: protect, status, machines (unprotect and forget in
+unprotect.py, recovery in recovery.py). Admin identity only."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -21,6 +23,7 @@ from .hub import Hub, no_resync
 from .recovery import RecoveryAdmin, protected_disks
 from .registry import DiskRow
 from .streams import DiskStream
+from .unprotect import forget, unprotect
 
 log = logging.getLogger("standby.ps.admin")
 SUFFIX = {ReplicaFormat.RAW: ".img"}
@@ -47,6 +50,8 @@ class AdminSession:
             "test_failover": self.recovery.test_failover,
             "test_failover_cleanup": self.recovery.test_failover_cleanup,
             "app_point": self.recovery.app_point,
+            "unprotect": functools.partial(unprotect, self.ps),
+            "forget": functools.partial(forget, self.ps),
         }
 
     async def run(self) -> None:

@@ -5,7 +5,8 @@ A deployment is a directory (default /var/lib/standby/ps)::
     ps.toml            the process server's config
     ca/ca.pem ca.key   the deployment's own CA (key readable by root only)
     identity/          the process server's TLS certificate and key
-    admin/             the admin identity the `standby` CLI uses, plus admin.toml (server address)
+    admin/             the admin identity the `standby` CLI uses, plus admin.toml (server: the advertised
+                       address; local: the address that reaches it on this machine)
     enroll-passphrase  the enrollment passphrase, mode 0400; only its scrypt hash is in the registry
     registry.sqlite    the configuration service's store
     cache/             the per-disk cache
@@ -87,7 +88,11 @@ def init_deployment(
     acert = ident.sign_csr(ca_cert, ca_key, acsr, "admin", "admin")
     admin_dir = make_private_dir(state_dir / "admin")
     ident.Identity("admin", "admin", acert, akey, ca_cert).save(admin_dir)
-    save_toml(admin_dir / "admin.toml", {"server": f"{advertise}:{port}"})
+    # `server` is what agents dial; `local` reaches this server from its own machine, where the advertised
+    # name may not resolve (admin.client dials it then, checking the certificate against `server`'s name).
+    local = listen if listen not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    local = f"[{local}]" if ":" in local else local
+    save_toml(admin_dir / "admin.toml", {"server": f"{advertise}:{port}", "local": f"{local}:{port}"})
     passphrase = ident.generate_passphrase()
     save_file(state_dir / "enroll-passphrase", (passphrase + "\n").encode(), 0o400)
     reg = Registry(state_dir / "registry.sqlite")

@@ -191,5 +191,9 @@ class Hub:
         fut.add_done_callback(self._storing.discard)
         return fut
 
+    async def appends_done(self) -> None:
+        """Wait for the cache appends under way (a session that ended may have left some running)."""
+        await asyncio.gather(*self._storing, return_exceptions=True)
+
     def spawn(self, coro: Any, name: str = "task") -> asyncio.Task[Any]:
         return spawn(coro, name, self._tasks)

@@ -173,6 +173,10 @@ class Registry:
         r = row.fetchone()
         return dict(zip(("name", "role", "serial", "cert_pem", "enrolled_at"), r, strict=True)) if r else None
 
+    def remove_machine(self, name: str) -> None:
+        """Forget an enrolled identity: its certificate is no longer current (server._current_cert)."""
+        self.db.execute("DELETE FROM machines WHERE name=?", (name,))
+
     def machines(self) -> list[dict[str, Any]]:
         rows = self.db.execute("SELECT name, role, enrolled_at FROM machines ORDER BY name").fetchall()
         return [dict(zip(("name", "role", "enrolled_at"), r, strict=True)) for r in rows]
@@ -204,6 +208,10 @@ class Registry:
         row = self.disk_by_name(machine, name)
         assert row is not None
         return row
+
+    def remove_disk(self, disk_id: int) -> None:
+        """Drop a disk's row (unprotect, forget); its id is never given again (AUTOINCREMENT)."""
+        self.db.execute("DELETE FROM disks WHERE id=?", (disk_id,))
 
     def update_disk(self, disk_id: int, **fields: Any) -> None:
         for k in fields:

@@ -104,9 +104,11 @@ class ProcessServer(Hub):
         else:
             if hello.role != peer.role or not self._current_cert(peer.name, peer.role, peer.serial):
                 log.warning("%s: refused: certificate %s/%s is not current", link.name, peer.role, peer.name)
-                await link.close(
-                    GoodbyeCode.FORBIDDEN, f"certificate for {peer.role} {peer.name!r} is not (or no longer) valid"
-                )
+                gone = hello.role != "admin" and self.registry.machine(peer.name) is None
+                await link.close(GoodbyeCode.FORBIDDEN,
+                                 f"certificate for {peer.role} {peer.name!r} is not (or no longer) valid"
+                                 + (": this machine is not enrolled (forgotten by the operator?): enroll it again"
+                                    if gone else ""))
                 return
             self.gate.admit(link.writer)  # an enrolled identity: no longer a stranger (gate.py)
         version = choose_version(hello)

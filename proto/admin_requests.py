@@ -1,7 +1,8 @@
 """Requests and replies between the admin CLI and the process server: status, machines, protect, pause,
-resume, resync, and the operator's recovery requests by machine (points, failover, commit, test_failover,
-test_failover_cleanup, app_point), which the process server relays by disk to the master target or the
-agent (proto.mt_requests, proto.agent_requests). Who may send which is in proto.requests' table of ops.
+resume, resync, unprotect, forget, and the operator's recovery requests by machine (points, failover,
+commit, test_failover, test_failover_cleanup, app_point), which the process server relays by disk to the
+master target or the agent (proto.mt_requests, proto.agent_requests). Who may send which is in
+proto.requests' table of ops.
 """
 
 from __future__ import annotations
@@ -281,3 +282,29 @@ class AdminAppPointMade(Wire):
     machine: str = checked(name)
     disks: tuple[AppPointDisk, ...] = checked(list_of(nested(AppPointDisk)))
     warnings: tuple[str, ...] = checked(list_of(text, 256))
+
+
+@message("unprotect")
+class Unprotect(Wire):
+    machine: str = checked(name)
+    delete_replicas: bool = checked(boolean, False)
+
+
+@message("unprotected disk")
+class UnprotectedDisk(Wire):
+    disk: str = checked(name)
+    mt: str = checked(name)
+    replica: str | None = checked(optional(path))  # None: the master target had no state for it
+    journal: str | None = checked(optional(path), None)  # where the kept retention journal is now
+    removed: tuple[str, ...] = checked(list_of(path), ())  # what --delete-replicas deleted (nothing without it)
+
+
+@message("unprotect reply")
+class Unprotected(Wire):
+    machine: str = checked(name)
+    disks: tuple[UnprotectedDisk, ...] = checked(list_of(nested(UnprotectedDisk)))
+
+
+@message("forget")
+class Forget(Wire):
+    machine: str = checked(name)

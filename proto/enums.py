@@ -91,6 +91,7 @@ class GoodbyeCode(StrEnum):
     # or a master target's ack for a disk not assigned to it
     TIMEOUT = "timeout"  # an enrollment connection sent no request in time (processserver.enroll)
     REPLACED = "replaced"  # a newer connection from the same master target took this one's place
+    UNPROTECTED = "unprotected"  # the operator unprotected the agent's machine: it reconnects to learn which disks
     NOT_PROTECTED = "not-protected"  # an agent sent a record for a disk that is not protected yet
     SEQUENCE_GAP = "sequence-gap"  # an agent's record is not the next of its disk: it sends again from there
     INTERNAL_ERROR = "internal-error"  # the process server failed to store a record: the agent sends again

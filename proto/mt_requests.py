@@ -14,6 +14,7 @@ from .enums import Consistency, ErrorCode, ReplicaFormat
 from .fields import (
     MAX_DISK_ID,
     MAX_ITEMS,
+    MAX_REPLICAS,
     boolean,
     consistency,
     count,
@@ -281,3 +282,25 @@ class TestFailoverCleaned(Wire):
     __test__ = False
     disk: int = checked(disk_id)
     removed: tuple[str, ...] = checked(list_of(path))
+
+
+@message("release")
+class Release(Wire):
+    """The process server to a master target: these disks are no longer protected (standby unprotect):
+    stop applying, forget their state, and delete their replicas and retention journals only if `delete`."""
+
+    disks: tuple[int, ...] = checked(list_of(disk_id, MAX_REPLICAS, 1))
+    delete: bool = checked(boolean, False)
+
+
+@message("released disk")
+class ReleasedDisk(Wire):
+    disk: int = checked(disk_id)
+    replica: str | None = checked(optional(path))  # None: the master target had no state for it
+    journal: str | None = checked(optional(path), None)  # where the kept retention journal is now
+    removed: tuple[str, ...] = checked(list_of(path), ())
+
+
+@message("release reply")
+class Released(Wire):
+    disks: tuple[ReleasedDisk, ...] = checked(list_of(nested(ReleasedDisk)))

@@ -65,6 +65,7 @@ from .admin_requests import (
     AdminTestFailoverCleaned,
     AdminTestFailoverCleanup,
     AdminTestFailoverDisk,
+    Forget,
     MachineInfo,
     MachineList,
     Machines,
@@ -77,6 +78,9 @@ from .admin_requests import (
     ResyncRequested,
     Status,
     StatusReply,
+    Unprotect,
+    Unprotected,
+    UnprotectedDisk,
 )
 from .agent_requests import (
     AgentReport,
@@ -133,6 +137,9 @@ from .mt_requests import (
     Pull,
     Pulled,
     RelayResyncHashes,
+    Release,
+    Released,
+    ReleasedDisk,
     Subscribe,
     TestFailedOver,
     TestFailover,
@@ -184,6 +191,7 @@ _SPECS = (
     OpSpec("failover_commit", "ps", ("mt",), FailoverCommit, FailoverCommitted),
     OpSpec("test_failover", "ps", ("mt",), TestFailover, TestFailedOver),
     OpSpec("test_failover_cleanup", "ps", ("mt",), TestFailoverCleanup, TestFailoverCleaned),
+    OpSpec("release", "ps", ("mt",), Release, Released),
     # process server -> agent and master target
     OpSpec("wake", "ps", ("agent", "mt"), Wake, Empty),
     # process server -> agent (agent.daemon.Agent.read_loop)
@@ -201,6 +209,8 @@ _SPECS = (
     OpSpec("test_failover", "admin", ("ps",), AdminTestFailover, AdminTestFailedOver),
     OpSpec("test_failover_cleanup", "admin", ("ps",), AdminTestFailoverCleanup, AdminTestFailoverCleaned),
     OpSpec("app_point", "admin", ("ps",), AdminAppPoint, AdminAppPointMade),
+    OpSpec("unprotect", "admin", ("ps",), Unprotect, Unprotected),
+    OpSpec("forget", "admin", ("ps",), Forget, Empty),
     # enroll -> process server (processserver.enroll.Enrollment.session)
     OpSpec("ca", "enroll", ("ps",), Ca, CaCert),
     OpSpec("enroll", "enroll", ("ps",), Enroll, Enrolled),
@@ -248,5 +258,6 @@ __all__ = [
     "AdminPointList", "AdminFailover", "AdminFailoverDisk", "AdminFailedOver", "AdminCommit", "AdminCommitDisk",
     "AdminCommitted", "AdminTestFailover", "AdminTestFailoverDisk", "AdminTestFailedOver",
     "AdminTestFailoverCleanup", "AdminCleanupDisk", "AdminTestFailoverCleaned", "AdminAppPoint",
-    "AdminAppPointMade", "Ca", "CaCert", "Enroll", "Enrolled", "MarkerMeta",
+    "AdminAppPointMade", "Unprotect", "UnprotectedDisk", "Unprotected", "Forget", "Release", "ReleasedDisk",
+    "Released", "Ca", "CaCert", "Enroll", "Enrolled", "MarkerMeta",
 ]

@@ -430,6 +430,9 @@ class PSFuzz:
             "test_failover": {"machine": safe, "point": "latest-processed", "directory": str(self.replica_dir)},
             "test_failover_cleanup": {"machine": safe},
             "app_point": {"machine": m, "tag": "fuzz"},
+            # Never a machine the other inputs need: an unknown one (and its mutations) only.
+            "unprotect": {"machine": "nobody", "delete_replicas": rng.random() < 0.5},
+            "forget": {"machine": "nobody"},
         })
 
     def gen_enroll(self) -> Input:

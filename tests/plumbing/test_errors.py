@@ -127,6 +127,7 @@ def test_the_admin_client_calls_a_lost_connection_or_no_answer_unreachable(monke
 
     c = object.__new__(client_mod.AdminClient)
     c.identity, c.host, c.port = None, "ps.example.net", 9443
+    c.local, c.where = None, "ps.example.net:9443"
     monkeypatch.setattr(client_mod, "client_context", lambda identity: None)
     for exc, words in ((TimeoutError(), "did not answer status within 60 s"),
                        (LinkClosed("connection reset"), "closed the connection during status: connection reset")):

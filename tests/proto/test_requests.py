@@ -312,6 +312,17 @@ EXAMPLES: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {
         {"machine": "web01", "tag": ""},
         {"machine": "web01", "disks": [APP_DISK], "warnings": []},
     ),
+    ("unprotect", "admin"): (
+        {"machine": "web01", "delete_replicas": False},
+        {"machine": "web01", "disks": [{"disk": "sda", "mt": "mt01", "replica": "/srv/r/web01-sda.vmdk",
+                                        "journal": "/mnt/retention/u.unprotected-3", "removed": []}]},
+    ),
+    ("forget", "admin"): ({"machine": "web01"}, {}),
+    ("release", "ps"): (
+        {"disks": [3], "delete": True},
+        {"disks": [{"disk": 3, "replica": "/srv/r/web01-sda.vmdk", "journal": None,
+                    "removed": ["/srv/r/web01-sda.vmdk", "/srv/r/web01-sda-flat.vmdk"]}]},
+    ),
     ("ca", "enroll"): ({}, {"ca_pem": PEM}),
     ("enroll", "enroll"): (
         {"name": "web01", "role": "agent", "passphrase": "correct horse", "csr": CSR, "replace": False},
@@ -373,6 +384,7 @@ def test_today_ops_by_sender():
             "test_failover_cleanup",
             "wake",
             "app_point",
+            "release",
         },
         "admin": {
             "status",
@@ -387,6 +399,8 @@ def test_today_ops_by_sender():
             "test_failover",
             "test_failover_cleanup",
             "app_point",
+            "unprotect",
+            "forget",
         },
         "enroll": {"ca", "enroll"},
     }
