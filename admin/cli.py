@@ -242,7 +242,7 @@ def format_status(res: dict[str, Any]) -> str:
     for d in res["disks"]:
         eta = d["eta_seconds"]
         eta_s = "-" if eta is None else f"{eta:.0f}s"
-        ratio = d["compression_ratio"]
+        ratio, zeros = d["compression_ratio"], d["bytes_received"] - d["bytes_data"]
         lines.append(
             f"{d['machine']}/{d['disk']} replication:{d['replication']} disk:{d['disk_state']} "
             f"size:{human_bytes(d['size'])} progress:{100 * d['progress']:.1f}% rate:{human_bytes(d['rate'])}/s "
@@ -251,8 +251,9 @@ def format_status(res: dict[str, Any]) -> str:
         lines.append(
             f"    replica:{d['mt'] or '-'}:{d['replica'] or '-'} format:{d['format'] or '-'} "
             f"received:{human_bytes(d['bytes_received'])} wire:{human_bytes(d['bytes_wire'])} "
-            f"applied:{human_bytes(d['bytes_applied'])} "
-            f"compression:{f'{ratio:.2f}x' if ratio else '-'} backlog:{d['backlog_records']}"
+            # What made wire smaller than received: zeros are never sent; the data sent is compressed.
+            f"(zeros-not-sent:{human_bytes(max(zeros, 0))} data-compressed:{f'{ratio:.2f}x' if ratio else '-'}) "
+            f"applied:{human_bytes(d['bytes_applied'])} backlog:{d['backlog_records']}-records"
         )
         if d["mt"] and d["replication"] not in ("Initial", "Off"):
             rpo = d.get("rpo_seconds")

@@ -12,7 +12,8 @@ from typing import Any
 from standby.plumbing.errors import BadInput
 
 from .client import AdminClient
-from .display import human_bytes, when
+from .display import when
+from .pointsview import DEFAULT_LIMIT, format_points, select
 
 _AGO = re.compile(r"^\s*-?(\d+(?:\.\d+)?)\s*([smhd])(?:\s+ago)?\s*$")
 
@@ -43,6 +44,10 @@ def parse_time(text: str, now: dt.datetime | None = None) -> float:
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     pt = sub.add_parser("points", help="list a machine's recovery points (time, kind, tag, history size)")
     pt.add_argument("machine")
+    pt.add_argument("--since", metavar="TIME", help="only points at or after TIME (as --at takes it)")
+    pt.add_argument("--limit", type=int, metavar="N", default=None,
+                    help=f"list the newest N points of each disk (default {DEFAULT_LIMIT}; 0: all; --json lists "
+                    "all unless given); the summary by age always counts them all")
     pt.add_argument("--json", action="store_true", help="machine-readable output")
 
     def choice(p: argparse.ArgumentParser) -> None:
@@ -101,8 +106,14 @@ def _point_args(args: argparse.Namespace) -> dict[str, Any]:
 def dispatch(client: AdminClient, args: argparse.Namespace) -> int | None:
     """Run a recovery command; None if `args.cmd` is not one."""
     if args.cmd == "points":
+        if args.limit is not None and args.limit < 0:
+            raise BadInput("--limit needs a count of points, 0 for all")
+        since = parse_time(args.since) if args.since is not None else None
         res = client.call("points", machine=args.machine)
-        print(json.dumps(res, indent=2) if args.json else format_points(res))
+        if args.json:
+            print(json.dumps(select(res, since, args.limit), indent=2))
+        else:
+            print(format_points(res, since, DEFAULT_LIMIT if args.limit is None else args.limit))
         return 0
     if args.cmd == "failover":
         res = client.call("failover", None, machine=args.machine, **_point_args(args))
@@ -166,21 +177,3 @@ def dispatch(client: AdminClient, args: argparse.Namespace) -> int | None:
                 print(f"WARNING: {w}")
         return 0 if all(d.get("sequence") for d in res["disks"]) else 1
     return None
-
-
-def format_points(res: dict[str, Any]) -> str:
-    lines = []
-    for d in res["disks"]:
-        fo = d.get("failover")
-        head = f"{res['machine']}/{d['disk']}: {len(d['points'])} point(s), history {human_bytes(d['journal_bytes'])}"
-        if fo:
-            head += f"; FAILED OVER to point {fo['at']}" + (" (committed)" if fo.get("committed") else "")
-        lines.append(head)
-        if d.get("alert"):
-            lines.append(f"    ALERT: {d['alert']}")
-        lines.append(f"    {'ID':>10}  {'TIME':<23}  {'KIND':<16}  {'HISTORY':>10}  TAG")
-        for p in d["points"]:
-            pid = p["sequence"] if len(res["disks"]) == 1 else f"{d['disk']}:{p['sequence']}"
-            lines.append(f"    {pid!s:>10}  {when(p['time']):<23}  {p['consistency']:<16}  "
-                         f"{human_bytes(p['history_bytes']):>10}  {p['tag']}")
-    return "\n".join(lines)

@@ -7,6 +7,7 @@ gives the same N, and older points give smaller N."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -136,7 +137,12 @@ def test_points_listing_and_choices(deployment, protected, tmp_path):
     finally:
         stop_workload(proc)
     text = deployment.cli("points", "src").stdout
-    assert "crash-consistent" in text and str(pts[-1]["sequence"]) in text
+    assert "crash-consistent" in text and str(pts[-1]["sequence"]) in text and "by age: <10m" in text
+    two = deployment.cli("points", "src", "--limit", "2").stdout  # idle points keep coming: any total
+    assert re.search(r"the newest 2 of \d+ listed", two) and two.count("crash-consistent  ") == 2, two
+    assert len(cli_json(deployment, "points", "src", "--limit", "1")["disks"][0]["points"]) == 1
+    later = deployment.cli("points", "src", "--since", str(time.time() + 3600)).stdout
+    assert "no point listed since" in later, later
     assert all(a["time"] < b["time"] and a["sequence"] < b["sequence"] for a, b in zip(pts, pts[1:], strict=False))
     assert all(p["history_bytes"] >= q["history_bytes"] for p, q in zip(pts, pts[1:], strict=False))
     # --at picks the newest point at or before the time.
