@@ -64,6 +64,7 @@ from pathlib import Path
 
 SYSTEMD = "/lib/systemd/systemd"
 TARGET = "standby-harness.target"
+CGROUP_PREFIX = "standby-harness-"
 UNIT_DIRS = ("/etc/systemd/system", "/run/systemd/system", "/usr/local/lib/systemd/system", "/lib/systemd/system",
              "/usr/lib/systemd/system")
 GENERATOR_DIRS = ("/lib/systemd/system-generators", "/usr/lib/systemd/system-generators",
@@ -80,7 +81,7 @@ DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 PULL = re.compile(r"^\s*(?:Wants|Requires|Requisite|BindsTo)\s*=\s*(.*)$", re.M)
 
 # Runs as PID 1 of the new PID namespace, in the new mount namespace, before systemd. Arguments: the harness's
-# directory, the console pty, then `bind:PATH`, `ro:PATH` and `dev:PATH` words.
+# directory, the console pty, then triples KIND HOST-PATH PATH-INSIDE (KIND: bind, ro or dev).
 SETUP = r"""
 set -eu
 H=$1 CONSOLE=$2
@@ -104,12 +105,13 @@ ln -s pts/ptmx "$N/dev/ptmx"
 touch "$N/dev/console"
 mount --bind "$CONSOLE" "$N/dev/console"
 mount -t tmpfs -o mode=1777,nosuid,nodev standby-harness "$N/tmp"
-for arg in "$@"; do
-  p=${arg#*:}
-  case $arg in
-    dev:*) mkdir -p "$N$(dirname "$p")"; touch "$N$p"; mount --bind "$p" "$N$p" ;;
-    bind:*) mkdir -p "$N$p"; mount --rbind "$p" "$N$p" ;;
-    ro:*) mkdir -p "$N$p"; mount --rbind "$p" "$N$p"; mount -o remount,bind,ro "$N$p" ;;
+while [ $# -gt 0 ]; do
+  kind=$1 src=$2 dst=$N$3
+  shift 3
+  case $kind in
+    dev) mkdir -p "$(dirname "$dst")"; touch "$dst"; mount --bind "$src" "$dst" ;;
+    bind) mkdir -p "$dst"; mount --rbind "$src" "$dst" ;;
+    ro) mkdir -p "$dst"; mount --rbind "$src" "$dst"; mount -o remount,bind,ro "$dst" ;;
   esac
 done
 mkdir -p "$N/etc/systemd/system" "$N/etc/systemd/system-generators"
@@ -189,6 +191,15 @@ def units_to_mask(roots: Iterable[str] = PULLED_TARGETS, own: Iterable[str] = ()
     return sorted(mask - KEEP - set(own))
 
 
+def sweep_stale(parent: Path) -> None:
+    """Remove the cgroups (and kill their processes) that harnesses of test processes now dead left behind —
+    a test run killed with SIGKILL cannot tear down. The cgroup's name carries the PID of its test process."""
+    for cg in parent.glob(f"{CGROUP_PREFIX}*"):
+        owner = cg.name[len(CGROUP_PREFIX):].split("-")[0]
+        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            SystemdNamespace._remove_cgroup(cg)
+
+
 class Boot(RuntimeError):
     """systemd did not come up in the namespaces."""
 
@@ -197,16 +208,18 @@ class SystemdNamespace:
     """`with SystemdNamespace(workdir, units=[...]) as sd:` boots systemd in fresh namespaces; `sd.systemctl(...)`.
 
     `units`: unit files (paths) or (name, text) pairs, installed in the namespace's /etc/systemd/system.
-    `binds`: host directories bound read-write at their own paths (state a test reads from outside).
+    `binds`: host directories bound read-write at their own paths, or (host, inside) pairs: state a test reads
+    from outside.
     `devices`: host device nodes (e.g. loop devices made with losetup) bound into the private /dev.
     `workdir`: a host directory of the harness's own: set-up files, the tmpfs mount point, console.log.
     """
 
-    def __init__(self, workdir: Path, units: Iterable[Path | tuple[str, str]] = (), binds: Iterable[Path] = (),
-                 devices: Iterable[str] = (), boot_timeout: float = 30.0) -> None:
+    def __init__(self, workdir: Path, units: Iterable[Path | tuple[str, str]] = (),
+                 binds: Iterable[Path | tuple[Path, Path]] = (), devices: Iterable[str] = (),
+                 boot_timeout: float = 30.0) -> None:
         self.workdir = Path(workdir)
         self.units = [(u.name, u.read_text()) if isinstance(u, Path) else u for u in units]
-        self.binds = [Path(b) for b in binds]
+        self.binds = [(Path(b[0]), Path(b[1])) if isinstance(b, tuple) else (Path(b), Path(b)) for b in binds]
         self.devices = list(devices)
         self.boot_timeout = boot_timeout
         self.console_log = self.workdir / "console.log"
@@ -237,14 +250,16 @@ class SystemdNamespace:
         self._stage()
         parent = cgroup2_parent()
         assert parent is not None
-        self.cgroup = parent / f"standby-harness-{os.getpid()}-{time.monotonic_ns()}"
+        sweep_stale(parent)
+        self.cgroup = parent / f"{CGROUP_PREFIX}{os.getpid()}-{time.monotonic_ns()}"
         self.cgroup.mkdir()
         master, slave = os.openpty()
         self._pty = (master, slave)
         self._drain = threading.Thread(target=self._drain_console, args=(master,), daemon=True)
         self._drain.start()
-        words = [f"dev:{d}" for d in self.devices] + [f"bind:{b}" for b in self.binds]
-        words += [f"ro:{p}" for p in self._foreign_dirs()]
+        words = [w for d in self.devices for w in ("dev", d, d)]
+        words += [w for host, inside in self.binds for w in ("bind", str(host), str(inside))]
+        words += [w for p in self._foreign_dirs() for w in ("ro", str(p), str(p))]
         inner = ["unshare", "--pid", "--fork", "--mount", "--uts", "--ipc", "--net", "--cgroup",
                  "sh", "-c", SETUP, SYSTEMD, str(self.workdir), os.ttyname(slave), *words]
         outer = f"echo $$ > {shlex.quote(str(self.cgroup / 'cgroup.procs'))} && exec {shlex.join(inner)}"
@@ -261,9 +276,10 @@ class SystemdNamespace:
         system, generators = self.workdir / "system", self.workdir / "generators"
         for d in (system, generators, self.workdir / "mnt"):
             d.mkdir(parents=True, exist_ok=False)
-        for name, text in self.units:
+        for name, text in self.units:  # a name may be a drop-in: "NAME.service.d/FILE.conf"
+            (system / name).parent.mkdir(parents=True, exist_ok=True)
             (system / name).write_text(text)
-        own = [name for name, _ in self.units]
+        own = [name.split("/")[0] for name, _ in self.units]
         for name in ["timers.target", *units_to_mask(own=own)]:
             (system / name).symlink_to("/dev/null")
         for d in GENERATOR_DIRS:
@@ -286,7 +302,7 @@ class SystemdNamespace:
         found = []
         for p in (repo, Path(sys.prefix), Path(sys.base_prefix)):
             p = p.resolve()
-            if os.stat(p).st_dev != root and p not in found and not any(p.is_relative_to(b) for b in self.binds):
+            if os.stat(p).st_dev != root and p not in found and not any(p.is_relative_to(b) for b, _ in self.binds):
                 found.append(p)
         return found
 
