@@ -449,9 +449,13 @@ class SystemdNamespace:
         if not _wait(predicate, timeout):
             raise AssertionError(f"not {what} within {timeout} s")
 
+    def path(self, inside: str | Path) -> Path:
+        """The host's way to a path inside (through PID 1's root)."""
+        return Path(f"/proc/{self.pid}/root") / Path(inside).relative_to("/")
+
     def install(self, name: str, text: str) -> None:
         """Add or replace a unit in the running namespace (then daemon-reload)."""
-        (Path(f"/proc/{self.pid}/root/etc/systemd/system") / name).write_text(text)
+        self.path(f"/etc/systemd/system/{name}").write_text(text)
         self.systemctl("daemon-reload")
 
     def status(self, unit: str) -> str:
