@@ -379,11 +379,12 @@ class SystemdNamespace:
         if self.cgroup is not None and self.cgroup.exists():
             self._remove_cgroup(self.cgroup)
         if self._pty is not None:
-            for fd in self._pty:
-                os.close(fd)
+            master, slave = self._pty
+            os.close(slave)  # the last opener of the console gone, the drain's read ends (EIO)
+            if self._drain is not None:
+                self._drain.join(timeout=5)
+            os.close(master)  # only now: a number closed under a blocked read could be reused by another open
             self._pty = None
-        if self._drain is not None:
-            self._drain.join(timeout=5)
         mnt = self.workdir / "mnt"
         if mnt.is_dir():
             mnt.rmdir()

@@ -112,9 +112,9 @@ def test_boots_fast_as_pid_1_without_module_loading(sd: SystemdNamespace) -> Non
 @needs_systemd
 def test_the_host_is_out_of_reach(sd: SystemdNamespace, tmp_path: Path) -> None:
     """Writes land in the overlay's tmpfs, /proc/sys and /sys are read-only, the host's units are masked."""
-    probe = tmp_path / "written-inside"
+    probe = Path("/var/tmp") / f"standby-harness-probe-{os.getpid()}-{tmp_path.name}"
     assert sd.run("touch", str(probe)).returncode == 0
-    assert not probe.exists()
+    assert sd.path(probe).exists() and not probe.exists()
     assert sd.run("sh", "-c", "echo 1 > /proc/sys/kernel/printk_ratelimit").returncode != 0
     assert sd.run("touch", "/sys/kernel/standby-probe").returncode != 0
     for unit in ("timers.target", "systemd-timesyncd.service", "systemd-tmpfiles-setup.service"):
@@ -155,6 +155,14 @@ def test_stop_is_clean(sd: SystemdNamespace, shared: Path) -> None:
     s = sd.show("toy.service", "ActiveState", "Result", "ExecMainStatus", "NRestarts")
     assert s == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0", "NRestarts": "0"}
     assert "toy: stopped cleanly" in sd.journalctl("toy.service")
+
+
+@needs_systemd
+def test_systemd_analyze_works_inside(sd: SystemdNamespace) -> None:
+    """The units' exposure scores (README) come from `systemd-analyze security`, run inside."""
+    res = sd.run("systemd-analyze", "security", "--no-pager", "toy.service")
+    assert res.returncode == 0 and "Overall exposure level for toy.service" in res.stdout, res.stderr
+    assert sd.run("systemd-analyze", "verify", "toy.service").returncode == 0
 
 
 @needs_systemd
