@@ -42,6 +42,12 @@ Facts found on the way (what differs from the issue's recipe, and why):
 - `/dev/console` is a pty of the harness (os.openpty); a thread drains its master into `console.log`, so
   systemd's messages are kept and its writes never block. `/dev/kmsg` is not bound: the host's kernel log
   is left alone.
+- Our cgroup gets no controller: on this host the v1 hierarchies hold cpu, memory, pids… and the cgroup2
+  root offers only hugetlb, enabled nowhere. So MemoryMax=, CPUQuota=, TasksMax= are accepted but not
+  enforced in here; DevicePolicy=/DeviceAllow= are (they are BPF programs, no controller needed), and so are
+  the mount-namespace settings (ProtectSystem=, ReadWritePaths=, PrivateTmp=…). systemd says "Couldn't move
+  remaining userspace processes" at boot: harmless (the set-up shell is gone by then).
+- Boot, from starting the unshare to `systemctl is-system-running` answering "running": 0.13–0.29 s here.
 - Teardown kills systemd (PID 1 of the new PID namespace, by its PID, checked to be the unshare's child),
   which takes the whole namespace with it; then waits for the cgroup to be empty (writes `cgroup.kill` of
   our own cgroup if it is not) and removes the cgroup tree. Every mount lived only in the private mount
