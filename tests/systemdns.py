@@ -29,7 +29,8 @@ Facts found on the way (what differs from the issue's recipe, and why):
   the upper layer would sit on it; a non-recursive bind of `/` to a directory on our tmpfs serves as lower
   layer in both cases. The lower layer is the live root file system (other processes keep writing it):
   overlayfs tolerates that, a file copied up is a snapshot. Directories of the checkout or the interpreter
-  that live on another file system than `/` are not in that bind: they are bound in, read-only.
+  that live on another file system than `/`, or under /tmp (a fresh tmpfs inside), are not seen through it:
+  they are bound in, read-only.
 - Masking `timers.target` is not enough: the units our services pull in (`sysinit.target`, `basic.target`,
   `network-online.target`…) want host services that act on the whole machine from inside the namespaces —
   `systemd-timesyncd` sets the host's clock, `systemd-binfmt` and `systemd-sysctl` write host-wide kernel
@@ -301,14 +302,17 @@ class SystemdNamespace:
             "Wants=systemd-journald.service\nAfter=systemd-journald.service\n")
 
     def _foreign_dirs(self) -> list[Path]:
-        """The checkout and the interpreter's trees when they are on another file system than `/` (the
-        overlay's lower layer is `/` alone, not what is mounted under it)."""
+        """The checkout and the interpreter's trees when the overlay does not show them: on another file
+        system than `/` (its lower layer is `/` alone, not what is mounted under it), or under /tmp (a fresh
+        tmpfs inside). Bound in read-only."""
         root = os.stat("/").st_dev
         repo = Path(__file__).resolve().parent.parent
-        found = []
+        found: list[Path] = []
         for p in (repo, Path(sys.prefix), Path(sys.base_prefix)):
             p = p.resolve()
-            if os.stat(p).st_dev != root and p not in found and not any(p.is_relative_to(b) for b, _ in self.binds):
+            hidden = os.stat(p).st_dev != root or p.is_relative_to("/tmp")
+            if hidden and not any(p.is_relative_to(q) for q in found) and not any(
+                    p.is_relative_to(host) for host, inside in self.binds if host == inside):
                 found.append(p)
         return found
 

@@ -6,7 +6,10 @@ three services replicate a loop device end to end.
 The units are this checkout's, installed as written, except:
 - their Exec lines run this venv's commands (the units name the installed ones): the command's directory is
   replaced, its arguments are kept;
-- a drop-in of test-only settings, each with its reason (`harness_dropin`).
+- a drop-in of test-only settings, each with its reason (`harness_dropin`): ProtectHome=read-only when this
+  venv's interpreter lives in a home (pyenv under /root), the checkout bound back in under PrivateTmp= when
+  it lives in /tmp, WatchdogSec= at most 10 s (the units say 30 s; the daemons ping at half of what systemd
+  gives them, so the code tested is the same), and the fail point that stalls a daemon's event loop armed.
 The deployment is made inside the namespaces with the command-line tools, as admin/localdeploy.py does
 outside (init, enroll, add-disk, protect), at the paths the units use. Those paths are empty host directories
 bound in (under tmp_path/root): the host's own /var/lib/standby, if any, is never seen, and a failed test
@@ -48,6 +51,7 @@ BIN = Path(sys.executable).parent  # this venv's commands
 MiB = 1 << 20
 SERVER = f"127.0.0.1:{DEFAULT_PORT}"  # the namespace has a network of its own: the default port is free
 STALL = "service.stall"  # the fail point that blocks a daemon's event loop on SIGUSR2
+WATCHDOG = 10.0  # seconds: the longest WatchdogSec= the tests wait for (harness_dropin)
 
 REASON = systemdns.unavailable() or (
     "systemd/standby-*.service not in this checkout" if not all(p.exists() for p in UNIT_FILES.values()) else None
@@ -114,11 +118,17 @@ class Unit:
 def harness_dropin(unit: Unit) -> str:
     """Test-only settings, each one for a reason of the test's, not of the unit's."""
     lines = ["[Service]"]
-    if Path(sys.executable).resolve().is_relative_to("/root") or Path(sys.executable).resolve().is_relative_to(
-        "/home"
-    ):
+    code = {REPO, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(), Path(sys.executable).resolve()}
+    if any(p.is_relative_to("/root") or p.is_relative_to("/home") for p in code):
         # This venv's interpreter lives in a home directory (pyenv under /root); installs put theirs in /opt.
         lines.append("ProtectHome=read-only")
+    for p in sorted(p for p in code if p.is_relative_to("/tmp") or p.is_relative_to("/var/tmp")):
+        # A checkout (or venv) under /tmp would vanish behind PrivateTmp=: bound back in.
+        lines.append(f"BindReadOnlyPaths={p}")
+    if unit.watchdog > WATCHDOG:
+        # The daemon pings at half of whatever WATCHDOG_USEC systemd gives it: a shorter period tests the same
+        # code and keeps each stall below half a minute (the units say 30 s).
+        lines.append(f"WatchdogSec={WATCHDOG:g}s")
     if STALL in failpoints.FAILPOINTS:
         # Arms the fail point that lets SIGUSR2 block the event loop: the watchdog's real case, a stuck loop.
         lines.append(f"Environment=STANDBY_FAILPOINTS={STALL}")
@@ -277,20 +287,24 @@ def test_ready_restart_watchdog_and_stop(inside: Inside, role: str) -> None:
     sd.systemctl("start", name)  # Type=notify: returns once READY=1 came, or fails
     assert sd.show(name, "Type", "ActiveState") == {"Type": "notify", "ActiveState": "active"}
     assert serves(inside, role), f"{name} active but not serving"
+    watchdog = min(unit.watchdog, WATCHDOG)
 
     first = sd.main_pid(name)
+    ready = sd.prop(name, "WatchdogTimestampMonotonic")  # READY=1 armed the watchdog; WATCHDOG=1 moves it on
+    sd.wait(lambda: sd.prop(name, "WatchdogTimestampMonotonic") != ready, watchdog, f"a WATCHDOG=1 from {name}")
+    assert sd.main_pid(name) == first and sd.n_restarts(name) == 0
     sd.kill(name, "SIGKILL")
     sd.wait(restarted(sd, name, first, 1), 60, f"{name} restarted after kill -9")
 
     second = sd.main_pid(name)
     sd.kill(name, "SIGSTOP")  # alive but silent: no WATCHDOG=1 any more
-    sd.wait(restarted(sd, name, second, 2), 2 * unit.watchdog + 60, f"{name} restarted by the watchdog")
+    sd.wait(restarted(sd, name, second, 2), 2 * watchdog + 60, f"{name} restarted by the watchdog")
     assert "Watchdog timeout" in sd.journalctl(name)
 
     if STALL in failpoints.FAILPOINTS:  # the real case: the event loop stuck, the process otherwise fine
         third = sd.main_pid(name)
         sd.kill(name, "SIGUSR2")
-        sd.wait(restarted(sd, name, third, 3), 2 * unit.watchdog + 60, f"{name} restarted after its loop stalled")
+        sd.wait(restarted(sd, name, third, 3), 2 * watchdog + 60, f"{name} restarted after its loop stalled")
 
     sd.systemctl("stop", name)
     assert sd.show(name, "ActiveState", "Result") == {"ActiveState": "inactive", "Result": "success"}
