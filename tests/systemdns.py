@@ -84,7 +84,6 @@ PULLED_TARGETS = ("basic.target", "sysinit.target", "sockets.target", "timers.ta
 # What the boot may start: the journal (journalctl -u), tracefs (the agent's tracker), POSIX queues.
 KEEP = frozenset({"systemd-journald.service", "systemd-journald.socket", "systemd-journald-dev-log.socket",
                   "systemd-journald-audit.socket", "sys-kernel-tracing.mount", "dev-mqueue.mount", "tmp.mount"})
-DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 PULL = re.compile(r"^\s*(?:Wants|Requires|Requisite|BindsTo)\s*=\s*(.*)$", re.M)
 
 # Runs as PID 1 of the new PID namespace, in the new mount namespace, before systemd. Arguments: the harness's
@@ -286,7 +285,7 @@ class SystemdNamespace:
         for name, text in self.units:  # a name may be a drop-in: "NAME.service.d/FILE.conf"
             (system / name).parent.mkdir(parents=True, exist_ok=True)
             (system / name).write_text(text)
-        own = [name.split("/")[0] for name, _ in self.units]
+        own = [name.split("/")[0].removesuffix(".d") for name, _ in self.units]
         for name in ["timers.target", *units_to_mask(own=own)]:
             (system / name).symlink_to("/dev/null")
         for d in GENERATOR_DIRS:
