@@ -26,6 +26,7 @@ import shlex
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +34,14 @@ from typing import Any
 
 import pytest
 
+from standby.agent.cli import TRACEFS
 from standby.agent.config import DEFAULT_DIR as AGENT_DIR
+from standby.agent.disk import trace_instance
 from standby.mastertarget.config import DEFAULT_DIR as MT_DIR
 from standby.mastertarget.config import DEFAULT_RETENTION_DIR
 from standby.plumbing import failpoints
 from standby.plumbing.config import DEFAULT_PORT, load_toml, save_toml
+from standby.plumbing.durable import load_json
 from standby.processserver.deployment import DEFAULT_DIR as PS_DIR
 from tests import systemdns
 from tests.systemdns import SystemdNamespace
@@ -260,6 +264,9 @@ def inside(tmp_path: Path, make_loop: Callable[..., str]) -> Iterator[Inside]:
     agent_dir = root / units["agent"].state_dir.relative_to("/")
     if (agent_dir / "agent.toml").exists():  # an agent killed (kill -9, the watchdog) leaves trace instances
         subprocess.run([str(BIN / "standby-agent"), "cleanup", "--dir", str(agent_dir)], check=False, timeout=60)
+    left = [trace_instance(uuid.UUID(load_json(f)["uid"])) for f in agent_dir.glob("disks/*.json")
+            if "uid" in load_json(f)]
+    assert not [i for i in left if (TRACEFS / "instances" / i).exists()], "trace instances left behind"
 
 
 def restarted(sd: SystemdNamespace, unit: str, before: int, restarts: int) -> Callable[[], bool]:
