@@ -13,8 +13,9 @@ from standby.plumbing.config import load_toml, parse_address, save_toml
 from standby.plumbing.durable import load_json
 from standby.plumbing.enrollment import add_enroll_parser, enroll, read_passphrase
 from standby.plumbing.errors import BadInput, StandbyError, run_main
-from standby.plumbing.logs import setup_logging
-from standby.plumbing.service import run_daemon, sd_notify
+from standby.plumbing.logs import add_log_options, setup_logging
+from standby.plumbing.notify import Notifier
+from standby.plumbing.service import run_daemon
 from standby.plumbing.version import add_version
 
 from .config import DEFAULT_DIR, DISK_NAME, AgentConfig
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"state directory (default {DEFAULT_DIR})")
     r = sub.add_parser("run", help="run the agent")
     r.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"state directory (default {DEFAULT_DIR})")
-    r.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default INFO)")
+    add_log_options(r)
     c = sub.add_parser(
         "cleanup",
         help="remove what a stopped agent left behind: the kernel trace instances of its disks",
@@ -58,14 +59,17 @@ def main(argv: list[str] | None = None) -> int:
         return run_main(lambda: cmd_add_disk(args), "standby-agent")
     if args.cmd == "cleanup":
         return run_main(lambda: cmd_cleanup(args), "standby-agent")
-    setup_logging("standby.agent", args.log_level)
+    return run_main(lambda: cmd_run(args), "standby-agent")
 
-    async def serve(stop: asyncio.Event) -> None:
+
+def cmd_run(args: argparse.Namespace) -> int:
+    setup_logging("standby.agent", args.log_level, args.log_file)
+
+    async def serve(stop: asyncio.Event, notifier: Notifier) -> None:
         from .daemon import Agent
 
         agent = Agent(AgentConfig.load(args.dir))
-        sd_notify("READY=1")
-        await agent.run(stop)
+        await agent.run(stop, notifier)  # READY=1 once connected to the process server, or retrying with why
 
     return run_daemon("standby-agent", serve)
 

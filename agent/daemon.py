@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+from collections import Counter
 from typing import Any
 
 from cryptography import x509
@@ -36,6 +37,7 @@ from standby.plumbing.aio import wait_event
 from standby.plumbing.durable import make_private_dir
 from standby.plumbing.errors import NotStarted, RequestFailed, StandbyError
 from standby.plumbing.link import Link, LinkClosed, stay_connected
+from standby.plumbing.notify import Notifier
 from standby.plumbing.serve import send_reply, serve_request
 from standby.plumbing.supervise import describe, spawn, supervise
 from standby.plumbing.tls import client_context
@@ -79,8 +81,14 @@ class Agent:
         self.app_points = AppPoints(cfg, self.disks)
         self.requests: set[asyncio.Task[None]] = set()  # requests from the process server being answered
         self.protected: set[str] = set()  # disks the process server said were protected, in this run
+        self.connection = f"connecting to {cfg.host}:{cfg.port}"  # in words, for the status line
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, notifier: Notifier | None = None) -> None:
+        def connection(text: str) -> None:
+            self.connection = text
+            if notifier is not None:
+                notifier.ready(self.status_line)  # READY=1 once the first dial is decided (connected or why not)
+
         # An agent killed while it held a freeze must not leave the machine frozen until someone notices.
         await asyncio.to_thread(thaw_leftover, self.cfg.state_dir / MARKER)
         tasks = [asyncio.create_task(supervise("app-consistent schedule", self.app_points.schedule))]
@@ -89,7 +97,8 @@ class Agent:
                 tr = rd.start_tracking()
                 if tr is not None:
                     tasks.append(asyncio.create_task(self.supervise_tracking(tr, stop)))
-            await stay_connected(stop, self.cfg.host, self.cfg.port, self.ssl, "agent", self.session)
+            await stay_connected(stop, self.cfg.host, self.cfg.port, self.ssl, "agent", self.session,
+                                 on_state=connection)
         finally:
             tasks += self.tasks
             for t in tasks:
@@ -97,6 +106,24 @@ class Agent:
             await asyncio.gather(*tasks, return_exceptions=True)
             for rd in self.disks:
                 rd.stop_tracking()  # clean stop: the dirty map is recorded
+
+    def status_line(self) -> str:
+        """The agent in words (systemd's STATUS=): the connection, then what its disks do."""
+        counts = Counter(self.activity(rd) for rd in self.disks)
+        disks = ", ".join(f"{n} {what}" for what, n in counts.items()) or "none"
+        return f"{self.connection}; disks: {disks}"
+
+    def activity(self, rd: ReplicatedDisk) -> str:
+        prog = rd.resync_progress
+        if rd.error:
+            return "failed"
+        if rd.name not in self.protected:
+            return "not protected (yet)"
+        if prog is not None and prog.finished is None:
+            return "resyncing"
+        if rd.shipper is not None:
+            return "replicating"
+        return "in initial replication" if rd.copying else "starting"
 
     async def supervise_tracking(self, tr: Tracking, stop: asyncio.Event) -> None:
         def failed(exc: BaseException) -> None:
@@ -218,7 +245,11 @@ class Agent:
                     if why and info["cursor"]:
                         # What was copied before this run may have changed unseen.
                         rd.resync_wanted = ("checksum", f"restart during initial replication: {why}")
-                    await initial_replication(rd, link, info)
+                    rd.copying = True
+                    try:
+                        await initial_replication(rd, link, info)
+                    finally:
+                        rd.copying = False
                     continue  # open again: the process server says where the stream stands now
             elif why:
                 rd.want_resync("checksum", why)

@@ -93,6 +93,7 @@ class ReplicatedDisk:
     error: str | None = None  # why its replication failed (until it works again)
     shipper: Cutter | None = None  # while it is in delta replication (agent.delta.Shipper.run sets it)
     announced: bool = False  # its delta replication was announced in the log
+    copying: bool = False  # its initial replication is running
 
     @property
     def name(self) -> str:

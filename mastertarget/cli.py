@@ -9,8 +9,9 @@ from pathlib import Path
 from standby.plumbing.config import parse_address, save_toml
 from standby.plumbing.enrollment import add_enroll_parser, enroll, read_passphrase
 from standby.plumbing.errors import BadInput, run_main
-from standby.plumbing.logs import setup_logging
-from standby.plumbing.service import run_daemon, sd_notify
+from standby.plumbing.logs import add_log_options, setup_logging
+from standby.plumbing.notify import Notifier
+from standby.plumbing.service import run_daemon
 from standby.plumbing.version import add_version
 
 from .config import DEFAULT_DIR, DEFAULT_RETENTION_DIR, MTConfig
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r = sub.add_parser("run", help="run the master target")
     r.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"state directory (default {DEFAULT_DIR})")
-    r.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default INFO)")
+    add_log_options(r)
     return p
 
 
@@ -45,14 +46,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "enroll":
         return run_main(lambda: cmd_enroll(args), "standby-mt")
-    setup_logging("standby.mt", args.log_level)
+    return run_main(lambda: cmd_run(args), "standby-mt")
 
-    async def serve(stop: asyncio.Event) -> None:
+
+def cmd_run(args: argparse.Namespace) -> int:
+    setup_logging("standby.mt", args.log_level, args.log_file)
+
+    async def serve(stop: asyncio.Event, notifier: Notifier) -> None:
         from .daemon import MasterTarget
 
         mt = MasterTarget(MTConfig.load(args.dir))
-        sd_notify("READY=1")
-        await mt.run(stop)
+        await mt.run(stop, notifier)  # READY=1 once connected to the process server, or retrying with why
 
     return run_daemon("standby-mt", serve)
 

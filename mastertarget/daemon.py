@@ -19,6 +19,7 @@ from standby.plumbing.aio import wait_event
 from standby.plumbing.errors import NotStarted, RequestFailed
 from standby.plumbing.identity import Identity, IdentityError
 from standby.plumbing.link import Link, LinkClosed, stay_connected
+from standby.plumbing.notify import Notifier
 from standby.plumbing.serve import send_reply, serve_request
 from standby.plumbing.service import host_id
 from standby.plumbing.supervise import describe, spawn, supervise
@@ -107,10 +108,24 @@ class MasterTarget:
         self.released: set[int] = set()
         self.wakeup = asyncio.Event()
         self.background: set[asyncio.Task[Any]] = set()
+        self.connection = f"connecting to {cfg.host}:{cfg.port}"  # in words, for the status line
 
-    async def run(self, stop: asyncio.Event) -> None:
-        await stay_connected(stop, self.cfg.host, self.cfg.port, self.ssl, "mt", self.session, self.stop_workers)
+    async def run(self, stop: asyncio.Event, notifier: Notifier | None = None) -> None:
+        def connection(text: str) -> None:
+            self.connection = text
+            if notifier is not None:
+                notifier.ready(self.status_line)  # READY=1 once the first dial is decided (connected or why not)
+
+        await stay_connected(stop, self.cfg.host, self.cfg.port, self.ssl, "mt", self.session, self.stop_workers,
+                             connection)
         self.close_disks()
+
+    def status_line(self) -> str:
+        """The master target in words (systemd's STATUS=): the connection, then the disks it applies."""
+        failed = len(self.failed)
+        applying = len(self.workers) - sum(1 for d in self.failed if d in self.workers)
+        disks = f"applying {applying} disk{'' if applying == 1 else 's'}" + (f", {failed} failed" if failed else "")
+        return f"{self.connection}; {disks}"
 
     async def stop_workers(self) -> None:
         for w in self.workers.values():

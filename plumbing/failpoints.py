@@ -20,6 +20,7 @@ FAILPOINTS = {
     "ps.writer": "the process server's cache writer of a disk, before it appends",
     "ps.sender": "the process server's task that sends a disk's records to its master target",
     "agent.epoch": "the agent's delta epoch loop of a disk, before a cut",
+    "service.stall": "any daemon: SIGUSR2 blocks its event loop for good (the systemd watchdog's test)",
 }
 
 
@@ -37,6 +38,12 @@ def _parse(text: str) -> dict[str, int]:
 
 _armed = _parse(os.environ.get("STANDBY_FAILPOINTS", ""))
 _lock = threading.Lock()
+
+
+def armed(name: str) -> bool:
+    """Whether fail point `name` is armed and has not fired its count yet."""
+    with _lock:
+        return _armed.get(name, 0) > 0
 
 
 def hit(name: str) -> None:

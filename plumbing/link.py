@@ -284,20 +284,27 @@ async def stay_connected(
     role: str,
     session: Callable[[Link], Awaitable[None]],
     after: Callable[[], Awaitable[None]] | None = None,
+    on_state: Callable[[str], None] | None = None,
 ) -> None:
     """Dial the process server and run `session(link)` until `stop`; reconnect with backoff (1 s to 10 s)
-    whenever the connection fails or ends. `after` runs once each session is over (clean-up)."""
+    whenever the connection fails or ends. `after` runs once each session is over (clean-up).
+    `on_state(text)` hears, in words, each time the connection is made or a dial fails ("connected to
+    H:P" / "retrying in 2 s: cannot reach the process server at H:P: …"): the daemon's status line."""
     delay = 1.0
     while not stop.is_set():
         try:
             link = await dial(host, port, ctx, role)
         except StandbyError as exc:
             log.warning("%s; retrying in %.0f s", exc, delay)
+            if on_state is not None:
+                on_state(f"retrying in {delay:.0f} s: {exc}")
             await sleep_or_stop(stop, delay)
             delay = min(delay * 2, 10.0)
             continue
         delay = 1.0
         log.info("connected to the process server %s:%d", host, port)
+        if on_state is not None:
+            on_state(f"connected to {host}:{port}")
         task = asyncio.create_task(session(link))
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
@@ -318,6 +325,8 @@ async def stay_connected(
         except Exception:  # a bug must not take the daemon down: log it and reconnect
             log.exception("session ended by an unexpected error (a bug: please report it)")
         await link.close(code, reason)
+        if on_state is not None and not stop.is_set():
+            on_state(f"reconnecting to {host}:{port}: the session ended")
         if after is not None:
             await after()
         if not stop.is_set():

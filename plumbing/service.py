@@ -1,7 +1,13 @@
 """Daemon lifecycle: start up, serve, shut down — with systemd notifications and signal handling.
 
-SIGTERM/SIGINT ask for a graceful stop (the daemon's `stop` event is set); a second one forces exit.
-A daemon that never got to serve exits with EXIT_NOT_STARTED so systemd and scripts can tell.
+SIGTERM/SIGINT ask for a graceful stop (the daemon's `stop` event is set, systemd hears STOPPING=1); a
+second one forces exit. A daemon that never got to serve exits with EXIT_NOT_STARTED so systemd and
+scripts can tell. What systemd hears and when (READY=1, STATUS=, WATCHDOG=1): plumbing.notify.
+
+How long a stop takes, at most (the units' TimeoutStopSec= is set above it): the daemon's own ordered
+shutdown (closing sessions, the agent's clean-stop records, the master target's applies in flight) gets
+STOP_LIMIT seconds — past that, where each task waits is logged and the rest is cancelled — then its
+worker threads get EXIT_GRACE seconds, then the process exits without them.
 """
 
 from __future__ import annotations
@@ -13,30 +19,23 @@ import resource
 import signal
 import socket
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from . import failpoints
 from .errors import EXIT_INTERRUPTED, EXIT_NOT_STARTED, EXIT_OK, StandbyError
+from .notify import Notifier
 
 log = logging.getLogger("standby.service")
 # Seconds a stopping daemon waits for its worker threads after its own shutdown is done.
 EXIT_GRACE = 5.0
-
-
-def sd_notify(state: str) -> None:
-    """Tell systemd (Type=notify) about READY=1 / STOPPING=1 / STATUS=…; a no-op outside systemd."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.connect(addr)
-            s.sendall(state.encode())
-    except OSError as exc:
-        log.warning("cannot notify systemd: %s", exc)
+# Seconds a daemon's own ordered shutdown may take before what is left of it is cancelled.
+STOP_LIMIT = 20.0
+# The daemon's main coroutine: `main(stop, notifier)` serves until `stop` is set, and tells `notifier`
+# when it serves (READY=1) and what it does (STATUS=).
+Main = Callable[[asyncio.Event, Notifier], Awaitable[None]]
 
 
 def dump_tasks() -> None:
@@ -98,8 +97,8 @@ def _limit(value: int) -> str:
     return "unlimited" if value == resource.RLIM_INFINITY else str(value)
 
 
-def run_daemon(name: str, main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
-    """Run `main(stop)` until it returns; `stop` is set on the first SIGTERM/SIGINT."""
+def run_daemon(name: str, main: Main) -> int:
+    """Run `main(stop, notifier)` until it returns; `stop` is set on the first SIGTERM/SIGINT."""
     raise_open_file_limit()
     install_loop()
     started = False
@@ -108,6 +107,7 @@ def run_daemon(name: str, main: Callable[[asyncio.Event], Awaitable[None]]) -> i
         nonlocal started
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
+        notifier = Notifier()
         signals = 0
 
         def on_signal(signum: int) -> None:
@@ -116,15 +116,22 @@ def run_daemon(name: str, main: Callable[[asyncio.Event], Awaitable[None]]) -> i
             if signals > 1:
                 log.warning("second signal: exiting now")
                 os._exit(EXIT_INTERRUPTED)
-            log.info("%s: received %s, shutting down", name, signal.Signals(signum).name)
-            sd_notify("STOPPING=1")
+            what = signal.Signals(signum).name
+            log.info("%s: received %s, shutting down", name, what)
+            notifier.stopping(f"received {what}")
             stop.set()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig)
         loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
+        if failpoints.armed("service.stall"):
+            loop.add_signal_handler(signal.SIGUSR2, stall)
         started = True
-        await main(stop)
+        notifying = asyncio.create_task(notifier.run(), name="systemd notifications")
+        try:
+            await within_stop_limit(main(stop, notifier), stop, name)
+        finally:
+            notifying.cancel()
 
     code = EXIT_OK
     loop = asyncio.new_event_loop()
@@ -143,6 +150,40 @@ def run_daemon(name: str, main: Callable[[asyncio.Event], Awaitable[None]]) -> i
         logging.shutdown()
         os._exit(code)
     return code
+
+
+async def within_stop_limit(work: Awaitable[None], stop: asyncio.Event, name: str,
+                            limit: float = STOP_LIMIT) -> None:
+    """Await `work`; once `stop` is set it has `limit` seconds to end, then where each task waits is
+    logged (the stuck shutdown's diagnosis) and it is cancelled."""
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            done, _ = await asyncio.wait([task], timeout=limit)
+            if not done:
+                log.warning("%s: shutdown still not done after %.0f s: cancelling what is left (where each task "
+                            "waits follows)", name, limit)
+                dump_tasks()
+                task.cancel()
+                await asyncio.wait([task])
+                if not task.cancelled():
+                    task.result()  # it ended after all, maybe with its own error
+                return
+        await task
+    finally:
+        stopper.cancel()
+        if not task.done():
+            task.cancel()
+
+
+def stall() -> None:
+    """Fail point service.stall (STANDBY_FAILPOINTS): on SIGUSR2 the event loop blocks for good, as a loop
+    stuck in a blocking call would — the systemd watchdog's test (WATCHDOG=1 stops; systemd kills us)."""
+    log.warning("fail point service.stall fires: the event loop blocks for good")
+    while True:
+        time.sleep(3600)
 
 
 def _close_loop(loop: asyncio.AbstractEventLoop, name: str) -> bool:

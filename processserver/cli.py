@@ -9,8 +9,9 @@ from pathlib import Path
 
 from standby.plumbing.config import DEFAULT_PORT, parse_size
 from standby.plumbing.errors import run_main
-from standby.plumbing.logs import setup_logging
-from standby.plumbing.service import run_daemon, sd_notify
+from standby.plumbing.logs import add_log_options, setup_logging
+from standby.plumbing.notify import Notifier
+from standby.plumbing.service import run_daemon
 from standby.plumbing.version import add_version
 
 from .deployment import DEFAULT_DIR, DEFAULT_QUOTA, PSConfig, init_deployment
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r = sub.add_parser("run", help="run the process server")
     r.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"deployment directory (default {DEFAULT_DIR})")
-    r.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default INFO)")
+    add_log_options(r)
     return p
 
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "init":
         return run_main(lambda: cmd_init(args), "standby-ps")
-    return cmd_run(args)
+    return run_main(lambda: cmd_run(args), "standby-ps")
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -67,18 +68,19 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    setup_logging("standby.ps", args.log_level)
+    setup_logging("standby.ps", args.log_level, args.log_file)
 
-    async def serve(stop: asyncio.Event) -> None:
+    async def serve(stop: asyncio.Event, notifier: Notifier) -> None:
         from .server import ProcessServer
+        from .summary import summary
 
         cfg = PSConfig.load(args.dir)
         server = ProcessServer(cfg)
         ready = asyncio.Event()
         task = asyncio.create_task(server.serve(stop, ready))
         await asyncio.wait([task, asyncio.create_task(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
-        if ready.is_set():
-            sd_notify(f"READY=1\nSTATUS=listening on port {server.port}")
+        if ready.is_set():  # listening: agents and master targets can connect from now on
+            notifier.ready(lambda: f"listening on port {server.port}: {summary(server)}")
         await task
 
     try:

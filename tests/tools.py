@@ -29,6 +29,7 @@ PACKAGES = {
     "fsfreeze": "util-linux",
     "ss": "iproute2",
     "openssl": "openssl",
+    "systemd-analyze": "systemd",
 }
 
 
