@@ -29,6 +29,8 @@ PACKAGES = {
     "fsfreeze": "util-linux",
     "ss": "iproute2",
     "openssl": "openssl",
+    "promtool": "prometheus",
+    "prometheus": "prometheus",
 }
 
 
