@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from .errors import BadInput
+from .errors import BadInput, NotStarted
 
 log = logging.getLogger("standby.metrics")
 DEFAULT_ADDRESS = "127.0.0.1"
@@ -158,5 +158,8 @@ async def start_metrics(cfg: MetricsConfig | None, collectors: Iterable[Any]) ->
     if cfg is None:
         return None
     endpoint = MetricsEndpoint(cfg, collectors)
-    await endpoint.start()
+    try:
+        await endpoint.start()
+    except OSError as exc:  # the config asked for it: a daemon without its metrics would be silently unwatched
+        raise NotStarted(f"cannot serve metrics on {cfg.address}:{cfg.port}: {exc.strerror or exc}") from None
     return endpoint

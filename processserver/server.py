@@ -73,7 +73,7 @@ class ProcessServer(Hub):
         )
         try:
             metrics = await start_metrics(self.cfg.metrics, [PSCollector(self)])
-        except OSError:
+        except BaseException:
             self.server.close()
             raise
         if ready is not None:
