@@ -151,6 +151,10 @@ def test_a_real_prometheus_scrapes_the_rpo(replicating, tmp_path: Path):
         assert 0 <= value < 60 and status_rpo is not None and abs(value - status_rpo) < 30, (value, status_rpo)
         up = json.loads(get(f"http://127.0.0.1:{port}/api/v1/query?query=up"))["data"]["result"]
         assert [s["value"][1] for s in up] == ["1"]
+        # README's alert expression matches the disk with the policy's threshold (scaled to 0 to fire now).
+        expr = "standby_disk_rpo_seconds > on(instance, job) group_left() (standby_ps_rpo_threshold_seconds * 0)"
+        fired = json.loads(get(f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})))
+        assert [s["metric"]["disk"] for s in fired["data"]["result"]] == ["disk0"], fired
     finally:
         proc.terminate()
         try:
