@@ -69,3 +69,25 @@ def test_the_endpoint_serves_get_metrics_on_the_loop():
             await ep.close()
 
     asyncio.run(main())
+
+
+def test_each_daemons_config_reads_the_table(tmp_path):
+    """ps.toml, mt.toml and agent.toml: off without [metrics]; on with it; a bad one refuses to start."""
+    from standby.agent.config import AgentConfig
+    from standby.mastertarget.config import MTConfig
+    from standby.plumbing.config import save_toml
+    from standby.plumbing.errors import NotStarted
+    from standby.processserver.deployment import PSConfig
+
+    base = {"ps": {"name": "ps"}, "mt": {"name": "mt1", "server": "127.0.0.1:9443"},
+            "agent": {"name": "src", "server": "127.0.0.1:9443"}}
+    for kind, load in (("ps", PSConfig.load), ("mt", MTConfig.load), ("agent", AgentConfig.load)):
+        d = tmp_path / kind
+        d.mkdir()
+        save_toml(d / f"{kind}.toml", base[kind])
+        assert load(d).metrics is None
+        save_toml(d / f"{kind}.toml", {**base[kind], "metrics": {"port": 9464}})
+        assert load(d).metrics == MetricsConfig(9464, "127.0.0.1")
+        save_toml(d / f"{kind}.toml", {**base[kind], "metrics": {"port": 70000}})
+        with pytest.raises(NotStarted, match=r"\[metrics\] port must be 1..65535"):
+            load(d)
