@@ -2,7 +2,8 @@
 
 A deployment is a directory (default /var/lib/standby/ps)::
 
-    ps.toml            the process server's config
+    ps.toml            the process server's config ([metrics] turns on its Prometheus endpoint:
+                       plumbing.metrics)
     ca/ca.pem ca.key   the deployment's own CA (key readable by root only)
     identity/          the process server's TLS certificate and key
     admin/             the admin identity the `standby` CLI uses, plus admin.toml (server: the advertised

@@ -50,3 +50,21 @@ def test_promtool_finds_nothing_to_say():
     need("promtool")
     res = subprocess.run(["promtool", "check", "metrics"], input=page(), capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and not res.stdout.strip() and not res.stderr.strip(), res.stdout + res.stderr
+
+
+def test_the_snapshot_is_each_disks_report_with_its_trackings_counters():
+    from types import SimpleNamespace
+
+    from standby.agent.metrics import snapshot
+
+    rep = {"dirty_bytes": 4096, "tracking_lost": None, "points": 3, "app_points": 0}
+    tracked = SimpleNamespace(name="disk0", report=lambda: dict(rep),
+                              tracking=SimpleNamespace(losses=2, tracker=SimpleNamespace(events_lost=9)))
+    fullscan = SimpleNamespace(name="disk1", report=lambda: dict(rep),
+                               tracking=SimpleNamespace(losses=0, tracker=SimpleNamespace()))
+    untracked = SimpleNamespace(name="disk2", report=lambda: dict(rep), tracking=None)
+    agent = SimpleNamespace(cfg=SimpleNamespace(name="web01"), disks=[tracked, fullscan, untracked])
+    got = {d["disk"]: d for d in snapshot(agent)}
+    assert got["disk0"] == {**rep, "machine": "web01", "disk": "disk0", "losses": 2, "events_lost": 9}
+    assert got["disk1"]["events_lost"] is None  # the full-scan tracker has no kernel count: absent
+    assert got["disk2"]["losses"] is None and got["disk2"]["events_lost"] is None

@@ -58,3 +58,23 @@ def test_promtool_finds_nothing_to_say():
     need("promtool")
     res = subprocess.run(["promtool", "check", "metrics"], input=page(), capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and not res.stdout.strip() and not res.stderr.strip(), res.stdout + res.stderr
+
+
+def test_the_snapshot_reads_the_open_disks_the_last_report_and_the_volume(tmp_path):
+    from types import SimpleNamespace
+
+    from standby.mastertarget.metrics import snapshot
+
+    stats = ApplyStats()
+    stats.applied(2, 8192, 0.125)
+    w = SimpleNamespace(state=SimpleNamespace(machine="web01", name="disk0", applied_seq=77), stats=stats,
+                        journal=SimpleNamespace(bytes=4096), error=None, halted=False)
+    mt = SimpleNamespace(workers={3: w}, failed={4: "cannot open"}, history={"3": {"points": 5}},
+                         retention_dir=tmp_path)
+    got = snapshot(mt)
+    (d,) = got["disks"]
+    assert d == {"machine": "web01", "disk": "disk0", "journal_bytes": 4096, "points": 5, "applied_seq": 77,
+                 "records": 2, "bytes": 8192, "groups": 1, "seconds": 0.125, "failed": False, "halted": False}
+    assert got["unopened"] == 1 and 0 < got["volume_free"] <= got["volume_size"]
+    mt.retention_dir = tmp_path / "gone"
+    assert snapshot(mt)["volume_free"] is None  # unknown, so absent from the page
