@@ -17,6 +17,10 @@ script_timeout = 60            # seconds a script may run; then it is killed and
 freeze_timeout = 10            # seconds at most frozen: then everything is thawed, whatever happens
 app_consistent_every = 3600    # seconds between scheduled app-consistent points (the seeds' 60 min); 0: off
 
+[metrics]                      # optional: a Prometheus endpoint (plumbing.metrics), off without this table
+port = 9466
+address = "127.0.0.1"          # the default
+
 [[disks]]
 name = "sda"
 path = "/dev/sda"              # a block device or an image file
@@ -30,6 +34,7 @@ from pathlib import Path
 
 from standby.plumbing.config import ClientConfig, load_client_toml, parse_size
 from standby.plumbing.errors import BadInput, NotStarted
+from standby.plumbing.metrics import MetricsConfig, parse_metrics
 from standby.proto.messages import MAX_BATCH_LOGICAL
 
 from .tracker import TRACKERS
@@ -61,6 +66,7 @@ class AgentConfig(ClientConfig):
     script_timeout: float = 60.0
     freeze_timeout: float = 10.0
     app_consistent_every: float = 3600.0
+    metrics: MetricsConfig | None = None  # the Prometheus endpoint ([metrics]; off without it)
 
     @classmethod
     def load(cls, state_dir: Path) -> AgentConfig:
@@ -77,6 +83,7 @@ class AgentConfig(ClientConfig):
             script_timeout = float(raw.get("script_timeout", 60.0))
             freeze_timeout = float(raw.get("freeze_timeout", 10.0))
             app_every = float(raw.get("app_consistent_every", 3600.0))
+            metrics = parse_metrics(raw.get("metrics"))
             cfg = cls(
                 common.state_dir,
                 common.name,
@@ -94,6 +101,7 @@ class AgentConfig(ClientConfig):
                 script_timeout,
                 freeze_timeout,
                 app_every,
+                metrics,
             )
         except (KeyError, TypeError, ValueError, OverflowError, BadInput) as exc:
             raise NotStarted(f"{path}: invalid config: {exc}") from None

@@ -37,6 +37,7 @@ from standby.plumbing.aio import wait_event
 from standby.plumbing.durable import make_private_dir
 from standby.plumbing.errors import NotStarted, RequestFailed, StandbyError
 from standby.plumbing.link import Link, LinkClosed, stay_connected
+from standby.plumbing.metrics import start_metrics
 from standby.plumbing.notify import Notifier
 from standby.plumbing.serve import send_reply, serve_request
 from standby.plumbing.supervise import describe, spawn, supervise
@@ -52,6 +53,7 @@ from .delta import DiskResized, Shipper
 from .disk import LocalDisk
 from .freeze import thaw_leftover
 from .initial import initial_replication
+from .metrics import AgentCollector
 from .reader import disk_size
 from .replicated import ReplicatedDisk
 from .resync import resync
@@ -91,6 +93,7 @@ class Agent:
 
         # An agent killed while it held a freeze must not leave the machine frozen until someone notices.
         await asyncio.to_thread(thaw_leftover, self.cfg.state_dir / MARKER)
+        metrics = await start_metrics(self.cfg.metrics, [AgentCollector(self)])
         tasks = [asyncio.create_task(supervise("app-consistent schedule", self.app_points.schedule))]
         try:
             for rd in self.disks:
@@ -106,6 +109,8 @@ class Agent:
             await asyncio.gather(*tasks, return_exceptions=True)
             for rd in self.disks:
                 rd.stop_tracking()  # clean stop: the dirty map is recorded
+            if metrics is not None:
+                await metrics.close()
 
     def status_line(self) -> str:
         """The agent in words (systemd's STATUS=): the connection, then what its disks do."""

@@ -49,6 +49,7 @@ class Tracking:
         self.cut_ts = 0  # tracker clock of the last cut
         self.late = False  # an event stamped before the last cut arrived after its map was sealed
         self.lost: str | None = None  # why tracking cannot be trusted: the disk needs a resync
+        self.losses = 0  # times tracking was lost (each one a resync), for the agent's metrics
         self.poll_cpu = 0.0
         # Write submissions after the last cut, kept while its epoch is being read and checked.
         self.collecting = False
@@ -92,6 +93,7 @@ class Tracking:
 
     def _lost(self, reason: str) -> None:
         log.error("disk %s: change tracking lost: %s; a resync is needed", self.disk.cfg.name, reason)
+        self.losses += 1
         if self.lost is None:
             self.lost = reason
         # Restart tracking now so that writes from here on are caught; the resync covers the gap.

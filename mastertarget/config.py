@@ -11,6 +11,10 @@
                                # per `every` seconds (0: all) — all for 1 h, one per 5 min to 6 h, hourly
     segment_size = "64M"       # journal files: pruning frees whole files, so this is its granularity
 
+    [metrics]                  # optional: a Prometheus endpoint (plumbing.metrics), off without this table
+    port = 9465
+    address = "127.0.0.1"      # the default
+
 Besides the cap, history never takes the retention volume's last `reserve` bytes (default 5 % of the
 volume, at most 4 GiB): space pressure prunes oldest points first, with an alert, instead of failing.
 """
@@ -24,6 +28,7 @@ from typing import Any
 
 from standby.plumbing.config import ClientConfig, load_client_toml, parse_size
 from standby.plumbing.errors import BadInput, NotStarted
+from standby.plumbing.metrics import MetricsConfig, parse_metrics
 
 from .journal import SEGMENT_MAX
 from .retention import Policy, Tier
@@ -50,11 +55,16 @@ class MTConfig(ClientConfig):
     reserve: int | None = None  # bytes the journal leaves free on the retention volume (None: 5 %, <= 4 GiB)
     segment_size: int = SEGMENT_MAX  # journal file size: pruning frees whole files
     shared_volume: bool = False  # the operator accepted a retention directory on the root file system
+    metrics: MetricsConfig | None = None  # the Prometheus endpoint ([metrics]; off without it)
 
     @classmethod
     def load(cls, state_dir: Path) -> MTConfig:
         path, raw, common = load_client_toml(state_dir, "mt.toml", "standby-mt enroll")
         r: dict[str, Any] = raw.get("retention", {})
+        try:
+            metrics = parse_metrics(raw.get("metrics"))
+        except BadInput as exc:
+            raise NotStarted(f"{path}: invalid [metrics] settings: {exc}") from None
         try:
             if not isinstance(r, dict):
                 raise TypeError("[retention] must be a table")
@@ -75,6 +85,6 @@ class MTConfig(ClientConfig):
             if not isinstance(shared, bool):
                 raise TypeError("shared_volume must be true or false")
             return cls(common.state_dir, common.name, common.host, common.port,
-                       Path(r.get("dir", DEFAULT_RETENTION_DIR)), policy, reserve, segment, shared)
+                       Path(r.get("dir", DEFAULT_RETENTION_DIR)), policy, reserve, segment, shared, metrics)
         except (TypeError, ValueError, OverflowError, KeyError, BadInput) as exc:
             raise NotStarted(f"{path}: invalid [retention] settings: {exc}") from None

@@ -19,6 +19,7 @@ from standby.plumbing.aio import wait_event
 from standby.plumbing.errors import NotStarted, RequestFailed
 from standby.plumbing.identity import Identity, IdentityError
 from standby.plumbing.link import Link, LinkClosed, stay_connected
+from standby.plumbing.metrics import start_metrics
 from standby.plumbing.notify import Notifier
 from standby.plumbing.serve import send_reply, serve_request
 from standby.plumbing.service import host_id
@@ -35,10 +36,11 @@ from standby.proto.states import DiskState
 
 from .apply import Applier
 from .config import MTConfig
-from .disk import NotOpen
+from .disk import ApplyStats, NotOpen
 from .diskstate import ReplicaState
 from .journal import DiskJournal
 from .journal_codec import JournalError
+from .metrics import MTCollector
 from .operations import HANDLERS
 from .placement import check_replica
 from .recovery import FailoverState, move, replica_writer
@@ -109,6 +111,8 @@ class MasterTarget:
         self.wakeup = asyncio.Event()
         self.background: set[asyncio.Task[Any]] = set()
         self.connection = f"connecting to {cfg.host}:{cfg.port}"  # in words, for the status line
+        self.apply_stats: dict[int, ApplyStats] = {}  # disk -> what applying it did in this run (metrics)
+        self.history: dict[str, dict[str, Any]] = {}  # the last upkeep report per disk (DiskHistory, wire form)
 
     async def run(self, stop: asyncio.Event, notifier: Notifier | None = None) -> None:
         def connection(text: str) -> None:
@@ -116,8 +120,13 @@ class MasterTarget:
             if notifier is not None:
                 notifier.ready(self.status_line)  # READY=1 once the first dial is decided (connected or why not)
 
-        await stay_connected(stop, self.cfg.host, self.cfg.port, self.ssl, "mt", self.session, self.stop_workers,
-                             connection)
+        metrics = await start_metrics(self.cfg.metrics, [MTCollector(self)])
+        try:
+            await stay_connected(stop, self.cfg.host, self.cfg.port, self.ssl, "mt", self.session,
+                                 self.stop_workers, connection)
+        finally:
+            if metrics is not None:
+                await metrics.close()
         self.close_disks()
 
     def status_line(self) -> str:
@@ -221,6 +230,7 @@ class MasterTarget:
                 report[str(w.state.disk)] = DiskHistory.of(PointList.from_wire(pts), w.error).to_wire()
             for disk, why in self.failed.items():  # disks that could not be opened: still said every time
                 report.setdefault(str(disk), {"error": why})
+            self.history = report
             if report:
                 await link.send(Request(0, "mt_report", {"disks": report}))
 
@@ -328,6 +338,7 @@ class MasterTarget:
         w = DiskWorker(self, st, applier, journal)
         w.key = key
         w.failover_problem = self.failover_problems.pop(disk, None)
+        w.stats = self.apply_stats.setdefault(disk, w.stats)
         self.workers[disk] = w
         w.task = asyncio.create_task(self.run_worker(link, w))
         if w.halted:

@@ -28,6 +28,23 @@ class RetentionMarks:
     alert_at: float = 0.0  # when it was raised (wall clock)
 
 
+@dataclass
+class ApplyStats:
+    """What applying a disk has done since the master target started (its metrics: mastertarget.metrics).
+    Kept by the daemon across the disk's workers, so the counters only grow."""
+
+    records: int = 0
+    bytes: int = 0  # logical bytes of the batches applied (zeros counted)
+    groups: int = 0  # groups applied: each one verify, write, sync, journal, ack
+    seconds: float = 0.0  # spent applying those groups, from verifying to acknowledging
+
+    def applied(self, records: int, nbytes: int, seconds: float) -> None:
+        self.records += records
+        self.bytes += nbytes
+        self.groups += 1
+        self.seconds += seconds
+
+
 class Disk(Protocol):
     """One open disk: its replica, its retention journal, its durable state and its lock."""
 

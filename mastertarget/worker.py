@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -23,7 +24,7 @@ from standby.proto.point import Point
 from standby.proto.states import DiskState, Replication
 
 from .apply import Applier, BadMarker
-from .disk import RetentionMarks
+from .disk import ApplyStats, RetentionMarks
 from .diskstate import ReplicaState
 from .journal import DiskJournal
 from .journal_codec import JournalError
@@ -78,6 +79,7 @@ class DiskWorker:
         self.retention = RetentionMarks()
         self.failover_problem: str | None = None  # why the last failover move broke off
         self.error: str | None = None  # why applying this disk failed (status shows it until it works again)
+        self.stats = ApplyStats()  # the daemon's for this disk (kept across workers): the metrics read it
 
     @property
     def replica(self) -> Replica:
@@ -154,9 +156,12 @@ class DiskWorker:
     async def apply_group(self, link: Link, msgs: list[Record]) -> None:
         """Verify every record (in worker threads, in parallel), apply and ack those before the first that
         fails as one group, then reject the one that failed (promise 6: it is never written)."""
+        t0 = time.monotonic()
         good, failure = await self.verify(msgs)
         if good and not await self.apply_verified(link, good):
             return
+        if good:
+            self.stats.applied(len(good), sum(record_bytes(m) for m, _ in good), time.monotonic() - t0)
         if failure is not None:
             await self.reject_unverified(link, *failure)
 

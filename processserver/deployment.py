@@ -2,7 +2,8 @@
 
 A deployment is a directory (default /var/lib/standby/ps)::
 
-    ps.toml            the process server's config
+    ps.toml            the process server's config ([metrics] turns on its Prometheus endpoint:
+                       plumbing.metrics)
     ca/ca.pem ca.key   the deployment's own CA (key readable by root only)
     identity/          the process server's TLS certificate and key
     admin/             the admin identity the `standby` CLI uses, plus admin.toml (server: the advertised
@@ -23,6 +24,7 @@ from standby.plumbing import identity as ident
 from standby.plumbing.config import DEFAULT_PORT, load_toml, parse_size, save_toml
 from standby.plumbing.durable import make_private_dir, save_file
 from standby.plumbing.errors import BadInput, NotStarted
+from standby.plumbing.metrics import MetricsConfig, parse_metrics
 from standby.plumbing.passphrase import hash_passphrase
 
 from .registry import Registry
@@ -42,6 +44,7 @@ class PSConfig:
     cache_quota: int
     # Policy: an alert when a disk's RPO (now minus its newest applied point) passes this (seconds).
     rpo_threshold: float = DEFAULT_RPO_THRESHOLD
+    metrics: MetricsConfig | None = None  # the Prometheus endpoint ([metrics] in ps.toml; off without it)
 
     @property
     def registry_path(self) -> Path:
@@ -61,6 +64,7 @@ class PSConfig:
                 cache_dir=Path(raw.get("cache_dir", state_dir / "cache")),
                 cache_quota=parse_size(raw.get("cache_quota", DEFAULT_QUOTA)),
                 rpo_threshold=float(raw.get("rpo_threshold", DEFAULT_RPO_THRESHOLD)),
+                metrics=parse_metrics(raw.get("metrics")),
             )
         except (KeyError, TypeError, ValueError, OverflowError, BadInput) as exc:
             raise NotStarted(f"{state_dir / 'ps.toml'}: invalid config: {exc}") from None

@@ -9,7 +9,8 @@ carrying the reason code; the server keeps serving everyone else.
 Module map: hub.py (what the sessions share: registry, streams, sessions), agentsession.py with
 diskwriter.py and intake.py (an agent's requests and records), mtsession.py (a master target's),
 admin.py with recovery.py (the configuration service's requests), enroll.py (enrollment), gate.py with
-admission.py and ratelog.py (what a stranger can cost), watchdog.py (RPO and stalls). This module is the
+admission.py and ratelog.py (what a stranger can cost), watchdog.py (RPO and stalls), status.py (what
+status shows) and metrics.py (the same for Prometheus). This module is the
 top: the listener, the HELLO, and the role -> session dispatch.
 """
 
@@ -23,6 +24,7 @@ from collections.abc import Awaitable
 from standby.plumbing import identity as ident
 from standby.plumbing.errors import NotStarted
 from standby.plumbing.link import Link, LinkClosed
+from standby.plumbing.metrics import start_metrics
 from standby.plumbing.supervise import supervise
 from standby.plumbing.tls import server_context
 from standby.proto.connection import Connection, Role, choose_version
@@ -36,6 +38,7 @@ from .deployment import PSConfig
 from .enroll import Enrollment
 from .gate import HANDSHAKE_TIMEOUT, Gate, Listener
 from .hub import Hub
+from .metrics import PSCollector
 from .mtsession import MTSession
 from .watchdog import watch
 
@@ -68,6 +71,11 @@ class ProcessServer(Hub):
             self.cfg.cache_dir,
             self.cfg.cache_quota >> 20,
         )
+        try:
+            metrics = await start_metrics(self.cfg.metrics, [PSCollector(self)])
+        except BaseException:
+            self.server.close()
+            raise
         if ready is not None:
             ready.set()
         self.spawn(supervise("disk watchdog", lambda: watch(self)))
@@ -76,6 +84,8 @@ class ProcessServer(Hub):
         finally:
             log.info("stopping: no new connections; closing sessions")
             self.server.close()
+            if metrics is not None:
+                await metrics.close()
             await self.close()
 
     # -- connections --------------------------------------------------------------------------------

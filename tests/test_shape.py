@@ -271,7 +271,7 @@ def test_the_wheel_installs_into_a_fresh_venv_and_runs(wheel: Path, tmp_path: Pa
 
 
 # A declared dependency's import name where it differs from its distribution name.
-IMPORT_NAMES = {"tomli-w": "tomli_w", "pyvmomi": "pyVmomi"}
+IMPORT_NAMES = {"tomli-w": "tomli_w", "pyvmomi": "pyVmomi", "prometheus-client": "prometheus_client"}
 
 
 def test_every_declared_dependency_is_imported_by_our_code() -> None:

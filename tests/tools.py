@@ -30,6 +30,8 @@ PACKAGES = {
     "ss": "iproute2",
     "openssl": "openssl",
     "systemd-analyze": "systemd",
+    "promtool": "prometheus",
+    "prometheus": "prometheus",
 }
 
 

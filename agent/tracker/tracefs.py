@@ -199,6 +199,9 @@ class TracefsTracker:
         self._page = bytearray(0)
         self._max_pages = 0
         self._buffer_bytes = buffer_kb_per_cpu * 1024
+        # Events the kernel reported lost (overrun, commit overrun, dropped), summed over every start of this
+        # tracker: each loss is also a TrackingLost (and a resync); this says how many writes it was about.
+        self.events_lost = 0
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -353,9 +356,11 @@ class TracefsTracker:
                 raise TrackingLost(f"the trace instance's {name} changed from {old!r} to {new!r}")
         for cpu, _, fd in self._cpus:
             st = dict(line.split(":", 1) for line in os.pread(fd, 4096, 0).decode().splitlines() if ":" in line)
-            for key in _STATS_MUST_BE_ZERO:
-                if int(st.get(key, "0")):
-                    raise TrackingLost(f"cpu{cpu}: the kernel ring buffer reports {key} {int(st[key])}")
+            lost = {key: int(st.get(key, "0")) for key in _STATS_MUST_BE_ZERO}
+            for key, n in lost.items():
+                if n:
+                    self.events_lost += sum(lost.values())
+                    raise TrackingLost(f"cpu{cpu}: the kernel ring buffer reports {key} {n}")
             if int(st["read events"]) != self._parsed[cpu]:
                 raise TrackingLost(
                     f"cpu{cpu}: the kernel handed out {int(st['read events'])} events, the tracker parsed "

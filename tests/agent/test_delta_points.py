@@ -184,7 +184,7 @@ def test_lost_tracking_denies_the_point_and_restarts_the_tracker():
     closed = cut(tr)
     t.fail = "cpu0: dropped events 3"
     tr.drain()
-    assert tr.lost == "cpu0: dropped events 3" and t.restarts == 1
+    assert tr.lost == "cpu0: dropped events 3" and t.restarts == 1 and tr.losses == 1
     assert "lost" in tr.conflict([(2000, closed.extents())])
 
 

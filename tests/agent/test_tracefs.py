@@ -319,11 +319,15 @@ def test_tiny_buffer_loses_events_and_says_so(make_loop, tracker):
         os.close(fd)
     with pytest.raises(TrackingLost, match="dropped events|missed events|overrun") as exc:
         t.poll()
+    lost = t.events_lost  # the kernel's count, for the agent's metrics (a page flag carries none)
+    assert lost > 0 or "missed events" in str(exc.value)
     with pytest.raises(TrackingLost, match=re.escape(str(exc.value))):
         t.poll()  # lost stays lost until restarted
+    assert t.events_lost == lost  # counted once
     t.close()
     t.start()  # what the agent does after a loss: a fresh instance tracks again
     assert t.poll() == []
+    assert t.events_lost == lost  # kept across starts: a counter
 
 
 @needs_tracefs
