@@ -26,10 +26,7 @@ needs_systemd = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 TOY = textwrap.dedent("""
     import signal, sys, time
     from pathlib import Path
-    try:  # the notify protocol's own module (plumbing/notify.py) where the checkout has it
-        from standby.plumbing.notify import sd_notify
-    except ImportError:
-        from standby.plumbing.service import sd_notify
+    from standby.plumbing.notify import sd_notify
 
     gate = Path(sys.argv[1])
     print("toy: started, waiting for the gate", flush=True)
