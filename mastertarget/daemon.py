@@ -224,10 +224,10 @@ class MasterTarget:
                         if not w.halted and not w.pins:
                             await asyncio.to_thread(prune, w, self.cfg.policy)
                         pts = await asyncio.to_thread(point_list, w, self.cfg.policy)
-                except (OSError, JournalError) as exc:
+                    report[str(w.state.disk)] = DiskHistory.of(PointList.from_wire(pts), w.error).to_wire()
+                except (OSError, JournalError, BadRequest) as exc:  # BadRequest: a bug making the list
                     log.error("disk %d: retention upkeep: %s", w.state.disk, exc)
                     continue
-                report[str(w.state.disk)] = DiskHistory.of(PointList.from_wire(pts), w.error).to_wire()
             for disk, why in self.failed.items():  # disks that could not be opened: still said every time
                 report.setdefault(str(disk), {"error": why})
             self.history = report

@@ -68,21 +68,23 @@ def parse_metrics(raw: Any) -> MetricsConfig | None:
 Labels = Sequence[str]
 
 
-def gauge(name: str, doc: str, labels: Labels, samples: Iterable[tuple[Sequence[str], float | None]]) -> Metric:
+Samples = Iterable[tuple[Sequence[str], float | None]]
+
+
+def gauge(name: str, doc: str, labels: Labels, samples: Samples) -> Metric:
     """A gauge family; samples whose value is None are left out (unknown is absent, never 0)."""
-    fam = GaugeMetricFamily(name, doc, labels=list(labels))
-    for values, value in samples:
-        if value is not None:
-            fam.add_metric(list(values), float(value))
-    return fam
+    return _family(GaugeMetricFamily(name, doc, labels=list(labels)), samples)
 
 
-def counter(name: str, doc: str, labels: Labels, samples: Iterable[tuple[Sequence[str], float | None]]) -> Metric:
+def counter(name: str, doc: str, labels: Labels, samples: Samples) -> Metric:
     """A counter family (`name` without `_total`: prometheus_client adds it); None values are left out."""
-    fam = CounterMetricFamily(name, doc, labels=list(labels))
+    return _family(CounterMetricFamily(name, doc, labels=list(labels)), samples)
+
+
+def _family(fam: Metric, samples: Samples) -> Metric:
     for values, value in samples:
         if value is not None:
-            fam.add_metric(list(values), float(value))
+            fam.add_metric(list(values), float(value))  # type: ignore[attr-defined]
     return fam
 
 

@@ -27,6 +27,7 @@ from typing import Any
 from . import failpoints
 from .errors import EXIT_INTERRUPTED, EXIT_NOT_STARTED, EXIT_OK, StandbyError
 from .notify import Notifier
+from .supervise import supervise
 
 log = logging.getLogger("standby.service")
 # Seconds a stopping daemon waits for its worker threads after its own shutdown is done.
@@ -127,7 +128,8 @@ def run_daemon(name: str, main: Main) -> int:
         if failpoints.armed("service.stall"):
             loop.add_signal_handler(signal.SIGUSR2, stall)
         started = True
-        notifying = asyncio.create_task(notifier.run(), name="systemd notifications")
+        notifying = asyncio.create_task(supervise("systemd notifications", notifier.run),
+                                        name="systemd notifications")
         try:
             await within_stop_limit(main(stop, notifier), stop, name)
         finally:

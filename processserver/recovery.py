@@ -23,6 +23,7 @@ from standby.plumbing.link import LinkClosed
 from standby.proto.enums import Consistency, ErrorCode
 from standby.proto.mt_requests import DiskHistory, PointInfo, PointList
 from standby.proto.states import FAILED_OVER, Replication
+from standby.proto.wire import BadRequest
 
 from .hub import Hub, MTPeer
 from .registry import DiskRow
@@ -148,7 +149,7 @@ class RecoveryAdmin:
         must never be the one before this request's."""
         try:
             listed = PointList.from_wire(await self._mt(session, "points", disk=d.id), ErrorCode.BAD_REPLY)
-        except RequestFailed as exc:  # the failover itself is done: status catches up at the next report
+        except (RequestFailed, BadRequest) as exc:  # the failover is done: status catches up at the next report
             log.warning("disk %s: no fresh history after the failover: %s", d.label, exc)
             return
         st = self.ps.open_stream(d)

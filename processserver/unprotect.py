@@ -49,7 +49,13 @@ def _drop_disk(ps: Hub, d: DiskRow) -> None:
     st = ps.streams.pop(d.id, None)
     if st is not None:
         st.cache.close()
-    shutil.rmtree(ps.cfg.cache_dir / f"disk-{d.id}", ignore_errors=True)
+    try:
+        shutil.rmtree(ps.cfg.cache_dir / f"disk-{d.id}")
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.error("disk %s: its cache %s could not be removed: %s (remove it by hand)", d.label,
+                  ps.cfg.cache_dir / f"disk-{d.id}", exc)
     ps.registry.remove_disk(d.id)
 
 
