@@ -15,7 +15,7 @@ from standby.plumbing.errors import BadInput, run_main
 from standby.plumbing.version import add_version
 from standby.proto.enums import ReplicaFormat
 
-from . import machinecli, recoverycli
+from . import machinecli, recoverycli, tripcli
 from .client import DEFAULT_ADMIN_DIR, AdminClient
 from .display import human_bytes, when
 from .watch import watch_status
@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     re_.add_argument("machine", help="the paused machine")
     recoverycli.add_parsers(sub)
     machinecli.add_parsers(sub)
+    tripcli.add_parsers(sub)
     add_status_parser(sub)
     ms = sub.add_parser("machines", help="enrolled machines and master targets")
     ms.add_argument("--json", action="store_true", help="machine-readable output")
@@ -147,6 +148,8 @@ def dispatch(args: argparse.Namespace) -> int:
     done = recoverycli.dispatch(client, args)
     if done is None:
         done = machinecli.dispatch(client, args)
+    if done is None:
+        done = tripcli.dispatch(client, args)
     if done is not None:
         return done
     if args.cmd == "resume":
@@ -289,6 +292,7 @@ def format_status(res: dict[str, Any]) -> str:
         for c in d.get("cleared", []):
             lines.append(f"    cleared {time.strftime('%H:%M:%S', time.localtime(c['cleared_at']))} "
                          f"(since {time.strftime('%H:%M:%S', time.localtime(c['since']))}): {c['text']}")
+    lines.extend(tripcli.format_trips(res.get("roundtrips", [])))
     mts = ", ".join(res.get("master_targets", [])) or "none"
     lines.append(
         f"cache:{human_bytes(res['cache_bytes'])} of {human_bytes(res['cache_quota'])} master-targets-connected:{mts}"

@@ -44,6 +44,11 @@ def format_points(full: dict[str, Any], since: float | None, limit: int | None, 
     now = time.time() if now is None else now
     shown = select(full, since, limit)
     lines = []
+    trip = full.get("roundtrip")
+    if trip:
+        toward = "the original site" if trip["direction"] == "reverse" else "the recovery site"
+        lines.append(f"{full['machine']}: direction {trip['direction']} (points of {trip['active']}, replicated to "
+                     f"{toward}), round trip phase {trip['phase']}")
     for d, all_of in zip(shown["disks"], full["disks"], strict=True):
         fo = d.get("failover")
         head = f"{full['machine']}/{d['disk']}: {len(all_of['points'])} point(s), history " \

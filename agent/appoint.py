@@ -87,8 +87,10 @@ class AppPoints:
             raise AppPointFailed(f"a tag is printable text of at most {MAX_TAG} characters", ErrorCode.BAD_INPUT)
         return await self.make(tag)
 
-    async def make(self, tag: str) -> dict[str, Any]:
-        """Make one point; returns {"disks": [...], "warnings": [...]} (see `_entry`)."""
+    async def make(self, tag: str, scripts: bool = True, quiesced: str = "") -> dict[str, Any]:
+        """Make one point; returns {"disks": [...], "warnings": [...]} (see `_entry`). Without `scripts` the
+        pre- and post-script are not run (the failback's shutdown step: its own script stopped the
+        workload, which must stay stopped); `quiesced` names what quiesced the machine then."""
         if self.running is not None:
             other, since = self.running
             raise AppPointBusy(
@@ -100,15 +102,16 @@ class AppPoints:
             # Not asyncio.wait_for: on 3.11 it can swallow a cancellation (see plumbing.aio), and then the
             # schedule loop would outlive the agent's session.
             async with asyncio.timeout(self.limit):
-                return await self._make(tag)
+                return await self._make(tag, scripts, quiesced)
         except TimeoutError:
             raise AppPointFailed(f"the app-consistent point {tag!r} did not finish within {self.limit:.0f} s") from None
         finally:
             self.running = None
             self.last_done = time.monotonic()
 
-    async def _make(self, tag: str) -> dict[str, Any]:
+    async def _make(self, tag: str, scripts: bool, quiesced: str) -> dict[str, Any]:
         cfg = self.cfg
+        pre_script, post_script = (cfg.pre_script, cfg.post_script) if scripts else (None, None)
         # The disks in delta replication now: they take part in this point.
         shippers = {rd.name: rd.shipper for rd in self.disks if rd.shipper is not None}
         if not shippers:
@@ -126,22 +129,22 @@ class AppPoints:
             crash_reason = f"cannot list the mounted file systems: {exc}"
             warnings.append(f"{crash_reason}; made crash-consistent points with the tag instead")
         pre_started = False
-        if not crash_reason and cfg.pre_script is not None:
+        if not crash_reason and pre_script is not None:
             pre_started = True
             try:
-                await asyncio.to_thread(run_script, cfg.pre_script, "pre", tag, cfg.script_timeout)
+                await asyncio.to_thread(run_script, pre_script, "pre", tag, cfg.script_timeout)
             except ScriptFailed as exc:
                 crash_reason = "the pre-script failed"
                 warnings.append(f"{exc}; made crash-consistent points with the tag instead (nothing was frozen)")
         try:
-            orders = await self._cut(tag, shippers, per_disk, crash_reason, warnings)
+            orders = await self._cut(tag, shippers, per_disk, crash_reason, warnings, quiesced or pre_script)
         finally:
             # The post-script undoes the pre-script: run it whenever the pre-script ran (even if it failed,
             # the application may be half quiesced) or there is none; never after one that never started.
             # In a finally, so that a timeout or a lost connection still releases the application.
-            if cfg.post_script is not None and (pre_started or cfg.pre_script is None):
+            if post_script is not None and (pre_started or pre_script is None):
                 try:
-                    await asyncio.to_thread(run_script, cfg.post_script, "post", tag, cfg.script_timeout)
+                    await asyncio.to_thread(run_script, post_script, "post", tag, cfg.script_timeout)
                 except ScriptFailed as exc:
                     warnings.append(str(exc))
         await asyncio.wait([o.outcome for o in orders.values()])  # each disk's MARKER sent, or why not
@@ -159,6 +162,7 @@ class AppPoints:
         per_disk: dict[str, list[Mount]],
         crash_reason: str,
         warnings: list[str],
+        quiesced: object = None,
     ) -> dict[str, CutOrder]:
         """Flush, freeze, order every disk's cut, keep frozen until their reads are done, thaw. Without a
         freeze (`crash_reason`, or the freeze fails) the cuts are ordered all the same: tagged
@@ -180,7 +184,7 @@ class AppPoints:
                     fz = None  # it thawed whatever it had frozen
             app = AppCut(tag, _probe(fz), thawed)
             for name, sh in shippers.items():
-                orders[name] = sh.order_cut(app, crash_reason or self._lesser(per_disk.get(name, [])))
+                orders[name] = sh.order_cut(app, crash_reason or self._lesser(per_disk.get(name, []), quiesced))
             if fz is not None and not await _all_set([o.reads_done for o in orders.values()], fz.remaining()):
                 warnings.append(
                     f"the epochs were not all read within freeze_timeout ({cfg.freeze_timeout:g} s): thawed"
@@ -210,8 +214,10 @@ class AppPoints:
         if mounts:
             await _all_set([sh.order_cut().reads_done for sh in shippers], FLUSH_TIMEOUT)
 
-    def _lesser(self, mounts: list[Mount]) -> str:
-        if mounts or self.cfg.pre_script is not None:
+    @staticmethod
+    def _lesser(mounts: list[Mount], quiesced: object) -> str:
+        """Why a disk's point is only crash-consistent though the cut was ordered as app-consistent."""
+        if mounts or quiesced:
             return ""
         return "no mounted file system on the disk and no pre_script: nothing was quiesced"
 

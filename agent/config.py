@@ -17,6 +17,11 @@ script_timeout = 60            # seconds a script may run; then it is killed and
 freeze_timeout = 10            # seconds at most frozen: then everything is thawed, whatever happens
 app_consistent_every = 3600    # seconds between scheduled app-consistent points (the seeds' 60 min); 0: off
 
+# Planned failback (agent.shutdown): the shutdown step stops the workload, flushes and freezes the file
+# systems and cuts the final point; the workload stays stopped. A cancelled failback starts it again.
+shutdown_script = "/etc/standby/stop-workload"   # optional; run with STANDBY_PHASE=shutdown (must stop every writer)
+start_script = "/etc/standby/start-workload"     # optional; run when a failback is cancelled after the shutdown
+
 [metrics]                      # optional: a Prometheus endpoint (plumbing.metrics), off without this table
 port = 9466
 address = "127.0.0.1"          # the default
@@ -67,6 +72,8 @@ class AgentConfig(ClientConfig):
     freeze_timeout: float = 10.0
     app_consistent_every: float = 3600.0
     metrics: MetricsConfig | None = None  # the Prometheus endpoint ([metrics]; off without it)
+    shutdown_script: Path | None = None
+    start_script: Path | None = None
 
     @classmethod
     def load(cls, state_dir: Path) -> AgentConfig:
@@ -102,6 +109,7 @@ class AgentConfig(ClientConfig):
                 freeze_timeout,
                 app_every,
                 metrics,
+                *(Path(raw[k]) if raw.get(k) else None for k in ("shutdown_script", "start_script")),
             )
         except (KeyError, TypeError, ValueError, OverflowError, BadInput) as exc:
             raise NotStarted(f"{path}: invalid config: {exc}") from None
@@ -118,7 +126,9 @@ class AgentConfig(ClientConfig):
             raise NotStarted(f"{path}: cut_interval must be 0.05..3600 seconds")
         if cut_bytes < batch or trace_buffer < 64 * 1024:
             raise NotStarted(f"{path}: cut_bytes must be at least batch_size, trace_buffer at least 64K")
-        for key, script in (("pre_script", pre), ("post_script", post)):
+        scripts = (("pre_script", pre), ("post_script", post), ("shutdown_script", cfg.shutdown_script),
+                   ("start_script", cfg.start_script))
+        for key, script in scripts:
             if script is not None and not script.is_absolute():
                 raise NotStarted(f"{path}: {key} must be an absolute path (it is run by a daemon), not {script}")
         if not 1 <= script_timeout <= 3600:

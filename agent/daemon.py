@@ -57,6 +57,7 @@ from .metrics import AgentCollector
 from .reader import disk_size
 from .replicated import ReplicatedDisk
 from .resync import resync
+from .shutdown import ShutdownStep
 from .tracking import Tracking
 
 log = logging.getLogger("standby.agent")
@@ -81,6 +82,7 @@ class Agent:
         self.disks = [ReplicatedDisk(LocalDisk.load_or_create(cfg.disks_dir, d), cfg, self.wakeup) for d in cfg.disks]
         self.tasks: list[asyncio.Task[None]] = []
         self.app_points = AppPoints(cfg, self.disks)
+        self.shutdown_step = ShutdownStep(cfg, self.app_points)
         self.requests: set[asyncio.Task[None]] = set()  # requests from the process server being answered
         self.protected: set[str] = set()  # disks the process server said were protected, in this run
         self.connection = f"connecting to {cfg.host}:{cfg.port}"  # in words, for the status line
@@ -183,10 +185,11 @@ class Agent:
                 # A read loop never waits on a write (plumbing.serve): the answer goes from its own task.
                 spawn(send_reply(link, msg.op, Reply(msg.id, True, {})), "reply to wake", self.requests)
             elif isinstance(msg, Request):
-                # app_point takes up to the freeze and script timeouts: answered from its own task; any other
-                # op gets its `unknown-request` answer the same way.
-                spawn(serve_request(link, msg, "ps", "agent", {"app_point": self.app_points.answer}.get(msg.op)),
-                      f"request {msg.op}", self.requests)
+                # app_point and the failback's steps take up to the freeze and script timeouts: answered from
+                # their own task; any other op gets its `unknown-request` answer the same way.
+                ops = {"app_point": self.app_points.answer, "shutdown": self.shutdown_step.shutdown,
+                       "start_workload": self.shutdown_step.start}
+                spawn(serve_request(link, msg, "ps", "agent", ops.get(msg.op)), f"request {msg.op}", self.requests)
             elif isinstance(msg, Ack | Busy):
                 if not by_id or msg.disk not in by_id:
                     by_id = {rd.disk.id: rd.disk for rd in self.disks}

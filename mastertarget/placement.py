@@ -4,6 +4,7 @@ disk is protected (a new replica's path, or an existing replica to seed from).""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import stat
 from pathlib import Path
@@ -36,6 +37,12 @@ def check_existing_replica(path: str, fmt: str, size: int, used: set[str]) -> tu
         return ErrorCode.BAD_INPUT, f"unknown replica format {fmt!r}"
     if path in used:
         return "replica-exists", f"replica path {path} is already used by another protected disk"
+    if fmt == ReplicaFormat.DEVICE:
+        code, message = check_device_free(path, size)
+        if code:
+            return code, message
+    elif not Path(path).exists():
+        return ErrorCode.MISSING, f"replica {path} does not exist on the master target"
     try:
         open_replica(fmt, Path(path), size).close()
     except (ReplicaError, OSError) as exc:
@@ -75,4 +82,35 @@ def check_replica_path(path: str, fmt: str, size: int, used: set[str]) -> tuple[
         return ErrorCode.BAD_INPUT, f"directory {p.parent} does not exist on the master target"
     if not os.access(p.parent, os.W_OK):
         return ErrorCode.BAD_INPUT, f"directory {p.parent} is not writable on the master target"
+    return "", ""
+
+
+def check_device_free(path: str, size: int) -> tuple[str, str]:
+    """Is the block device at `path` there, of exactly `size` bytes, and used by nobody? What reprotect to
+    the original location asks of an original disk: a missing, smaller or mounted disk is refused with the
+    reason, before anything is written."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return ErrorCode.MISSING, f"disk {path} does not exist on the master target (was it deleted? reprotect to an " \
+                          "alternate location instead)"
+    except OSError as exc:
+        return ErrorCode.BAD_INPUT, f"disk {path}: {exc.strerror}"
+    if not stat.S_ISBLK(mode):
+        return ErrorCode.BAD_INPUT, f"{path} is not a block device"
+    try:
+        # O_EXCL on a block device: refused (EBUSY) while it is mounted or held by another exclusive user.
+        fd = os.open(path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            return ErrorCode.IN_USE, f"disk {path} is in use (mounted, or held by another program): unmount it first"
+        return ErrorCode.BAD_INPUT, f"disk {path}: {exc.strerror}"
+    try:
+        dev_size = os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+    if dev_size != size:
+        what = "smaller than" if dev_size < size else "larger than"
+        return ErrorCode.SIZE_MISMATCH, (f"disk {path} has {dev_size} bytes, {what} the {size} bytes of the disk "
+                                         "to replicate")
     return "", ""

@@ -25,9 +25,10 @@ EXIT_INTERRUPTED = 130
 
 EXIT_CODES: dict[int, str] = {
     EXIT_OK: "ok",
-    EXIT_FAILED: "failed, or not possible in the current state (failed over, committed, already running): the "
-    "message says why",
-    EXIT_BAD_INPUT: "bad input: bad arguments, unknown machine, disk or point, replica exists, size mismatch",
+    EXIT_FAILED: "failed, or not possible in the current state (failed over, committed, already running, disk in use): "
+    "the message says why",
+    EXIT_BAD_INPUT: "bad input: bad arguments, unknown machine, disk or point, replica exists, size mismatch, "
+    "disk missing",
     EXIT_UNREACHABLE: "the process server cannot be reached, or the connection to it was lost",
     EXIT_REFUSED: "not enrolled, or refused by the process server (certificate, permission, passphrase, rate "
     "limit)",
@@ -74,6 +75,7 @@ REPLY_CODES: dict[str, type[StandbyError]] = {
     ErrorCode.UNKNOWN_POINT: BadInput,
     ErrorCode.REPLICA_EXISTS: BadInput,
     ErrorCode.SIZE_MISMATCH: BadInput,
+    ErrorCode.MISSING: BadInput,
     ErrorCode.UNKNOWN_REQUEST: BadInput,
     ErrorCode.FORBIDDEN: Refused,
     ErrorCode.NOT_ENROLLED: Refused,

@@ -5,21 +5,21 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
-from pathlib import PurePosixPath
 from typing import Any
 
 from standby.plumbing.errors import RequestFailed
-from standby.plumbing.link import Link, LinkClosed
+from standby.plumbing.link import Link
 from standby.plumbing.serve import Handler, serve_request
 from standby.proto.enums import ErrorCode, GoodbyeCode, ReplicaFormat
 from standby.proto.errors import RemoteProtocolError
 from standby.proto.messages import Request
-from standby.proto.states import FAILED_OVER, Replication
+from standby.proto.states import FAILED_OVER
 
 from .hub import Hub, no_resync
+from .protect import protect
 from .recovery import RecoveryAdmin, protected_disks
 from .registry import DiskRow
+from .roundtrip import RoundTrips
 from .status import deployment_status
 from .unprotect import forget, unprotect
 
@@ -32,6 +32,7 @@ class AdminSession:
         self.ps = ps
         self.link = link
         self.recovery = RecoveryAdmin(ps)
+        self.trips = RoundTrips(ps, self.recovery)
 
     def handlers(self) -> dict[str, Handler]:
         """The requests an admin may send here (proto.requests says which, with their arguments)."""
@@ -50,6 +51,9 @@ class AdminSession:
             "app_point": self.recovery.app_point,
             "unprotect": functools.partial(unprotect, self.ps),
             "forget": functools.partial(forget, self.ps),
+            "reprotect": self.trips.reprotect,
+            "failback": self.trips.failback,
+            "reverse": self.trips.reverse,
         }
 
     async def run(self) -> None:
@@ -72,69 +76,9 @@ class AdminSession:
         replicas: dict[str, str] | None = None,
         existing: bool = False,
     ) -> dict[str, Any]:
-        reg = self.ps.registry
-        replicas = dict(replicas or {})
-        m = reg.machine(machine)
-        if m is None or m["role"] != "agent":
-            known = ", ".join(x["name"] for x in reg.machines() if x["role"] == "agent") or "none"
-            raise RequestFailed(ErrorCode.UNKNOWN_MACHINE, f"unknown machine {machine!r} (enrolled machines: {known})")
-        t = reg.machine(mt)
-        if t is None or t["role"] != "mt":
-            known = ", ".join(x["name"] for x in reg.machines() if x["role"] == "mt") or "none"
-            raise RequestFailed(ErrorCode.UNKNOWN_MACHINE,
-                                f"unknown master target {mt!r} (enrolled master targets: {known})")
-        if format not in set(ReplicaFormat):
-            raise RequestFailed(ErrorCode.BAD_INPUT,
-                                f"unknown replica format {format!r} (one of: {', '.join(ReplicaFormat)})")
-        disks = reg.disks(machine=machine)
-        if not disks:
-            raise RequestFailed(ErrorCode.BAD_INPUT,
-                                f"machine {machine!r} has not reported any disks yet: is its agent running?")
-        unknown = set(replicas) - {d.name for d in disks}
-        if unknown:
-            raise RequestFailed(ErrorCode.UNKNOWN_DISK, f"machine {machine!r} has no disk {', '.join(sorted(unknown))}")
-        plan: list[tuple[DiskRow, str]] = []
-        for d in disks:
-            if d.mt is not None:
-                raise RequestFailed(ErrorCode.BAD_INPUT, f"disk {machine}/{d.name} is already protected (to {d.mt})")
-            path = replicas.get(d.name)
-            if path is None:
-                if replica_dir is None or format == ReplicaFormat.DEVICE:
-                    raise RequestFailed(
-                        ErrorCode.BAD_INPUT,
-                        f"no replica given for disk {d.name} (use --replica {d.name}=PATH"
-                        + ("" if format == ReplicaFormat.DEVICE else " or --replica-dir")
-                        + ")",
-                    )
-                path = str(PurePosixPath(replica_dir) / f"{machine}-{d.name}{SUFFIX.get(format, '.vmdk')}")
-            plan.append((d, path))
-        if len({p for _, p in plan}) != len(plan):
-            raise RequestFailed(ErrorCode.BAD_INPUT, "two disks would share one replica path")
-        session = self.ps.mt_sessions.get(mt)
-        if session is None:
-            raise RequestFailed(ErrorCode.UNREACHABLE, f"master target {mt!r} is not connected: start it and retry")
-        for d, path in plan:
-            try:
-                await session.check_replica(path, format, d.size, existing)
-            except RequestFailed as exc:
-                raise RequestFailed(exc.code, f"disk {d.name}: {exc}") from None
-            except (TimeoutError, LinkClosed) as exc:
-                raise RequestFailed(ErrorCode.UNREACHABLE, f"master target {mt!r} did not answer: {exc}") from None
-        for d, path in plan:
-            reg.move(
-                d,
-                Replication.INITIAL,
-                f"protected to {mt}:{path} ({format}{', compared with the existing replica' if existing else ''})",
-                mt=mt,
-                replica_path=path,
-                replica_format=format,
-                protected_at=time.time(),
-                error=None,
-                seed=int(existing),
-            )
-        agent = self.ps.agent_sessions.get(machine)
-        await self.ps.wake(agent.link if agent else None)
-        return {"disks": [{"disk": d.name, "replica": p} for d, p in plan]}
+        if self.ps.trips.retired(machine):
+            raise RequestFailed(ErrorCode.REFUSED, f"{machine} is set aside: {self.ps.trips.retired(machine)}")
+        return await protect(self.ps, machine, mt, format, replica_dir, replicas, existing)
 
     def _machine_disks(self, machine: str) -> list[DiskRow]:
         return protected_disks(self.ps, machine)
@@ -152,7 +96,8 @@ class AdminSession:
     async def resume(self, machine: str) -> dict[str, Any]:
         if any(d.replication in FAILED_OVER for d in self._machine_disks(machine)):
             raise RequestFailed(ErrorCode.REFUSED,
-                                f"{machine} is failed over: replication does not resume (reprotect is not built)")
+                                f"{machine} is failed over: replication does not resume (replicate it back with "
+                                f"standby reprotect {machine}, after standby commit)")
         for d in self._machine_disks(machine):
             self.ps.registry.update_disk(d.id, paused=0)
             st = self.ps.open_stream(d)

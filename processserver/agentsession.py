@@ -28,6 +28,7 @@ log = logging.getLogger("standby.ps")
 
 # How long a resync hash query waits for the master target to apply what is cached before it.
 DRAIN_TIMEOUT = 600.0
+OPEN_WAIT = 30.0  # how long a hash query waits for the master target to open a newly protected disk
 
 
 
@@ -200,6 +201,11 @@ class AgentSession:
         mt = self.ps.mt_sessions.get(row.mt or "")
         if mt is None:
             raise RequestFailed(ErrorCode.UNREACHABLE, f"master target {row.mt} is not connected")
+        # A disk protected a moment ago (seeding, reprotect) is opened by the master target when it learns
+        # of it: ask once it pulls the disk, not before (it would answer "not open" and the agent wait 10 s).
+        opened = time.monotonic() + OPEN_WAIT
+        while not mt.sending(disk) and time.monotonic() < opened:
+            await asyncio.sleep(0.05)
         try:
             return await mt.link.request(
                 "resync_hashes", timeout=None, disk=disk, generation=generation, query=query, size=row.size

@@ -167,6 +167,8 @@ class DiskWriter:
             for m, r in fresh:
                 info = record_info(m)
                 st.records[m.sequence] = info
+                if info.marker is None and info.nbytes:
+                    st.last_data_seq = max(st.last_data_seq, m.sequence)
                 if info.cursor:
                     st.cursor = info.cursor
                 if info.marker in (MarkerKind.INITIAL_COMPLETE, MarkerKind.RESYNC_COMPLETE):

@@ -18,23 +18,24 @@ from standby.plumbing.link import Link, LinkClosed
 from standby.plumbing.supervise import spawn
 from standby.proto.enums import MarkerKind
 from standby.proto.messages import Request
-from standby.proto.states import FAILED_OVER, Replication
+from standby.proto.states import FAILED_OVER, Phase, Replication
 
 from .cache import DiskCache
 from .deployment import PSConfig
 from .registry import DiskRow, Registry
 from .streams import DiskStream
+from .trips import TripStore
 
 log = logging.getLogger("standby.ps")
 
 
 def no_resync(row: DiskRow) -> str:
     """Why a failed-over or committed disk takes no resync, for the operator: a resync copies the source
-    onto the replica, and the replica is now the recovered machine (reprotect, which is not built yet, is
-    what will replicate it back)."""
+    onto the replica, and the replica is now the recovered machine (reprotect, processserver.roundtrip,
+    replicates it back)."""
     if row.replication is Replication.COMMITTED:
         return (f"{row.label} is committed: its replica is the machine now, and a resync would overwrite it with "
-                "the source's contents (replicating it back, reprotect, is not built yet)")
+                f"the source's contents (replicate it back with: standby reprotect {row.machine})")
     return (f"{row.label} is failed over: a resync would overwrite the failed-over replica with the source's "
             "contents; choose another point with standby failover, or make it final with standby commit")
 
@@ -64,6 +65,7 @@ class Hub:
     def __init__(self, cfg: PSConfig) -> None:
         self.cfg = cfg
         self.registry = Registry(cfg.registry_path)
+        self.trips = TripStore(self.registry.db)
         self.streams: dict[int, DiskStream] = {}
         self.mt_sessions: dict[str, MTPeer] = {}
         self.agent_sessions: dict[str, AgentPeer] = {}
@@ -91,6 +93,32 @@ class Hub:
         self.registry.close()
 
     # -- disks --------------------------------------------------------------------------------------
+    def active_identity(self, machine: str) -> str:
+        """The agent identity whose disks are `machine`'s now: on a round trip that replicates back, the
+        recovered machine's (processserver.trips); else `machine` itself."""
+        trip = self.trips.get(machine)
+        return trip.active if trip is not None else machine
+
+    def rpo_threshold(self, identity: str) -> float:
+        """The RPO above which a disk of this agent identity is alerted: the reverse direction's own policy
+        while it replicates back, else the deployment's."""
+        trip = self.trips.of_identity(identity)
+        if trip is not None and trip.active == identity and trip.recovered == identity:
+            return float(trip.data.get("policy", {}).get("rpo_threshold", self.cfg.rpo_threshold))
+        return self.cfg.rpo_threshold
+
+    def copy_done(self, identity: str) -> None:
+        """A disk of this agent identity finished its copy or comparison: once every one has, the round trip
+        it replicates for (reprotect, reverse replication) has that phase's history entry end now, with the
+        bytes it shipped."""
+        trip = self.trips.of_identity(identity)
+        if trip is None or trip.active != identity or trip.phase not in (Phase.REPROTECTING, Phase.REVERSING):
+            return
+        rows = [d for d in self.registry.disks(machine=identity) if d.mt is not None]
+        if all(d.replication is Replication.DELTA for d in rows):
+            self.trips.end(trip.name, sum(d.bytes_wire for d in rows), detail=None)
+            log.info("round trip %s: %s complete", trip.name, trip.phase)
+
     def open_stream(self, row: DiskRow) -> DiskStream:
         st = self.streams.get(row.id)
         if st is not None:
@@ -103,6 +131,7 @@ class Hub:
         st.cursor = max(row.cursor, rec.last_cursor)
         st.generation = max(row.generation, rec.generation)
         st.records = {s: v for s, v in rec.records.items() if s > st.applied_seq}
+        st.last_data_seq = max((s for s, v in st.records.items() if v.marker is None and v.nbytes), default=0)
         st.initial_complete = (
             row.synced_at is not None
             or row.replication is Replication.DELTA

@@ -227,6 +227,7 @@ class MTSession:
             return
         try:
             self.ps.registry.move(row, Replication.DELTA, done, **fields)
+            self.ps.copy_done(row.machine)
         except IllegalTransition:
             log.warning("disk %s: %s, but replication is %s: it stays so", row.label, done, row.replication.value)
             self.ps.registry.update_disk(row.id, **fields)

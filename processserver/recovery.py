@@ -104,8 +104,12 @@ def _shown(p: PointInfo) -> dict[str, str]:
 
 
 def protected_disks(ps: Hub, machine: str) -> list[DiskRow]:
-    """The machine's protected disks; a clear refusal for an unknown machine or one with none."""
+    """The machine's protected disks; a clear refusal for an unknown machine or one with none. A machine on a
+    round trip is named by its original name in either direction: without protected disks of its own, the
+    round trip's active agent identity answers."""
     disks = [d for d in ps.registry.disks(machine=machine) if d.mt is not None]
+    if not disks and ps.active_identity(machine) != machine:
+        disks = [d for d in ps.registry.disks(machine=ps.active_identity(machine)) if d.mt is not None]
     if not disks:
         m = ps.registry.machine(machine)
         if m is None or m["role"] != "agent":
@@ -159,7 +163,9 @@ class RecoveryAdmin:
         disks, session = self._disks(machine)
         listed = await self._points(disks, session)
         out = [{**res, "disk": name, "disk_id": res["disk"]} for name, res in listed.items()]
-        return {"machine": machine, "disks": out}
+        trip = self.ps.trips.get(machine)
+        where = {"direction": trip.direction.value, "phase": trip.phase.value, "active": trip.active} if trip else None
+        return {"machine": machine, "disks": out, "roundtrip": where}
 
     async def _drain(self, disks: list[DiskRow], hold: bool) -> None:
         """Wait until everything the process server held at the start of the request is applied. With
@@ -224,12 +230,40 @@ class RecoveryAdmin:
             raise RequestFailed(ErrorCode.REFUSED, f"{machine}: the failover was committed")
         if point == "latest":
             await self._drain(disks, hold=True)
-        for d in disks:  # stop forwarding now: the master target stops applying at once
+        self._hold(disks, session)
+        chosen = self._choose(await self._points(disks, session), point, at)
+        return await self._fail_over(machine, disks, session, chosen)
+
+    def _hold(self, disks: list[DiskRow], session: MTPeer) -> None:
+        """Stop forwarding now: the master target stops applying at once."""
+        for d in disks:
             st = self.ps.open_stream(d)
             if not st.pause or not st.paused_at:
                 st.pause, st.paused_at = True, max(st.applied_seq, 1)
             session.stop_sender(d.id)
-        chosen = self._choose(await self._points(disks, session), point, at)
+
+    async def failover_to(self, machine: str, sequences: dict[str, int]) -> dict[str, Any]:
+        """Fail over to exactly these points (disk name -> sequence), once each is applied: the final points
+        of a planned failback (processserver.roundtrip)."""
+        disks, session = self._disks(machine)
+        for d in disks:  # forward up to the point, nothing after it
+            st = self.ps.open_stream(d)
+            st.pause, st.paused_at = True, sequences[d.name]
+            st.resumed.set()
+        await self._wait_applied(disks, {d.id: sequences[d.name] for d in disks})
+        self._hold(disks, session)
+        listed = await self._points(disks, session)
+        chosen = {}
+        for name, res in listed.items():
+            pts = {p.sequence: p for p in PointList.from_wire(res, ErrorCode.BAD_REPLY).points}
+            if sequences[name] not in pts:
+                raise RequestFailed(ErrorCode.FAILED, f"disk {name}: point {sequences[name]} is not in the master "
+                                                      "target's history")
+            chosen[name] = pts[sequences[name]]
+        return await self._fail_over(machine, disks, session, chosen)
+
+    async def _fail_over(self, machine: str, disks: list[DiskRow], session: MTPeer,
+                         chosen: dict[str, PointInfo]) -> dict[str, Any]:
         out = []
         for d in disks:
             res = await self._mt(session, "failover", timeout=LONG, disk=d.id, sequence=chosen[d.name].sequence)
@@ -281,7 +315,7 @@ class RecoveryAdmin:
         disks, _ = self._disks(machine)
         if any(d.replication in FAILED_OVER for d in disks):
             raise RequestFailed(ErrorCode.REFUSED, f"{machine} is failed over: no new points")
-        agent = self.ps.agent_sessions.get(machine)
+        agent = self.ps.agent_sessions.get(self.ps.active_identity(machine))
         if agent is None:
             raise RequestFailed(ErrorCode.UNREACHABLE, f"the agent of {machine!r} is not connected")
         try:

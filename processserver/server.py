@@ -120,6 +120,11 @@ class ProcessServer(Hub):
                                  + (": this machine is not enrolled (forgotten by the operator?): enroll it again"
                                     if gone else ""))
                 return
+            retired = self.trips.retired(peer.name) if hello.role == "agent" else None
+            if retired is not None:
+                log.warning("%s: refused: agent %s is set aside: %s", link.name, peer.name, retired)
+                await link.close(GoodbyeCode.FORBIDDEN, f"agent {peer.name!r} is set aside: {retired}")
+                return
             self.gate.admit(link.writer)  # an enrolled identity: no longer a stranger (gate.py)
         version = choose_version(hello)
         assert version is not None  # the connection refuses a HELLO without a common version

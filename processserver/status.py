@@ -15,6 +15,7 @@ from .health import ALERT, ERROR
 from .hub import Hub
 from .registry import DiskRow
 from .streams import DiskStream
+from .tripstatus import trips_status
 
 
 def deployment_status(ps: Hub, machine: str | None = None) -> dict[str, Any]:
@@ -23,7 +24,10 @@ def deployment_status(ps: Hub, machine: str | None = None) -> dict[str, Any]:
     now = time.monotonic()
     wall = time.time()
     out = []
-    for d in ps.registry.disks(machine=machine):
+    names = {machine, ps.active_identity(machine)} if machine is not None else None
+    for d in ps.registry.disks():
+        if names is not None and d.machine not in names:
+            continue
         st = ps.streams.get(d.id)
         rate = st.apply_rate.value(now) if st else 0.0
         done = d.size if d.replication is Replication.DELTA else d.applied_cursor
@@ -68,6 +72,7 @@ def deployment_status(ps: Hub, machine: str | None = None) -> dict[str, Any]:
         "cache_quota": ps.cfg.cache_quota,
         "master_targets": sorted(ps.mt_sessions),
         "rpo_threshold": ps.cfg.rpo_threshold,
+        "roundtrips": trips_status(ps, out, machine),
     }
 
 

@@ -75,6 +75,9 @@ class DiskStream:
         self.failed_over = False  # replication stopped by a failover: the agent's records are refused (BUSY)
         self.refusing = False  # the agent's records are being refused (BUSY): logged once per episode
         self.refused_records = 0  # records refused so far (back-pressure, status)
+        # The newest sequence received that carried data (not a MARKER), since this process started: a
+        # planned failback checks that no data came after the final point (processserver.roundtrip).
+        self.last_data_seq = 0
 
     def points_since(self, t: float) -> int:
         return sum(1 for x in self.point_times if x >= t)

@@ -33,7 +33,7 @@ def check_disks(hub: Hub, now: float, mono: float) -> None:
             continue
         failed_over = row.replication in FAILED_OVER
         rpo = now - row.last_point_at if row.last_point_at is not None else None
-        threshold = hub.cfg.rpo_threshold
+        threshold = hub.rpo_threshold(row.machine)
         if row.mt is not None and rpo is not None and not failed_over and rpo > threshold:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.last_point_at or 0))
             st.health.set("rpo", f"RPO {rpo:.0f} s exceeds the {threshold:.0f} s threshold "

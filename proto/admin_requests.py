@@ -82,6 +82,9 @@ class StatusReply(Wire):
     cache_quota: int = checked(count)
     master_targets: tuple[str, ...] = checked(list_of(name))
     rpo_threshold: float = checked(seconds)
+    # Machines on a round trip (processserver.roundtrip): direction, phase, history. Free-form beyond these.
+    roundtrips: tuple[dict[str, Any], ...] = checked(
+        list_of(record({"name": name, "direction": text, "phase": text, "history": list_of(record({}))})), ())
 
 
 @message("machines")
@@ -164,8 +167,13 @@ class AdminPointsDisk(Wire):
 
 @message("points reply")
 class AdminPointList(Wire):
+    OMIT_NONE = frozenset({"roundtrip"})
+
     machine: str = checked(name)
     disks: tuple[AdminPointsDisk, ...] = checked(list_of(nested(AdminPointsDisk)))
+    # The machine's round trip (direction, phase, which identity's points these are), if it is on one.
+    roundtrip: dict[str, Any] | None = checked(optional(record({"direction": text, "phase": text, "active": name})),
+                                               None)
 
 
 @message("failover")

@@ -61,6 +61,8 @@ class ErrorCode(StrEnum):
     UNKNOWN_POINT = "unknown-point"
     REPLICA_EXISTS = "replica-exists"
     SIZE_MISMATCH = "size-mismatch"
+    MISSING = "missing"  # a disk or replica that must exist does not (an original disk, a replica to seed from)
+    IN_USE = "in-use"  # a disk to be written is mounted or held by another program
     # the state of things
     REFUSED = "refused"  # not in this state (failed over, committed...)
     BUSY = "busy"  # the same operation is already running

@@ -147,6 +147,18 @@ from .mt_requests import (
     TestFailoverCleanup,
     parse_subscribe,
 )
+from .trip_requests import (
+    Failback,
+    FailbackDone,
+    Reprotect,
+    Reprotected,
+    Reverse,
+    Reversed,
+    ShutDown,
+    Shutdown,
+    StartWorkload,
+    WorkloadStarted,
+)
 from .wire import BadRequest, InvalidMessage, Wire, message, show
 
 
@@ -196,6 +208,8 @@ _SPECS = (
     OpSpec("wake", "ps", ("agent", "mt"), Wake, Empty),
     # process server -> agent (agent.daemon.Agent.read_loop)
     OpSpec("app_point", "ps", ("agent",), AppPoint, AppPointMade),
+    OpSpec("shutdown", "ps", ("agent",), Shutdown, ShutDown),
+    OpSpec("start_workload", "ps", ("agent",), StartWorkload, WorkloadStarted),
     # admin -> process server (processserver.admin.AdminSession, processserver.recovery.RecoveryAdmin)
     OpSpec("status", "admin", ("ps",), Status, StatusReply),
     OpSpec("machines", "admin", ("ps",), Machines, MachineList),
@@ -211,6 +225,10 @@ _SPECS = (
     OpSpec("app_point", "admin", ("ps",), AdminAppPoint, AdminAppPointMade),
     OpSpec("unprotect", "admin", ("ps",), Unprotect, Unprotected),
     OpSpec("forget", "admin", ("ps",), Forget, Empty),
+    # admin -> process server: the round trip (processserver.roundtrip)
+    OpSpec("reprotect", "admin", ("ps",), Reprotect, Reprotected),
+    OpSpec("failback", "admin", ("ps",), Failback, FailbackDone),
+    OpSpec("reverse", "admin", ("ps",), Reverse, Reversed),
     # enroll -> process server (processserver.enroll.Enrollment.session)
     OpSpec("ca", "enroll", ("ps",), Ca, CaCert),
     OpSpec("enroll", "enroll", ("ps",), Enroll, Enrolled),
@@ -244,6 +262,8 @@ def parse_reply(op: str, result: Any, role: str) -> Wire:
 
 
 __all__ = [
+    "Failback", "FailbackDone", "Reprotect", "Reprotected", "Reverse", "Reversed", "ShutDown", "Shutdown",
+    "StartWorkload", "WorkloadStarted",
     "Empty", "OP_NAMES", "OPS", "OpSpec", "Wake", "parse_reply", "parse_request", "BadRequest", "InvalidMessage",
     "Wire", "message", "MarkerKind", "Consistency", "ErrorCode", "ReplicaFormat", "MARKER_KINDS", "CONSISTENCIES",
     "ENROLL_ROLES", "MAX_DISK_ID", "MAX_HASH_PARENTS", "MAX_ITEMS", "MAX_REPLICAS", "MAX_TAG", "REPLICA_FORMATS",

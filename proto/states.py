@@ -16,8 +16,10 @@ configuration service and shown by `standby status` in these words:
   replica was failed over to a recovery point and nothing more is applied; `Committed` — the failover was
   committed: the replica is the machine now.
 
-Reprotect (replication the other way, from the failed-over machine back to the original site) adds its
-own replication states after `Committed`; the table below is where they go.
+Reprotect (replication the other way, from the failed-over machine back to the original site) needs no
+replication state of its own: it is a new protection — of the recovered machine's disks, into the original
+disks — whose disks take the same states. What spans the two protections is the machine's **round trip**
+(`Direction`, `Phase`, `PHASE_MOVES` below), kept by the configuration service.
 
 The disk axis follows from the replication axis (`disk_state`), so only replication moves are in the
 table. `TRANSITIONS` lists every legal move with what causes it. `move()` checks one and returns the new
@@ -100,3 +102,48 @@ def describe(disk: str, old: Replication, new: Replication, reason: str) -> str:
     if disk_state(old) != disk_state(new):
         line += f", disk {disk_state(old)} -> {disk_state(new)}"
     return f"{line} (reason: {reason})"
+
+
+class Direction(StrEnum):
+    """Which way a machine replicates: from its original site to the recovery site, or back."""
+
+    FORWARD = "forward"  # the original machine's disks -> the replicas at the recovery site
+    REVERSE = "reverse"  # the recovered machine's disks -> the original disks (or new ones) at the original site
+
+
+class Phase(StrEnum):
+    """The step of a machine's round trip that the operator's commands moved it to. Progress inside a step
+    (reprotecting 43 %, ready to fail back, synchronising) comes from the disks' replication states."""
+
+    PROTECTED = "protected"  # forward replication (the first protection, or after reverse replication)
+    REPROTECTING = "reprotecting"  # reverse replication: seeding, then delta (then it is ready to fail back)
+    SYNCHRONISING = "synchronising"  # failback asked for: catching up while the recovered machine runs
+    SHUTTING_DOWN = "shutting-down"  # the recovered machine's shutdown step: workload stopped, final point
+    FINAL_SYNC = "final-sync"  # the final point travels and the original disks are moved to it
+    FAILED_BACK = "failed-back"  # failed over at the original site to the final point: commit, then reverse
+    REVERSING = "reversing"  # reverse replication: the original machine protected again into the replicas
+
+
+P = Phase
+# (old, new) -> the command that makes the move. Failover and commit in either direction are disk moves
+# (the table above); the round trip only moves at these commands.
+PHASE_MOVES: dict[tuple[Phase, Phase], str] = {
+    (P.PROTECTED, P.REPROTECTING): "reprotect",
+    (P.REVERSING, P.REPROTECTING): "reprotect",
+    (P.REPROTECTING, P.SYNCHRONISING): "failback",
+    (P.SYNCHRONISING, P.REPROTECTING): "failback --cancel",
+    (P.REPROTECTING, P.SHUTTING_DOWN): "failback --sync full (stop first, then copy every block)",
+    (P.SYNCHRONISING, P.SHUTTING_DOWN): "failback --complete",
+    (P.SHUTTING_DOWN, P.FINAL_SYNC): "the final point was cut",
+    (P.SHUTTING_DOWN, P.SYNCHRONISING): "the shutdown step ended without a final point (or began a full copy)",
+    (P.FINAL_SYNC, P.SYNCHRONISING): "the final sync failed",
+    (P.FINAL_SYNC, P.FAILED_BACK): "failed over to the final point",
+    (P.FAILED_BACK, P.REVERSING): "reverse",
+}
+
+
+def phase_move(old: Phase, new: Phase) -> Phase:
+    """`new` if the round-trip table allows `old -> new` (or they are equal); else IllegalTransition."""
+    if old == new or (old, new) in PHASE_MOVES:
+        return new
+    raise IllegalTransition(GoodbyeCode.ILLEGAL_TRANSITION, f"round trip {old} -> {new} is not a legal move")

@@ -233,6 +233,8 @@ EXAMPLES: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {
             "cache_quota": 1 << 30,
             "master_targets": ["mt1"],
             "rpo_threshold": 900.0,
+            "roundtrips": [{"name": "web01", "direction": "reverse", "phase": "reprotecting",
+                            "state": "reprotecting 43 %", "history": [{"phase": "reprotecting", "started": T}]}],
         },
     ),
     ("machines", "admin"): ({}, {"machines": [{"name": "web01", "role": "agent", "enrolled_at": T}]}),
@@ -318,6 +320,25 @@ EXAMPLES: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {
                                         "journal": "/mnt/retention/u.unprotected-3", "removed": []}]},
     ),
     ("forget", "admin"): ({"machine": "web01"}, {}),
+    ("reprotect", "admin"): (
+        {"machine": "web01", "agent": "web01-rec", "mt": "mt-home", "location": "original", "format": None,
+         "replica_dir": None, "replicas": {"sda": "/dev/sdb"}, "full": False, "existing": False,
+         "rpo_threshold": None},
+        {"machine": "web01", "agent": "web01-rec", "mt": "mt-home", "mode": "checksum",
+         "disks": [{"disk": "sda", "replica": "/dev/sdb"}]},
+    ),
+    ("failback", "admin"): (
+        {"machine": "web01", "action": "complete", "sync": "before-shutdown"},
+        {"machine": "web01", "phase": "failed-back", "message": "failed back with no data loss",
+         "result": {"downtime_seconds": 2.5, "bytes_after_shutdown": 4096, "no_data_loss": True}},
+    ),
+    ("reverse", "admin"): (
+        {"machine": "web01"},
+        {"machine": "web01", "mt": "mt01", "disks": [{"disk": "sda", "replica": "/srv/r/web01-sda.vmdk"}]},
+    ),
+    ("shutdown", "ps"): ({"tag": "failback-final"},
+                         {"disks": [APP_DISK], "warnings": [], "shutdown_script": "/etc/standby/stop-workload"}),
+    ("start_workload", "ps"): ({}, {"started": False, "reason": "no start_script in agent.toml"}),
     ("release", "ps"): (
         {"disks": [3], "delete": True},
         {"disks": [{"disk": 3, "replica": "/srv/r/web01-sda.vmdk", "journal": None,
@@ -385,6 +406,8 @@ def test_today_ops_by_sender():
             "wake",
             "app_point",
             "release",
+            "shutdown",
+            "start_workload",
         },
         "admin": {
             "status",
@@ -401,6 +424,9 @@ def test_today_ops_by_sender():
             "app_point",
             "unprotect",
             "forget",
+            "reprotect",
+            "failback",
+            "reverse",
         },
         "enroll": {"ca", "enroll"},
     }
