@@ -17,7 +17,7 @@ from typing import Any
 from prometheus_client.metrics_core import Metric
 
 from standby.plumbing.metrics import counter, gauge
-from standby.proto.states import DiskState, Replication
+from standby.proto.states import DiskState, Phase, Replication
 
 from .hub import Hub
 from .status import deployment_status
@@ -90,6 +90,11 @@ def families(status: dict[str, Any], now: float) -> Iterator[Metric]:
                 [((), status["rpo_threshold"])])
     yield gauge("standby_ps_master_target_connected", "Master targets connected now (value 1)", ("mt",),
                 (((mt,), 1) for mt in status["master_targets"]))
+    trips = status.get("roundtrips", [])
+    yield gauge("standby_roundtrip_phase", "A machine's round trip: its direction and phase (1: current, 0: the "
+                "other phases)", ("machine", "direction", "phase"),
+                (((t["name"], t["direction"], p.value), 1 if p.value == t["phase"] else 0)
+                 for t in trips for p in Phase))
 
 
 def resync_progress(d: dict[str, Any]) -> float | None:
