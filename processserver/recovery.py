@@ -246,11 +246,19 @@ class RecoveryAdmin:
         """Fail over to exactly these points (disk name -> sequence), once each is applied: the final points
         of a planned failback (processserver.roundtrip)."""
         disks, session = self._disks(machine)
+        before = {d.id: (self.ps.open_stream(d).pause, self.ps.open_stream(d).paused_at) for d in disks}
         for d in disks:  # forward up to the point, nothing after it
             st = self.ps.open_stream(d)
             st.pause, st.paused_at = True, sequences[d.name]
             st.resumed.set()
-        await self._wait_applied(disks, {d.id: sequences[d.name] for d in disks})
+        try:
+            await self._wait_applied(disks, {d.id: sequences[d.name] for d in disks})
+        except RequestFailed:
+            for d in disks:  # no failover: applying goes on as before (a held stream would never catch up)
+                st = self.ps.open_stream(d)
+                st.pause, st.paused_at = before[d.id]
+                st.resumed.set()
+            raise
         self._hold(disks, session)
         listed = await self._points(disks, session)
         chosen = {}

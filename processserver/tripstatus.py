@@ -36,7 +36,15 @@ def state_words(trip: Trip, disks: list[dict[str, Any]], ready: str) -> str:
         return {Phase.FAILED_BACK: "failed back (committed): ready for reverse replication"}.get(
             trip.phase, "failed over (committed): ready to reprotect")
     if "FailedOver" in reps:
-        return "failed back, pending commit" if trip.phase is Phase.FAILED_BACK else "failed over, pending commit"
+        if trip.phase is not Phase.FAILED_BACK:
+            return "failed over, pending commit"
+        # The recovered machine's agent still tracks its disks: a write after the final point is refused
+        # (nothing applies any more) and stays in its dirty map, and would be lost at commit.
+        late = sum(int(d.get("dirty_bytes") or 0) for d in disks)
+        if late:
+            return (f"failed back, pending commit; WRITTEN AFTER THE FINAL POINT: {late} bytes on the recovered "
+                    "machine that the original disks do not have (do not commit: start the failback again)")
+        return "failed back, pending commit"
     syncing = bool(reps & {"Initial", "Resync"}) or not disks
     if trip.phase is Phase.REPROTECTING:
         return f"reprotecting {pct}" if syncing else "ready to fail back"

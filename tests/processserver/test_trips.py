@@ -99,6 +99,14 @@ def test_status_words(phase: Phase, disks: list[dict[str, object]], ready: str, 
     assert state_words(Trip("web01", direction, phase, "x"), disks, ready) == words
 
 
+def test_a_write_after_the_final_point_is_shown() -> None:
+    trip = Trip("web01", Direction.REVERSE, P.FAILED_BACK, "x")
+    late = {**disk("FailedOver"), "dirty_bytes": 8192}
+    words = state_words(trip, [disk("FailedOver"), late], "")
+    assert words.startswith("failed back, pending commit; WRITTEN AFTER THE FINAL POINT: 8192 bytes"), words
+    assert "do not commit" in words
+
+
 def test_full_download_says_so() -> None:
     trip = Trip("web01", Direction.REVERSE, P.SYNCHRONISING, "x", data={"sync": "full"})
     assert state_words(trip, [disk("Resync", resync=0.5)], "") == "synchronising 50 % (full download)"
