@@ -54,7 +54,8 @@ def add_parsers(sub: Any) -> None:
         "--complete' runs the shutdown step on the recovered machine (its shutdown_script stops the workload; the "
         "file systems are flushed and frozen; a final point is cut), ships it and fails the original site over to "
         "exactly that point, checking that nothing was written after it; it prints the downtime and the bytes "
-        "shipped after the shutdown. Then 'standby commit M'. '--cancel' before --complete stops the failback (after "
+        "shipped after the shutdown, and exits 1 if data arrived after the final point (do not commit then). Then "
+        "'standby commit M'. '--cancel' before --complete stops the failback (after "
         "a full-download shutdown it starts the workload again with start_script).",
     )
     fb.add_argument("machine", help="the machine, by its original name")
@@ -109,7 +110,9 @@ def dispatch(client: AdminClient, args: argparse.Namespace) -> int | None:
         return 0
     if args.cmd == "failback":
         action = "complete" if args.complete else "cancel" if args.cancel else "start"
-        res = client.call("failback", 900.0, machine=args.machine, action=action, sync=args.sync)
+        # No time limit: the shutdown step, the final sync and the failover are bounded at the process server,
+        # and a client that gave up halfway would not learn how the failback ended.
+        res = client.call("failback", None, machine=args.machine, action=action, sync=args.sync)
         if args.json:
             print(json.dumps(res, indent=2))
             return 0
