@@ -319,7 +319,7 @@ class RoundTrips:
         notes = []
         if trip.data.get("sync") == "full":
             inconsistent = [d.name for d in self.ps.registry.disks(machine=trip.active)
-                            if d.mt is not None and d.replication is not Replication.DELTA]
+                            if d.mt is not None and (d.replication is not Replication.DELTA or d.resync_request)]
             if inconsistent:
                 notes.append(f"the original disks are inconsistent ({', '.join(inconsistent)}: the full copy did not "
                              f"finish); it goes on while {trip.active} replicates, and standby failback {machine} "
