@@ -254,6 +254,15 @@ def test_refusals_change_nothing(deployment: LocalDeployment, sites, make_loop, 
     for p, c in ((first, cut), (ph, ph.last), (back, back.last)):
         assert p.check(str(replica)).cut == c
 
+    # The next round trip: rec, set aside by reverse, is let in only by a reprotect that goes ahead.
+    forward_failover(dep, orig, replica, tmp_path, 3)
+    dep.kill("agent-src", 15)
+    start_recovered(dep, [replica], tmp_path, loops)
+    refused(dep, 2, "does not exist", *rp, "--agent", "rec", "--replica", "disk0=/dev/standby-no-such-disk")
+    refused(dep, 1, "rec is set aside", "protect", "rec", "--mt", "mtdr", "--replica", "disk0=/nonexistent/r.img")
+    cli_json(dep, *rp, "--agent", "rec")
+    wait_state(dep, "ready to fail back")
+
 
 def test_clone_of_the_original_agent_is_set_aside(deployment: LocalDeployment, sites, tmp_path: Path) -> None:
     """A copy of src's identity and state on the recovered machine (as a cloned VM has) starts while rec
@@ -294,6 +303,8 @@ def workloads(tmp: Path, index: int, devs: list[str]) -> list[Phase]:
 
 
 def test_two_disks_move_together(deployment: LocalDeployment, sites2, tmp_path: Path) -> None:
+    """A machine with two disks: failover, reprotect, failback (a final point on each), commit and reverse
+    move both at once; after each phase both disks hold their workload's last record and equal their copy."""
     dep = deployment
     origs, replicas, loops = sites2
     reps = [str(r) for r in replicas]
@@ -305,6 +316,7 @@ def test_two_disks_move_together(deployment: LocalDeployment, sites2, tmp_path: 
     cli_json(dep, "failover", "src", "--point", "latest")
     cli_json(dep, "commit", "src")
     both(phs, reps)
+    assert all(same(o, r) for o, r in zip(origs, reps, strict=True))
 
     dep.kill("agent-src", 15)
     rec_devs = start_recovered(dep, replicas, tmp_path, loops)
