@@ -167,9 +167,10 @@ def two_sites(deployment: LocalDeployment, make_loop: Any, tmp_path: Path,
             subprocess.run(["losetup", "-d", dev], check=False, capture_output=True)
 
 
-def forward_failover(dep: LocalDeployment, orig: str, replica: Path, tmp: Path, index: int) -> tuple[Phase, int]:
-    """Workload on the original; fail over to a point in the middle of it; commit. Returns the phase and
-    the cut of its records the replica holds."""
+def forward_failover(dep: LocalDeployment, orig: str, replica: Path, tmp: Path, index: int,
+                     commit: bool = True) -> tuple[Phase, int]:
+    """Workload on the original; fail over to a point in the middle of it; commit (unless not `commit`).
+    Returns the phase and the cut of its records the replica holds."""
     ph = Phase(tmp, index, orig)
     time.sleep(1.5)
     mark = time.time()
@@ -182,7 +183,8 @@ def forward_failover(dep: LocalDeployment, orig: str, replica: Path, tmp: Path, 
     cli_json(dep, "failover", "src", "--point", str(point["sequence"]))
     v = ph.check(str(replica))
     assert v.consistent and v.cut is not None and 0 < v.cut < last, v.to_json()
-    cli_json(dep, "commit", "src")
+    if commit:
+        cli_json(dep, "commit", "src")
     return ph, v.cut
 
 

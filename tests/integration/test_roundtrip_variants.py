@@ -226,7 +226,9 @@ def test_refusals_change_nothing(deployment: LocalDeployment, sites, make_loop, 
     refused(dep, 1, "reprotect follows a committed failover", *rp, "--agent", "rec")
     refused(dep, 1, "run standby reprotect first", "failback", "src")
     refused(dep, 1, "run standby reprotect first", "reverse", "src")
-    first, cut = forward_failover(dep, orig, replica, tmp_path, 0)
+    first, cut = forward_failover(dep, orig, replica, tmp_path, 0, commit=False)
+    refused(dep, 1, "src: disk0 FailedOver", *rp, "--agent", "rec")
+    cli_json(dep, "commit", "src")
     rec_dev = start_recovered(dep, [replica], tmp_path, loops)[0]
     kept = digest(replica)
     refused(dep, 1, "src's agent is connected", *rp, "--agent", "rec")
