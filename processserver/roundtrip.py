@@ -138,26 +138,20 @@ class RoundTrips:
             raise refuse(f"{machine}'s agent is connected: the original machine is running and its disks are in use; "
                          "stop its workload and its agent (systemctl stop standby-agent) before reprotecting into its "
                          "disks", ErrorCode.IN_USE)
-        if trip is not None and trip.recovered == agent:
-            ps.trips.reinstate(agent)  # the recovered machine of an earlier round trip, set aside by reverse
-        rec = await self._agent_disks(agent, set(away))
-        targets, fmt, existing = self._targets(machine, agent, location, format, replica_dir, replicas, full,
-                                               existing, away, rec)
-        session = ps.mt_sessions.get(mt)
-        if session is None:
-            raise refuse(f"master target {mt!r} is not connected: start it and retry", ErrorCode.UNREACHABLE)
-        for name, path in targets.items():
-            try:  # an original disk: there, of the same size, used by nobody (before any change)
-                await session.check_replica(path, fmt, int(away[name]["size"]), location == "original" or existing)
-            except RequestFailed as exc:
-                raise RequestFailed(exc.code, f"{machine}/{name} at {mt}:{path}: {exc}") from None
-            except (TimeoutError, LinkClosed) as exc:
-                raise refuse(f"master target {mt!r} did not answer: {exc}", ErrorCode.UNREACHABLE) from None
-        if forward:
-            away_mts = sorted({d.mt or "" for d in forward} - set(ps.mt_sessions))
-            if away_mts:
-                raise refuse(f"master target {', '.join(away_mts)} (the recovery site) is not connected: start it and "
-                             "retry (nothing was changed)", ErrorCode.UNREACHABLE)
+        # The recovered machine of an earlier round trip, set aside by reverse, is let in to report its disks;
+        # a refusal below sets it aside again (nothing changed).
+        aside = ps.trips.retired(agent) if trip is not None and trip.recovered == agent else None
+        if aside is not None:
+            ps.trips.reinstate(agent)
+        try:
+            rec = await self._agent_disks(agent, set(away))
+            targets, fmt, existing = self._targets(machine, agent, location, format, replica_dir, replicas, full,
+                                                   existing, away, rec)
+            await self._check_home(machine, mt, targets, fmt, location == "original" or existing, away, forward)
+        except RequestFailed:
+            if aside is not None:
+                ps.trips.retire(agent, aside)
+            raise
         policy = {**FAILBACK_POLICY, **({"rpo_threshold": rpo_threshold} if rpo_threshold else {})}
         trip = Trip(machine, Direction.REVERSE, Phase.REPROTECTING, agent, agent, trip.trips if trip else 0,
                     {**(trip.data if trip else {}), "away": away, "home_mt": mt, "location": location,
@@ -174,6 +168,26 @@ class RoundTrips:
         res = await protect(ps, agent, mt, fmt, None, targets, existing)
         log.warning("reprotect %s: %s replicates back to %s (%s location, %s)", machine, agent, mt, location, mode)
         return {"machine": machine, "agent": agent, "mt": mt, "mode": mode, "disks": res["disks"]}
+
+    async def _check_home(self, machine: str, mt: str, targets: dict[str, str], fmt: str, existing: bool,
+                          away: dict[str, Any], forward: list[DiskRow]) -> None:
+        """RequestFailed unless every target can be written (an original disk: there, of the same size, used
+        by nobody) and both sites' master targets are connected: checked before any change."""
+        ps = self.ps
+        session = ps.mt_sessions.get(mt)
+        if session is None:
+            raise refuse(f"master target {mt!r} is not connected: start it and retry", ErrorCode.UNREACHABLE)
+        for name, path in targets.items():
+            try:
+                await session.check_replica(path, fmt, int(away[name]["size"]), existing)
+            except RequestFailed as exc:
+                raise RequestFailed(exc.code, f"{machine}/{name} at {mt}:{path}: {exc}") from None
+            except (TimeoutError, LinkClosed) as exc:
+                raise refuse(f"master target {mt!r} did not answer: {exc}", ErrorCode.UNREACHABLE) from None
+        away_mts = sorted({d.mt or "" for d in forward} - set(ps.mt_sessions))
+        if away_mts:
+            raise refuse(f"master target {', '.join(away_mts)} (the recovery site) is not connected: start it and "
+                         "retry (nothing was changed)", ErrorCode.UNREACHABLE)
 
     def _targets(self, machine: str, agent: str, location: str, format: str | None, replica_dir: str | None,
                  replicas: dict[str, str] | None, full: bool, existing: bool, away: dict[str, Any],
@@ -319,7 +333,7 @@ class RoundTrips:
         notes = []
         if trip.data.get("sync") == "full":
             inconsistent = [d.name for d in self.ps.registry.disks(machine=trip.active)
-                            if d.mt is not None and d.replication is not Replication.DELTA]
+                            if d.mt is not None and (d.replication is not Replication.DELTA or d.resync_request)]
             if inconsistent:
                 notes.append(f"the original disks are inconsistent ({', '.join(inconsistent)}: the full copy did not "
                              f"finish); it goes on while {trip.active} replicates, and standby failback {machine} "

@@ -64,6 +64,8 @@ def failback_ready(ps: Hub, trip: Trip) -> str:
             continue
         if d.replication is not Replication.DELTA:
             return f"disk {d.name} is {d.replication} (synchronising)"
+        if d.resync_request:  # asked (a full download), not begun yet: still in delta, but not caught up
+            return f"disk {d.name} is to be copied again (its resync has not begun yet)"
         st = ps.streams.get(d.id)
         if st is not None and st.backlog_records > CAUGHT_UP_RECORDS:
             return f"disk {d.name} has {st.backlog_records} records still to apply"
