@@ -22,7 +22,7 @@ import pytest
 from tests.conftest import needs_loop
 from tests.deploy import LocalDeployment
 
-from .roundtrip_sites import REGIONS, Phase, failback, forward_failover, reprotect, reverse, trip, two_sites
+from .roundtrip_sites import REGIONS, Phase, cli_json, failback, forward_failover, reprotect, reverse, trip, two_sites
 
 pytestmark = [needs_loop]
 
@@ -47,6 +47,8 @@ def test_round_trip_twice_in_a_row(deployment: LocalDeployment, sites, tmp_path:
         rec_dev, ph = reprotect(deployment, orig, replica, tmp_path, loops, region)
         for old, c in held:  # the recovered disk holds each earlier region at its cut
             assert old.check(rec_dev).cut == c
+        if n == 0:
+            check_test_failover_back_home(deployment, tmp_path, held, ph)
         r = failback(deployment, orig, rec_dev, ph)
         held.append((ph, ph.last))
         region += 1
@@ -71,3 +73,20 @@ def test_round_trip_twice_in_a_row(deployment: LocalDeployment, sites, tmp_path:
     status = deployment.cli("status", "src").stdout
     assert "round-trip direction:forward (src) phase:reversing state:protected round-trips-done:2" in status, status
     assert "no data loss (checked)" in status, status
+
+
+def check_test_failover_back_home(dep: LocalDeployment, tmp: Path, held: list[tuple[Phase, int]], ph: Phase) -> None:
+    """Test failover works in the reverse direction too: a copy of the original site's newest point, taken
+    while the recovered machine goes on replicating back, holds every earlier region at its cut and the
+    running workload's region at one cut."""
+    (tmp / "tf").mkdir()
+    dep.wait_caught_up("rec", time.time(), timeout=60)  # a point made after the comparison ended
+    out = cli_json(dep, "test-failover", "src", "--point", "latest-processed", "--dir", str(tmp / "tf"))
+    [d] = out["disks"]
+    for old, c in held:
+        assert old.check(d["path"]).cut == c
+    v = ph.check(d["path"])
+    assert v.consistent and v.cut is not None and v.cut <= ph.last, v.to_json()
+    assert ph.proc.poll() is None, "the recovered machine's workload goes on"
+    cli_json(dep, "test-failover-cleanup", "src")
+    assert not Path(d["path"]).exists()
