@@ -247,9 +247,12 @@ def baselines(s: Sites, before: Path, args: argparse.Namespace) -> dict[str, Any
     return out
 
 
-def tear_down(s: Sites) -> None:
-    """Stop the deployment and free its loop devices and files (the next round trip needs the space)."""
+def tear_down(s: Sites, keep_logs: Path | None = None) -> None:
+    """Stop the deployment and free its loop devices and files (the next round trip needs the space); its
+    daemons' logs go to keep_logs/<round trip> first when asked."""
     s.dep.stop_all()
+    if keep_logs is not None:
+        shutil.copytree(s.dep.logs, keep_logs / s.orig_img.parent.name, dirs_exist_ok=True)
     for dev in (s.rec_dev, s.orig):
         if dev:
             detach(s, dev)
@@ -282,14 +285,14 @@ def one_fraction(scratch: Scratch, pristine: Path, fraction: float, args: argpar
     s.dep.stop_all()  # nothing runs beside the baselines
     if not args.standby_only:
         res.update(baselines(s, before, args))
-    tear_down(s)
+    tear_down(s, args.logs)
     if not args.standby_only:
         s = prepared(scratch, pristine, f"f{fraction:g}-full", count, args.seed)
         full = timed_reprotect(s, True, args.timeout)
         s.dep.kill(f"agent-{REC}", signal.SIGTERM)
         full.update(identical(s.rec_dev, Path(s.orig), "raw"))
         res["standby_full"] = full
-        tear_down(s)
+        tear_down(s, args.logs)
     res["targets"] = targets(res, size)
     return res
 
@@ -327,6 +330,7 @@ def main() -> int:
     ap.add_argument("--standby-only", action="store_true", help="skip rsync, dd and --full")
     ap.add_argument("--no-dd", action="store_true", help="skip the dd over ssh baseline")
     ap.add_argument("--timeout", type=float, default=1800.0)
+    ap.add_argument("--logs", type=Path, default=None, help="keep the daemons' logs of each round trip here")
     ap.add_argument("--out", type=Path, default=RESULTS / "reprotect.json")
     args = ap.parse_args()
     size = parse_size(args.size)
