@@ -122,12 +122,19 @@ def source_image(path: Path, size: int, fill: int) -> None:
 def fio(dev: str, out: Path, *, seconds: float, bs: str, engine: str = "libaio", iodepth: int = 4,
         rate: int | None = None, extra: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
     """Start fio randwrite (O_DIRECT, time based) on `dev`; its JSON report goes to `out`."""
+    args = fio_args(dev, out, seconds=seconds, bs=bs, engine=engine, iodepth=iodepth, rate=rate, extra=extra)
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def fio_args(dev: str, out: Path, *, seconds: float, bs: str, engine: str = "libaio", iodepth: int = 4,
+             rate: int | None = None, extra: tuple[str, ...] = ()) -> list[str]:
+    """fio's command line for fio() (bench/failback.py runs it under a shell that records its pid)."""
     args = ["fio", "--name=bench", f"--filename={dev}", "--rw=randwrite", f"--bs={bs}", "--direct=1",
             f"--ioengine={engine}", f"--iodepth={iodepth}", "--time_based", f"--runtime={seconds}",
             "--randrepeat=0", "--norandommap", "--output-format=json", f"--output={out}", *extra]
     if rate:
         args.append(f"--rate={rate}")
-    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return args
 
 
 def fio_result(proc: subprocess.Popen[bytes], out: Path) -> dict[str, Any]:

@@ -243,13 +243,14 @@ class RoundTrips:
                                f"and fail over with: standby failback {machine} --complete"}
         # full download: stop first, then copy every block
         self._move(trip, Phase.SHUTTING_DOWN, "full download: the recovered machine stops first")
+        stopped = {"at": time.time(), "wire": self._wire(trip.active)}  # the downtime starts here, not at complete
         try:
             shut = await self._shutdown(trip)
         except RequestFailed:
             self._move(trip, Phase.SYNCHRONISING, "the shutdown step failed")
             self._move(trip, Phase.REPROTECTING, "failback not started")
             raise
-        trip.data["shutdown"] = shut
+        trip.data["shutdown"], trip.data["stopped"] = shut, stopped
         self._move(trip, Phase.SYNCHRONISING, "full download: every block is copied")
         for d in disks:
             self.ps.request_resync(d, "full", "failback with full download")
@@ -278,6 +279,9 @@ class RoundTrips:
         if why:
             raise refuse(f"{machine} is not ready to fail back: {why}; see standby status {machine}")
         t0, wire0 = time.time(), self._wire(trip.active)
+        stopped = trip.data.get("stopped") if trip.data.get("sync") == "full" else None
+        if stopped:  # a full download: the machine has been down since its shutdown step, the copy came after it
+            t0, wire0 = stopped["at"], stopped["wire"]
         self._move(trip, Phase.SHUTTING_DOWN, "the workload stops, the final point is cut")
         try:
             shut = await self._shutdown(trip)
