@@ -45,6 +45,7 @@ from .roundtrip_sites import (
     trip,
     two_sites,
     wait_state,
+    wire,
 )
 
 pytestmark = [needs_loop]
@@ -111,6 +112,7 @@ def test_alternate_location_with_full_download(deployment: LocalDeployment, site
 
     got0 = received(dep, "rec")
     with frozen(dep, "mt-mthome"):  # the copy cannot finish while the test looks at it
+        stopped, wire0 = time.time(), wire(dep, "rec")
         out = cli_json(dep, "failback", "src", "--sync", "full")
         assert out["phase"] == "synchronising" and "every block" in out["message"], out
         ph.proc.wait(timeout=10)  # the shutdown step came first: the workload stopped
@@ -120,8 +122,12 @@ def test_alternate_location_with_full_download(deployment: LocalDeployment, site
         assert res.returncode == 1 and "not ready to fail back" in res.stderr, (res.returncode, res.stderr)
     wait_state(dep, "synchronising: ready to complete", timeout=120)
     assert received(dep, "rec") - got0 >= SIZE, "a full download copies every block"
+    completing = time.time()
     done = cli_json(dep, "failback", "src", "--complete")
     assert done["result"]["no_data_loss"], done
+    # A full download's downtime and bytes count from its shutdown, which came before the copy.
+    assert done["result"]["downtime_seconds"] >= completing - stopped, (done["result"], completing - stopped)
+    assert done["result"]["bytes_after_shutdown"] >= 0.9 * (wire(dep, "rec") - wire0), done["result"]
     last = ph.last
     v = ph.check(str(new))
     assert v.consistent and v.cut == last, f"the new replica must hold the last write {last}: {v.to_json()}"
