@@ -23,8 +23,8 @@ FAILPOINTS = {
     "ps.sender": "the process server's task that sends a disk's records to its master target",
     "agent.epoch": "the agent's delta epoch loop of a disk, before a cut",
     "service.stall": "any daemon: SIGUSR2 blocks its event loop for good (the systemd watchdog's test)",
-    "ps.final_sync": "the process server's failback --complete holds STALL_SECONDS between the shutdown step and "
-                     "the final sync (a window to kill a daemon in: tests/faults/test_roundtrip_faults.py)",
+    "ps.final_sync": "the process server's failback --complete holds STALL_SECONDS in its final sync, each disk held "
+                     "at its final point (a window to kill a daemon in: tests/faults/test_roundtrip_faults.py)",
 }
 
 

@@ -39,7 +39,6 @@ import logging
 import time
 from typing import Any
 
-from standby.plumbing import failpoints
 from standby.plumbing.errors import RequestFailed
 from standby.plumbing.link import LinkClosed
 from standby.proto.enums import ErrorCode, ReplicaFormat
@@ -273,7 +272,6 @@ class RoundTrips:
             raise
         final = {d["disk"]: int(d["sequence"]) for d in shut["disks"]}
         self._move(trip, Phase.FINAL_SYNC, "final points " + ", ".join(f"{k}:{v}" for k, v in final.items()))
-        await failpoints.stall("ps.final_sync")
         try:
             res = await self.recovery.failover_to(trip.active, final)
         except RequestFailed as exc:
