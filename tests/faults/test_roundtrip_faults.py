@@ -10,9 +10,12 @@ loop device over the replica with agent `rec`. The victims: the process server (
 master target (`mt-mthome`), the recovered machine's agent (`agent-rec`).
 
 When the kill lands: reprotect — while status says "reprotecting NN %" with NN < 100 (the recovered machine
-rewrote most of a 256 MiB disk, so the copy takes seconds); final sync — while the phase is shutting-down
+rewrote most of a 384 MiB disk, so the copy takes seconds); final sync — while the phase is shutting-down
 (the shutdown script holds HOLD seconds after stopping the workload) or final-sync (the process server's
-fail point ps.final_sync holds there, armed for every daemon of the deployment by STANDBY_FAILPOINTS).
+fail point ps.final_sync holds there, each disk held at its final point; STANDBY_FAILPOINTS arms it in
+every daemon of the deployment, only the process server has it). When the original site's master target
+is the victim, the test waits until more records than status calls caught up are waiting before starting
+it again (an operator who takes a while): they must drain, not stay behind the failed attempt's hold.
 Every case asserts that its kill landed in that window (a kill that missed would prove nothing).
 
 Figures (DESIGN §13): STANDBY_ROUNDTRIP_FAULT_TRIALS=N runs every case N times (default 1: the whole file
@@ -36,6 +39,7 @@ from typing import Any
 import pytest
 
 from standby.admin.localdeploy import command
+from standby.processserver.tripstatus import CAUGHT_UP_RECORDS
 from tests.conftest import needs_loop
 from tests.deploy import LocalDeployment
 from tests.integration import conftest as integration
@@ -244,6 +248,12 @@ def test_kill_during_final_sync(deployment: LocalDeployment, two_sites, tmp_path
     answered = time.monotonic() - killed
     if proc.returncode != 0:
         assert stderr.strip(), "an error says what went wrong"
+    if victim == "mt-mthome":
+        # The operator takes a while to start it again: meanwhile the recovered machine's records pile up
+        # past what status calls caught up, and must drain once it is back (nothing held at the final point
+        # of the attempt that failed).
+        deployment.wait_for(lambda s: any(d["machine"] == "rec" and d["backlog_records"] > CAUGHT_UP_RECORDS
+                                          for d in s["disks"]), 120, "records to pile up while mthome is down")
     restart(deployment, victim)
     # Exit 0: the kill did not stop the failback (an agent killed once its final point had arrived).
     done = json.loads(stdout) if proc.returncode == 0 else complete_again(deployment)
