@@ -8,11 +8,13 @@ unset fail point is one dictionary lookup. The names in use are listed in FAILPO
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
 
 log = logging.getLogger("standby.failpoints")
+STALL_SECONDS = 2.0
 
 FAILPOINTS = {
     "mt.apply": "the master target's apply task of a disk, before it writes a group",
@@ -21,6 +23,8 @@ FAILPOINTS = {
     "ps.sender": "the process server's task that sends a disk's records to its master target",
     "agent.epoch": "the agent's delta epoch loop of a disk, before a cut",
     "service.stall": "any daemon: SIGUSR2 blocks its event loop for good (the systemd watchdog's test)",
+    "ps.final_sync": "the process server's failback --complete holds STALL_SECONDS in its final sync, each disk held "
+                     "at its final point (a window to kill a daemon in: tests/faults/test_roundtrip_faults.py)",
 }
 
 
@@ -57,3 +61,17 @@ def hit(name: str) -> None:
         _armed[name] = left - 1
     log.warning("fail point %s fires (STANDBY_FAILPOINTS)", name)
     raise InjectedFault(f"injected fault at {name}")
+
+
+async def stall(name: str, seconds: float = STALL_SECONDS) -> None:
+    """Hold the caller `seconds` if fail point `name` is armed (counted down like hit): not a fault but a
+    known moment, long enough for a test to kill a daemon while a step is under way."""
+    if not _armed:
+        return
+    with _lock:
+        left = _armed.get(name, 0)
+        if left <= 0:
+            return
+        _armed[name] = left - 1
+    log.warning("fail point %s holds %.1f s (STANDBY_FAILPOINTS)", name, seconds)
+    await asyncio.sleep(seconds)

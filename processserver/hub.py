@@ -18,7 +18,7 @@ from standby.plumbing.link import Link, LinkClosed
 from standby.plumbing.supervise import spawn
 from standby.proto.enums import MarkerKind
 from standby.proto.messages import Request
-from standby.proto.states import FAILED_OVER, Phase, Replication
+from standby.proto.states import FAILED_OVER, Phase, Replication, phase_move
 
 from .cache import DiskCache
 from .deployment import PSConfig
@@ -80,6 +80,28 @@ class Hub:
             except Exception:  # one disk's cache must not keep the server from serving every other disk
                 log.exception("disk %s/%s: cannot open its cache (a bug: please report it with this trace); the "
                               "disk is not served", row.machine, row.name)
+        self._recover_trips()
+
+    def _recover_trips(self) -> None:
+        """A failback whose shutdown step or final sync was under way when the previous process server ended:
+        the request that owned the phase is gone, and nothing else moves it on, so `failback --complete`
+        and `--cancel` would be refused for ever. Back to synchronising (a full download's shutdown: back to
+        reprotecting, the failback not started), from where the operator completes again: a new shutdown
+        step cuts a new final point after whatever the first one may have let through."""
+        for trip in self.trips.all():
+            if trip.phase not in (Phase.SHUTTING_DOWN, Phase.FINAL_SYNC):
+                continue
+            old, wire = trip.phase, sum(d.bytes_wire for d in self.registry.disks(machine=trip.active))
+            why = f"the process server stopped during {old}: the failback --complete that ran it is gone"
+            moves = [Phase.SYNCHRONISING]
+            if old is Phase.SHUTTING_DOWN and trip.data.get("sync") == "full":
+                moves.append(Phase.REPROTECTING)  # the full copy was never asked for: the failback did not start
+            for phase in moves:
+                trip.phase = phase_move(trip.phase, phase)
+                self.trips.save(trip)
+                self.trips.begin(trip.name, phase, wire, why)
+            log.warning("round trip %s: %s -> %s (%s); complete it again: standby failback %s%s", trip.name, old,
+                        trip.phase, why, trip.name, " --complete" if trip.phase is Phase.SYNCHRONISING else "")
 
     async def close(self) -> None:
         """Cancel every task, let the appends under way finish (with their bookkeeping), then close the

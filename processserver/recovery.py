@@ -18,6 +18,7 @@ import re
 import time
 from typing import Any
 
+from standby.plumbing import failpoints
 from standby.plumbing.errors import RequestFailed
 from standby.plumbing.link import LinkClosed
 from standby.proto.enums import Consistency, ErrorCode
@@ -252,22 +253,25 @@ class RecoveryAdmin:
             st.pause, st.paused_at = True, sequences[d.name]
             st.resumed.set()
         try:
+            await failpoints.stall("ps.final_sync")
             await self._wait_applied(disks, {d.id: sequences[d.name] for d in disks})
+            self._hold(disks, session)
+            listed = await self._points(disks, session)
+            chosen = {}
+            for name, res in listed.items():
+                pts = {p.sequence: p for p in PointList.from_wire(res, ErrorCode.BAD_REPLY).points}
+                if sequences[name] not in pts:
+                    raise RequestFailed(ErrorCode.FAILED, f"disk {name}: point {sequences[name]} is not in the "
+                                                          "master target's history")
+                chosen[name] = pts[sequences[name]]
         except RequestFailed:
-            for d in disks:  # no failover: applying goes on as before (a held stream would never catch up)
+            # No failover: applying goes on past this final point, or the records that arrive meanwhile
+            # (idle epochs, too) would pile up behind it and the failback never be ready to complete again.
+            for d in disks:  # as it was before (an operator's pause stays)
                 st = self.ps.open_stream(d)
                 st.pause, st.paused_at = before[d.id]
                 st.resumed.set()
             raise
-        self._hold(disks, session)
-        listed = await self._points(disks, session)
-        chosen = {}
-        for name, res in listed.items():
-            pts = {p.sequence: p for p in PointList.from_wire(res, ErrorCode.BAD_REPLY).points}
-            if sequences[name] not in pts:
-                raise RequestFailed(ErrorCode.FAILED, f"disk {name}: point {sequences[name]} is not in the master "
-                                                      "target's history")
-            chosen[name] = pts[sequences[name]]
         return await self._fail_over(machine, disks, session, chosen)
 
     async def _fail_over(self, machine: str, disks: list[DiskRow], session: MTPeer,

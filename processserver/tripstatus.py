@@ -21,7 +21,9 @@ def _progress(disks: list[dict[str, Any]]) -> float:
     for d in disks:
         if d["replication"] == "Delta":
             parts.append(1.0)
-        elif d["replication"] == "Resync" and d.get("resync"):
+        elif d["replication"] in ("Resync", "Initial") and d.get("resync"):
+            # A reprotect or reverse into existing disks is an Initial with a checksum resync: its progress
+            # is the resync's (the applied cursor stays at 0 there, which read "0 %" to the end).
             parts.append(float(d["resync"].get("progress") or 0.0))
         else:
             parts.append(float(d.get("progress") or 0.0))
@@ -58,10 +60,17 @@ def state_words(trip: Trip, disks: list[dict[str, Any]], ready: str) -> str:
 
 
 def failback_ready(ps: Hub, trip: Trip) -> str:
-    """Why a failback cannot complete now ("" when it can): every disk in delta replication, caught up."""
+    """Why a failback cannot complete now ("" when it can): the recovered machine's agent connected (the
+    shutdown step is its), every disk in delta replication, caught up."""
+    if trip.active not in ps.agent_sessions:
+        # After a restart of either daemon the agent comes back within its reconnect backoff (10 s); status
+        # must not say ready while `--complete` would be refused at the shutdown step.
+        return f"the recovered machine's agent {trip.active} is not connected (start it, or wait for it to reconnect)"
     for d in ps.registry.disks(machine=trip.active):
         if d.mt is None:
             continue
+        if d.mt not in ps.mt_sessions:
+            return f"master target {d.mt} (the original site) is not connected: start it"
         if d.replication is not Replication.DELTA:
             return f"disk {d.name} is {d.replication} (synchronising)"
         if d.resync_request:  # asked (a full download), not begun yet: still in delta, but not caught up
