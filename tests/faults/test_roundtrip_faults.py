@@ -43,7 +43,7 @@ from standby.processserver.tripstatus import CAUGHT_UP_RECORDS
 from tests.conftest import needs_loop
 from tests.deploy import LocalDeployment
 from tests.integration import conftest as integration
-from tests.integration.test_roundtrip import (
+from tests.integration.roundtrip_sites import (
     RUNNING,
     SLOTS,
     Phase,
