@@ -190,7 +190,9 @@ class RecoveryAdmin:
                 st.resumed.set()
             raise
 
-    async def _wait_applied(self, disks: list[DiskRow], fences: dict[int, int]) -> None:
+    async def _wait_applied(self, disks: list[DiskRow], fences: dict[int, int],
+                            otherwise: str = ", or fail over to latest-processed") -> None:
+        """Wait until each disk has applied up to its fence; `otherwise`: what else the operator may do."""
         deadline = time.monotonic() + DRAIN_TIMEOUT
         mt = disks[0].mt or ""
         while any(self.ps.open_stream(d).applied_seq < fences[d.id] for d in disks):
@@ -198,10 +200,10 @@ class RecoveryAdmin:
             if mt not in self.ps.mt_sessions:
                 raise RequestFailed(ErrorCode.UNREACHABLE,
                                     f"master target {mt!r} went away with {left} record(s) still to apply; "
-                                    "start it and retry, or fail over to latest-processed")
+                                    f"start it and retry{otherwise}")
             if time.monotonic() > deadline:
                 raise RequestFailed(ErrorCode.FAILED, f"the master target did not apply the cached records within "
-                                    f"{DRAIN_TIMEOUT:.0f} s ({left} left); retry, or fail over to latest-processed")
+                                    f"{DRAIN_TIMEOUT:.0f} s ({left} left); retry{otherwise}")
             await asyncio.sleep(0.1)
 
     def _choose(self, listed: dict[str, dict[str, Any]], point: str | None, at: float | None) -> dict[str, PointInfo]:
@@ -254,7 +256,7 @@ class RecoveryAdmin:
             st.resumed.set()
         try:
             await failpoints.stall("ps.final_sync")
-            await self._wait_applied(disks, {d.id: sequences[d.name] for d in disks})
+            await self._wait_applied(disks, {d.id: sequences[d.name] for d in disks}, otherwise="")
             self._hold(disks, session)
             listed = await self._points(disks, session)
             chosen = {}

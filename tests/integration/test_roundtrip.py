@@ -66,6 +66,8 @@ def test_round_trip_twice_in_a_row(deployment: LocalDeployment, sites, tmp_path:
                                "reversing"], phases
         print(f"round trip {n + 1}: failback downtime {r['downtime_seconds']:.2f} s, "
               f"{r['bytes_after_shutdown']} bytes after the shutdown; history:")
+        print("    write-order verdicts on the live disk, region: cut of records (last written): "
+              + ", ".join(f"{old.index}: {old.check(orig).cut} ({old.last})" for old, _ in held))
         for h in t["history"][-6:]:
             took = (h["ended"] or time.time()) - h["started"]
             print(f"    {h['phase']:<14} {took:7.2f} s {h['bytes'] or 0:>10} bytes  {h['detail']}")
