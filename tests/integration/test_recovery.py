@@ -7,7 +7,9 @@ gives the same N, and older points give smaller N."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -168,6 +170,15 @@ def test_points_listing_and_choices(deployment, protected, tmp_path):
     assert "history:" in status and "journal:" in status, status
 
 
+def umount(mnt: Path) -> None:
+    """Unmount what the test mounted; a writer's last close may still be under way: try for a few seconds."""
+    for _ in range(50):
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode == 0:
+            return
+        time.sleep(0.1)
+    subprocess.run(["umount", "--lazy", str(mnt)], check=False)  # never leave the mount behind
+
+
 @needs("mkfs.ext4", "e2fsck")
 def test_fsck_passes_at_a_crash_consistent_point(deployment, protected, tmp_path, make_loop):
     """ext4 under a live file workload: a test failover to a crash-consistent point is a file system
@@ -181,16 +192,17 @@ def test_fsck_passes_at_a_crash_consistent_point(deployment, protected, tmp_path
     subprocess.run(["mount", dev, str(mnt)], check=True)
     writer = subprocess.Popen(
         ["bash", "-c", f"i=0; while [ $i -lt 4000 ]; do head -c $((RANDOM * 4)) /dev/urandom > {mnt}/f$((i % 300)); "
-         f"[ $((i % 20)) -eq 0 ] && sync -f {mnt}; i=$((i+1)); done"]
+         f"[ $((i % 20)) -eq 0 ] && sync -f {mnt}; i=$((i+1)); done"],
+        start_new_session=True,  # its own group: the kill below also ends a `head` or `sync` under way
     )
     try:
         time.sleep(4)
         pts = wait_points(deployment, 3)
         res = cli_json(deployment, "test-failover", "src", "--point", str(pts[-2]["sequence"]))
     finally:
-        writer.kill()
+        os.killpg(writer.pid, signal.SIGKILL)  # the group this test started: bash and whatever it runs now
         writer.wait()
-        subprocess.run(["umount", str(mnt)], check=False)
+        umount(mnt)
     copy = Path(res["disks"][0]["path"])
     # A crash-consistent image: the ext4 journal may need replaying (as after a power cut). Replay it
     # (e2fsck -p -E journal_only), then the file system must be clean for fsck -n.
@@ -229,9 +241,9 @@ def test_app_consistent_point_and_failover_to_latest_app(deployment, protected, 
         assert "app-consistent point" in text and "frozen" in text
         time.sleep(1.0)
     finally:
-        writer.kill()
+        os.killpg(writer.pid, signal.SIGKILL)  # the group this test started: bash and whatever it runs now
         writer.wait()
-        subprocess.run(["umount", str(mnt)], check=False)
+        umount(mnt)
     listed = points(deployment)
     apps = [p for p in listed if p["consistency"] == "app-consistent"]
     assert [p["tag"] for p in apps] == ["nightly", "again"]
