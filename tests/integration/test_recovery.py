@@ -170,6 +170,15 @@ def test_points_listing_and_choices(deployment, protected, tmp_path):
     assert "history:" in status and "journal:" in status, status
 
 
+def end_group(proc: subprocess.Popen[bytes]) -> None:
+    """Kill the process group this test started (its own session): the shell and whatever it runs now."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # it had ended by itself
+        pass
+    proc.wait()
+
+
 def umount(mnt: Path) -> None:
     """Unmount what the test mounted; a writer's last close may still be under way: try for a few seconds."""
     for _ in range(50):
@@ -200,8 +209,7 @@ def test_fsck_passes_at_a_crash_consistent_point(deployment, protected, tmp_path
         pts = wait_points(deployment, 3)
         res = cli_json(deployment, "test-failover", "src", "--point", str(pts[-2]["sequence"]))
     finally:
-        os.killpg(writer.pid, signal.SIGKILL)  # the group this test started: bash and whatever it runs now
-        writer.wait()
+        end_group(writer)
         umount(mnt)
     copy = Path(res["disks"][0]["path"])
     # A crash-consistent image: the ext4 journal may need replaying (as after a power cut). Replay it
@@ -229,7 +237,8 @@ def test_app_consistent_point_and_failover_to_latest_app(deployment, protected, 
     subprocess.run(["mkfs.ext4", "-q", "-F", dev], check=True)
     subprocess.run(["mount", dev, str(mnt)], check=True)
     writer = subprocess.Popen(
-        ["bash", "-c", f"i=0; while [ $i -lt 100000 ]; do echo line $i >> {mnt}/log; i=$((i+1)); done"]
+        ["bash", "-c", f"i=0; while [ $i -lt 100000 ]; do echo line $i >> {mnt}/log; i=$((i+1)); done"],
+        start_new_session=True,  # its own group, ended whole below
     )
     try:
         time.sleep(1.5)
@@ -241,8 +250,7 @@ def test_app_consistent_point_and_failover_to_latest_app(deployment, protected, 
         assert "app-consistent point" in text and "frozen" in text
         time.sleep(1.0)
     finally:
-        os.killpg(writer.pid, signal.SIGKILL)  # the group this test started: bash and whatever it runs now
-        writer.wait()
+        end_group(writer)
         umount(mnt)
     listed = points(deployment)
     apps = [p for p in listed if p["consistency"] == "app-consistent"]
