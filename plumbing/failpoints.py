@@ -50,15 +50,22 @@ def armed(name: str) -> bool:
         return _armed.get(name, 0) > 0
 
 
-def hit(name: str) -> None:
-    """Raise InjectedFault if fail point `name` is armed (and count it down)."""
+def _take(name: str) -> bool:
+    """Count fail point `name` down once if it is armed; whether it fires now."""
     if not _armed:
-        return
+        return False
     with _lock:
         left = _armed.get(name, 0)
         if left <= 0:
-            return
+            return False
         _armed[name] = left - 1
+    return True
+
+
+def hit(name: str) -> None:
+    """Raise InjectedFault if fail point `name` is armed (and count it down)."""
+    if not _take(name):
+        return
     log.warning("fail point %s fires (STANDBY_FAILPOINTS)", name)
     raise InjectedFault(f"injected fault at {name}")
 
@@ -66,12 +73,7 @@ def hit(name: str) -> None:
 async def stall(name: str, seconds: float = STALL_SECONDS) -> None:
     """Hold the caller `seconds` if fail point `name` is armed (counted down like hit): not a fault but a
     known moment, long enough for a test to kill a daemon while a step is under way."""
-    if not _armed:
+    if not _take(name):
         return
-    with _lock:
-        left = _armed.get(name, 0)
-        if left <= 0:
-            return
-        _armed[name] = left - 1
     log.warning("fail point %s holds %.1f s (STANDBY_FAILPOINTS)", name, seconds)
     await asyncio.sleep(seconds)

@@ -76,8 +76,9 @@ class AdminSession:
         replicas: dict[str, str] | None = None,
         existing: bool = False,
     ) -> dict[str, Any]:
-        if self.ps.trips.retired(machine):
-            raise RequestFailed(ErrorCode.REFUSED, f"{machine} is set aside: {self.ps.trips.retired(machine)}")
+        aside = self.ps.trips.retired(machine)
+        if aside is not None:
+            raise RequestFailed(ErrorCode.REFUSED, f"{machine} is set aside: {aside}")
         return await protect(self.ps, machine, mt, format, replica_dir, replicas, existing)
 
     def _machine_disks(self, machine: str) -> list[DiskRow]:

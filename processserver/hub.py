@@ -91,7 +91,7 @@ class Hub:
         for trip in self.trips.all():
             if trip.phase not in (Phase.SHUTTING_DOWN, Phase.FINAL_SYNC):
                 continue
-            old, wire = trip.phase, sum(d.bytes_wire for d in self.registry.disks(machine=trip.active))
+            old, wire = trip.phase, self.wire_bytes(trip.active)
             why = f"the process server stopped during {old}: the failback --complete that ran it is gone"
             moves = [Phase.SYNCHRONISING]
             if old is Phase.SHUTTING_DOWN and trip.data.get("sync") == "full":
@@ -115,6 +115,10 @@ class Hub:
         self.registry.close()
 
     # -- disks --------------------------------------------------------------------------------------
+    def wire_bytes(self, identity: str) -> int:
+        """Bytes on the wire so far of an agent identity's disks: what a round trip's history counts."""
+        return sum(d.bytes_wire for d in self.registry.disks(machine=identity))
+
     def active_identity(self, machine: str) -> str:
         """The agent identity whose disks are `machine`'s now: on a round trip that replicates back, the
         recovered machine's (processserver.trips); else `machine` itself."""
@@ -136,9 +140,8 @@ class Hub:
         trip = self.trips.of_identity(identity)
         if trip is None or trip.active != identity or trip.phase not in (Phase.REPROTECTING, Phase.REVERSING):
             return
-        rows = [d for d in self.registry.disks(machine=identity) if d.mt is not None]
-        if all(d.replication is Replication.DELTA for d in rows):
-            self.trips.end(trip.name, sum(d.bytes_wire for d in rows), detail=None)
+        if all(d.replication is Replication.DELTA for d in self.registry.disks(machine=identity) if d.mt is not None):
+            self.trips.end(trip.name, self.wire_bytes(identity), detail=None)
             log.info("round trip %s: %s complete", trip.name, trip.phase)
 
     def open_stream(self, row: DiskRow) -> DiskStream:

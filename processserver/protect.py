@@ -22,6 +22,11 @@ from .registry import DiskRow
 SUFFIX = {ReplicaFormat.RAW: ".img"}
 
 
+def replica_name(replica_dir: str, machine: str, disk: str, fmt: str) -> str:
+    """A replica's path in a replica directory: MACHINE-DISK.vmdk (.img for raw)."""
+    return str(PurePosixPath(replica_dir) / f"{machine}-{disk}{SUFFIX.get(fmt, '.vmdk')}")
+
+
 async def protect(
     ps: Hub,
     machine: str,
@@ -65,7 +70,7 @@ async def protect(
                     + ("" if format == ReplicaFormat.DEVICE else " or --replica-dir")
                     + ")",
                 )
-            path = str(PurePosixPath(replica_dir) / f"{machine}-{d.name}{SUFFIX.get(format, '.vmdk')}")
+            path = replica_name(replica_dir, machine, d.name, format)
         plan.append((d, path))
     if len({p for _, p in plan}) != len(plan):
         raise RequestFailed(ErrorCode.BAD_INPUT, "two disks would share one replica path")

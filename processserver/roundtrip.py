@@ -45,7 +45,7 @@ from standby.proto.enums import ErrorCode, ReplicaFormat
 from standby.proto.states import Direction, Phase, Replication, phase_move
 
 from .hub import Hub
-from .protect import protect
+from .protect import protect, replica_name
 from .recovery import RecoveryAdmin
 from .registry import DiskRow
 from .trips import Trip
@@ -72,14 +72,11 @@ class RoundTrips:
         self.recovery = recovery
 
     # -- helpers ------------------------------------------------------------------------------------
-    def _wire(self, identity: str) -> int:
-        return sum(d.bytes_wire for d in self.ps.registry.disks(machine=identity))
-
     def _move(self, trip: Trip, phase: Phase, detail: str = "") -> None:
         old = trip.phase
         trip.phase = phase_move(old, phase)
         self.ps.trips.save(trip)
-        self.ps.trips.begin(trip.name, phase, self._wire(trip.active), detail)
+        self.ps.trips.begin(trip.name, phase, self.ps.wire_bytes(trip.active), detail)
         log.info("round trip %s: %s -> %s%s", trip.name, old, phase, f" ({detail})" if detail else "")
 
     async def _agent_disks(self, identity: str, names: set[str]) -> dict[str, DiskRow]:
@@ -158,7 +155,7 @@ class RoundTrips:
                      "policy": policy, "final": None, "sync": None})
         ps.trips.save(trip)
         mode = "full" if not existing else "checksum"
-        ps.trips.begin(machine, Phase.REPROTECTING, self._wire(agent),
+        ps.trips.begin(machine, Phase.REPROTECTING, self.ps.wire_bytes(agent),
                        f"{agent} -> {mt} ({location} location, {mode})")
         if forward:
             await unprotect(ps, machine)  # the recovery site keeps the replicas: they are the recovered disks
@@ -216,8 +213,7 @@ class RoundTrips:
                 if replica_dir is None:
                     raise refuse(f"alternate location: give --replica {name}=PATH or --replica-dir",
                                  ErrorCode.BAD_INPUT)
-                suffix = ".img" if fmt == ReplicaFormat.RAW else ".vmdk"
-                path = f"{replica_dir.rstrip('/')}/{machine}-{name}{suffix}"
+                path = replica_name(replica_dir, machine, name, fmt)
             targets[name] = path
         return targets, fmt, existing and not full
 
@@ -243,14 +239,15 @@ class RoundTrips:
                                f"and fail over with: standby failback {machine} --complete"}
         # full download: stop first, then copy every block
         self._move(trip, Phase.SHUTTING_DOWN, "full download: the recovered machine stops first")
-        stopped = {"at": time.time(), "wire": self._wire(trip.active)}  # the downtime starts here, not at complete
+        # The downtime starts here, not at --complete.
+        stopped = {"at": time.time(), "wire": self.ps.wire_bytes(trip.active)}
         try:
-            shut = await self._shutdown(trip)
+            await self._shutdown(trip)
         except RequestFailed:
             self._move(trip, Phase.SYNCHRONISING, "the shutdown step failed")
             self._move(trip, Phase.REPROTECTING, "failback not started")
             raise
-        trip.data["shutdown"], trip.data["stopped"] = shut, stopped
+        trip.data["stopped"] = stopped
         self._move(trip, Phase.SYNCHRONISING, "full download: every block is copied")
         for d in disks:
             self.ps.request_resync(d, "full", "failback with full download")
@@ -278,7 +275,7 @@ class RoundTrips:
         why = failback_ready(self.ps, trip)
         if why:
             raise refuse(f"{machine} is not ready to fail back: {why}; see standby status {machine}")
-        t0, wire0 = time.time(), self._wire(trip.active)
+        t0, wire0 = time.time(), self.ps.wire_bytes(trip.active)
         stopped = trip.data.get("stopped") if trip.data.get("sync") == "full" else None
         if stopped:  # a full download: the machine has been down since its shutdown step, the copy came after it
             t0, wire0 = stopped["at"], stopped["wire"]
@@ -299,7 +296,7 @@ class RoundTrips:
                                           "again") from None
         downtime = time.time() - t0
         after = self._written_after(trip, final)
-        shipped = self._wire(trip.active) - wire0
+        shipped = self.ps.wire_bytes(trip.active) - wire0
         result = {"final": [{"disk": d["disk"], "sequence": d["sequence"], "time": d["time"],
                              "consistency": d["consistency"]} for d in shut["disks"]],
                   "downtime_seconds": round(downtime, 3), "bytes_after_shutdown": shipped,
@@ -393,7 +390,7 @@ class RoundTrips:
             if orig[name].size != int(a["size"]):
                 raise refuse(f"{machine}/{name} has {orig[name].size} bytes, its replica {a['size']}",
                              ErrorCode.SIZE_MISMATCH)
-        wire = self._wire(trip.active)
+        wire = self.ps.wire_bytes(trip.active)
         await unprotect(ps, trip.active)  # the original disks are the machine now: nothing applies to them
         ps.trips.retire(trip.active, f"{machine} failed back to its original site: {trip.active}'s disks are "
                                      "replicas again (reprotect lets it in again)")
@@ -401,7 +398,7 @@ class RoundTrips:
         trip.phase = phase_move(trip.phase, Phase.REVERSING)
         ps.trips.save(trip)
         ps.trips.end(machine, wire)
-        ps.trips.begin(machine, Phase.REVERSING, self._wire(machine), f"{machine} -> {mt} (checksum)")
+        ps.trips.begin(machine, Phase.REVERSING, self.ps.wire_bytes(machine), f"{machine} -> {mt} (checksum)")
         res = await protect(ps, machine, mt, fmt, None, {n: a["replica"] for n, a in away.items()}, True)
         log.warning("reverse replication of %s: %s replicates to %s again", machine, machine, mt)
         return {"machine": machine, "mt": mt, "disks": res["disks"]}

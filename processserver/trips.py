@@ -100,10 +100,12 @@ class TripStore:
         args: tuple[Any, ...] = (time.time(), wire_bytes) + ((detail,) if detail is not None else ())
         self.db.execute(f"UPDATE roundtrip_events SET {sets} WHERE name=? AND ended IS NULL", (*args, name))
 
-    def history(self, name: str) -> list[dict[str, Any]]:
+    def history(self, name: str, newest: int | None = None) -> list[dict[str, Any]]:
+        """The phases of a round trip, oldest first; only the `newest` ones when given (status shows a few
+        round trips, not every one a machine ever made: the reply stays small however long it lives)."""
         rows = self.db.execute("SELECT phase, started, ended, bytes, detail FROM roundtrip_events WHERE name=? "
-                               "ORDER BY id", (name,)).fetchall()
-        return [dict(zip(("phase", "started", "ended", "bytes", "detail"), r, strict=True)) for r in rows]
+                               "ORDER BY id DESC LIMIT ?", (name, -1 if newest is None else newest)).fetchall()
+        return [dict(zip(("phase", "started", "ended", "bytes", "detail"), r, strict=True)) for r in reversed(rows)]
 
     # -- retired identities ---------------------------------------------------------------------------
     def retire(self, identity: str, reason: str) -> None:

@@ -13,6 +13,7 @@ from .trips import Trip
 
 # Caught up enough to shut down: the final sync then ships at most this many records of the last seconds.
 CAUGHT_UP_RECORDS = 64
+HISTORY_SHOWN = 30  # phases of a round trip in status: the last five round trips
 
 
 def _progress(disks: list[dict[str, Any]]) -> float:
@@ -101,6 +102,6 @@ def trips_status(ps: Hub, disks: list[dict[str, Any]], machine: str | None) -> l
             "round_trips": trip.trips,
             "policy": policy,
             "final": trip.data.get("final"),
-            "history": ps.trips.history(trip.name),
+            "history": ps.trips.history(trip.name, HISTORY_SHOWN),
         })
     return out

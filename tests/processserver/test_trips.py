@@ -61,6 +61,7 @@ def test_a_trip_and_its_history_survive_a_reopen(tmp_path: Path) -> None:
     assert [(h["phase"], h["bytes"], h["ended"] is not None) for h in hist] == [
         ("reprotecting", 4000, True), ("synchronising", 2000, True), ("shutting-down", None, False)]
     assert hist[0]["detail"] == "web01-rec -> mthome" and hist[0]["started"] <= hist[0]["ended"] <= time.time()
+    assert [h["phase"] for h in trips.history("web01", 2)] == ["synchronising", "shutting-down"]  # newest, in order
     assert [x.name for x in trips.all()] == ["web01"]
 
 
