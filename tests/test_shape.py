@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("admin", "agent", "mastertarget", "plumbing", "processserver", "proto")
-DAEMONS = ("admin", "agent", "mastertarget", "processserver")  # may import proto/ and plumbing/ only
+PACKAGES = ("admin", "agent", "mastertarget", "plumbing", "processserver", "proto", "vsphere")
+DAEMONS = ("admin", "agent", "mastertarget", "processserver")  # may import proto/, plumbing/, vsphere/ only
 COMMANDS = ("standby", "standby-agent", "standby-ps", "standby-mt")
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 80
@@ -154,6 +154,16 @@ def test_the_daemons_meet_only_in_proto_and_plumbing() -> None:
         (m, t) for m, targets in _graph().items() for t in targets if daemon(m) and daemon(t) and daemon(m) != daemon(t)
     }
     assert not cross, "\n".join(f"{m} imports {t}" for m, t in sorted(cross))
+
+
+def test_vsphere_is_a_library_that_imports_no_daemon() -> None:
+    """vsphere/ is shared like proto/ and plumbing/: the configuration service calls it, it calls none of
+    the daemons."""
+    up = {
+        (m, t) for m, targets in _graph().items() if m.startswith("standby.vsphere") for t in targets
+        if t.split(".")[1] in DAEMONS
+    }
+    assert not up, "\n".join(f"{m} imports {t}" for m, t in sorted(up))
 
 
 def test_no_module_is_longer_than_500_lines() -> None:

@@ -1,0 +1,40 @@
+"""Fixtures for the vSphere tests: the simulator binary (built once) and a fresh simulator per test."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from . import simulator as sim
+
+
+@pytest.fixture(scope="session")
+def vcsim_binary() -> Path:
+    why = sim.missing()
+    if why:
+        pytest.skip(f"vSphere simulator unavailable: {why}")
+    return sim.build()
+
+
+@pytest.fixture
+def start_vcsim(vcsim_binary: Path, tmp_path: Path) -> Iterator[Callable[..., sim.Simulator]]:
+    """start_vcsim(*flags): a simulator of its own (flags of tools/vcsim/main.go), stopped after the test."""
+    started: list[sim.Simulator] = []
+
+    def start(*flags: str) -> sim.Simulator:
+        s = sim.start(vcsim_binary, tmp_path / f"vcsim{len(started)}", *flags)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture
+def vcsim(start_vcsim: Callable[..., sim.Simulator]) -> sim.Simulator:
+    """A vCenter with one datacenter: a cluster of 3 hosts and a standalone host, one VMFS datastore, 2 VMs
+    per resource pool, every VM with VMware Tools running."""
+    return start_vcsim()
