@@ -36,5 +36,6 @@ def start_vcsim(vcsim_binary: Path, tmp_path: Path) -> Iterator[Callable[..., si
 @pytest.fixture
 def vcsim(start_vcsim: Callable[..., sim.Simulator]) -> sim.Simulator:
     """A vCenter with one datacenter: a cluster of 3 hosts and a standalone host, one VMFS datastore, 2 VMs
-    per resource pool, every VM with VMware Tools running."""
+    per resource pool (4 VMs: DC0_H0_VM0, DC0_H0_VM1, DC0_C0_RP0_VM0, DC0_C0_RP0_VM1), every one
+    with VMware Tools running."""
     return start_vcsim()

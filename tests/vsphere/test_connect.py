@@ -38,3 +38,19 @@ def test_nothing_listening_is_unreachable(vcsim) -> None:
     with pytest.raises(RequestFailed) as e:
         connect(vcsim.vcenter())
     assert e.value.code == ErrorCode.UNREACHABLE
+
+
+def test_find_vm_by_name_and_uuid_and_properties(vcsim) -> None:
+    from pyVmomi import vim
+
+    from standby.vsphere.objects import container, find_vm, properties
+
+    with connect(vcsim.vcenter()) as s:
+        vms = container(s, vim.VirtualMachine)
+        props = properties(s, vms, vim.VirtualMachine, ["name", "config.uuid", "snapshot"])
+        assert len(vms) == 4 and all("snapshot" not in p for p in props.values())
+        name, p = next((p["name"], p) for p in props.values())
+        assert find_vm(s, name) == find_vm(s, p["config.uuid"].upper())
+        with pytest.raises(RequestFailed) as e:
+            find_vm(s, "no-such-vm")
+        assert e.value.code == ErrorCode.MISSING and name in str(e.value)
