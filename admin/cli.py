@@ -15,7 +15,7 @@ from standby.plumbing.errors import BadInput, run_main
 from standby.plumbing.version import add_version
 from standby.proto.enums import ReplicaFormat
 
-from . import machinecli, recoverycli, tripcli
+from . import machinecli, recoverycli, tripcli, vcentercli
 from .client import DEFAULT_ADMIN_DIR, AdminClient
 from .display import human_bytes, when
 from .watch import watch_status
@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     recoverycli.add_parsers(sub)
     machinecli.add_parsers(sub)
     tripcli.add_parsers(sub)
+    vcentercli.add_parsers(sub)
     add_status_parser(sub)
     ms = sub.add_parser("machines", help="enrolled machines and master targets")
     ms.add_argument("--json", action="store_true", help="machine-readable output")
@@ -150,6 +151,8 @@ def dispatch(args: argparse.Namespace) -> int:
         done = machinecli.dispatch(client, args)
     if done is None:
         done = tripcli.dispatch(client, args)
+    if done is None:
+        done = vcentercli.dispatch(client, args)
     if done is not None:
         return done
     if args.cmd == "resume":

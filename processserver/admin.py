@@ -22,6 +22,7 @@ from .registry import DiskRow
 from .roundtrip import RoundTrips
 from .status import deployment_status
 from .unprotect import forget, unprotect
+from .vcenteradmin import VCenterAdmin
 
 log = logging.getLogger("standby.ps.admin")
 SUFFIX = {ReplicaFormat.RAW: ".img"}
@@ -33,6 +34,7 @@ class AdminSession:
         self.link = link
         self.recovery = RecoveryAdmin(ps)
         self.trips = RoundTrips(ps, self.recovery)
+        self.vcenters = VCenterAdmin(ps)
 
     def handlers(self) -> dict[str, Handler]:
         """The requests an admin may send here (proto.requests says which, with their arguments)."""
@@ -54,6 +56,11 @@ class AdminSession:
             "reprotect": self.trips.reprotect,
             "failback": self.trips.failback,
             "reverse": self.trips.reverse,
+            "vcenter_add": self.vcenters.add,
+            "vcenter_list": self.vcenters.listing,
+            "vcenter_remove": self.vcenters.remove,
+            "vcenter_vms": self.vcenters.vms,
+            "mt_check": self.vcenters.mt_check,
         }
 
     async def run(self) -> None:

@@ -137,6 +137,7 @@ span = _number_range(-MAX_SECONDS, MAX_SECONDS, "a finite number of seconds")
 # Estimates (an ETA) may be huge, never infinite; an int beyond the largest float would overflow float().
 nonnegative = _number_range(0, sys.float_info.max, "a finite number >= 0")
 fraction = _number_range(0, 1, "a fraction between 0 and 1")
+port = _int_range(1, 65535, "a TCP port (1..65535)")
 
 
 def size(v: Any) -> int:
@@ -208,6 +209,13 @@ tag = _text_check(MAX_TAG, True, f"printable text of at most {MAX_TAG} character
 text = _text_check(MAX_TEXT, False, f"text of at most {MAX_TEXT} characters without NUL")
 short_text = _text_check(MAX_SHORT, True, f"printable text of at most {MAX_SHORT} characters")
 passphrase = _text_check(MAX_PASSPHRASE, False, f"text of at most {MAX_PASSPHRASE} characters without NUL")
+
+
+def secret(v: Any) -> str:
+    """A password: like `passphrase`, but a refusal never shows the value (refusals are logged)."""
+    if isinstance(v, str) and 0 < len(v) <= MAX_PASSPHRASE and "\x00" not in v and not _SURROGATE.search(v):
+        return v
+    raise Invalid(f"must be text of 1..{MAX_PASSPHRASE} characters without NUL (the value is not shown)")
 
 
 def point_choice(v: Any) -> str:

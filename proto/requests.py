@@ -159,6 +159,17 @@ from .trip_requests import (
     StartWorkload,
     WorkloadStarted,
 )
+from .vsphere_requests import (
+    MtCheck,
+    MtChecked,
+    VCenterAdd,
+    VCenterAdded,
+    VCenterList,
+    VCenterListAsk,
+    VCenterRemove,
+    VCenterVmList,
+    VCenterVms,
+)
 from .wire import BadRequest, InvalidMessage, Wire, message, show
 
 
@@ -229,6 +240,12 @@ _SPECS = (
     OpSpec("reprotect", "admin", ("ps",), Reprotect, Reprotected),
     OpSpec("failback", "admin", ("ps",), Failback, FailbackDone),
     OpSpec("reverse", "admin", ("ps",), Reverse, Reversed),
+    # admin -> process server: vCenter (processserver.vcenteradmin)
+    OpSpec("vcenter_add", "admin", ("ps",), VCenterAdd, VCenterAdded),
+    OpSpec("vcenter_list", "admin", ("ps",), VCenterListAsk, VCenterList),
+    OpSpec("vcenter_remove", "admin", ("ps",), VCenterRemove, Empty),
+    OpSpec("vcenter_vms", "admin", ("ps",), VCenterVms, VCenterVmList),
+    OpSpec("mt_check", "admin", ("ps",), MtCheck, MtChecked),
     # enroll -> process server (processserver.enroll.Enrollment.session)
     OpSpec("ca", "enroll", ("ps",), Ca, CaCert),
     OpSpec("enroll", "enroll", ("ps",), Enroll, Enrolled),
@@ -263,7 +280,8 @@ def parse_reply(op: str, result: Any, role: str) -> Wire:
 
 __all__ = [
     "Failback", "FailbackDone", "Reprotect", "Reprotected", "Reverse", "Reversed", "ShutDown", "Shutdown",
-    "StartWorkload", "WorkloadStarted",
+    "StartWorkload", "WorkloadStarted", "MtCheck", "MtChecked", "VCenterAdd", "VCenterAdded", "VCenterList",
+    "VCenterListAsk", "VCenterRemove", "VCenterVmList", "VCenterVms",
     "Empty", "OP_NAMES", "OPS", "OpSpec", "Wake", "parse_reply", "parse_request", "BadRequest", "InvalidMessage",
     "Wire", "message", "MarkerKind", "Consistency", "ErrorCode", "ReplicaFormat", "MARKER_KINDS", "CONSISTENCIES",
     "ENROLL_ROLES", "MAX_DISK_ID", "MAX_HASH_PARENTS", "MAX_ITEMS", "MAX_REPLICAS", "MAX_TAG", "REPLICA_FORMATS",

@@ -1,4 +1,5 @@
-"""Fixtures for the vSphere tests: the simulator binary (built once) and a fresh simulator per test."""
+"""Fixtures for the vSphere tests: the simulator binary (built once), a fresh simulator per test, and a
+local deployment whose process server talks to it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.deploy import LocalDeployment
 
 from . import simulator as sim
 
@@ -39,3 +42,18 @@ def vcsim(start_vcsim: Callable[..., sim.Simulator]) -> sim.Simulator:
     per resource pool (4 VMs: DC0_H0_VM0, DC0_H0_VM1, DC0_C0_RP0_VM0, DC0_C0_RP0_VM1), every one
     with VMware Tools running."""
     return start_vcsim()
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Iterator[LocalDeployment]:
+    """A process server (real TLS, its own process) with the deployment's admin identity."""
+    dep = LocalDeployment(tmp_path / "deploy", cache_quota=1 << 30)
+    dep.init()
+    dep.start("ps")
+    try:
+        yield dep
+    finally:
+        dep.stop_all()
+        for log in sorted(dep.logs.glob("*.log")):
+            print(f"----- {log.name} (last 60 lines) -----")
+            print("\n".join(log.read_text(errors="replace").splitlines()[-60:]))
