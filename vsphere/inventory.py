@@ -104,11 +104,11 @@ def list_vms(session: Session) -> list[VmInfo]:
     """Every VM (and template) of the inventory, sorted by name then moid."""
     from pyVmomi import vim
 
-    return _vm_infos(session, container(session, vim.VirtualMachine))
+    return vm_infos(session, container(session, vim.VirtualMachine))
 
 
 def vm_info(session: Session, vm_obj: Any) -> VmInfo:
-    return _vm_infos(session, [vm_obj])[0]
+    return vm_infos(session, [vm_obj])[0]
 
 
 def vm_host(session: Session, vm_obj: Any) -> HostInfo:
@@ -151,8 +151,9 @@ def _mount(host_obj: Any, p: dict[str, Any]) -> DatastoreMount:
     )
 
 
-def _vm_infos(session: Session, vms: list[Any]) -> list[VmInfo]:
-    """Three round trips whatever the number of VMs: the VMs, then their hosts' and datastores' names."""
+def vm_infos(session: Session, vms: list[Any]) -> list[VmInfo]:
+    """The VMs `vms`, sorted by name then moid, in three round trips whatever their number: the VMs, then
+    their hosts' and datastores' names."""
     from pyVmomi import vim
 
     props = properties(session, vms, vim.VirtualMachine, VM_PATHS)
