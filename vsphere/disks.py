@@ -189,11 +189,14 @@ def check_attachable(session: Session, files: list[str], for_vm: str) -> None:
     if busy:
         raise RequestFailed(ErrorCode.IN_USE, f"cannot attach to VM {for_vm}: {', '.join(busy)}; detach it from "
                                               "that VM first")
+    listed: dict[tuple[str, str], set[str]] = {}  # one listing per folder
     missing = []
     for f in files:
         dsname, rel = split_path(f)
-        ds = find_by_name(session, vim.Datastore, dsname, "datastore")
-        if posixpath.basename(rel) not in files_in(session, ds, posixpath.dirname(rel)):
+        folder = (dsname, posixpath.dirname(rel))
+        if folder not in listed:
+            listed[folder] = files_in(session, find_by_name(session, vim.Datastore, dsname, "datastore"), folder[1])
+        if posixpath.basename(rel) not in listed[folder]:
             missing.append(f)
     if missing:
         raise RequestFailed(ErrorCode.MISSING, f"cannot attach to VM {for_vm}: no such file {', '.join(missing)}")
@@ -283,14 +286,15 @@ def create_and_attach(session: Session, vm_key: str, datastore: str, folder: str
     if folder:
         _make_folder(session, ds, f"[{datastore}] {folder}")
     made: list[str] = []
-    for (_, size), path, (ckey, unit) in zip(sized, paths, slots[:len(sized)], strict=True):
+    uuids = [new_disk_uuid() for _ in sized]
+    for (_, size), path, (ckey, unit), uuid in zip(sized, paths, slots[:len(sized)], uuids, strict=True):
         try:
-            reconfigure(vm, [disk_spec(path, ckey, unit, -1, create=size, uuid=new_disk_uuid(), thin=thin, ds=ds)],
+            reconfigure(vm, [disk_spec(path, ckey, unit, -1, create=size, uuid=uuid, thin=thin, ds=ds)],
                         f"create disk {path} on VM {name}")
         except RequestFailed as e:
             raise _undo(session, vm, name, made, e) from None
         made.append(path)
-    return _read_back(session, vm, sized, paths)
+    return _read_back(session, vm, sized, paths, uuids)
 
 
 def _make_folder(session: Session, ds: Any, where: str) -> None:
@@ -303,12 +307,14 @@ def _make_folder(session: Session, ds: Any, where: str) -> None:
             raise
 
 
-def _read_back(session: Session, vm: Any, sized: list[tuple[str, int]], paths: list[str]) -> list[ReplicaDisk]:
+def _read_back(session: Session, vm: Any, sized: list[tuple[str, int]], paths: list[str],
+               uuids: list[str]) -> list[ReplicaDisk]:
+    """The disks as the VM reports them: the UUID vSphere kept or gave (ours when it reports none)."""
     by_file = {d.file: d for d in disks_of(devices_of(session, vm))}
     out = []
-    for (name, size), path in zip(sized, paths, strict=True):
+    for (name, size), path, uuid in zip(sized, paths, uuids, strict=True):
         d = by_file[path]
-        out.append(ReplicaDisk(name, path, d.uuid, d.capacity_bytes or size, d.controller_key, d.unit))
+        out.append(ReplicaDisk(name, path, d.uuid or uuid, d.capacity_bytes or size, d.controller_key, d.unit))
     return out
 
 
@@ -357,17 +363,26 @@ def attach_existing(session: Session, vm_key: str, files: list[str], lsi_only: b
     vm = find_vm(session, vm_key)
     name = vm_name(session, vm)
     devices = devices_of(session, vm)
+    have = len(disks_of(devices))
+    if lsi_only and have + len(files) > MAX_MT_DISKS:
+        raise RequestFailed(ErrorCode.REFUSED, f"VM {name} has {have} disks; {len(files)} more would exceed the master "
+                                               f"target's limit of {MAX_MT_DISKS}")
     slots = free_slots(devices, lsi_only)
     kind = "LSI Logic" if lsi_only else "SCSI"
     if len(slots) < len(files):
         raise RequestFailed(ErrorCode.REFUSED, f"VM {name} has {len(slots)} free units on {kind} controllers and needs "
                                                f"{len(files)}: add a {kind} controller to it in vSphere")
-    for f in files:
-        host_datastore(session, vm, split_path(f)[0])
+    for dsname in {split_path(f)[0] for f in files}:
+        host_datastore(session, vm, dsname)
     check_attachable(session, files, name)
     specs = [disk_spec(f, ck, u, -1 - i) for i, (f, (ck, u)) in enumerate(zip(files, slots[:len(files)], strict=True))]
     if specs:
         reconfigure(vm, specs, f"attach {len(files)} disks to VM {name}")
+    return replicas_of(session, vm, files)
+
+
+def replicas_of(session: Session, vm: Any, files: list[str]) -> list[ReplicaDisk]:
+    """The disks `files` as the VM reports them now, each named after its file (without .vmdk)."""
     by_file = {d.file: d for d in disks_of(devices_of(session, vm))}
     return [ReplicaDisk(posixpath.basename(f).removesuffix(".vmdk"), f, by_file[f].uuid, by_file[f].capacity_bytes,
                         by_file[f].controller_key, by_file[f].unit) for f in files]

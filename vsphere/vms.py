@@ -9,7 +9,6 @@ the replica disk files are never deleted by a cleanup (they are the machine's da
 
 from __future__ import annotations
 
-import posixpath
 from typing import Any
 
 from standby.plumbing.errors import RequestFailed
@@ -32,6 +31,7 @@ from .disks import (
     host_datastore,
     reconfigure,
     remove_spec,
+    replicas_of,
     split_path,
 )
 from .objects import container, find_by_name, find_vm, properties
@@ -89,8 +89,8 @@ def reattach_to_original(session: Session, vm_key: str, files: list[str],
     if len(files) != len(order):
         raise RequestFailed(ErrorCode.BAD_INPUT, f"VM {name} has {len(order)} disks and {len(files)} files were given "
                                                  "to take their places")
-    for f in files:
-        host_datastore(session, vm, split_path(f)[0])
+    for dsname in {split_path(f)[0] for f in files}:
+        host_datastore(session, vm, dsname)
     check_attachable(session, [f for f in files if f not in have], name)
     changes = [remove_spec(d) for d in order]
     changes += [disk_spec(f, d.controller_key, d.unit, -1 - i)
@@ -99,9 +99,7 @@ def reattach_to_original(session: Session, vm_key: str, files: list[str],
         reconfigure(vm, changes, f"replace the disks of VM {name}")
     except RequestFailed as e:
         raise _put_back(session, vm, name, current, e) from None
-    by_file = {d.file: d for d in disks_of(devices_of(session, vm))}
-    return [ReplicaDisk(posixpath.basename(f).removesuffix(".vmdk"), f, by_file[f].uuid, by_file[f].capacity_bytes,
-                        by_file[f].controller_key, by_file[f].unit) for f in files]
+    return replicas_of(session, vm, files)
 
 
 def _put_back(session: Session, vm: Any, name: str, before: list[AttachedDisk], cause: RequestFailed) -> RequestFailed:
@@ -123,20 +121,23 @@ def _put_back(session: Session, vm: Any, name: str, before: list[AttachedDisk], 
     return amended(cause, f"VM {name} has its disks back as before ({', '.join(slots.values())})")
 
 
-def _host_parts(session: Session, host: str, datastore: str) -> tuple[Any, Any, Any, Any, list[Any]]:
-    """(host, its resource pool, the datastore, the datacenter's VM folder, the host's networks)."""
+def _host_parts(session: Session, host: str, datastore: str, files: list[str]) -> tuple[Any, Any, Any, list[Any]]:
+    """(host, its resource pool, the datacenter's VM folder, the host's networks); `datastore` and those of
+    `files` must be mounted on the host."""
     from pyVmomi import vim
 
     h = find_by_name(session, vim.HostSystem, host, "host")
     hp = properties(session, [h], vim.HostSystem, ["parent", "datastore", "network"])[h]
+    for name in sorted({datastore} | {split_path(f)[0] for f in files}):
+        ds = find_by_name(session, vim.Datastore, name, "datastore")
+        if ds not in (hp.get("datastore") or []):
+            raise RequestFailed(ErrorCode.MISSING, f"datastore {name} is not mounted on host {host}: choose a host "
+                                                   "that has it, or one of the host's datastores")
     ds = find_by_name(session, vim.Datastore, datastore, "datastore")
-    if ds not in (hp.get("datastore") or []):
-        raise RequestFailed(ErrorCode.MISSING, f"datastore {datastore} is not mounted on host {host}: choose one of "
-                                               "its datastores")
     pool = properties(session, [hp["parent"]], vim.ComputeResource, ["resourcePool"])[hp["parent"]]["resourcePool"]
     dc = datacenter_of(session, ds)
     folder = properties(session, [dc], vim.Datacenter, ["vmFolder"])[dc]["vmFolder"]
-    return h, pool, ds, folder, list(hp.get("network") or [])
+    return h, pool, folder, list(hp.get("network") or [])
 
 
 def _nic_backing(session: Session, net: Any) -> Any:
@@ -209,8 +210,8 @@ def create_vm_from_disks(session: Session, name: str, like_vm_key: str, host: st
     disks are detached (their files kept) and the VM is destroyed, and the error says so."""
     from pyVmomi import vim
 
-    vms = properties(session, container(session, vim.VirtualMachine), vim.VirtualMachine, ["name"])
-    if any(p.get("name") == name for p in vms.values()):
+    names = properties(session, container(session, vim.VirtualMachine), vim.VirtualMachine, ["name"])
+    if any(p.get("name") == name for p in names.values()):
         raise RequestFailed(ErrorCode.REFUSED, f"a VM named {name} exists already: choose another name or remove it")
     if not files or len(files) > MAX_MT_DISKS:
         raise RequestFailed(ErrorCode.BAD_INPUT, f"a VM is made of 1 to {MAX_MT_DISKS} disks, not {len(files)}")
@@ -218,7 +219,7 @@ def create_vm_from_disks(session: Session, name: str, like_vm_key: str, host: st
     like = properties(session, [like_vm], vim.VirtualMachine, [
         "config.hardware.numCPU", "config.hardware.numCoresPerSocket", "config.hardware.memoryMB",
         "config.firmware", "config.guestId", "config.hardware.device"])[like_vm]
-    h, pool, _, folder, host_nets = _host_parts(session, host, datastore)
+    h, pool, folder, host_nets = _host_parts(session, host, datastore, files)
     check_attachable(session, files, name)
     nets = _nic_networks(session, like.get("config.hardware.device") or [], host_nets, host)
     spec = _new_vm_spec(session, name, like, datastore, nets, len(files))
@@ -239,10 +240,10 @@ def _discard(session: Session, vm: Any, name: str, cause: RequestFailed) -> Requ
     """Destroy the VM just created, its disks detached first: Destroy deletes the files of the disks a VM
     has, and these are the replica's."""
     try:
+        _power(session, vm, "poweredOff")
         attached = disks_of(devices_of(session, vm))
         if attached:
             reconfigure(vm, [remove_spec(d) for d in attached], f"detach the disks of the new VM {name}")
-        _power(session, vm, "poweredOff")
         tasks.wait(tasks.call(f"destroy VM {name}", vm.Destroy_Task), f"destroy VM {name}")
     except RequestFailed as again:
         return amended(cause, f"removing the new VM {name} failed too ({again}): in vSphere, remove its hard disks "

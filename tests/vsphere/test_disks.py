@@ -163,6 +163,9 @@ def test_detach_keeps_files_and_attach_existing_elsewhere(vcsim) -> None:
         with pytest.raises(RequestFailed) as e:
             disks.attach_existing(s, "DC0_H0_VM0", paths + ["[LocalDS_0] r/gone.vmdk"])
         assert e.value.code == ErrorCode.MISSING and "no such file [LocalDS_0] r/gone.vmdk" in str(e.value)
+        with pytest.raises(RequestFailed) as e:
+            disks.attach_existing(s, "DC0_H0_VM0", paths, lsi_only=True)
+        assert e.value.code == ErrorCode.REFUSED and "0 free units on LSI Logic" in str(e.value)
         got = disks.attach_existing(s, "DC0_H0_VM0", paths)  # its ParaVirtual controller: unit 0 is its disk
         assert [(g.name, g.file, g.unit) for g in got] == [("sda", paths[0], 1), ("sdb", paths[1], 2)]
         # vSphere reads the UUID from the VMDK; govmomi's simulator keeps none in its files and reports ""
@@ -171,5 +174,8 @@ def test_detach_keeps_files_and_attach_existing_elsewhere(vcsim) -> None:
             disks.delete_files(s, paths)
         assert e.value.code == ErrorCode.IN_USE
         disks.detach(s, "DC0_H0_VM0", paths)
+        back = disks.attach_existing(s, MT, paths, lsi_only=True)  # reprotect: the master target's again
+        assert [(g.controller_key, g.unit) for g in back] == [(r.controller_key, r.unit) for r in made]
+        disks.detach(s, MT, paths)
         assert disks.delete_files(s, paths) == paths
         assert files(s, "r") == []
