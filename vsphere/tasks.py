@@ -2,7 +2,11 @@
 
 pyVim.task.WaitForTask is not used: against govmomi's simulator it raises a TypeError on
 VirtualDiskManager tasks, and it waits without a bound. This polls `info.state` with a deadline and turns
-an error into RequestFailed naming the task, the object it ran on and the fault."""
+an error into RequestFailed naming the task, the object it ran on and the fault.
+
+`task.info` is never read whole: the simulator gives a VirtualDiskManager task that manager as its
+`info.entity`, which pyVmomi refuses to deserialize (it expects a ManagedEntity). The state, result and
+error are read by path through the PropertyCollector instead."""
 
 from __future__ import annotations
 
@@ -42,12 +46,12 @@ def wait(task: Any, what: str, timeout: float = TASK_TIMEOUT) -> Any:
     (the task may still finish in vCenter: the message says to look at its task list)."""
     deadline = time.monotonic() + timeout
     while True:
-        info = task.info
-        state = str(info.state)
+        info = _info(task)
+        state = str(info.get("info.state"))
         if state == "success":
-            return info.result
+            return info.get("info.result")
         if state == "error":
-            name, msg = fault_text(info.error)
+            name, msg = fault_text(info.get("info.error"))
             raise TaskFailed(what, name, msg)
         if time.monotonic() > deadline:
             raise RequestFailed(
@@ -56,6 +60,18 @@ def wait(task: Any, what: str, timeout: float = TASK_TIMEOUT) -> Any:
                 "task list before retrying",
             )
         time.sleep(POLL)
+
+
+def _info(task: Any) -> dict[str, Any]:
+    """{"info.state": ..., "info.result": ..., "info.error": ...} of the task (an unset one absent)."""
+    from pyVmomi import vim, vmodl
+
+    pc = vmodl.query.PropertyCollector
+    spec = pc.FilterSpec(objectSet=[pc.ObjectSpec(obj=task, skip=False)],
+                         propSet=[pc.PropertySpec(type=vim.Task, pathSet=["info.state", "info.result", "info.error"])])
+    # "propertyCollector" is the collector's fixed id in vCenter and ESXi (ServiceContent.propertyCollector)
+    collector = vmodl.query.PropertyCollector("propertyCollector", task._stub)
+    return {p.name: p.val for o in collector.RetrieveContents([spec]) for p in o.propSet or []}
 
 
 def call(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
