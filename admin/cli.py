@@ -166,7 +166,12 @@ def dispatch(args: argparse.Namespace) -> int:
         else:
             for m in res["machines"]:
                 when = time.strftime("%Y-%m-%d %H:%M", time.localtime(m["enrolled_at"]))
-                print(f"{m['name']:<24} {m['role']:<6} enrolled {when}")
+                # The system UUID matches the machine to its VM in vCenter; "-": not told yet, "unknown":
+                # told, but its firmware reports none (set system_uuid in its config).
+                said = m.get("system_uuid")
+                uid = "-" if said is None else said or "unknown"
+                host = f"  host {m['hostname']}" if m.get("hostname") else ""
+                print(f"{m['name']:<24} {m['role']:<6} enrolled {when}  system UUID {uid:<36}{host}".rstrip())
         return 0
     if args.cmd == "status":
         if args.watch is not None:

@@ -2,6 +2,8 @@
 
 name = "web01"
 server = "ps.example.net:9443"
+system_uuid = "4213a1b2-5c6d-7e8f-9a0b-1c2d3e4f5a6b"   # optional: this machine's SMBIOS UUID where the
+                               # firmware reports none or a wrong one (plumbing.about)
 compression_level = 1          # zstd level, 1..19 (1: measured fastest end to end, ~3 % larger)
 batch_size = "8M"              # logical bytes read per batch (initial replication, epochs, resync)
 tracker = "auto"               # auto (tracefs where possible, else full-scan) | tracefs | full-scan
@@ -37,6 +39,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from standby.plumbing.about import parse_system_uuid
 from standby.plumbing.config import ClientConfig, load_client_toml, parse_size
 from standby.plumbing.errors import BadInput, NotStarted
 from standby.plumbing.metrics import MetricsConfig, parse_metrics
@@ -74,6 +77,7 @@ class AgentConfig(ClientConfig):
     metrics: MetricsConfig | None = None  # the Prometheus endpoint ([metrics]; off without it)
     shutdown_script: Path | None = None
     start_script: Path | None = None
+    system_uuid: str | None = None  # None: the firmware's (plumbing.about); "": say unknown
 
     @classmethod
     def load(cls, state_dir: Path) -> AgentConfig:
@@ -110,6 +114,7 @@ class AgentConfig(ClientConfig):
                 app_every,
                 metrics,
                 *(Path(raw[k]) if raw.get(k) else None for k in ("shutdown_script", "start_script")),
+                parse_system_uuid(raw.get("system_uuid")),
             )
         except (KeyError, TypeError, ValueError, OverflowError, BadInput) as exc:
             raise NotStarted(f"{path}: invalid config: {exc}") from None

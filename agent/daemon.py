@@ -33,6 +33,7 @@ from typing import Any
 from cryptography import x509
 
 from standby.plumbing import identity as ident
+from standby.plumbing.about import AboutReporter
 from standby.plumbing.aio import wait_event
 from standby.plumbing.durable import make_private_dir
 from standby.plumbing.errors import NotStarted, RequestFailed, StandbyError
@@ -86,6 +87,7 @@ class Agent:
         self.requests: set[asyncio.Task[None]] = set()  # requests from the process server being answered
         self.protected: set[str] = set()  # disks the process server said were protected, in this run
         self.connection = f"connecting to {cfg.host}:{cfg.port}"  # in words, for the status line
+        self.about = AboutReporter(cfg.system_uuid)
 
     async def run(self, stop: asyncio.Event, notifier: Notifier | None = None) -> None:
         def connection(text: str) -> None:
@@ -141,6 +143,7 @@ class Agent:
 
     async def session(self, link: Link) -> None:
         reader = asyncio.create_task(self.read_loop(link))
+        about = asyncio.create_task(self.about.tell(link))  # never ends the session, whatever it meets
         workers = [asyncio.create_task(self.supervise_disk(link, rd)) for rd in self.disks]
         workers.append(asyncio.create_task(supervise("status report", lambda: self.report(link),
                                                      passthrough=CONNECTION_ENDS)))
@@ -151,9 +154,9 @@ class Agent:
             await reader
         finally:
             requests, self.requests = list(self.requests), set()
-            for t in (reader, *workers, *requests):
+            for t in (reader, about, *workers, *requests):
                 t.cancel()
-            await asyncio.gather(reader, *workers, *requests, return_exceptions=True)
+            await asyncio.gather(reader, about, *workers, *requests, return_exceptions=True)
             for rd in self.disks:
                 for fut in rd.disk.acks.values():
                     fut.cancel()

@@ -2,6 +2,9 @@
 
     name = "mt01"
     server = "ps.example.net:9443"
+    disk_by_id_dir = "/dev/disk/by-id"   # where a replica disk attached in vSphere is looked up by name
+    system_uuid = "4213a1b2-5c6d-7e8f-9a0b-1c2d3e4f5a6b"   # optional: this machine's SMBIOS UUID where the
+                               # firmware reports none or a wrong one (plumbing.about)
 
     [retention]
     dir = "/mnt/retention"     # the retention volume: undo records of every replica (default /mnt/retention)
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from standby.plumbing.about import parse_system_uuid
 from standby.plumbing.config import ClientConfig, load_client_toml, parse_size
 from standby.plumbing.errors import BadInput, NotStarted
 from standby.plumbing.metrics import MetricsConfig, parse_metrics
@@ -35,6 +39,7 @@ from .retention import Policy, Tier
 
 DEFAULT_DIR = Path("/var/lib/standby/mt")
 DEFAULT_RETENTION_DIR = Path("/mnt/retention")
+DEFAULT_BY_ID_DIR = Path("/dev/disk/by-id")  # udev's names of disks by their identity (mastertarget.guestdisk)
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 
 
@@ -56,6 +61,8 @@ class MTConfig(ClientConfig):
     segment_size: int = SEGMENT_MAX  # journal file size: pruning frees whole files
     shared_volume: bool = False  # the operator accepted a retention directory on the root file system
     metrics: MetricsConfig | None = None  # the Prometheus endpoint ([metrics]; off without it)
+    disk_by_id_dir: Path = DEFAULT_BY_ID_DIR  # where find_device looks (tests: a directory of symlinks)
+    system_uuid: str | None = None  # None: the firmware's (plumbing.about); "": say unknown
 
     @classmethod
     def load(cls, state_dir: Path) -> MTConfig:
@@ -65,6 +72,13 @@ class MTConfig(ClientConfig):
             metrics = parse_metrics(raw.get("metrics"))
         except BadInput as exc:
             raise NotStarted(f"{path}: invalid [metrics] settings: {exc}") from None
+        try:
+            by_id = raw.get("disk_by_id_dir", str(DEFAULT_BY_ID_DIR))
+            if not isinstance(by_id, str) or not by_id.startswith("/"):
+                raise BadInput(f"disk_by_id_dir must be an absolute path, not {by_id!r}")
+            system_uuid = parse_system_uuid(raw.get("system_uuid"))
+        except BadInput as exc:
+            raise NotStarted(f"{path}: invalid config: {exc}") from None
         try:
             if not isinstance(r, dict):
                 raise TypeError("[retention] must be a table")
@@ -85,6 +99,7 @@ class MTConfig(ClientConfig):
             if not isinstance(shared, bool):
                 raise TypeError("shared_volume must be true or false")
             return cls(common.state_dir, common.name, common.host, common.port,
-                       Path(r.get("dir", DEFAULT_RETENTION_DIR)), policy, reserve, segment, shared, metrics)
+                       Path(r.get("dir", DEFAULT_RETENTION_DIR)), policy, reserve, segment, shared, metrics,
+                       Path(by_id), system_uuid)
         except (TypeError, ValueError, OverflowError, KeyError, BadInput) as exc:
             raise NotStarted(f"{path}: invalid [retention] settings: {exc}") from None

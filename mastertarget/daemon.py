@@ -10,11 +10,13 @@ import asyncio
 import base64
 import functools
 import logging
+import os
 import uuid
 from pathlib import Path
 from typing import Any
 
 from standby.plumbing import failpoints
+from standby.plumbing.about import AboutReporter
 from standby.plumbing.aio import wait_event
 from standby.plumbing.errors import NotStarted, RequestFailed
 from standby.plumbing.identity import Identity, IdentityError
@@ -38,6 +40,7 @@ from .apply import Applier
 from .config import MTConfig
 from .disk import ApplyStats, NotOpen
 from .diskstate import ReplicaState
+from .guestdisk import find_device
 from .journal import DiskJournal
 from .journal_codec import JournalError
 from .metrics import MTCollector
@@ -113,6 +116,7 @@ class MasterTarget:
         self.connection = f"connecting to {cfg.host}:{cfg.port}"  # in words, for the status line
         self.apply_stats: dict[int, ApplyStats] = {}  # disk -> what applying it did in this run (metrics)
         self.history: dict[str, dict[str, Any]] = {}  # the last upkeep report per disk (DiskHistory, wire form)
+        self.about = AboutReporter(cfg.system_uuid)
 
     async def run(self, stop: asyncio.Event, notifier: Notifier | None = None) -> None:
         def connection(text: str) -> None:
@@ -165,15 +169,16 @@ class MasterTarget:
             asyncio.create_task(supervise("retention upkeep", lambda: self.upkeep(link), passthrough=passthrough)),
             asyncio.create_task(self.read_loop(link)),
         ]
+        about = asyncio.create_task(self.about.tell(link))  # not a helper: its end never ends the session
         try:
             # The session ends when the connection does, or when a helper ends it (its exception re-raised).
             done, _ = await asyncio.wait(helpers, return_when=asyncio.FIRST_COMPLETED)
             for t in done:
                 t.result()
         finally:
-            for t in helpers:
+            for t in (*helpers, about):
                 t.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            await asyncio.gather(*helpers, about, return_exceptions=True)
 
     async def read_loop(self, link: Link) -> None:
         while True:
@@ -201,6 +206,7 @@ class MasterTarget:
         boundary; a failure is an error reply, never silence."""
         handlers: dict[str, Any] = {
             "check_replica": self.check_replica,
+            "find_device": self.find_device,
             "resync_hashes": functools.partial(self.resync_hashes, link),
             "release": functools.partial(release, self),
             **{op: functools.partial(fn, self) for op, fn in HANDLERS.items()},  # the operator's requests
@@ -436,6 +442,11 @@ class MasterTarget:
     async def check_replica(self, path: str, format: str, size: int, existing: bool = False) -> dict[str, Any]:
         await check_replica(self.cfg.retention_dir, self.used_paths(), path, format, size, existing)
         return {}
+
+    async def find_device(self, name: str, size: int, wait: float) -> dict[str, Any]:
+        path = await find_device(self.cfg.disk_by_id_dir, name, size, wait, self.used_paths())
+        log.info("found the attached disk %s (%d bytes): %s", name, size, os.path.realpath(path))
+        return {"path": path}
 
     async def resync_hashes(self, link: Link, disk: int, generation: int, query: dict[str, Any],
                             size: int | None = None) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import logging
 import time
@@ -57,6 +58,7 @@ class AgentSession:
             "disk_report": self.disk_report,
             "resync_begin": self.resync_begin,
             "resync_hashes": self.resync_hashes,
+            "about": functools.partial(self.ps.about, self.machine),
         }
 
     async def run(self) -> None:

@@ -144,6 +144,15 @@ class Hub:
             self.trips.end(trip.name, self.wire_bytes(identity), detail=None)
             log.info("round trip %s: %s complete", trip.name, trip.phase)
 
+    async def about(self, name: str, system_uuid: str, hostname: str) -> dict[str, Any]:
+        """An agent's or a master target's word on the machine it runs on (proto.requests.About), stored for
+        vCenter discovery; logged when it changes (a machine moved to another VM or host)."""
+        old = self.registry.machine(name)
+        if old is not None and (old["system_uuid"], old["hostname"]) != (system_uuid, hostname):
+            log.info("%s %s runs on host %r, system UUID %s", old["role"], name, hostname, system_uuid or "unknown")
+        self.registry.set_about(name, system_uuid, hostname)
+        return {}
+
     def open_stream(self, row: DiskRow) -> DiskStream:
         st = self.streams.get(row.id)
         if st is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import time
 from typing import Any
@@ -57,7 +58,8 @@ class MTSession:
 
     def handlers(self) -> dict[str, Handler]:
         """The requests a master target may send here (proto.requests says which, with their arguments)."""
-        return {"subscribe": self.subscribe, "pull": self.pull, "mt_report": self.mt_report}
+        return {"subscribe": self.subscribe, "pull": self.pull, "mt_report": self.mt_report,
+                "about": functools.partial(self.ps.about, self.name)}
 
     async def run(self) -> None:
         old = self.ps.mt_sessions.get(self.name)
@@ -161,6 +163,14 @@ class MTSession:
 
     async def check_replica(self, path: str, fmt: str, size: int, existing: bool = False) -> None:
         await self.link.request("check_replica", path=path, format=fmt, size=size, existing=existing, timeout=30)
+
+    async def find_device(self, name: str, size: int, wait: float) -> str:
+        """The path of the block device the master target's guest shows for a disk just attached to its VM
+        in vSphere (by-id `name`, `size` bytes, used by nobody), waiting up to `wait` seconds for it to
+        show; RequestFailed (missing, bad-input, size-mismatch, in-use, replica-exists) if not."""
+        # The master target waits up to `wait`; the answer may then take a round trip more.
+        res = await self.link.request("find_device", name=name, size=size, wait=wait, timeout=wait + 30)
+        return str(res["path"])
 
     # -- senders ------------------------------------------------------------------------------------
     def sending(self, disk: int) -> bool:

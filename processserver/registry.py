@@ -70,6 +70,16 @@ LATER_COLUMNS = (
     ("seed", "INTEGER NOT NULL DEFAULT 0"),
 )
 
+# The same for the machines table: what an agent or a master target says of itself at each connection
+# (proto.requests.About), kept for vCenter discovery (a VM is matched to a standby machine by its UUID).
+LATER_MACHINE_COLUMNS = (
+    ("system_uuid", "TEXT"),  # SMBIOS system UUID; "" when the machine could not tell, NULL before it said
+    ("hostname", "TEXT"),
+    ("reported_at", "REAL"),
+)
+MACHINE_COLUMNS = ["name", "role", "serial", "cert_pem", "enrolled_at", *(c for c, _ in LATER_MACHINE_COLUMNS)]
+LISTED_MACHINE_COLUMNS = ["name", "role", "enrolled_at", *(c for c, _ in LATER_MACHINE_COLUMNS)]
+
 # The one state word of a disk before the two axes of proto.states existed (column `state`), and its
 # replication state now (column `replication`): a registry written by an older release is read as this one.
 OLD_STATE_WORDS = {
@@ -149,6 +159,10 @@ class Registry:
         for col, sql in LATER_COLUMNS:
             if col not in have:
                 self.db.execute(f"ALTER TABLE disks ADD COLUMN {col} {sql}")
+        have = {r[1] for r in self.db.execute("PRAGMA table_info(machines)")}
+        for col, sql in LATER_MACHINE_COLUMNS:
+            if col not in have:
+                self.db.execute(f"ALTER TABLE machines ADD COLUMN {col} {sql}")
 
     def close(self) -> None:
         self.db.close()
@@ -169,17 +183,22 @@ class Registry:
         )
 
     def machine(self, name: str) -> dict[str, Any] | None:
-        row = self.db.execute("SELECT name, role, serial, cert_pem, enrolled_at FROM machines WHERE name=?", (name,))
+        row = self.db.execute(f"SELECT {', '.join(MACHINE_COLUMNS)} FROM machines WHERE name=?", (name,))
         r = row.fetchone()
-        return dict(zip(("name", "role", "serial", "cert_pem", "enrolled_at"), r, strict=True)) if r else None
+        return dict(zip(MACHINE_COLUMNS, r, strict=True)) if r else None
+
+    def set_about(self, name: str, system_uuid: str, hostname: str) -> None:
+        """What machine `name` said of itself as it connected (proto.requests.About), and when."""
+        self.db.execute("UPDATE machines SET system_uuid=?, hostname=?, reported_at=? WHERE name=?",
+                        (system_uuid, hostname, time.time(), name))
 
     def remove_machine(self, name: str) -> None:
         """Forget an enrolled identity: its certificate is no longer current (server._current_cert)."""
         self.db.execute("DELETE FROM machines WHERE name=?", (name,))
 
     def machines(self) -> list[dict[str, Any]]:
-        rows = self.db.execute("SELECT name, role, enrolled_at FROM machines ORDER BY name").fetchall()
-        return [dict(zip(("name", "role", "enrolled_at"), r, strict=True)) for r in rows]
+        sql = f"SELECT {', '.join(LISTED_MACHINE_COLUMNS)} FROM machines ORDER BY name"
+        return [dict(zip(LISTED_MACHINE_COLUMNS, r, strict=True)) for r in self.db.execute(sql).fetchall()]
 
     # -- disks --------------------------------------------------------------------------------------
     def _rows(self, where: str, args: tuple[Any, ...]) -> list[DiskRow]:

@@ -33,7 +33,9 @@ from .fields import (
     replication_state,
     seconds,
     sequence,
+    short_text,
     stored_time,
+    system_uuid,
     tag,
     text,
     time_,
@@ -94,9 +96,15 @@ class Machines(Wire):
 
 @message("machine")
 class MachineInfo(Wire):
+    """An enrolled machine, and what it said of itself when it last connected (proto.requests.About):
+    None until it has (or from a process server older than that request)."""
+
     name: str = checked(name)
     role: str = checked(one_of(*ENROLL_ROLES))
     enrolled_at: float = checked(time_)
+    system_uuid: str | None = checked(optional(system_uuid), None)
+    hostname: str | None = checked(optional(short_text), None)
+    reported_at: float | None = checked(optional(time_), None)
 
 
 @message("machines reply")

@@ -23,6 +23,11 @@ name                [A-Za-z0-9][A-Za-z0-9._-]{0,62}            machine and disk 
 uuid                canonical lower-case 8-4-4-4-12 text       the retention directory is named after it
 path                absolute, no '..' segment, no control      a replica or device path on a peer; '..' would
                     character, at most 4095 bytes (PATH_MAX)   slip past the "not on the retention volume" check
+file name           one path component: no '/', not '.' or     a name looked up in one directory (find_device's
+                    '..', no control character, 1..255 bytes   by-id name) must not lead out of it; NAME_MAX
+system uuid         "" (unknown) or a uuid as above            SMBIOS product UUID; firmware may report none
+device wait         finite, 0 .. 300 s                         a guest shows a hot-added disk in seconds; the
+                                                               request must end well within a session's life
 tag                 printable, at most 200 characters          agent.appoint.MAX_TAG
 text (reasons...)   no NUL, at most 4096 characters            shown in status and logs
 lists, maps         at most MAX_ITEMS entries (plus specific   the 1 MiB control frame bounds them anyway; the
@@ -67,6 +72,8 @@ MAX_TAG = 200  # agent.appoint.MAX_TAG
 MAX_TEXT = 4096
 MAX_SHORT = 255  # host names, tracker names, point choices
 MAX_PATH = 4095  # Linux PATH_MAX (4096) less the NUL
+MAX_FILE_NAME = 255  # Linux NAME_MAX
+MAX_DEVICE_WAIT = 300  # seconds find_device may wait for a hot-added disk to show in the guest
 MAX_PEM = 64 * 1024  # a certificate or CSR is ~1 KiB; a chain of a few is still far below
 MAX_PASSPHRASE = 1024
 MAX_WRAPPED_KEY = 1024  # proto.keywrap.WRAPPED_BYTES is 126 today; room for a later wrap version
@@ -138,6 +145,7 @@ span = _number_range(-MAX_SECONDS, MAX_SECONDS, "a finite number of seconds")
 nonnegative = _number_range(0, sys.float_info.max, "a finite number >= 0")
 fraction = _number_range(0, 1, "a fraction between 0 and 1")
 port = _int_range(1, 65535, "a TCP port (1..65535)")
+device_wait = _number_range(0, MAX_DEVICE_WAIT, f"a wait in seconds (a finite number 0..{MAX_DEVICE_WAIT})")
 
 
 def size(v: Any) -> int:
@@ -193,6 +201,34 @@ def path(v: Any) -> str:
             f"got {show(v)}"
         )
     return v
+
+
+def file_name(v: Any) -> str:
+    """One component of a path: what is looked up inside a directory the receiver chose, never beside it."""
+    ok = (
+        isinstance(v, str)
+        and v not in ("", ".", "..")
+        and "/" not in v
+        and not _CONTROL.search(v)
+        and not _SURROGATE.search(v)
+        and len(v.encode()) <= MAX_FILE_NAME
+    )
+    if not ok:
+        raise Invalid(
+            f"must be a file name (no '/', not '.' or '..', no control characters, 1..{MAX_FILE_NAME} bytes), "
+            f"got {show(v)}"
+        )
+    return v
+
+
+def system_uuid(v: Any) -> str:
+    """A machine's SMBIOS system UUID, or "" when its firmware reports none (or it could not be read)."""
+    if v == "":
+        return v
+    try:
+        return uuid_text(v)
+    except Invalid:
+        raise Invalid(f"must be a UUID in canonical form or \"\" (unknown), got {show(v)}") from None
 
 
 def _text_check(limit: int, printable: bool, what: str) -> Check:

@@ -1,6 +1,6 @@
 """Requests and replies between the master target and the process server (master target -> process
-server: subscribe, pull, mt_report; process server -> master target: check_replica, the relayed
-resync_hashes, points, failover, failover_commit, test_failover, test_failover_cleanup). Who may send
+server: subscribe, pull, mt_report; process server -> master target: check_replica, find_device, the
+relayed resync_hashes, points, failover, failover_commit, test_failover, test_failover_cleanup, release). Who may send
 which is in proto.requests' table of ops.
 """
 
@@ -18,8 +18,10 @@ from .fields import (
     boolean,
     consistency,
     count,
+    device_wait,
     disk_id,
     disk_key,
+    file_name,
     generation,
     is_int,
     list_of,
@@ -184,6 +186,26 @@ class CheckReplica(Wire):
     format: ReplicaFormat = checked(replica_format)
     size: int = checked(size)
     existing: bool = checked(boolean, False)
+
+
+@message("find_device")
+class FindDevice(Wire):
+    """The process server to a master target that runs in a VM: a replica disk was attached to that VM in
+    vSphere; find its block device in the guest by its by-id `name` (with disk.EnableUUID=TRUE Linux names
+    it after the disk's UUID: `wwn-0x6000c29...`), waiting up to `wait` seconds for it to show, and check
+    it has `size` bytes and is used by nobody. Only a name, never a path: the master target looks it up in
+    its own by-id directory (mastertarget.guestdisk)."""
+
+    name: str = checked(file_name)
+    size: int = checked(size)
+    wait: float = checked(device_wait)
+
+
+@message("find_device reply")
+class FoundDevice(Wire):
+    """The by-id link itself, not the /dev/sdX it points to today: that name may change at the next boot."""
+
+    path: str = checked(path)
 
 
 @message("points")

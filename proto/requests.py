@@ -17,8 +17,8 @@ small frozen, slotted dataclass, validated in its constructor, so an invalid one
 - `OPS` is the one table of who may send which op to whom. An op name alone is not unique: `points`,
   `failover`, `test_failover`, `test_failover_cleanup` and `app_point` exist as the operator's request
   (admin -> process server, by machine) and as the relayed one (process server -> master target or agent,
-  by disk), and `resync_hashes` as the agent's query and the process server's relay of it (with the disk
-  size). So `OPS` is keyed by (op, sender role).
+  by disk), `resync_hashes` as the agent's query and the process server's relay of it (with the disk
+  size), and `about` from an agent and from a master target. So `OPS` is keyed by (op, sender role).
 
 Decoding refuses unknown keys, missing keys (keys with a default may be left out: today's senders
 leave them out or send null), wrong types (a bool is not an int, an int is not a string) and values out
@@ -117,6 +117,8 @@ from .fields import (
     RESYNC_MODES,
     RESYNC_PHASES,
     ROLES,
+    short_text,
+    system_uuid,
 )
 from .marker_meta import MarkerMeta
 from .mt_requests import (
@@ -130,6 +132,8 @@ from .mt_requests import (
     FailoverCommitted,
     FailoverInfo,
     FailoverStep,
+    FindDevice,
+    FoundDevice,
     MTReport,
     PointInfo,
     PointList,
@@ -170,7 +174,7 @@ from .vsphere_requests import (
     VCenterVmList,
     VCenterVms,
 )
-from .wire import BadRequest, InvalidMessage, Wire, message, show
+from .wire import BadRequest, InvalidMessage, Wire, checked, message, show
 
 
 @message("reply")
@@ -181,6 +185,16 @@ class Empty(Wire):
 @message("wake")
 class Wake(Wire):
     """The process server to an agent or a master target: there is work for you now (no arguments)."""
+
+
+@message("about")
+class About(Wire):
+    """An agent or a master target to the process server, once per connection: which machine it runs on.
+    `system_uuid` (SMBIOS, or "" when unknown) is how a standby machine is matched to its VM in vCenter
+    (a VM's BIOS UUID); `hostname` is for people. Stored in the registry's machines table."""
+
+    system_uuid: str = checked(system_uuid)
+    hostname: str = checked(short_text)
 
 
 # ---- the table --------------------------------------------------------------------------------------
@@ -202,12 +216,16 @@ _SPECS = (
     OpSpec("disk_report", "agent", ("ps",), DiskReport, DiskReported),
     OpSpec("resync_begin", "agent", ("ps",), ResyncBegin, ResyncBegun),
     OpSpec("resync_hashes", "agent", ("ps",), ResyncHashes, SealedHashes),
+    # agent and master target -> process server, once per connection (plumbing.about)
+    OpSpec("about", "agent", ("ps",), About, Empty),
+    OpSpec("about", "mt", ("ps",), About, Empty),
     # master target -> process server (processserver.mtsession.MTSession.run)
     OpSpec("subscribe", "mt", ("ps",), Subscribe, Assignments),
     OpSpec("pull", "mt", ("ps",), Pull, Pulled),
     OpSpec("mt_report", "mt", ("ps",), MTReport, Empty),
     # process server -> master target (mastertarget.daemon.MasterTarget.session, mastertarget.operations)
     OpSpec("check_replica", "ps", ("mt",), CheckReplica, Empty),
+    OpSpec("find_device", "ps", ("mt",), FindDevice, FoundDevice),
     OpSpec("resync_hashes", "ps", ("mt",), RelayResyncHashes, SealedHashes),
     OpSpec("points", "ps", ("mt",), Points, PointList),
     OpSpec("failover", "ps", ("mt",), Failover, FailedOver),
@@ -282,6 +300,7 @@ __all__ = [
     "Failback", "FailbackDone", "Reprotect", "Reprotected", "Reverse", "Reversed", "ShutDown", "Shutdown",
     "StartWorkload", "WorkloadStarted", "MtCheck", "MtChecked", "VCenterAdd", "VCenterAdded", "VCenterList",
     "VCenterListAsk", "VCenterRemove", "VCenterVmList", "VCenterVms",
+    "About", "FindDevice", "FoundDevice",
     "Empty", "OP_NAMES", "OPS", "OpSpec", "Wake", "parse_reply", "parse_request", "BadRequest", "InvalidMessage",
     "Wire", "message", "MarkerKind", "Consistency", "ErrorCode", "ReplicaFormat", "MARKER_KINDS", "CONSISTENCIES",
     "ENROLL_ROLES", "MAX_DISK_ID", "MAX_HASH_PARENTS", "MAX_ITEMS", "MAX_REPLICAS", "MAX_TAG", "REPLICA_FORMATS",

@@ -229,6 +229,8 @@ class MTFuzz:
         elif req.op == "mt_report":
             self.last_report = time.monotonic()
             await self.reply(s, req.id, True, {})
+        elif req.op == "about":  # which machine the master target runs on: nothing to fuzz on this side
+            await self.reply(s, req.id, True, {})
         else:
             await self.reply(s, req.id, False, {}, "bad-input")
 

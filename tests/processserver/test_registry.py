@@ -74,3 +74,41 @@ def test_old_words_left_by_a_crash_after_the_column_rename_are_mapped_at_the_nex
     reg.close()
     again = Registry(path).disk(row.id)
     assert again is not None and again.replication is R.DELTA
+
+
+def test_what_a_machine_says_of_itself_is_stored_and_listed(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "registry.sqlite")
+    reg.add_machine("web01", "agent", 7, b"PEM")
+    reg.add_machine("mt01", "mt", 8, b"PEM")
+    m = reg.machine("web01")
+    assert m is not None and (m["system_uuid"], m["hostname"], m["reported_at"]) == (None, None, None)  # not yet
+    reg.set_about("web01", "4213a1b2-5c6d-7e8f-9a0b-1c2d3e4f5a6b", "web01.example.net")
+    reg.set_about("mt01", "", "mt01")  # said, but its firmware reports none
+    m = reg.machine("web01")
+    assert m is not None and m["system_uuid"] == "4213a1b2-5c6d-7e8f-9a0b-1c2d3e4f5a6b"
+    assert m["hostname"] == "web01.example.net" and m["reported_at"] > 0 and m["cert_pem"] == "PEM"
+    listed = {x["name"]: x for x in reg.machines()}
+    assert listed["mt01"]["system_uuid"] == "" and listed["mt01"]["hostname"] == "mt01"
+    assert listed["web01"]["system_uuid"] == m["system_uuid"] and "cert_pem" not in listed["web01"]
+    reg.close()
+    again = Registry(tmp_path / "registry.sqlite").machine("web01")
+    assert again is not None and again["hostname"] == "web01.example.net"  # durable
+
+
+def test_an_older_machines_table_gets_the_new_columns(tmp_path: Path) -> None:
+    path = tmp_path / "registry.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(
+        """CREATE TABLE machines (name TEXT PRIMARY KEY, role TEXT NOT NULL, serial TEXT NOT NULL,
+        cert_pem TEXT NOT NULL, enrolled_at REAL NOT NULL);
+        INSERT INTO machines VALUES ('web01', 'agent', '7', 'PEM', 1780000000.0);"""
+    )
+    db.commit()
+    db.close()
+    reg = Registry(path)
+    assert reg.machines() == [{"name": "web01", "role": "agent", "enrolled_at": 1780000000.0, "system_uuid": None,
+                               "hostname": None, "reported_at": None}]
+    reg.set_about("web01", "", "web01")
+    reg.close()
+    m = Registry(path).machine("web01")  # opened twice: the columns are added once
+    assert m is not None and (m["system_uuid"], m["hostname"], m["serial"]) == ("", "web01", "7")

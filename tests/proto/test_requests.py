@@ -147,6 +147,8 @@ EXAMPLES: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {
         {"disk": 3, "generation": 2, "query": {"level": 1, "parents": [0, 5], "nonce": NONCE}},
         {"sealed": SEALED},
     ),
+    ("about", "agent"): ({"system_uuid": "4213a1b2-5c6d-7e8f-9a0b-1c2d3e4f5a6b", "hostname": "web01.example.net"}, {}),
+    ("about", "mt"): ({"system_uuid": "", "hostname": "mt01"}, {}),
     ("subscribe", "mt"): (
         {},
         {
@@ -186,6 +188,10 @@ EXAMPLES: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {
     ("check_replica", "ps"): (
         {"path": "/srv/r/web01-sda.vmdk", "format": "vmdk", "size": 1 << 30, "existing": False},
         {},
+    ),
+    ("find_device", "ps"): (
+        {"name": "wwn-0x6000c29a1b2c3d4e5f60718293a4b5c6", "size": 1 << 30, "wait": 60.0},
+        {"path": "/dev/disk/by-id/wwn-0x6000c29a1b2c3d4e5f60718293a4b5c6"},
     ),
     ("resync_hashes", "ps"): (
         {"disk": 3, "generation": 2, "query": {"level": None, "parents": None, "nonce": NONCE}, "size": 1 << 30},
@@ -237,7 +243,13 @@ EXAMPLES: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {
                             "state": "reprotecting 43 %", "history": [{"phase": "reprotecting", "started": T}]}],
         },
     ),
-    ("machines", "admin"): ({}, {"machines": [{"name": "web01", "role": "agent", "enrolled_at": T}]}),
+    ("machines", "admin"): ({}, {"machines": [
+        {"name": "web01", "role": "agent", "enrolled_at": T, "system_uuid": "4213a1b2-5c6d-7e8f-9a0b-1c2d3e4f5a6b",
+         "hostname": "web01.example.net", "reported_at": T + 60},
+        {"name": "mt01", "role": "mt", "enrolled_at": T, "system_uuid": "", "hostname": "mt01", "reported_at": T},
+        {"name": "db01", "role": "agent", "enrolled_at": T, "system_uuid": None, "hostname": None,
+         "reported_at": None},
+    ]}),
     ("protect", "admin"): (
         {
             "machine": "web01",
@@ -417,10 +429,11 @@ def test_today_ops_by_sender():
     for op, sender in rq.OPS:
         by_sender.setdefault(sender, set()).add(op)
     assert by_sender == {
-        "agent": {"disk_open", "disk_key", "disk_report", "resync_begin", "resync_hashes"},
-        "mt": {"subscribe", "pull", "mt_report"},
+        "agent": {"disk_open", "disk_key", "disk_report", "resync_begin", "resync_hashes", "about"},
+        "mt": {"subscribe", "pull", "mt_report", "about"},
         "ps": {
             "check_replica",
+            "find_device",
             "resync_hashes",
             "points",
             "failover",
@@ -1146,3 +1159,51 @@ def test_fuzz_request_args_from_raw_json_text(text):
         return
     for key in KEYS:
         _only_bad_request(rq.parse_request, key[0], args, key[1])
+
+
+# ---- vSphere: find_device (ps -> mt) and about (agent, mt -> ps) ------------------------------------------
+
+FILE_NAME_BAD = ["a/b", "/abs", "../wwn-0x1", "..", ".", "", "wwn\n", "nul\x00", "x" * 256, "\ud800", 5, None]
+
+
+@pytest.mark.parametrize("v", FILE_NAME_BAD, ids=repr)
+def test_find_device_takes_a_file_name_only(v):
+    """The master target looks the name up in its own by-id directory: a '/' or '..' would lead out of it."""
+    e = refused("find_device", "ps", "name", v)
+    assert "file name" in str(e) or "must be" in str(e)
+
+
+def test_find_device_wait_is_bounded():
+    for v in (-1, 300.5, 301, math.nan, math.inf, "5", None, True):
+        refused("find_device", "ps", "wait", v)
+    args = EXAMPLES[("find_device", "ps")][0]
+    assert rq.parse_request("find_device", {**args, "wait": 0}, "ps", "mt") == rq.FindDevice(args["name"], 1 << 30, 0)
+    assert rq.parse_request("find_device", {**args, "wait": 300}, "ps", "mt")
+    refused("find_device", "ps", "size", 511)
+    with pytest.raises(BadRequest) as exc:
+        rq.parse_request("find_device", args, "ps", "agent")  # served by master targets only
+    bad(exc, "unknown-request")
+    with pytest.raises(BadRequest) as exc:
+        rq.parse_reply("find_device", {"path": "wwn-0x1"}, "ps")
+    bad(exc, "bad-reply", "find_device reply: path")
+
+
+def test_about_system_uuid_is_canonical_or_empty():
+    for sender in ("agent", "mt"):
+        for v in UUID_BAD[:-2]:
+            if v != "":
+                refused("about", sender, "system_uuid", v)
+        refused("about", sender, "system_uuid", None)
+        refused("about", sender, "hostname", "two\nlines")
+        refused("about", sender, "hostname", "h" * 256)
+        assert rq.parse_request("about", {"system_uuid": "", "hostname": ""}, sender, "ps") == rq.About("", "")
+    with pytest.raises(BadRequest) as exc:
+        rq.parse_request("about", {"system_uuid": "", "hostname": ""}, "admin")
+    bad(exc, "forbidden")
+
+
+def test_machines_reply_of_an_older_process_server_still_parses():
+    old = {"machines": [{"name": "web01", "role": "agent", "enrolled_at": T}]}
+    got = rq.parse_reply("machines", old, "admin")
+    assert isinstance(got, rq.MachineList)
+    assert (got.machines[0].system_uuid, got.machines[0].hostname, got.machines[0].reported_at) == (None, None, None)
