@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_status_parser(sub)
     ms = sub.add_parser("machines", help="enrolled machines and master targets")
     ms.add_argument("--json", action="store_true", help="machine-readable output")
+    add_demo_parser(sub)
+    return p
+
+
+def add_demo_parser(sub: Any) -> None:
     dm = sub.add_parser(
         "demo",
         help="run the whole path on this machine with a 1 GiB test disk: initial copy, then live writes with "
@@ -103,7 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="after the initial copy, keep writing to the source for S seconds (continuous replication, RPO "
         "shown live), then verify again (default 10; 0 skips)",
     )
-    return p
 
 
 def add_status_parser(sub: Any) -> None:

@@ -23,3 +23,10 @@ class LocalDeployment(localdeploy.LocalDeployment):
         """`standby ARGS` as the deployment's admin; the result whatever the exit code."""
         return self.run("admin", "--admin", str(self.ps_dir / "admin"), "--server", self.server, *args, check=False,
                         timeout=timeout)
+
+    def set_mt_config(self, mt: str, **options: Any) -> None:
+        """Change top-level keys of mt.toml (takes effect at the master target's next start)."""
+        conf = self.root / f"mt-{mt}" / "mt.toml"
+        raw = load_toml(conf)
+        raw.update(options)
+        save_toml(conf, raw)

@@ -71,3 +71,76 @@ def test_unreachable_vcenter_and_unknown_name(deployment: LocalDeployment, vcsim
     assert r.returncode == 6 and "cannot reach vCenter" in r.stderr, r.stderr
     gone = deployment.cli("vcenter", "remove", "nope")
     assert gone.returncode == 2 and "unknown vCenter 'nope'" in gone.stderr
+
+
+def _add(deployment: LocalDeployment, vcsim, tmp_path: Path) -> None:
+    r = deployment.cli("vcenter", "add", "vc1", "--host", f"{vcsim.host}:{vcsim.port}", "--user", vcsim.user,
+                       "--password-file", str(_password_file(tmp_path, vcsim.password)))
+    assert r.returncode == 0, r.stderr
+
+
+def _mt_in_vm(deployment: LocalDeployment, vcsim, name: str, uuid: str) -> None:
+    """A master target whose system UUID is the VM's: as if it ran inside that VM of the simulator."""
+    deployment.enroll("mt", name)
+    deployment.set_mt_config(name, system_uuid=uuid)
+    deployment.start("mt", name)
+    deployment.wait_for(
+        lambda _status: any(m["name"] == name and m.get("system_uuid")
+                            for m in deployment.admin().call("machines")["machines"]),
+        30, f"{name} reports its system UUID",
+    )
+
+
+def _bios_uuid(vcsim, vm_name: str) -> str:
+    from standby.vsphere.connect import connect
+    from standby.vsphere.inventory import list_vms
+
+    with connect(vcsim.vcenter()) as s:
+        return next(v.bios_uuid for v in list_vms(s) if v.name == vm_name)
+
+
+def test_mt_check_names_each_failed_rule_then_fix_and_pass(deployment: LocalDeployment, vcsim,
+                                                          tmp_path: Path) -> None:
+    from pyVmomi import vim
+
+    from standby.vsphere.connect import connect
+    from standby.vsphere.objects import find_vm
+
+    from .vmsetup import MT, add_controller
+
+    _add(deployment, vcsim, tmp_path)
+    _mt_in_vm(deployment, vcsim, "mt01", _bios_uuid(vcsim, MT))
+    r = deployment.cli("mt", "check", "mt01")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"master target mt01 is VM {MT} in vCenter vc1" in r.stdout
+    assert "FAIL enable-uuid" in r.stdout and "standby mt check" in r.stdout and "--fix" in r.stdout
+    assert "FAIL lsi-logic" in r.stdout and "ok   no-snapshots" in r.stdout and "2 rule(s) fail" in r.stdout
+    fixed = deployment.cli("mt", "check", "mt01", "--fix")
+    assert fixed.returncode == 1 and "fixed: " in fixed.stdout and "ok   enable-uuid" in fixed.stdout
+    assert "FAIL lsi-logic" in fixed.stdout  # --fix changes nothing but EnableUUID
+    with connect(vcsim.vcenter()) as s:
+        add_controller(find_vm(s, MT), vim.vm.device.VirtualLsiLogicController)
+    ok = deployment.cli("mt", "check", "mt01", "--json")
+    assert ok.returncode == 0, ok.stdout
+    import json
+
+    assert all(f["ok"] for f in json.loads(ok.stdout)["findings"])
+
+
+def test_vms_lists_disks_and_matches_standby_machines(deployment: LocalDeployment, vcsim, tmp_path: Path) -> None:
+    import uuid as uuidlib
+
+    _add(deployment, vcsim, tmp_path)
+    bios = _bios_uuid(vcsim, "DC0_H0_VM1")
+    # As some guests read it: the first three fields byte-swapped (plumbing.about keeps what the firmware says).
+    swapped = str(uuidlib.UUID(bytes_le=uuidlib.UUID(bios).bytes))
+    _mt_in_vm(deployment, vcsim, "mt02", swapped)
+    r = deployment.cli("vcenter", "vms", "vc1")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    vm1 = next(line for line in lines if line.startswith("DC0_H0_VM1 "))
+    assert "= standby machine mt02" in vm1 and bios in vm1 and "poweredOn" in vm1
+    assert not any("standby machine" in line for line in lines if line.startswith("DC0_H0_VM0 "))
+    assert any("[LocalDS_0] DC0_H0_VM1/disk1.vmdk" in line and "pvscsi" in line for line in lines)
+    missing = deployment.cli("mt", "check", "nope")
+    assert missing.returncode == 2 and "unknown master target" in missing.stderr
