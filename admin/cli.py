@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="offline seeding: the replicas already exist (restored from a backup, an old copy of the disk); "
         "compare checksums and send only differences instead of a full copy",
     )
+    pr.add_argument(
+        "--datastore",
+        help="when the master target is a VM of an added vCenter and neither --replica nor --replica-dir is given: "
+        "the datastore of its host for the replica VMDKs (default: the writable VMFS one with the most free space); "
+        "the replicas are created there, attached to the master target VM and written as devices",
+    )
     rs = sub.add_parser("resync", help="compare a machine's replicas with its disks and repair differences")
     rs.add_argument("machine", help="the protected machine")
     rs.add_argument("--disk", help="only this disk")
@@ -197,8 +203,6 @@ def cmd_protect(client: AdminClient, args: argparse.Namespace) -> int:
         if not sep or not disk or not path:
             raise BadInput(f"--replica takes DISK=PATH, got {item!r}")
         replicas[disk] = path
-    if args.replica_dir is None and not replicas:
-        raise BadInput("give --replica-dir DIR or --replica DISK=PATH")
     res = client.call(
         "protect",
         machine=args.machine,
@@ -207,9 +211,11 @@ def cmd_protect(client: AdminClient, args: argparse.Namespace) -> int:
         replica_dir=args.replica_dir,
         replicas=replicas,
         existing=args.existing,
+        datastore=args.datastore,
     )
     for d in res["disks"]:
-        print(f"protecting {args.machine}/{d['disk']} -> {args.mt}:{d['replica']} ({args.format})")
+        where = f"device, VMDK {d['vmdk']} attached to the master target VM" if d.get("vmdk") else args.format
+        print(f"protecting {args.machine}/{d['disk']} -> {args.mt}:{d['replica']} ({where})")
     what = "seeding (checksum comparison)" if args.existing else "initial replication"
     print(f"{what} starts now; watch it with: standby status")
     return 0

@@ -73,8 +73,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     fo.add_argument("machine")
     choice(fo)
-    cm = sub.add_parser("commit", help="make a failover final: history newer than its point is discarded")
+    cm = sub.add_parser(
+        "commit", help="make a failover final: history newer than its point is discarded",
+        description="Make a failover final: history newer than its point is discarded. When the replicas are VMDKs "
+        "attached to a master target VM (vCenter), they are then detached from it (files kept) and given to the "
+        "machine's VM: a new VM like the original on the master target's host (--vm alternate, the default), in place "
+        "of the original VM's disks (--vm original: it must be powered off), or, after a failback, back to the "
+        "original VM in the slots they came from. If that vSphere step fails, the disks go back to the master target "
+        "VM and the same command runs it again.",
+    )
     cm.add_argument("machine")
+    cm.add_argument("--vm", choices=("alternate", "original"), help="vSphere: where the replica disks go (default "
+                    "alternate; after a failback they always go back to the original VM)")
+    cm.add_argument("--vm-name", help="vSphere, --vm alternate: the new VM's name (default MACHINE-recovered)")
+    cm.add_argument("--power-on", action="store_true", help="vSphere: power the VM on once it has its disks")
     cm.add_argument("--json", action="store_true", help="machine-readable output")
     tf = sub.add_parser(
         "test-failover",
@@ -128,13 +140,16 @@ def dispatch(client: AdminClient, args: argparse.Namespace) -> int | None:
               f"or make it final with: standby commit {args.machine}")
         return 0
     if args.cmd == "commit":
-        res = client.call("commit", None, machine=args.machine)
+        res = client.call("commit", None, machine=args.machine, vm=args.vm, vm_name=args.vm_name,
+                          power_on=args.power_on)
         if args.json:
             print(json.dumps(res, indent=2))
             return 0
         for d in res["disks"]:
             print(f"{args.machine}/{d['disk']}: failover to point {d['sequence']} of {when(d['time'])} committed "
                   f"(newer history discarded); replica {d['replica']}")
+        if res.get("vm"):
+            print(f"vSphere: the replica disks ({', '.join(res['vm']['files'])}) are {res['vm']['what']}")
         return 0
     if args.cmd == "test-failover":
         res = client.call("test_failover", None, machine=args.machine, directory=args.dir, **_point_args(args))

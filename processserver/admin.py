@@ -82,11 +82,12 @@ class AdminSession:
         replica_dir: str | None = None,
         replicas: dict[str, str] | None = None,
         existing: bool = False,
+        datastore: str | None = None,
     ) -> dict[str, Any]:
         aside = self.ps.trips.retired(machine)
         if aside is not None:
             raise RequestFailed(ErrorCode.REFUSED, f"{machine} is set aside: {aside}")
-        return await protect(self.ps, machine, mt, format, replica_dir, replicas, existing)
+        return await protect(self.ps, machine, mt, format, replica_dir, replicas, existing, datastore)
 
     def _machine_disks(self, machine: str) -> list[DiskRow]:
         return protected_disks(self.ps, machine)

@@ -25,6 +25,7 @@ from .deployment import PSConfig
 from .registry import DiskRow, Registry
 from .streams import DiskStream
 from .trips import TripStore
+from .vmdisks import VmDiskStore
 
 log = logging.getLogger("standby.ps")
 
@@ -66,6 +67,7 @@ class Hub:
         self.cfg = cfg
         self.registry = Registry(cfg.registry_path)
         self.trips = TripStore(self.registry.db)
+        self.vmdisks = VmDiskStore(self.registry.db)  # replicas that are VMDKs in vSphere (vmsteps)
         self.streams: dict[int, DiskStream] = {}
         self.mt_sessions: dict[str, MTPeer] = {}
         self.agent_sessions: dict[str, AgentPeer] = {}

@@ -103,6 +103,8 @@ class MTSession:
         for row in self.ps.registry.disks(mt=self.name):
             if row.wrapped_key is None:
                 continue  # the agent has not delivered the wrapped data key yet
+            if self.ps.vmdisks.left_mt(row.machine, row.name):
+                continue  # a committed replica that vSphere took from the master target's VM (vmsteps.hand_over)
             disks.append(
                 {
                     "disk": row.id,

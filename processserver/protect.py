@@ -16,6 +16,7 @@ from standby.plumbing.link import LinkClosed
 from standby.proto.enums import ErrorCode, ReplicaFormat
 from standby.proto.states import Replication
 
+from . import vmsteps
 from .hub import Hub
 from .registry import DiskRow
 
@@ -35,6 +36,7 @@ async def protect(
     replica_dir: str | None = None,
     replicas: dict[str, str] | None = None,
     existing: bool = False,
+    datastore: str | None = None,
 ) -> dict[str, Any]:
     reg = ps.registry
     replicas = dict(replicas or {})
@@ -57,10 +59,29 @@ async def protect(
     unknown = set(replicas) - {d.name for d in disks}
     if unknown:
         raise RequestFailed(ErrorCode.UNKNOWN_DISK, f"machine {machine!r} has no disk {', '.join(sorted(unknown))}")
-    plan: list[tuple[DiskRow, str]] = []
     for d in disks:
         if d.mt is not None:
             raise RequestFailed(ErrorCode.BAD_INPUT, f"disk {machine}/{d.name} is already protected (to {d.mt})")
+    in_vsphere = False
+    if not replicas and replica_dir is None and not existing:
+        placed = await vmsteps.place_replicas(ps, machine, mt, disks, datastore)
+        if placed is not None:
+            replicas, format, in_vsphere = placed, ReplicaFormat.DEVICE, True
+    try:
+        res = await _protect(ps, machine, mt, disks, format, replica_dir, replicas, existing)
+    except RequestFailed as exc:
+        if in_vsphere:
+            await vmsteps.unplace(ps, machine, exc)
+        raise
+    files = {d.disk: d.file for d in ps.vmdisks.disks(machine)} if in_vsphere else {}
+    return {"disks": [{**d, **({"vmdk": files[d["disk"]]} if d["disk"] in files else {})} for d in res["disks"]]}
+
+
+async def _protect(ps: Hub, machine: str, mt: str, disks: list[DiskRow], format: str, replica_dir: str | None,
+                   replicas: dict[str, str], existing: bool) -> dict[str, Any]:
+    reg = ps.registry
+    plan: list[tuple[DiskRow, str]] = []
+    for d in disks:
         path = replicas.get(d.name)
         if path is None:
             if replica_dir is None or format == ReplicaFormat.DEVICE:
@@ -68,7 +89,7 @@ async def protect(
                     ErrorCode.BAD_INPUT,
                     f"no replica given for disk {d.name} (use --replica {d.name}=PATH"
                     + ("" if format == ReplicaFormat.DEVICE else " or --replica-dir")
-                    + ")",
+                    + "; or add the vCenter of a master target that is a VM: standby vcenter add)",
                 )
             path = replica_name(replica_dir, machine, d.name, format)
         plan.append((d, path))

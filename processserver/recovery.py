@@ -28,6 +28,7 @@ from standby.proto.wire import BadRequest
 
 from .hub import Hub, MTPeer
 from .registry import DiskRow
+from .vmsteps import hand_over
 
 log = logging.getLogger("standby.ps.recovery")
 DRAIN_TIMEOUT = 900.0
@@ -291,18 +292,30 @@ class RecoveryAdmin:
             out.append({**res, "disk": d.name, "disk_id": d.id, **_shown(chosen[d.name])})
         return {"machine": machine, "disks": out}
 
-    async def commit(self, machine: str) -> dict[str, Any]:
+    async def commit(self, machine: str, vm: str | None = None, vm_name: str | None = None,
+                     power_on: bool = False) -> dict[str, Any]:
+        """Make the failover final; when the replicas are VMDKs on a master-target VM, then hand them to the
+        machine's VM in vSphere (vmsteps.hand_over: `vm` alternate or original, `vm_name`, `power_on`). A
+        commit whose vSphere step failed is run again by the same command: the disks already committed and
+        released by the master target are not committed again."""
         disks, session = self._disks(machine)
         if not all(d.replication in FAILED_OVER for d in disks):
             raise RequestFailed(ErrorCode.REFUSED, f"{machine} is not failed over: run standby failover first")
+        identity = disks[0].machine
+        in_vsphere = {d.disk for d in self.ps.vmdisks.disks(identity) if d.at_mt}
         out = []
         for d in disks:
+            if d.replication is Replication.COMMITTED and d.name in in_vsphere:
+                out.append({"disk": d.name, "disk_id": d.id, "sequence": d.applied_seq, "time": 0,
+                            "replica": d.replica_path})
+                continue  # committed and released by an earlier try whose vSphere step failed
             res = await self._mt(session, "failover_commit", timeout=LONG, disk=d.id)
             self.ps.registry.move(d, Replication.COMMITTED, "failover committed")
             await self._note_history(d, session)
             out.append({**res, "disk": d.name, "disk_id": d.id})
         log.info("%s: failover committed", machine)
-        return {"machine": machine, "disks": out}
+        done = await hand_over(self.ps, identity, disks, vm, vm_name, power_on)
+        return {"machine": machine, "disks": out, **({"vm": done} if done else {})}
 
     async def test_failover(
         self, machine: str, point: str | None = None, at: float | None = None, directory: str | None = None

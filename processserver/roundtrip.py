@@ -44,6 +44,7 @@ from standby.plumbing.link import LinkClosed
 from standby.proto.enums import ErrorCode, ReplicaFormat
 from standby.proto.states import Direction, Phase, Replication, phase_move
 
+from . import vmsteps
 from .hub import Hub
 from .protect import protect, replica_name
 from .recovery import RecoveryAdmin
@@ -140,14 +141,21 @@ class RoundTrips:
         aside = ps.trips.retired(agent) if trip is not None and trip.recovered == agent else None
         if aside is not None:
             ps.trips.reinstate(agent)
+        lent = None
         try:
             rec = await self._agent_disks(agent, set(away))
             targets, fmt, existing = self._targets(machine, agent, location, format, replica_dir, replicas, full,
                                                    existing, away, rec)
+            if location == "original" and not replicas:  # the original VM's own disks, lent to the master target
+                sizes = {n: int(a["size"]) for n, a in away.items()}
+                lent = await vmsteps.lend_originals(ps, machine, agent, mt, sizes)
+                targets, fmt = (lent, ReplicaFormat.DEVICE) if lent is not None else (targets, fmt)
             await self._check_home(machine, mt, targets, fmt, location == "original" or existing, away, forward)
-        except RequestFailed:
+        except RequestFailed as exc:
             if aside is not None:
                 ps.trips.retire(agent, aside)
+            if lent is not None:
+                await vmsteps.give_back(ps, agent, exc)
             raise
         policy = {**FAILBACK_POLICY, **({"rpo_threshold": rpo_threshold} if rpo_threshold else {})}
         trip = Trip(machine, Direction.REVERSE, Phase.REPROTECTING, agent, agent, trip.trips if trip else 0,

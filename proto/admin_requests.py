@@ -120,12 +120,15 @@ class Protect(Wire):
     replica_dir: str | None = checked(optional(path), None)
     replicas: dict[str, str] | None = checked(optional(map_of(name, path, MAX_REPLICAS)), None)  # disk name -> path
     existing: bool = checked(boolean, False)
+    datastore: str | None = checked(optional(short_text), None)  # a master target VM's: where the VMDKs go
 
 
 @message("protected disk")
 class ProtectedDisk(Wire):
+    OMIT_NONE = frozenset({"vmdk"})
     disk: str = checked(name)
     replica: str = checked(path)
+    vmdk: str | None = checked(optional(short_text), None)  # in vSphere: the VMDK behind the device replica
 
 
 @message("protect reply")
@@ -218,6 +221,9 @@ class AdminFailedOver(Wire):
 @message("commit")
 class AdminCommit(Wire):
     machine: str = checked(name)
+    vm: str | None = checked(optional(one_of("alternate", "original")), None)  # vSphere: where the disks go
+    vm_name: str | None = checked(optional(name), None)
+    power_on: bool = checked(boolean, False)
 
 
 @message("commit disk")
@@ -231,8 +237,11 @@ class AdminCommitDisk(Wire):
 
 @message("commit reply")
 class AdminCommitted(Wire):
+    OMIT_NONE = frozenset({"vm"})
     machine: str = checked(name)
     disks: tuple[AdminCommitDisk, ...] = checked(list_of(nested(AdminCommitDisk)))
+    vm: dict[str, Any] | None = checked(optional(record({"vm_uuid": short_text, "what": text,
+                                                         "files": list_of(short_text, 100)})), None)
 
 
 @message("test_failover")

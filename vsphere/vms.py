@@ -102,6 +102,31 @@ def reattach_to_original(session: Session, vm_key: str, files: list[str],
     return replicas_of(session, vm, files)
 
 
+def attach_at(session: Session, vm_key: str, placed: list[tuple[str, int, int]]) -> list[ReplicaDisk]:
+    """Give the powered-off VM `vm_key` the disks `placed` ((file, controller key, unit) each) in those
+    slots: the failback step that returns an original VM's own disks after they were lent to the master
+    target. Refused, before any change, when the VM runs, a slot is taken, or a file is missing or
+    attached to another VM. One reconfigure: all or none."""
+    from pyVmomi import vim
+
+    vm = find_vm(session, vm_key)
+    p = properties(session, [vm], vim.VirtualMachine, ["name", "runtime.powerState", "config.hardware.device"])[vm]
+    name = p["name"]
+    if str(p.get("runtime.powerState")) != "poweredOff":
+        raise RequestFailed(ErrorCode.REFUSED, f"VM {name} is {p.get('runtime.powerState')}: power it off before its "
+                                               "disks are given back")
+    taken = {(d.controller_key, d.unit): d.file for d in disks_of(p.get("config.hardware.device") or [])}
+    busy = [f"SCSI({ck}:{u}) has {taken[(ck, u)]}" for _, ck, u in placed if (ck, u) in taken]
+    if busy:
+        raise RequestFailed(ErrorCode.REFUSED, f"VM {name}: the slots of its disks are taken ({'; '.join(busy)}): "
+                                               "remove those disks in vSphere, or check it is the right VM")
+    files = [f for f, _, _ in placed]
+    check_attachable(session, files, name)
+    reconfigure(vm, [disk_spec(f, ck, u, -1 - i) for i, (f, ck, u) in enumerate(placed)],
+                f"give VM {name} back its disks")
+    return replicas_of(session, vm, files)
+
+
 def _put_back(session: Session, vm: Any, name: str, before: list[AttachedDisk], cause: RequestFailed) -> RequestFailed:
     """After a failed swap: the VM's disks as before (as vCenter leaves them), or put back."""
     slots = {(d.controller_key, d.unit): d.file for d in before}

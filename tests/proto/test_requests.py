@@ -258,8 +258,10 @@ EXAMPLES: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {
             "replica_dir": "/srv/r",
             "replicas": {"sdb": "/dev/sdx"},
             "existing": False,
+            "datastore": None,
         },
-        {"disks": [{"disk": "sda", "replica": "/srv/r/web01-sda.img"}, {"disk": "sdb", "replica": "/dev/sdx"}]},
+        {"disks": [{"disk": "sda", "replica": "/srv/r/web01-sda.img"},
+                   {"disk": "sdb", "replica": "/dev/disk/by-id/wwn-0x6000c29a", "vmdk": "[ds1] web01/sdb.vmdk"}]},
     ),
     ("pause", "admin"): ({"machine": "web01"}, {}),
     ("resume", "admin"): ({"machine": "web01"}, {}),
@@ -289,10 +291,12 @@ EXAMPLES: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {
         },
     ),
     ("commit", "admin"): (
-        {"machine": "web01"},
+        {"machine": "web01", "vm": "alternate", "vm_name": "web01-recovered", "power_on": True},
         {
             "machine": "web01",
             "disks": [{"disk": "sda", "disk_id": 3, "sequence": 40, "time": T, "replica": "/srv/r/web01-sda.vmdk"}],
+            "vm": {"vm_uuid": "50123456-1234-1234-1234-123456789abc", "what": "new VM web01-recovered on host h1",
+                   "files": ["[ds1] web01/sda.vmdk"]},
         },
     ),
     ("test_failover", "admin"): (
