@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="offline seeding: the replicas already exist (restored from a backup, an old copy of the disk); "
         "compare checksums and send only differences instead of a full copy",
     )
+    pr.add_argument("--json", action="store_true", help="machine-readable output")
     pr.add_argument(
         "--datastore",
         help="when the master target is a VM of an added vCenter and neither --replica nor --replica-dir is given: "
@@ -213,6 +214,9 @@ def cmd_protect(client: AdminClient, args: argparse.Namespace) -> int:
         existing=args.existing,
         datastore=args.datastore,
     )
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
     for d in res["disks"]:
         where = f"device, VMDK {d['vmdk']} attached to the master target VM" if d.get("vmdk") else args.format
         print(f"protecting {args.machine}/{d['disk']} -> {args.mt}:{d['replica']} ({where})")

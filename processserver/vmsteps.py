@@ -118,7 +118,8 @@ def _create(vc: VCenter, where: VmPlace, protected: list[str], machine: str, dis
             raise RequestFailed(ErrorCode.REFUSED, f"master target VM {where.name} (vCenter {vc.name}) fails the "
                                                    f"vSphere prechecks (see standby mt check):\n{why}")
         ds = datastore or _roomiest(s, where.vm)
-        return create_and_attach(s, where.vm, ds, machine, [(d.name, d.size) for d in disks])
+        # A folder of standby's own: the machine's VM may have its folder (its name) on this datastore too.
+        return create_and_attach(s, where.vm, ds, f"standby-{machine}", [(d.name, d.size) for d in disks])
 
 
 def _roomiest(s: Any, vm_key: str) -> str:
