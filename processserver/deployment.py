@@ -45,6 +45,8 @@ class PSConfig:
     # Policy: an alert when a disk's RPO (now minus its newest applied point) passes this (seconds).
     rpo_threshold: float = DEFAULT_RPO_THRESHOLD
     metrics: MetricsConfig | None = None  # the Prometheus endpoint ([metrics] in ps.toml; off without it)
+    # vSphere: how long a master target VM's guest may take to show a replica disk just attached (seconds).
+    vsphere_device_wait: float = 120.0
 
     @property
     def registry_path(self) -> Path:
@@ -65,11 +67,13 @@ class PSConfig:
                 cache_quota=parse_size(raw.get("cache_quota", DEFAULT_QUOTA)),
                 rpo_threshold=float(raw.get("rpo_threshold", DEFAULT_RPO_THRESHOLD)),
                 metrics=parse_metrics(raw.get("metrics")),
+                vsphere_device_wait=float(raw.get("vsphere_device_wait", 120.0)),
             )
         except (KeyError, TypeError, ValueError, OverflowError, BadInput) as exc:
             raise NotStarted(f"{state_dir / 'ps.toml'}: invalid config: {exc}") from None
-        if not 0 <= cfg.port < 65536 or cfg.cache_quota <= 0:
-            raise NotStarted(f"{state_dir / 'ps.toml'}: port must be 0..65535 and cache_quota positive")
+        if not 0 <= cfg.port < 65536 or cfg.cache_quota <= 0 or not 0 < cfg.vsphere_device_wait <= 300:
+            raise NotStarted(f"{state_dir / 'ps.toml'}: port must be 0..65535, cache_quota positive and "
+                             "vsphere_device_wait 0..300 seconds")
         return cfg
 
 

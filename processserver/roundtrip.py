@@ -239,6 +239,7 @@ class RoundTrips:
         disks = self.recovery._disks(trip.active)[0]
         if any(d.replication in (Replication.FAILED_OVER, Replication.COMMITTED) for d in disks):
             raise refuse(f"{machine} is failed over at the original site already: commit it, or fail over again")
+        await vmsteps.check_master_target(self.ps, str(trip.data.get("home_mt") or disks[0].mt))
         trip.data["sync"] = sync
         if sync == "before-shutdown":
             self._move(trip, Phase.SYNCHRONISING, "sync before shutdown: the recovered machine keeps running")

@@ -30,7 +30,6 @@ from .vmdisks import VmDisk, VmSource
 from .vmlocate import VmPlace, locate_vm
 
 log = logging.getLogger("standby.ps.vsphere")
-FIND_WAIT = 120.0  # a hot-added disk shows in the guest within seconds; a rescan may take longer
 RELEASE_TIMEOUT = 120.0
 RECOVERED_SUFFIX = "-recovered"
 
@@ -45,6 +44,24 @@ async def where_is(ps: Hub, machine: str) -> VmPlace | None:
     if not store.names():
         return None
     return await asyncio.to_thread(locate_vm, store, ps.registry, machine)
+
+
+async def check_master_target(ps: Hub, mt: str) -> None:
+    """RequestFailed(REFUSED) naming each failed precheck when `mt` is a vCenter VM that fails one (the
+    checks `standby mt check` shows); nothing when it passes or is not a VM."""
+    where = await where_is(ps, mt)
+    if where is not None:
+        await asyncio.to_thread(_precheck, _store(ps).get(where.vcenter), where, [], 0)
+
+
+def _precheck(vc: VCenter, where: VmPlace, protected: list[str], new_disks: int) -> None:
+    from standby.vsphere import prechecks
+
+    with connect(vc) as s:
+        why = prechecks.refusal(prechecks.check_master_target(s, where.vm, protected, new_disks=new_disks))
+    if why:
+        raise RequestFailed(ErrorCode.REFUSED, f"master target VM {where.name} (vCenter {vc.name}) fails the vSphere "
+                                               f"prechecks (see standby mt check):\n{why}")
 
 
 # ---- protect -----------------------------------------------------------------------------------------
@@ -87,7 +104,7 @@ async def _find(ps: Hub, mt: str, disks: dict[str, tuple[str, int]]) -> dict[str
         if session is None:
             raise RequestFailed(ErrorCode.UNREACHABLE, f"master target {mt} disconnected")
         try:
-            paths[name] = await session.find_device(guest_device_name(uuid), size, FIND_WAIT)
+            paths[name] = await session.find_device(guest_device_name(uuid), size, ps.cfg.vsphere_device_wait)
         except (TimeoutError, LinkClosed) as exc:
             raise RequestFailed(ErrorCode.UNREACHABLE, f"master target {mt} did not answer: {exc}") from None
         except RequestFailed as exc:
@@ -109,14 +126,10 @@ async def unplace(ps: Hub, machine: str, cause: RequestFailed) -> None:
 
 def _create(vc: VCenter, where: VmPlace, protected: list[str], machine: str, disks: list[DiskRow],
             datastore: str | None) -> list[Any]:
-    from standby.vsphere import prechecks
     from standby.vsphere.disks import create_and_attach
 
+    _precheck(vc, where, protected, len(disks))
     with connect(vc) as s:
-        why = prechecks.refusal(prechecks.check_master_target(s, where.vm, protected, new_disks=len(disks)))
-        if why:
-            raise RequestFailed(ErrorCode.REFUSED, f"master target VM {where.name} (vCenter {vc.name}) fails the "
-                                                   f"vSphere prechecks (see standby mt check):\n{why}")
         ds = datastore or _roomiest(s, where.vm)
         # A folder of standby's own: the machine's VM may have its folder (its name) on this datastore too.
         return create_and_attach(s, where.vm, ds, f"standby-{machine}", [(d.name, d.size) for d in disks])
@@ -283,16 +296,12 @@ async def lend_originals(ps: Hub, machine: str, agent: str, mt: str, sizes: dict
 
 def _lend(vc: VCenter, where: VmPlace, sources: list[VmSource]) -> dict[str, str]:
     """{disk name: its disk UUID} once the original VM's disks are attached to the master-target VM."""
-    from standby.vsphere import prechecks
     from standby.vsphere.disks import attach_existing, detach
     from standby.vsphere.vms import attach_at
 
     files = [s.file for s in sources]
+    _precheck(vc, where, [sources[0].vm], len(files))
     with connect(vc) as s:
-        why = prechecks.refusal(prechecks.check_master_target(s, where.vm, [sources[0].vm], new_disks=len(files)))
-        if why:
-            raise RequestFailed(ErrorCode.REFUSED, f"master target VM {where.name} fails the vSphere prechecks (see "
-                                                   f"standby mt check):\n{why}")
         _powered_off(s, sources[0].vm, sources[0].vm_name)
         detach(s, sources[0].vm, files)
         try:

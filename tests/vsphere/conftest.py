@@ -57,3 +57,11 @@ def deployment(tmp_path: Path) -> Iterator[LocalDeployment]:
         for log in sorted(dep.logs.glob("*.log")):
             print(f"----- {log.name} (last 60 lines) -----")
             print("\n".join(log.read_text(errors="replace").splitlines()[-60:]))
+
+
+@pytest.fixture
+def site(deployment: LocalDeployment, vcsim: sim.Simulator, tmp_path: Path) -> Iterator[dict[str, object]]:
+    """Two sites in the simulator with data on loop devices (sites.make_site)."""
+    from .sites import make_site
+
+    yield from make_site(deployment, vcsim, tmp_path)
