@@ -297,3 +297,12 @@ def test_every_declared_dependency_is_imported_by_our_code() -> None:
     }
     unused = {n for n in names if IMPORT_NAMES.get(n, n) not in imported}
     assert not unused, f"declared in pyproject.toml but imported nowhere: {sorted(unused)}"
+
+
+def test_pyvmomi_is_imported_in_one_module_only() -> None:
+    """STYLE.md: every other module reaches vSphere's types through standby.vsphere.api."""
+    users = sorted({
+        m for m, p in _our_modules().items() for _, imported in _imports(p)
+        if imported.split(".")[0] in ("pyVmomi", "pyVim")
+    })
+    assert users == ["standby.vsphere.api"], users

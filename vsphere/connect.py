@@ -70,7 +70,7 @@ class Session:
         self.content = si.RetrieveContent()
 
     def close(self) -> None:
-        from pyVim.connect import Disconnect
+        from .api import Disconnect
 
         try:
             Disconnect(self.si)
@@ -89,8 +89,7 @@ def connect(vc: VCenter, timeout: float = TIMEOUT) -> Session:
 
     RequestFailed: UNREACHABLE (no connection), REFUSED (certificate changed: possibly another server in
     between; or the user name or password is wrong)."""
-    from pyVim.connect import SmartConnect
-    from pyVmomi import vim
+    from .api import SmartConnect, vim
 
     der = fetch_certificate(vc.host, vc.port, timeout)
     seen = fingerprint_of(der)

@@ -89,13 +89,13 @@ def split_path(path: str) -> tuple[str, str]:
 
 
 def vm_name(session: Session, vm: Any) -> str:
-    from pyVmomi import vim
+    from .api import vim
 
     return str(properties(session, [vm], vim.VirtualMachine, ["name"])[vm].get("name", vm._moId))
 
 
 def devices_of(session: Session, vm: Any) -> list[Any]:
-    from pyVmomi import vim
+    from .api import vim
 
     return list(properties(session, [vm], vim.VirtualMachine, ["config.hardware.device"])[vm].get(
         "config.hardware.device") or [])
@@ -103,7 +103,7 @@ def devices_of(session: Session, vm: Any) -> list[Any]:
 
 def disks_of(devices: Iterable[Any]) -> list[AttachedDisk]:
     """The VM's file-backed disks, in controller-key then unit order."""
-    from pyVmomi import vim
+    from .api import vim
 
     out = []
     for d in devices:
@@ -118,7 +118,7 @@ def free_slots(devices: list[Any], lsi_only: bool) -> list[tuple[int, int]]:
     `lsi_only`), by bus number then unit. Units 0-15 except the controller's own (7). Taken units are read
     from the devices' controllerKey/unitNumber: govmomi's simulator does not keep a controller's
     `device` list current."""
-    from pyVmomi import vim
+    from .api import vim
 
     ctrls = [d for d in devices if isinstance(d, vim.vm.device.VirtualSCSIController)
              and (not lsi_only or type(d).__name__.rpartition(".")[2] in LSI_NAMES)]
@@ -132,7 +132,7 @@ def free_slots(devices: list[Any], lsi_only: bool) -> list[tuple[int, int]]:
 
 def host_datastore(session: Session, vm: Any, datastore: str) -> Any:
     """The datastore `datastore`, which must be mounted on the VM's host (MISSING otherwise)."""
-    from pyVmomi import vim
+    from .api import vim
 
     ds = find_by_name(session, vim.Datastore, datastore, "datastore")
     host = properties(session, [vm], vim.VirtualMachine, ["runtime.host"])[vm].get("runtime.host")
@@ -144,7 +144,7 @@ def host_datastore(session: Session, vm: Any, datastore: str) -> Any:
 
 
 def datacenter_of(session: Session, ds: Any) -> Any:
-    from pyVmomi import vim
+    from .api import vim
 
     dcs = properties(session, container(session, vim.Datacenter), vim.Datacenter, ["datastore"])
     return next(dc for dc, p in dcs.items() if ds in (p.get("datastore") or []))
@@ -152,7 +152,7 @@ def datacenter_of(session: Session, ds: Any) -> Any:
 
 def files_in(session: Session, ds: Any, folder: str) -> set[str]:
     """Names of the files in "[datastore] folder" (empty when the folder does not exist)."""
-    from pyVmomi import vim
+    from .api import vim
 
     p = properties(session, [ds], vim.Datastore, ["name", "browser"])[ds]
     name, browser = p.get("name"), p.get("browser")
@@ -170,7 +170,7 @@ def files_in(session: Session, ds: Any, folder: str) -> set[str]:
 
 def all_attached(session: Session) -> dict[str, str]:
     """{datastore path: VM name} of every disk attached to any VM of the vCenter."""
-    from pyVmomi import vim
+    from .api import vim
 
     props = properties(session, container(session, vim.VirtualMachine), vim.VirtualMachine,
                        ["name", "config.hardware.device"])
@@ -180,7 +180,7 @@ def all_attached(session: Session) -> dict[str, str]:
 def check_attachable(session: Session, files: list[str], for_vm: str) -> None:
     """Refuse files that do not exist or are attached to a VM already (a VMDK is written by one VM at a
     time: attaching it twice corrupts it)."""
-    from pyVmomi import vim
+    from .api import vim
 
     if len(set(files)) != len(files):
         raise RequestFailed(ErrorCode.BAD_INPUT, f"a file is named twice in {files}")
@@ -206,7 +206,7 @@ def disk_spec(file: str, controller_key: int, unit: int, key: int, *, create: in
               uuid: str = "", thin: bool = True, ds: Any = None) -> Any:
     """An "add" device spec for the VMDK `file` at (controller, unit): a new one of `create` bytes, or an
     existing one (create None: no fileOperation, vSphere opens the file)."""
-    from pyVmomi import vim
+    from .api import vim
 
     backing = vim.vm.device.VirtualDisk.FlatVer2BackingInfo(fileName=file, diskMode="persistent", datastore=ds)
     disk = vim.vm.device.VirtualDisk(key=key, controllerKey=controller_key, unitNumber=unit, backing=backing)
@@ -220,7 +220,7 @@ def disk_spec(file: str, controller_key: int, unit: int, key: int, *, create: in
 
 def remove_spec(disk: AttachedDisk, destroy: bool = False) -> Any:
     """A "remove" spec: the file stays unless `destroy`."""
-    from pyVmomi import vim
+    from .api import vim
 
     spec = vim.vm.device.VirtualDeviceSpec(operation="remove", device=disk.device)
     if destroy:
@@ -229,7 +229,7 @@ def remove_spec(disk: AttachedDisk, destroy: bool = False) -> Any:
 
 
 def reconfigure(vm: Any, changes: list[Any], what: str) -> None:
-    from pyVmomi import vim
+    from .api import vim
 
     tasks.wait(tasks.call(what, vm.ReconfigVM_Task, vim.vm.ConfigSpec(deviceChange=changes)), what)
 
@@ -391,7 +391,7 @@ def replicas_of(session: Session, vm: Any, files: list[str]) -> list[ReplicaDisk
 def delete_files(session: Session, datastore_paths: list[str]) -> list[str]:
     """Delete the VMDKs (descriptor and extent) at `datastore_paths`: cleanup of replicas no longer
     wanted. Refuses any attached to a VM. Tries every file; the error lists those not deleted."""
-    from pyVmomi import vim
+    from .api import vim
 
     attached = all_attached(session)
     busy = [f"{f} (attached to VM {attached[f]})" for f in datastore_paths if f in attached]

@@ -102,7 +102,7 @@ VM_PATHS = [
 
 def list_vms(session: Session) -> list[VmInfo]:
     """Every VM (and template) of the inventory, sorted by name then moid."""
-    from pyVmomi import vim
+    from .api import vim
 
     return vm_infos(session, container(session, vim.VirtualMachine))
 
@@ -113,7 +113,7 @@ def vm_info(session: Session, vm_obj: Any) -> VmInfo:
 
 def vm_host(session: Session, vm_obj: Any) -> HostInfo:
     """The host the VM runs on (or is registered on), with its datastore mounts."""
-    from pyVmomi import vim
+    from .api import vim
 
     host = properties(session, [vm_obj], vim.VirtualMachine, ["runtime.host"])[vm_obj].get("runtime.host")
     if host is None:
@@ -122,7 +122,7 @@ def vm_host(session: Session, vm_obj: Any) -> HostInfo:
 
 
 def host_info(session: Session, host_obj: Any) -> HostInfo:
-    from pyVmomi import vim
+    from .api import vim
 
     p = properties(session, [host_obj], vim.HostSystem, ["name", "datastore"])[host_obj]
     dss = list(p.get("datastore") or [])
@@ -154,7 +154,7 @@ def _mount(host_obj: Any, p: dict[str, Any]) -> DatastoreMount:
 def vm_infos(session: Session, vms: list[Any]) -> list[VmInfo]:
     """The VMs `vms`, sorted by name then moid, in three round trips whatever their number: the VMs, then
     their hosts' and datastores' names."""
-    from pyVmomi import vim
+    from .api import vim
 
     props = properties(session, vms, vim.VirtualMachine, VM_PATHS)
     hosts = {p["runtime.host"] for p in props.values() if p.get("runtime.host") is not None}
@@ -171,7 +171,7 @@ def vm_infos(session: Session, vms: list[Any]) -> list[VmInfo]:
 
 
 def _vm(vm: Any, p: dict[str, Any], host_names: dict[Any, str], ds_names: dict[Any, str]) -> VmInfo:
-    from pyVmomi import vim
+    from .api import vim
 
     devices = list(p.get("config.hardware.device") or [])
     kinds = {d.key: _controller_kind(d) for d in devices if isinstance(d, vim.vm.device.VirtualController)}
@@ -216,7 +216,7 @@ def extra_config(options: Any, key: str) -> str:
 
 
 def _disks(p: dict[str, Any]) -> list[Any]:
-    from pyVmomi import vim
+    from .api import vim
 
     return [d for d in p.get("config.hardware.device") or [] if isinstance(d, vim.vm.device.VirtualDisk)]
 
@@ -238,7 +238,7 @@ def _disk(d: Any, kinds: dict[int, str], buses: dict[int, int], ds_names: dict[A
 
 def _controller_kind(c: Any) -> str:
     """One of DISK_CONTROLLERS; "other" for controllers that hold no disks (PCI, PS/2, SIO, USB)."""
-    from pyVmomi import vim
+    from .api import vim
 
     dev = vim.vm.device
     for cls, kind in ((dev.VirtualLsiLogicController, "lsilogic"), (dev.VirtualLsiLogicSASController, "lsilogic-sas"),

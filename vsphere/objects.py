@@ -26,7 +26,7 @@ def container(session: Session, kind: Any) -> list[Any]:
 
 def properties(session: Session, objects: list[Any], kind: Any, paths: list[str]) -> dict[Any, dict[str, Any]]:
     """{object: {path: value}} for `paths` of each object (all of one `kind`); an unset path is absent."""
-    from pyVmomi import vmodl
+    from .api import vmodl
 
     if not objects:
         return {}
@@ -52,7 +52,7 @@ def properties(session: Session, objects: list[Any], kind: Any, paths: list[str]
 def find_vm(session: Session, key: str) -> Any:
     """The VM named `key`, or whose BIOS or instance UUID is `key`. BAD_INPUT (unknown) names the VMs
     there are, MISSING when none matches, and BAD_INPUT when a name is ambiguous."""
-    from pyVmomi import vim
+    from .api import vim
 
     vms = container(session, vim.VirtualMachine)
     props = properties(session, vms, vim.VirtualMachine, ["name", "config.uuid", "config.instanceUuid"])

@@ -157,7 +157,7 @@ def fix(session: Session, mt_vm_key: str) -> list[str]:
     power-on. Everything else needs an operator's decision and is never touched here: deleting snapshots
     merges or discards data, a controller is added to a powered-off VM only, the disk count, VMware Tools,
     and the datastores mounted on a host are choices about the infrastructure."""
-    from pyVmomi import vim
+    from .api import vim
 
     vm = find_vm(session, mt_vm_key)
     p = properties(session, [vm], vim.VirtualMachine, ["name", "config.extraConfig", "runtime.powerState"])[vm]

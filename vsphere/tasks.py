@@ -64,7 +64,7 @@ def wait(task: Any, what: str, timeout: float = TASK_TIMEOUT) -> Any:
 
 def _info(task: Any) -> dict[str, Any]:
     """{"info.state": ..., "info.result": ..., "info.error": ...} of the task (an unset one absent)."""
-    from pyVmomi import vim, vmodl
+    from .api import vim, vmodl
 
     pc = vmodl.query.PropertyCollector
     spec = pc.FilterSpec(objectSet=[pc.ObjectSpec(obj=task, skip=False)],
@@ -76,7 +76,7 @@ def _info(task: Any) -> dict[str, Any]:
 
 def call(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Run one vSphere call (or start one task); a fault it raises becomes TaskFailed naming `what`."""
-    from pyVmomi import vmodl
+    from .api import vmodl
 
     try:
         return fn(*args, **kwargs)

@@ -38,7 +38,7 @@ from .objects import container, find_by_name, find_vm, properties
 
 
 def _power(session: Session, vm: Any, want: str) -> str:
-    from pyVmomi import vim
+    from .api import vim
 
     p = properties(session, [vm], vim.VirtualMachine, ["name", "runtime.powerState"])[vm]
     if str(p.get("runtime.powerState")) == want:
@@ -70,7 +70,7 @@ def reattach_to_original(session: Session, vm_key: str, files: list[str],
     number of files; a file missing or attached to another VM. The swap is one reconfigure (vCenter
     applies all of it or none); if it fails, what the VM has then is compared with what it had, and
     put back when it differs."""
-    from pyVmomi import vim
+    from .api import vim
 
     vm = find_vm(session, vm_key)
     p = properties(session, [vm], vim.VirtualMachine, ["name", "runtime.powerState", "config.hardware.device"])[vm]
@@ -107,7 +107,7 @@ def attach_at(session: Session, vm_key: str, placed: list[tuple[str, int, int]])
     slots: the failback step that returns an original VM's own disks after they were lent to the master
     target. Refused, before any change, when the VM runs, a slot is taken, or a file is missing or
     attached to another VM. One reconfigure: all or none."""
-    from pyVmomi import vim
+    from .api import vim
 
     vm = find_vm(session, vm_key)
     p = properties(session, [vm], vim.VirtualMachine, ["name", "runtime.powerState", "config.hardware.device"])[vm]
@@ -149,7 +149,7 @@ def _put_back(session: Session, vm: Any, name: str, before: list[AttachedDisk], 
 def _host_parts(session: Session, host: str, datastore: str, files: list[str]) -> tuple[Any, Any, Any, list[Any]]:
     """(host, its resource pool, the datacenter's VM folder, the host's networks); `datastore` and those of
     `files` must be mounted on the host."""
-    from pyVmomi import vim
+    from .api import vim
 
     h = find_by_name(session, vim.HostSystem, host, "host")
     hp = properties(session, [h], vim.HostSystem, ["parent", "datastore", "network"])[h]
@@ -167,7 +167,7 @@ def _host_parts(session: Session, host: str, datastore: str, files: list[str]) -
 
 def _nic_backing(session: Session, net: Any) -> Any:
     """A NIC backing on network `net`: a distributed port group's port, or a standard network by name."""
-    from pyVmomi import vim
+    from .api import vim
 
     if isinstance(net, vim.dvs.DistributedVirtualPortgroup):
         p = properties(session, [net], vim.dvs.DistributedVirtualPortgroup,
@@ -182,7 +182,7 @@ def _nic_backing(session: Session, net: Any) -> Any:
 
 def _nic_networks(session: Session, like_devices: list[Any], host_nets: list[Any], host: str) -> list[Any]:
     """One network per NIC of the original: the same one when the host has it, else the host's first."""
-    from pyVmomi import vim
+    from .api import vim
 
     groups = [n for n in host_nets if isinstance(n, vim.dvs.DistributedVirtualPortgroup)]
     keys = {p["key"]: n for n, p in properties(session, groups, vim.dvs.DistributedVirtualPortgroup, ["key"]).items()}
@@ -203,7 +203,7 @@ def _new_vm_spec(session: Session, name: str, like: dict[str, Any], datastore: s
     """The new VM: the original's CPUs, memory, firmware and guest id, its SCSI controller type (LSI
     Logic when it has none: the one most guests have a driver for), enough controllers for the disks, and
     one VMXNET3 adapter per network."""
-    from pyVmomi import vim
+    from .api import vim
 
     devices = like.get("config.hardware.device") or []
     scsi = [d for d in devices if isinstance(d, vim.vm.device.VirtualSCSIController)]
@@ -233,7 +233,7 @@ def create_vm_from_disks(session: Session, name: str, like_vm_key: str, host: st
     Refused before creating anything: a VM of that name exists, more than MAX_MT_DISKS files, a file
     missing or attached to a VM, the datastore not on the host. If a step after CreateVM fails, the VM's
     disks are detached (their files kept) and the VM is destroyed, and the error says so."""
-    from pyVmomi import vim
+    from .api import vim
 
     names = properties(session, container(session, vim.VirtualMachine), vim.VirtualMachine, ["name"])
     if any(p.get("name") == name for p in names.values()):

@@ -76,7 +76,7 @@ def make_site(deployment: LocalDeployment, vcsim, tmp_path: Path) -> Iterator[di
     with connect(vc) as s:
         ready_master_target(s, DR_MT_VM)
         ready_master_target(s, HOME_MT_VM)
-        from pyVmomi import vim
+        from standby.vsphere.api import vim
 
         src = find_vm(s, SOURCE_VM)
         add_controller(src, vim.vm.device.VirtualLsiLogicController)

@@ -41,8 +41,7 @@ def test_nothing_listening_is_unreachable(vcsim) -> None:
 
 
 def test_find_vm_by_name_and_uuid_and_properties(vcsim) -> None:
-    from pyVmomi import vim
-
+    from standby.vsphere.api import vim
     from standby.vsphere.objects import container, find_vm, properties
 
     with connect(vcsim.vcenter()) as s:

@@ -25,7 +25,7 @@ GIB = 2**30
 def add_controller(session: Any, vm_key: str, kind: str, bus: int) -> None:
     """Add a SCSI controller of `kind` (VirtualLsiLogicController...) on `bus` to the VM: the simulator's
     VMs have a ParaVirtual one only."""
-    from pyVmomi import vim
+    from standby.vsphere.api import vim
 
     ctrl = getattr(vim.vm.device, kind)(key=-100 - bus, busNumber=bus, sharedBus="noSharing")
     disks.reconfigure(find_vm(session, vm_key), [vim.vm.device.VirtualDeviceSpec(operation="add", device=ctrl)],
@@ -37,7 +37,7 @@ def controller_keys(session: Any, vm_key: str, kind: str) -> list[int]:
 
 
 def ds_dir(session: Any) -> Path:
-    from pyVmomi import vim
+    from standby.vsphere.api import vim
 
     ds = find_by_name(session, vim.Datastore, DS, "datastore")
     return Path(properties(session, [ds], vim.Datastore, ["summary.url"])[ds]["summary.url"])

@@ -42,7 +42,7 @@ def test_list_vms_reads_the_default_inventory(vcsim) -> None:
 
 
 def test_vm_info_sees_controllers_disks_extra_config_and_snapshots(vcsim) -> None:
-    from pyVmomi import vim
+    from standby.vsphere.api import vim
 
     dev = vim.vm.device
     with connect(vcsim.vcenter()) as s:
@@ -73,7 +73,7 @@ def test_vm_info_sees_controllers_disks_extra_config_and_snapshots(vcsim) -> Non
 def test_host_mounts_with_and_without_a_mount_entry(vcsim) -> None:
     """The simulator keeps a mount entry for the shared datastore on the last host only; every host still
     has it in HostSystem.datastore and reports it mounted read/write (see inventory's docstring)."""
-    from pyVmomi import vim
+    from standby.vsphere.api import vim
 
     with connect(vcsim.vcenter()) as s:
         hosts = {h.name: h for h in map(lambda o: host_info(s, o), container(s, vim.HostSystem))}
@@ -86,7 +86,7 @@ def test_host_mounts_with_and_without_a_mount_entry(vcsim) -> None:
 
 
 def test_nas_datastore_on_one_host_only(vcsim, tmp_path: Path) -> None:
-    from pyVmomi import vim
+    from standby.vsphere.api import vim
 
     (tmp_path / "nas1").mkdir()
     with connect(vcsim.vcenter()) as s:

@@ -76,7 +76,7 @@ def test_snapshot_fails_no_snapshots(vcsim) -> None:
 
 
 def test_lsi_logic_sas_passes(vcsim) -> None:
-    from pyVmomi import vim
+    from standby.vsphere.api import vim
 
     with connect(vcsim.vcenter()) as s:
         vm = find_vm(s, MT)
@@ -88,7 +88,7 @@ def test_lsi_logic_sas_passes(vcsim) -> None:
 
 
 def test_disk_limit_counts_attached_and_new_disks(vcsim) -> None:
-    from pyVmomi import vim
+    from standby.vsphere.api import vim
 
     dev = vim.vm.device
     with connect(vcsim.vcenter()) as s:
@@ -125,7 +125,7 @@ def test_no_vmfs_datastore_fails(start_vcsim) -> None:
 
 def test_protected_vm_on_a_datastore_the_mt_host_lacks_fails(vcsim, tmp_path: Path) -> None:
     """A NAS datastore on the protected VM's host only, and a disk of the protected VM on it."""
-    from pyVmomi import vim
+    from standby.vsphere.api import vim
 
     dev = vim.vm.device
     (tmp_path / "nas1").mkdir()
@@ -179,7 +179,7 @@ def test_refusal_names_every_failed_rule_and_its_fix(vcsim) -> None:
 
 
 def test_fix_sets_enable_uuid_and_nothing_else(vcsim) -> None:
-    from pyVmomi import vim
+    from standby.vsphere.api import vim
 
     paths = ["config.hardware.device", "config.extraConfig", "snapshot", "runtime.powerState"]
     with connect(vcsim.vcenter()) as s:
@@ -202,7 +202,7 @@ def test_fix_sets_enable_uuid_and_nothing_else(vcsim) -> None:
 
 @pytest.mark.parametrize("power", ["poweredOn", "poweredOff"])
 def test_fix_keeps_the_existing_key_spelling(vcsim, power: str) -> None:
-    from pyVmomi import vim
+    from standby.vsphere.api import vim
 
     with connect(vcsim.vcenter()) as s:
         vm = find_vm(s, MT)

@@ -101,8 +101,7 @@ def _bios_uuid(vcsim, vm_name: str) -> str:
 
 def test_mt_check_names_each_failed_rule_then_fix_and_pass(deployment: LocalDeployment, vcsim,
                                                           tmp_path: Path) -> None:
-    from pyVmomi import vim
-
+    from standby.vsphere.api import vim
     from standby.vsphere.connect import connect
     from standby.vsphere.objects import find_vm
 

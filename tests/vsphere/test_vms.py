@@ -31,7 +31,7 @@ def disk_slots(s: Any, vm_key: str) -> list[tuple[int, int, str]]:
 
 
 def power_state(s: Any, vm_key: str) -> str:
-    from pyVmomi import vim
+    from standby.vsphere.api import vim
 
     vm = find_vm(s, vm_key)
     return str(properties(s, [vm], vim.VirtualMachine, ["runtime.powerState"])[vm]["runtime.powerState"])
@@ -89,14 +89,14 @@ def test_reattach_failure_leaves_the_original_disks(vcsim) -> None:
 
 def set_like(s: Any) -> None:
     """Give the original VM values the simulator's defaults do not have, so copying them is seen."""
-    from pyVmomi import vim
+    from standby.vsphere.api import vim
 
     spec = vim.vm.ConfigSpec(numCPUs=4, numCoresPerSocket=2, memoryMB=3072, firmware="efi", guestId="ubuntu64Guest")
     tasks.wait(find_vm(s, ORIGINAL).ReconfigVM_Task(spec), "set up the original VM")
 
 
 def test_create_vm_from_disks_like_the_original(vcsim) -> None:
-    from pyVmomi import vim
+    from standby.vsphere.api import vim
 
     with connect(vcsim.vcenter()) as s:
         set_like(s)
@@ -123,7 +123,7 @@ def test_create_vm_from_disks_like_the_original(vcsim) -> None:
 
 
 def test_create_vm_refusals_and_cleanup(vcsim) -> None:
-    from pyVmomi import vim
+    from standby.vsphere.api import vim
 
     with connect(vcsim.vcenter()) as s:
         files = replicas(s, ["sda"])

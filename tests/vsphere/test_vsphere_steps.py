@@ -22,7 +22,7 @@ pytestmark = pytest.mark.root
 
 
 def _datastore_dir(site: dict[str, Any]) -> Path:
-    from pyVmomi import vim
+    from standby.vsphere.api import vim
 
     with connect(site["vc"]) as s:
         return Path(find_by_name(s, vim.Datastore, "LocalDS_0", "datastore").summary.url)

@@ -13,13 +13,13 @@ MT = "DC0_H0_VM0"  # on the standalone host DC0_H0
 
 
 def reconfig(vm: Any, **spec: Any) -> None:
-    from pyVmomi import vim
+    from standby.vsphere.api import vim
 
     wait(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(**spec)), "test reconfigure")
 
 
 def add_device(vm: Any, device: Any, create: bool = False) -> None:
-    from pyVmomi import vim
+    from standby.vsphere.api import vim
 
     change = vim.vm.device.VirtualDeviceSpec(operation="add", device=device)
     if create:
@@ -33,14 +33,14 @@ def add_controller(vm: Any, kind: Any, bus: int = 1, key: int = -1) -> None:
 
 
 def set_extra(vm: Any, key: str, value: str) -> None:
-    from pyVmomi import vim
+    from standby.vsphere.api import vim
 
     reconfig(vm, extraConfig=[vim.option.OptionValue(key=key, value=value)])
 
 
 def ready_master_target(session: Session, name: str = MT) -> Any:
     """The VM `name` made to pass the VM's own rules: an LSI Logic controller on bus 1 and EnableUUID."""
-    from pyVmomi import vim
+    from standby.vsphere.api import vim
 
     vm = find_vm(session, name)
     add_controller(vm, vim.vm.device.VirtualLsiLogicController)
