@@ -83,8 +83,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "VM and the same command runs it again.",
     )
     cm.add_argument("machine")
-    cm.add_argument("--vm", choices=("alternate", "original"), help="vSphere: where the replica disks go (default "
-                    "alternate; after a failback they always go back to the original VM)")
+    cm.add_argument("--vm", choices=("alternate", "original", "none"), help="vSphere: where the replica disks go "
+                    "(default alternate; none: detached from the master target VM and attached to no VM, for a machine "
+                    "that was not a VM; after a failback they always go back to the original VM)")
     cm.add_argument("--vm-name", help="vSphere, --vm alternate: the new VM's name (default MACHINE-recovered)")
     cm.add_argument("--power-on", action="store_true", help="vSphere: power the VM on once it has its disks")
     cm.add_argument("--json", action="store_true", help="machine-readable output")

@@ -33,8 +33,8 @@ EXIT_CODES: dict[int, str] = {
     EXIT_REFUSED: "not enrolled, or refused by the process server (certificate, permission, passphrase, rate "
     "limit)",
     EXIT_NOT_STARTED: "a daemon's `run` could not start (bad config, port in use, not enrolled)",
-    EXIT_NOT_CONNECTED: "the process server answered, but the daemon that must do it (master target or agent) is "
-    "not connected to it or did not answer",
+    EXIT_NOT_CONNECTED: "the process server answered, but what must do it (a master target, an agent, or a vCenter) "
+    "is not connected to it or did not answer",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
 }
 

@@ -73,7 +73,7 @@ async def protect(
         if in_vsphere:
             await vmsteps.unplace(ps, machine, exc)
         raise
-    files = {d.disk: d.file for d in ps.vmdisks.disks(machine)} if in_vsphere else {}
+    files = {d.disk: d.file for d in ps.vmdisks.disks(machine) if d.at_mt}  # VMDKs on the master target VM
     return {"disks": [{**d, **({"vmdk": files[d["disk"]]} if d["disk"] in files else {})} for d in res["disks"]]}
 
 

@@ -388,17 +388,17 @@ class RoundTrips:
                          ErrorCode.UNREACHABLE)
         fmts = {a["format"] for a in away.values()}
         fmt = fmts.pop() if len(fmts) == 1 else ReplicaFormat.VMDK
-        for name, a in away.items():
-            try:
-                await session.check_replica(a["replica"], a["format"], int(a["size"]), True)
-            except RequestFailed as exc:
-                raise RequestFailed(exc.code, f"the recovery site's replica of {name}: {exc}") from None
-        ps.trips.reinstate(machine)
-        orig = await self._agent_disks(machine, set(away))
-        for name, a in away.items():
-            if orig[name].size != int(a["size"]):
-                raise refuse(f"{machine}/{name} has {orig[name].size} bytes, its replica {a['size']}",
-                             ErrorCode.SIZE_MISMATCH)
+        targets = {n: (a["replica"], a["format"]) for n, a in away.items()}
+        # Replicas that are VMDKs, given to the recovered VM at commit: it lends them to the master target VM.
+        lent = await vmsteps.lend_recovered(ps, machine, mt, {n: int(a["size"]) for n, a in away.items()})
+        if lent is not None:
+            targets, fmt = {n: (path, ReplicaFormat.DEVICE) for n, path in lent.items()}, ReplicaFormat.DEVICE
+        try:
+            await self._check_recovery_site(machine, session, targets, away)
+        except RequestFailed as exc:
+            if lent is not None:
+                await vmsteps.give_back(ps, machine, exc)
+            raise
         wire = self.ps.wire_bytes(trip.active)
         await unprotect(ps, trip.active)  # the original disks are the machine now: nothing applies to them
         ps.trips.retire(trip.active, f"{machine} failed back to its original site: {trip.active}'s disks are "
@@ -408,6 +408,23 @@ class RoundTrips:
         ps.trips.save(trip)
         ps.trips.end(machine, wire)
         ps.trips.begin(machine, Phase.REVERSING, self.ps.wire_bytes(machine), f"{machine} -> {mt} (checksum)")
-        res = await protect(ps, machine, mt, fmt, None, {n: a["replica"] for n, a in away.items()}, True)
+        res = await protect(ps, machine, mt, fmt, None, {n: path for n, (path, _) in targets.items()}, True)
         log.warning("reverse replication of %s: %s replicates to %s again", machine, machine, mt)
         return {"machine": machine, "mt": mt, "disks": res["disks"]}
+
+    async def _check_recovery_site(self, machine: str, session: Any, targets: dict[str, tuple[str, str]],
+                                   away: dict[str, Any]) -> None:
+        """RequestFailed unless each replica at the recovery site can be seeded from, and the original
+        machine's agent reports disks of the replicas' sizes (it is let in again for that)."""
+        for name, a in away.items():
+            path, fmt = targets[name]
+            try:
+                await session.check_replica(path, fmt, int(a["size"]), True)
+            except RequestFailed as exc:
+                raise RequestFailed(exc.code, f"the recovery site's replica of {name}: {exc}") from None
+        self.ps.trips.reinstate(machine)
+        orig = await self._agent_disks(machine, set(away))
+        for name, a in away.items():
+            if orig[name].size != int(a["size"]):
+                raise refuse(f"{machine}/{name} has {orig[name].size} bytes, its replica {a['size']}",
+                             ErrorCode.SIZE_MISMATCH)

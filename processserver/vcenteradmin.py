@@ -51,6 +51,9 @@ class VCenterAdmin:
         return {"vcenters": self.store.listing()}
 
     async def remove(self, name: str) -> dict[str, Any]:
+        if name in self.ps.vmdisks.vcenters():
+            raise RequestFailed(ErrorCode.IN_USE, f"vCenter {name} holds replica disks or protected VMs standby keeps "
+                                                  "track of: unprotect those machines first")
         self.store.remove(name)
         return {}
 

@@ -112,6 +112,11 @@ class VmDiskStore:
         row = self.db.execute("SELECT at_mt FROM vm_disks WHERE identity = ? AND disk = ?", (identity, disk)).fetchone()
         return row is not None and not row[0]
 
+    def vcenters(self) -> set[str]:
+        """The vCenters that hold replica VMDKs or protected VMs standby keeps track of."""
+        rows = self.db.execute("SELECT vcenter FROM vm_disks UNION SELECT vcenter FROM vm_sources").fetchall()
+        return {r[0] for r in rows}
+
     def put_sources(self, sources: list[VmSource]) -> None:
         with self.db:
             for s in sources:

@@ -246,6 +246,9 @@ def _give(s: Any, placed: list[VmDisk], sources: list[VmSource], location: str |
         (vm,) = homes
         attach_at(s, vm, [(d.file, int(d.home["controller_key"]), int(d.home["unit"])) for d in placed if d.home])
         what = f"given back to the original VM {placed[0].home['vm_name']}"
+    elif location == "none":
+        return {"vm_uuid": "", "what": "detached from the master target VM and attached to no VM (attach them to a "
+                                       "VM of your choice in vSphere)", "files": files}
     elif location == "original":
         if not sources or {x.disk for x in sources} != {d.disk for d in placed}:
             raise RequestFailed(ErrorCode.REFUSED, "the original VM's disks are not known (its disks could not be "
@@ -256,7 +259,8 @@ def _give(s: Any, placed: list[VmDisk], sources: list[VmSource], location: str |
     else:
         if not sources:
             raise RequestFailed(ErrorCode.REFUSED, "the machine was not a VM of an added vCenter when it was "
-                                                   "protected: there is no VM to take the shape of")
+                                                   "protected: there is no VM to take the shape of; commit with "
+                                                   "--vm none and attach the disks to a VM yourself")
         like = find_vm(s, sources[0].vm)
         host = vm_host(s, find_vm(s, placed[0].holder)).name
         ds = files[0].partition("]")[0].lstrip("[")
@@ -282,15 +286,52 @@ async def lend_originals(ps: Hub, machine: str, agent: str, mt: str, sizes: dict
         raise RequestFailed(ErrorCode.REFUSED, f"{machine}'s original VM {sources[0].vm_name} (vCenter "
                                                f"{sources[0].vcenter}) and the master target VM {where.name} (vCenter "
                                                f"{where.vcenter}) must be in one vCenter, with the same disks")
+    return await _lend_to(ps, agent, mt, where, sources, sizes, created=False)
+
+
+async def lend_recovered(ps: Hub, machine: str, mt: str, sizes: dict[str, int]) -> dict[str, str] | None:
+    """Reverse replication into the replica VMDKs that the recovered VM has had since the commit: detach them
+    from it (powered off) and attach them to the master-target VM at the recovery site; {disk name: device
+    path}. None when `machine`'s replicas are not VMDKs that standby gave to a VM."""
+    rows = [d for d in ps.vmdisks.disks(machine) if d.created and not d.at_mt and d.holder]
+    if not rows:
+        return None
+    where = await where_is(ps, mt)
+    if where is None or where.vcenter != rows[0].vcenter or {d.disk for d in rows} != set(sizes):
+        raise RequestFailed(ErrorCode.REFUSED, f"{machine}'s replicas are VMDKs of vCenter {rows[0].vcenter}, given to "
+                                               f"a VM at commit: reverse replication needs master target {mt} to be a "
+                                               "VM of that vCenter, with those disks")
+    loans = await asyncio.to_thread(_loans, _store(ps).get(rows[0].vcenter), machine, rows)
+    return await _lend_to(ps, machine, mt, where, loans, sizes, created=True)
+
+
+def _loans(vc: VCenter, machine: str, rows: list[VmDisk]) -> list[VmSource]:
+    """The VM that holds these VMDKs now, and the slot of each (where it goes back to)."""
+    from standby.vsphere.inventory import vm_info
+    from standby.vsphere.objects import find_vm
+
+    with connect(vc) as s:
+        vm = vm_info(s, find_vm(s, rows[0].holder))
+    slots = {d.file: d for d in vm.disks}
+    missing = [d.file for d in rows if d.file not in slots]
+    if missing:
+        raise RequestFailed(ErrorCode.MISSING, f"VM {vm.name} no longer has the replica disks {', '.join(missing)}: "
+                                               "attach them to it again in vSphere")
+    return [VmSource(machine, d.disk, vc.name, vm.instance_uuid, vm.name, d.file, d.uuid,
+                     slots[d.file].controller_key, slots[d.file].unit) for d in rows]
+
+
+async def _lend_to(ps: Hub, identity: str, mt: str, where: VmPlace, loans: list[VmSource], sizes: dict[str, int],
+                   created: bool) -> dict[str, str]:
     vc = _store(ps).get(where.vcenter)
-    lent = await asyncio.to_thread(_lend, vc, where, sources)
-    for src in sources:
+    lent = await asyncio.to_thread(_lend, vc, where, loans)
+    for src in loans:
         home = {"vm": src.vm, "vm_name": src.vm_name, "controller_key": src.controller_key, "unit": src.unit}
-        ps.vmdisks.put(VmDisk(agent, src.disk, vc.name, src.file, lent[src.disk], where.vm, True, False, home))
+        ps.vmdisks.put(VmDisk(identity, src.disk, vc.name, src.file, lent[src.disk], where.vm, True, created, home))
     try:
         return await _find(ps, mt, {d: (lent[d], sizes[d]) for d in sorted(lent)})
     except RequestFailed as exc:
-        await give_back(ps, agent, exc)
+        await give_back(ps, identity, exc)
         raise AssertionError("unreachable") from None  # give_back raises
 
 
@@ -319,18 +360,24 @@ def _powered_off(s: Any, vm: str, name: str) -> None:
 
     state = vm_info(s, find_vm(s, vm)).power_state
     if state != "poweredOff":
-        raise RequestFailed(ErrorCode.IN_USE, f"the original VM {name} is {state}: its disks are in use; power it off "
-                                              "before reprotecting into them")
+        raise RequestFailed(ErrorCode.IN_USE, f"VM {name} is {state}: its disks are in use; power it off before they "
+                                              "are replicated into")
 
 
-async def give_back(ps: Hub, agent: str, cause: RequestFailed) -> None:
-    """Undo lend_originals after a later step of reprotect failed, then raise `cause` with what was done."""
-    lent = [d for d in ps.vmdisks.disks(agent) if d.home and d.at_mt]
+async def give_back(ps: Hub, identity: str, cause: RequestFailed) -> None:
+    """Undo a lending after a later step of reprotect or reverse failed, then raise `cause` with what was
+    done: the disks go back to the VM they were lent by (and standby's own replicas stay on record as that
+    VM's)."""
+    lent = [d for d in ps.vmdisks.disks(identity) if d.home and d.at_mt]
     note = "nothing was changed in vSphere"
     if lent:
         vc = _store(ps).get(lent[0].vcenter)
         note = await asyncio.to_thread(_give_back, vc, lent)
-        ps.vmdisks.drop(agent, [d.disk for d in lent])
+        for d in lent:
+            if d.created and d.home:
+                ps.vmdisks.move(identity, d.disk, str(d.home["vm"]), False)
+            else:
+                ps.vmdisks.drop(identity, [d.disk])
     raise RequestFailed(cause.code, f"{cause}; {note}")
 
 
@@ -344,7 +391,7 @@ def _give_back(vc: VCenter, lent: list[VmDisk]) -> str:
             detach(s, lent[0].holder, [d.file for d in lent])
             attach_at(s, lent[0].home["vm"], [(d.file, d.home["controller_key"], d.home["unit"])  # type: ignore[index]
                                               for d in lent])
-        return f"the original VM {vm_name} has its disks back"
+        return f"VM {vm_name} has its disks back"
     except RequestFailed as exc:
-        return (f"giving the original VM {vm_name} its disks back failed ({exc}): in vSphere, detach "
+        return (f"giving VM {vm_name} its disks back failed ({exc}): in vSphere, detach "
                 f"{', '.join(d.file for d in lent)} from the master target VM and attach them to {vm_name}")

@@ -221,7 +221,7 @@ class AdminFailedOver(Wire):
 @message("commit")
 class AdminCommit(Wire):
     machine: str = checked(name)
-    vm: str | None = checked(optional(one_of("alternate", "original")), None)  # vSphere: where the disks go
+    vm: str | None = checked(optional(one_of("alternate", "original", "none")), None)  # vSphere: where disks go
     vm_name: str | None = checked(optional(name), None)
     power_on: bool = checked(boolean, False)
 

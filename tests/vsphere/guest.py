@@ -97,6 +97,15 @@ class Guest:
         """{VMDK path: loop device} shown now."""
         return {f: loop for f, (loop, _) in self.shown.items()}
 
+    def shows(self, files: set[str], timeout: float = 10.0) -> bool:
+        """Whether the guest comes to show exactly the VMDKs `files` within `timeout` (it looks every 0.1 s)."""
+        deadline = time.monotonic() + timeout
+        while set(self.shown) != files:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(10)

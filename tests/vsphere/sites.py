@@ -125,3 +125,19 @@ def agent(dep: LocalDeployment, site: dict[str, Any], name: str, vm: str, files:
     return devs
 
 
+
+
+def reattach_agent_disks(dep: LocalDeployment, site: dict[str, Any], name: str,
+                         files: dict[str, str]) -> dict[str, str]:
+    """The VM of agent `name` powered on again: its disks are new loop devices over the same images (the
+    old ones may hold pages cached before another VM wrote the image; a real guest sees its disks afresh
+    after a power cycle). agent.toml points at them; the agent is not started."""
+    from standby.plumbing.config import load_toml, save_toml
+
+    conf = dep.root / f"agent-{name}" / "agent.toml"
+    raw = load_toml(conf)
+    devs = {disk: attach(site["images"].image(f, SIZE), site["loops"]) for disk, f in files.items()}
+    for entry in raw["disks"]:
+        entry["path"] = devs[entry["name"]]
+    save_toml(conf, raw)
+    return devs

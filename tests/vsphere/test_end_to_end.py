@@ -19,7 +19,18 @@ from standby.vsphere.connect import connect
 from standby.vsphere.vms import power_off
 from tests.deploy import LocalDeployment
 
-from .sites import DR_MT_VM, HOME_MT_VM, SOURCE_VM, agent, cli, master_target, same, vm_of, write
+from .sites import (
+    DR_MT_VM,
+    HOME_MT_VM,
+    SOURCE_VM,
+    agent,
+    cli,
+    master_target,
+    reattach_agent_disks,
+    same,
+    vm_of,
+    write,
+)
 
 pytestmark = pytest.mark.root
 
@@ -56,7 +67,7 @@ def test_protect_failover_to_a_new_vm_and_fail_back_into_the_original(deployment
     assert rec.memory_mb == src_before.memory_mb and rec.firmware == src_before.firmware
     assert [d.file for d in rec.disks] == [vmdks["sda"], vmdks["sdb"]]
     assert not set(vmdks.values()) & {d.file for d in vm_of(vc, DR_MT_VM).disks}
-    assert not dr.devices(), "the master target's guest no longer shows the replica disks"
+    assert dr.shows(set()), "the master target's guest no longer shows the replica disks"
     for disk, dev in web01.items():
         assert same(dev, images.image(vmdks[disk])), f"the recovered VM's {disk} is not the source at the point"
 
@@ -73,7 +84,7 @@ def test_protect_failover_to_a_new_vm_and_fail_back_into_the_original(deployment
     out = cli(deployment, "reprotect", "web01", "--agent", "web01-rec", "--mt", "mthome")
     assert out["mode"] == "checksum", out
     assert not vm_of(vc, SOURCE_VM).disks and set(src_files.values()) <= {d.file for d in vm_of(vc, HOME_MT_VM).disks}
-    assert set(home.devices()) == set(src_files.values())
+    assert home.shows(set(src_files.values()))
     deployment.wait_for(lambda s: any(t["name"] == "web01" and t["state"].startswith("ready to fail back")
                                       for t in s["roundtrips"]), 240, "ready to fail back")
     for n, dev in enumerate(rec_devs.values()):
@@ -90,6 +101,28 @@ def test_protect_failover_to_a_new_vm_and_fail_back_into_the_original(deployment
     src_after = vm_of(vc, SOURCE_VM)
     assert {d.file: (d.controller_key, d.unit) for d in src_after.disks} == slots
     assert src_after.power_state == "poweredOn"
-    assert not home.devices() and not set(src_files.values()) & {d.file for d in vm_of(vc, HOME_MT_VM).disks}
+    assert home.shows(set()) and not set(src_files.values()) & {d.file for d in vm_of(vc, HOME_MT_VM).disks}
     for disk, dev in rec_devs.items():
         assert same(dev, images.image(src_files[disk])), f"the original VM's {disk} differs from the recovered one"
+
+    # reverse replication: the recovered VM, shut down, lends its disks (the replicas) to mtdr's VM again
+    deployment.kill("agent-web01-rec", 15)
+    with connect(vc) as s:
+        power_off(s, "web01-recovered")
+    web01 = reattach_agent_disks(deployment, site, "web01", src_files)
+    deployment.start("agent", "web01")
+    for n, dev in enumerate(web01.values()):
+        write(dev, 40 + n)
+    out = cli(deployment, "reverse", "web01")
+    assert {d["disk"]: d["vmdk"] for d in out["disks"]} == vmdks, out
+    assert not vm_of(vc, "web01-recovered").disks and dr.shows(set(vmdks.values()))
+    deployment.wait_synced("web01", timeout=120)
+    deployment.wait_caught_up("web01", time.time())
+    for disk, dev in web01.items():
+        assert same(dev, images.image(vmdks[disk])), f"reverse replication: replica of {disk} differs"
+
+    # and fail over again: the replicas go back into the recovered VM, in their slots
+    cli(deployment, "failover", "web01", "--point", "latest")
+    again = cli(deployment, "commit", "web01")
+    assert "given back to the original VM web01-recovered" in again["vm"]["what"], again
+    assert [d.file for d in vm_of(vc, "web01-recovered").disks] == [vmdks["sda"], vmdks["sdb"]]
