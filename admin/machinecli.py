@@ -42,6 +42,8 @@ def dispatch(client: AdminClient, args: argparse.Namespace) -> int | None:
             else:
                 journal = f" and its retention journal {d['journal']}" if d.get("journal") else ""
                 print(f"{args.machine}/{d['disk']}: no longer protected; replica {where}{journal} kept")
+            if d.get("vmdk"):
+                print(f"    in vSphere: {d['vmdk']}")
         print(f"{args.machine} stays enrolled (standby forget {args.machine} revokes it)")
         return 0
     if args.cmd == "forget":

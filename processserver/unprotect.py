@@ -23,6 +23,7 @@ from standby.plumbing.errors import RequestFailed
 from standby.plumbing.link import LinkClosed
 from standby.proto.enums import ErrorCode, GoodbyeCode
 
+from . import vmsteps
 from .hub import Hub
 from .recovery import protected_disks
 from .registry import DiskRow
@@ -95,6 +96,12 @@ async def unprotect(ps: Hub, machine: str, delete_replicas: bool = False) -> dic
             r = got.get(d.id, {})
             out.append({"disk": d.name, "mt": mt, "replica": r.get("replica", d.replica_path),
                         "journal": r.get("journal"), "removed": list(r.get("removed", []))})
+    try:
+        vmdks = await vmsteps.let_go(ps, machine, delete_replicas)
+    except RequestFailed as exc:
+        problems.append(str(exc))
+        vmdks = {}
+    out = [{**o, **({"vmdk": vmdks[o["disk"]]} if o["disk"] in vmdks else {})} for o in out]
     for d in disks:
         _drop_disk(ps, d)
     if problems:

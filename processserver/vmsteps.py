@@ -273,6 +273,42 @@ def _give(s: Any, placed: list[VmDisk], sources: list[VmSource], location: str |
     return {"vm_uuid": vm, "what": what, "files": files}
 
 
+# ---- unprotect ---------------------------------------------------------------------------------------
+async def let_go(ps: Hub, identity: str, delete: bool) -> dict[str, str]:
+    """After unprotect's release: the replica VMDKs still on the master-target VM leave it. Lent disks go
+    back to the VM that lent them; standby's own are detached and kept, or deleted with --delete-replicas.
+    {disk name: what became of its VMDK}; nothing when no replica of `identity` is a VMDK on a master
+    target VM (after a commit they are the recovered VM's: left alone)."""
+    held = [d for d in ps.vmdisks.disks(identity) if d.at_mt]
+    if not held:
+        return {}
+    vc = _store(ps).get(held[0].vcenter)
+    done = await asyncio.to_thread(_let_go, vc, held, delete)
+    ps.vmdisks.drop(identity, [d.disk for d in held])
+    return done
+
+
+def _let_go(vc: VCenter, held: list[VmDisk], delete: bool) -> dict[str, str]:
+    from standby.vsphere.disks import delete_files, detach
+    from standby.vsphere.vms import attach_at
+
+    lent = [d for d in held if d.home and not d.created]
+    own = [d for d in held if d not in lent]
+    done: dict[str, str] = {}
+    with connect(vc) as s:
+        detach(s, held[0].holder, [d.file for d in held])
+        if lent:
+            home = lent[0].home or {}
+            attach_at(s, home["vm"], [(d.file, d.home["controller_key"], d.home["unit"])  # type: ignore[index]
+                                      for d in lent])
+            done.update({d.disk: f"{d.file} given back to VM {home['vm_name']}" for d in lent})
+        if delete and own:
+            delete_files(s, [d.file for d in own])
+        done.update({d.disk: f"{d.file} {'deleted' if delete else 'detached from the master target VM, kept'}"
+                     for d in own})
+    return done
+
+
 # ---- reprotect to the original location ---------------------------------------------------------------
 async def lend_originals(ps: Hub, machine: str, agent: str, mt: str, sizes: dict[str, int]) -> dict[str, str] | None:
     """Reprotect into the original VM's own disks: detach them from it (powered off) and attach them to the

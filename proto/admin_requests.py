@@ -317,11 +317,13 @@ class Unprotect(Wire):
 
 @message("unprotected disk")
 class UnprotectedDisk(Wire):
+    OMIT_NONE = frozenset({"vmdk"})
     disk: str = checked(name)
     mt: str = checked(name)
     replica: str | None = checked(optional(path))  # None: the master target had no state for it
     journal: str | None = checked(optional(path), None)  # where the kept retention journal is now
     removed: tuple[str, ...] = checked(list_of(path), ())  # what --delete-replicas deleted (nothing without it)
+    vmdk: str | None = checked(optional(text), None)  # in vSphere: what became of the replica VMDK
 
 
 @message("unprotect reply")

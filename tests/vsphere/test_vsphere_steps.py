@@ -109,3 +109,17 @@ def test_commit_into_the_original_vm(deployment: LocalDeployment, site, tmp_path
     assert [(d.controller_key, d.unit) for d in after.disks] == slots and after.power_state == "poweredOn"
     ds = _datastore_dir(site)
     assert all((ds / f.split("] ")[1]).exists() for f in own), "the original VM's own disk files are kept"
+
+
+@pytest.mark.parametrize("delete", [False, True], ids=["kept", "deleted"])
+def test_unprotect_takes_the_replica_vmdks_off_the_master_target_vm(deployment: LocalDeployment, site,
+                                                                     tmp_path: Path, delete: bool) -> None:
+    _, vmdks = _protected(deployment, site, tmp_path)
+    r = deployment.cli("unprotect", "web01", *(["--delete-replicas"] if delete else []))
+    assert r.returncode == 0, r.stdout + r.stderr
+    word = "deleted" if delete else "detached from the master target VM, kept"
+    assert all(f"in vSphere: {f} {word}" in r.stdout for f in vmdks.values()), r.stdout
+    assert not set(vmdks.values()) & {d.file for d in vm_of(site["vc"], DR_MT_VM).disks}
+    folder = _datastore_dir(site) / "standby-web01"
+    assert {p.name for p in folder.glob("*.vmdk") if "-flat" not in p.name} == (set() if delete else
+                                                                                {"sda.vmdk", "sdb.vmdk"})
