@@ -78,9 +78,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         description="Make a failover final: history newer than its point is discarded. When the replicas are VMDKs "
         "attached to a master target VM (vCenter), they are then detached from it (files kept) and given to the "
         "machine's VM: a new VM like the original on the master target's host (--vm alternate, the default), in place "
-        "of the original VM's disks (--vm original: it must be powered off), or, after a failback, back to the "
-        "original VM in the slots they came from. If that vSphere step fails, the disks go back to the master target "
-        "VM and the same command runs it again.",
+        "of the original VM's disks (--vm original: it must be powered off), to no VM (--vm none), or, after a "
+        "failback or a reverse, back to the VM that lent them, in their slots. If that vSphere step fails, the "
+        "disks go back to the master target VM and the same command runs it again.",
     )
     cm.add_argument("machine")
     cm.add_argument("--vm", choices=("alternate", "original", "none"), help="vSphere: where the replica disks go "

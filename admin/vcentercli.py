@@ -38,7 +38,8 @@ def add_parsers(sub: Any) -> None:
     add.add_argument("--replace", action="store_true", help="replace a vCenter of that name (new address, "
                      "credentials or certificate)")
     vsub.add_parser("list", help="the vCenters added (no passwords)")
-    rm = vsub.add_parser("remove", help="forget a vCenter and its stored credentials")
+    rm = vsub.add_parser("remove", help="forget a vCenter and its stored credentials (refused while standby "
+                         "tracks replica disks or protected VMs there)")
     rm.add_argument("name")
     vms = vsub.add_parser("vms", help="a vCenter's VMs: power state, BIOS/instance UUID, guest OS, disks, "
                           "datastores, and the standby machine each one is (matched by system UUID)")
@@ -50,8 +51,8 @@ def add_parsers(sub: Any) -> None:
         "check", help="check a master target VM against the vSphere rules (EnableUUID, snapshots, controller, "
         "disk count, VMware Tools, datastores)",
         description="Check a master target that is a vCenter VM (found by its system UUID) against every rule; "
-        "each failed rule says how to fix it. Exit 0 when every rule passes, 1 otherwise. protect, reprotect and "
-        "failback run the same checks.",
+        "each failed rule says how to fix it. Exit 0 when every rule passes, 1 otherwise. protect (when it creates "
+        "replicas in vSphere), reprotect and reverse (when they lend a VM's disks) and failback run the same checks.",
     )
     ck.add_argument("mt", help="the master target, by its enrolled name")
     ck.add_argument("--machine", action="append", default=[], metavar="MACHINE",
