@@ -309,7 +309,8 @@ class RoundTrips:
         result = {"final": [{"disk": d["disk"], "sequence": d["sequence"], "time": d["time"],
                              "consistency": d["consistency"]} for d in shut["disks"]],
                   "downtime_seconds": round(downtime, 3), "bytes_after_shutdown": shipped,
-                  "no_data_loss": not after, "written_after_final": after, "failover": res["disks"]}
+                  "no_data_loss": not after, "written_after_final": after, "failover": res["disks"],
+                  "completed_at": time.time()}
         trip.data["final"] = result
         self._move(trip, Phase.FAILED_BACK,
                    f"downtime {downtime:.1f} s, {shipped} bytes shipped after the shutdown, "

@@ -4,6 +4,7 @@ replicates in, the failback's final points, and the history of phases with times
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from standby.proto.states import Direction, Phase, Replication
@@ -31,7 +32,22 @@ def _progress(disks: list[dict[str, Any]]) -> float:
     return sum(parts) / len(parts) if parts else 0.0
 
 
-def state_words(trip: Trip, disks: list[dict[str, Any]], ready: str) -> str:
+FRESH_REPORT = 30.0  # seconds: an older agent report is not believed (as status.continuous)
+
+
+def written_late(ps: Hub, trip: Trip) -> int:
+    """Bytes the recovered machine's agent holds as written and not shipped, by its reports made after the
+    failback completed (a report from before may still count what the final batch shipped)."""
+    since = (trip.data.get("final") or {}).get("completed_at", 0.0)
+    now, late = time.time(), 0
+    for row in ps.registry.disks(machine=trip.active):
+        st = ps.streams.get(row.id)
+        if st is not None and st.agent_report_at > since and now - st.agent_report_at < FRESH_REPORT:
+            late += int(st.agent_report.get("dirty_bytes") or 0)
+    return late
+
+
+def state_words(trip: Trip, disks: list[dict[str, Any]], ready: str, late: int = 0) -> str:
     """The phase as the operator reads it, from the stored phase and the direction's disks now."""
     reps = {d["replication"] for d in disks}
     pct = f"{100 * _progress(disks):.0f} %"
@@ -42,8 +58,7 @@ def state_words(trip: Trip, disks: list[dict[str, Any]], ready: str) -> str:
         if trip.phase is not Phase.FAILED_BACK:
             return "failed over, pending commit"
         # The recovered machine's agent still tracks its disks: a write after the final point is refused
-        # (nothing applies any more) and stays in its dirty map, and would be lost at commit.
-        late = sum(int(d.get("dirty_bytes") or 0) for d in disks)
+        # (nothing applies any more) and stays in its dirty map, and would be lost at commit (written_late).
         if late:
             return (f"failed back, pending commit; WRITTEN AFTER THE FINAL POINT: {late} bytes on the recovered "
                     "machine that the original disks do not have (do not commit: start the failback again)")
@@ -94,7 +109,8 @@ def trips_status(ps: Hub, disks: list[dict[str, Any]], machine: str | None) -> l
             "name": trip.name,
             "direction": trip.direction.value,
             "phase": trip.phase.value,
-            "state": state_words(trip, mine, failback_ready(ps, trip) if trip.phase is Phase.SYNCHRONISING else ""),
+            "state": state_words(trip, mine, failback_ready(ps, trip) if trip.phase is Phase.SYNCHRONISING else "",
+                                 written_late(ps, trip) if trip.phase is Phase.FAILED_BACK else 0),
             "active": trip.active,
             "recovered": trip.recovered,
             "home_mt": trip.data.get("home_mt"),

@@ -102,8 +102,7 @@ def test_status_words(phase: Phase, disks: list[dict[str, object]], ready: str, 
 
 def test_a_write_after_the_final_point_is_shown() -> None:
     trip = Trip("web01", Direction.REVERSE, P.FAILED_BACK, "x")
-    late = {**disk("FailedOver"), "dirty_bytes": 8192}
-    words = state_words(trip, [disk("FailedOver"), late], "")
+    words = state_words(trip, [disk("FailedOver"), disk("FailedOver")], "", late=8192)
     assert words.startswith("failed back, pending commit; WRITTEN AFTER THE FINAL POINT: 8192 bytes"), words
     assert "do not commit" in words
 
@@ -129,3 +128,22 @@ def test_status_lines_of_a_round_trip() -> None:
     assert lines[2] == "    failback: downtime 1.2 s, 3.0 MiB after the shutdown, no data loss (checked)"
     assert "reprotecting" in lines[3] and "12.5 s" in lines[3] and "5.0 MiB" in lines[3]
     assert "running" in lines[4] and lines[4].split()[-1] == "-"
+
+
+def test_only_reports_made_after_the_failback_count_as_written_late() -> None:
+    """A report sent before the final batch was acked still counts that batch as dirty: not a late write."""
+    import time
+    from types import SimpleNamespace
+
+    from standby.processserver.tripstatus import written_late
+
+    done = time.time() - 5
+    trip = Trip("web01", Direction.REVERSE, P.FAILED_BACK, "rec", data={"final": {"completed_at": done}})
+    rows = [SimpleNamespace(id=1), SimpleNamespace(id=2)]
+    streams = {1: SimpleNamespace(agent_report_at=done - 0.5, agent_report={"dirty_bytes": 4 << 20}),
+               2: SimpleNamespace(agent_report_at=done + 1, agent_report={"dirty_bytes": 4096})}
+    ps = SimpleNamespace(registry=SimpleNamespace(disks=lambda machine: rows if machine == "rec" else []),
+                         streams=streams)
+    assert written_late(ps, trip) == 4096  # type: ignore[arg-type]
+    streams[2].agent_report_at = done - 60  # stale as well
+    assert written_late(ps, trip) == 0  # type: ignore[arg-type]
