@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS vm_sources (
     unit INTEGER NOT NULL,
     PRIMARY KEY (identity, disk)
 );
+CREATE TABLE IF NOT EXISTS vm_shapes (identity TEXT PRIMARY KEY, vcenter TEXT NOT NULL, shape TEXT NOT NULL);
 """
 
 
@@ -114,7 +115,8 @@ class VmDiskStore:
 
     def vcenters(self) -> set[str]:
         """The vCenters that hold replica VMDKs or protected VMs standby keeps track of."""
-        rows = self.db.execute("SELECT vcenter FROM vm_disks UNION SELECT vcenter FROM vm_sources").fetchall()
+        rows = self.db.execute("SELECT vcenter FROM vm_disks UNION SELECT vcenter FROM vm_sources "
+                               "UNION SELECT vcenter FROM vm_shapes").fetchall()
         return {r[0] for r in rows}
 
     def put_sources(self, sources: list[VmSource]) -> None:
@@ -123,6 +125,15 @@ class VmDiskStore:
                 self.db.execute("INSERT OR REPLACE INTO vm_sources VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                                 (s.identity, s.disk, s.vcenter, s.vm, s.vm_name, s.file, s.uuid, s.controller_key,
                                  s.unit))
+
+    def put_shape(self, identity: str, vcenter: str, shape: dict[str, Any]) -> None:
+        """The protected VM's shape (vsphere.shape.VmShape as JSON), for the VM a failover makes."""
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO vm_shapes VALUES (?, ?, ?)", (identity, vcenter, json.dumps(shape)))
+
+    def shape(self, identity: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT shape FROM vm_shapes WHERE identity = ?", (identity,)).fetchone()
+        return json.loads(row[0]) if row else None
 
     def sources(self, identity: str) -> list[VmSource]:
         rows = self.db.execute("SELECT * FROM vm_sources WHERE identity = ? ORDER BY disk", (identity,)).fetchall()

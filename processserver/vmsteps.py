@@ -81,13 +81,18 @@ async def place_replicas(ps: Hub, machine: str, mt: str, disks: list[DiskRow],
                                                "not: protect it into a replica file (--replica-dir) instead")
     store = _store(ps)
     src = await where_is(ps, machine)
-    sources = await asyncio.to_thread(_sources, store.get(src.vcenter), src, machine, disks) if src else []
+    sources: list[VmSource] = []
+    shape = None
+    if src is not None:
+        sources, shape = await asyncio.to_thread(_sources, store.get(src.vcenter), src, machine, disks)
     vc = store.get(where.vcenter)
     protected = [src.vm] if src is not None and src.vcenter == where.vcenter else []
     made = await asyncio.to_thread(_create, vc, where, protected, machine, disks, datastore)
     for r in made:
         ps.vmdisks.put(VmDisk(machine, r.name, where.vcenter, r.file, r.uuid, where.vm, True, True, None))
     ps.vmdisks.put_sources(sources)
+    if src is not None and shape is not None:
+        ps.vmdisks.put_shape(machine, src.vcenter, shape)
     try:
         return await _find(ps, mt, {r.name: (r.uuid, r.capacity_bytes) for r in made})
     except RequestFailed as exc:
@@ -161,23 +166,27 @@ def _remove_created(vc: VCenter, vm: str, files: list[str]) -> str:
                 f"VM and delete them in vSphere: {', '.join(files)}")
 
 
-def _sources(vc: VCenter, src: VmPlace, machine: str, disks: list[DiskRow]) -> list[VmSource]:
-    """The protected VM's disks paired with the agent's: by name and by controller/unit, sizes checked.
-    Empty (with a warning) when they cannot be paired: failover to the original VM is then refused."""
+def _sources(vc: VCenter, src: VmPlace, machine: str,
+             disks: list[DiskRow]) -> tuple[list[VmSource], dict[str, Any]]:
+    """The protected VM's disks paired with the agent's (by name and by controller/unit, sizes checked),
+    and its shape. No disks (with a warning) when they cannot be paired: failover to the original VM and
+    the lending of its disks are then refused."""
     from standby.vsphere.inventory import vm_info
     from standby.vsphere.objects import find_vm
+    from standby.vsphere.shape import shape_of
 
     with connect(vc) as s:
         vm = vm_info(s, find_vm(s, src.vm))
+        shape = shape_of(s, src.vm).to_json()
     vdisks = sorted(vm.disks, key=lambda d: (d.controller_key, d.unit))
     agent = sorted(disks, key=lambda d: d.name)
     sized = all(v.capacity_bytes in (0, a.size) for v, a in zip(vdisks, agent, strict=False))
     if len(vdisks) != len(agent) or not sized:
         log.warning("%s is VM %s, but its %d disks cannot be paired with the %d VM disks by order and size: "
                     "failover to the original VM will be refused", machine, vm.name, len(agent), len(vdisks))
-        return []
+        return [], shape
     return [VmSource(machine, a.name, vc.name, src.vm, vm.name, v.file, v.uuid, v.controller_key, v.unit)
-            for a, v in zip(agent, vdisks, strict=True)]
+            for a, v in zip(agent, vdisks, strict=True)], shape
 
 
 # ---- commit ------------------------------------------------------------------------------------------
@@ -202,7 +211,8 @@ async def hand_over(ps: Hub, identity: str, rows: list[DiskRow], location: str |
                                                    "run standby commit again") from None
     sources = ps.vmdisks.sources(identity)
     vc = _store(ps).get(placed[0].vcenter)
-    done = await asyncio.to_thread(_hand_over, vc, placed, sources, location, vm_name or identity + RECOVERED_SUFFIX,
+    name = vm_name or identity + RECOVERED_SUFFIX
+    done = await asyncio.to_thread(_hand_over, vc, placed, sources, ps.vmdisks.shape(identity), location, name,
                                    power_on)
     for d in placed:
         ps.vmdisks.move(identity, d.disk, done["vm_uuid"], False)
@@ -210,8 +220,8 @@ async def hand_over(ps: Hub, identity: str, rows: list[DiskRow], location: str |
     return done
 
 
-def _hand_over(vc: VCenter, placed: list[VmDisk], sources: list[VmSource], location: str | None, name: str,
-               power_on: bool) -> dict[str, Any]:
+def _hand_over(vc: VCenter, placed: list[VmDisk], sources: list[VmSource], shape: dict[str, Any] | None,
+               location: str | None, name: str, power_on: bool) -> dict[str, Any]:
     from standby.vsphere.disks import attach_existing, detach
 
     mt_vm = placed[0].holder
@@ -221,7 +231,7 @@ def _hand_over(vc: VCenter, placed: list[VmDisk], sources: list[VmSource], locat
     with connect(vc) as s:
         detach(s, mt_vm, files)
         try:
-            return _give(s, placed, sources, location, name, power_on)
+            return _give(s, placed, sources, shape, location, name, power_on)
         except RequestFailed as exc:
             try:
                 attach_existing(s, mt_vm, files, lsi_only=True)
@@ -233,10 +243,11 @@ def _hand_over(vc: VCenter, placed: list[VmDisk], sources: list[VmSource], locat
             raise RequestFailed(exc.code, f"{exc}; {note}") from None
 
 
-def _give(s: Any, placed: list[VmDisk], sources: list[VmSource], location: str | None, name: str,
-          power_on: bool) -> dict[str, Any]:
+def _give(s: Any, placed: list[VmDisk], sources: list[VmSource], shape: dict[str, Any] | None,
+          location: str | None, name: str, power_on: bool) -> dict[str, Any]:
     from standby.vsphere.inventory import vm_host, vm_info
     from standby.vsphere.objects import find_vm
+    from standby.vsphere.shape import VmShape
     from standby.vsphere.vms import attach_at, create_vm_from_disks, reattach_to_original
     from standby.vsphere.vms import power_on as power_vm_on
 
@@ -257,16 +268,15 @@ def _give(s: Any, placed: list[VmDisk], sources: list[VmSource], location: str |
         reattach_to_original(s, vm, files, [x.file for x in sources])
         what = f"in place of the disks of the original VM {sources[0].vm_name}"
     else:
-        if not sources:
+        if shape is None:
             raise RequestFailed(ErrorCode.REFUSED, "the machine was not a VM of an added vCenter when it was "
                                                    "protected: there is no VM to take the shape of; commit with "
                                                    "--vm none and attach the disks to a VM yourself")
-        like = find_vm(s, sources[0].vm)
         host = vm_host(s, find_vm(s, placed[0].holder)).name
         ds = files[0].partition("]")[0].lstrip("[")
-        moid = create_vm_from_disks(s, name, sources[0].vm, host, ds, files, power_on=False)
+        moid = create_vm_from_disks(s, name, VmShape.from_json(shape), host, ds, files, power_on=False)
         vm = vm_info(s, find_vm(s, name)).instance_uuid
-        what = f"new VM {name} on host {host}, shaped like {vm_info(s, like).name}"
+        what = f"new VM {name} on host {host}, shaped like {sources[0].vm_name if sources else 'the original'}"
         log.info("created VM %s (%s)", name, moid)
     if power_on:
         what += "; " + power_vm_on(s, vm)

@@ -35,6 +35,7 @@ from .disks import (
     split_path,
 )
 from .objects import container, find_by_name, find_vm, properties
+from .shape import VmShape, scsi_class
 
 
 def _power(session: Session, vm: Any, want: str) -> str:
@@ -180,36 +181,28 @@ def _nic_backing(session: Session, net: Any) -> Any:
     return vim.vm.device.VirtualEthernetCard.NetworkBackingInfo(deviceName=name, network=net)
 
 
-def _nic_networks(session: Session, like_devices: list[Any], host_nets: list[Any], host: str) -> list[Any]:
-    """One network per NIC of the original: the same one when the host has it, else the host's first."""
+def _nic_networks(session: Session, shape: VmShape, host_nets: list[Any], host: str) -> list[Any]:
+    """One network per NIC of the original: the one of the same name when the host has it, else the
+    host's first."""
     from .api import vim
 
-    groups = [n for n in host_nets if isinstance(n, vim.dvs.DistributedVirtualPortgroup)]
-    keys = {p["key"]: n for n, p in properties(session, groups, vim.dvs.DistributedVirtualPortgroup, ["key"]).items()}
-    nets = []
-    for d in like_devices:
-        if not isinstance(d, vim.vm.device.VirtualEthernetCard):
-            continue
-        if not host_nets:
-            raise RequestFailed(ErrorCode.REFUSED, f"host {host} has no network for the VM's network adapters")
-        b = d.backing
-        net = keys.get(b.port.portgroupKey) if hasattr(b, "port") and b.port else getattr(b, "network", None)
-        nets.append(net if net in host_nets else host_nets[0])
-    return nets
+    if shape.networks and not host_nets:
+        raise RequestFailed(ErrorCode.REFUSED, f"host {host} has no network for the VM's network adapters")
+    kinds = {type(n) for n in host_nets} or {vim.Network}
+    names: dict[str, Any] = {}
+    for kind in kinds:
+        objs = [n for n in host_nets if type(n) is kind]
+        names.update({p.get("name"): n for n, p in properties(session, objs, kind, ["name"]).items()})
+    return [names.get(n, host_nets[0]) for n in shape.networks]
 
 
-def _new_vm_spec(session: Session, name: str, like: dict[str, Any], datastore: str, nets: list[Any],
+def _new_vm_spec(session: Session, name: str, shape: VmShape, datastore: str, nets: list[Any],
                  n_disks: int) -> Any:
-    """The new VM: the original's CPUs, memory, firmware and guest id, its SCSI controller type (LSI
-    Logic when it has none: the one most guests have a driver for), enough controllers for the disks, and
-    one VMXNET3 adapter per network."""
+    """The new VM: the original's CPUs, memory, firmware and guest id, its SCSI controller type, enough
+    controllers for the disks, and one VMXNET3 adapter per network."""
     from .api import vim
 
-    devices = like.get("config.hardware.device") or []
-    scsi = [d for d in devices if isinstance(d, vim.vm.device.VirtualSCSIController)]
-    used = {d.controller_key for d in disks_of(devices)}
-    ctrl = next((c for c in scsi if c.key in used), scsi[0] if scsi else None)
-    kind = type(ctrl) if ctrl is not None else vim.vm.device.VirtualLsiLogicController
+    kind = scsi_class(shape)
     changes = []
     for bus in range(max(1, -(-n_disks // (SCSI_UNITS - 1)))):
         ctrl = kind(key=-100 - bus, busNumber=bus, sharedBus="noSharing")
@@ -219,16 +212,16 @@ def _new_vm_spec(session: Session, name: str, like: dict[str, Any], datastore: s
                                            connectable=vim.vm.device.VirtualDevice.ConnectInfo(startConnected=True))
         changes.append(vim.vm.device.VirtualDeviceSpec(operation="add", device=nic))
     return vim.vm.ConfigSpec(
-        name=name, numCPUs=like.get("config.hardware.numCPU"), memoryMB=like.get("config.hardware.memoryMB"),
-        numCoresPerSocket=like.get("config.hardware.numCoresPerSocket"), firmware=like.get("config.firmware"),
-        guestId=like.get("config.guestId"), files=vim.vm.FileInfo(vmPathName=f"[{datastore}]"), deviceChange=changes)
+        name=name, numCPUs=shape.cpus, memoryMB=shape.memory_mb, numCoresPerSocket=shape.cores_per_socket,
+        firmware=shape.firmware, guestId=shape.guest_id, files=vim.vm.FileInfo(vmPathName=f"[{datastore}]"),
+        deviceChange=changes)
 
 
-def create_vm_from_disks(session: Session, name: str, like_vm_key: str, host: str, datastore: str, files: list[str],
+def create_vm_from_disks(session: Session, name: str, like: VmShape, host: str, datastore: str, files: list[str],
                          power_on: bool = False) -> str:
     """Create VM `name` on `host` (its resource pool, the datacenter's VM folder, its files on
-    `datastore`) like VM `like_vm_key` (see _new_vm_spec), attach `files` in order at units 0-6, 8-15 of
-    its controllers, power it on if asked; returns its managed object id.
+    `datastore`) of the shape `like` (vsphere.shape: read from the original at protect), attach `files` in
+    order at units 0-6, 8-15 of its controllers, power it on if asked; returns its managed object id.
 
     Refused before creating anything: a VM of that name exists, more than MAX_MT_DISKS files, a file
     missing or attached to a VM, the datastore not on the host. If a step after CreateVM fails, the VM's
@@ -240,13 +233,9 @@ def create_vm_from_disks(session: Session, name: str, like_vm_key: str, host: st
         raise RequestFailed(ErrorCode.REFUSED, f"a VM named {name} exists already: choose another name or remove it")
     if not files or len(files) > MAX_MT_DISKS:
         raise RequestFailed(ErrorCode.BAD_INPUT, f"a VM is made of 1 to {MAX_MT_DISKS} disks, not {len(files)}")
-    like_vm = find_vm(session, like_vm_key)
-    like = properties(session, [like_vm], vim.VirtualMachine, [
-        "config.hardware.numCPU", "config.hardware.numCoresPerSocket", "config.hardware.memoryMB",
-        "config.firmware", "config.guestId", "config.hardware.device"])[like_vm]
     h, pool, folder, host_nets = _host_parts(session, host, datastore, files)
     check_attachable(session, files, name)
-    nets = _nic_networks(session, like.get("config.hardware.device") or [], host_nets, host)
+    nets = _nic_networks(session, like, host_nets, host)
     spec = _new_vm_spec(session, name, like, datastore, nets, len(files))
     what = f"create VM {name} on host {host}"
     vm = tasks.wait(tasks.call(what, folder.CreateVM_Task, config=spec, pool=pool, host=h), what)

@@ -13,6 +13,7 @@ from standby.proto.enums import ErrorCode
 from standby.vsphere import disks, tasks, vms
 from standby.vsphere.connect import connect
 from standby.vsphere.objects import container, find_by_name, find_vm, properties
+from standby.vsphere.shape import VmShape, shape_of
 
 from .test_disks import DS, GIB, MT, add_controller, ds_dir
 
@@ -101,7 +102,7 @@ def test_create_vm_from_disks_like_the_original(vcsim) -> None:
     with connect(vcsim.vcenter()) as s:
         set_like(s)
         files = replicas(s, ["sda", "sdb"])
-        moid = vms.create_vm_from_disks(s, "web01-rec", ORIGINAL, "DC0_H0", DS, files, power_on=True)
+        moid = vms.create_vm_from_disks(s, "web01-rec", shape_of(s, ORIGINAL), "DC0_H0", DS, files, power_on=True)
         vm = find_vm(s, "web01-rec")
         assert vm._moId == moid
         paths = ["config.hardware.numCPU", "config.hardware.numCoresPerSocket", "config.hardware.memoryMB",
@@ -128,13 +129,14 @@ def test_create_vm_refusals_and_cleanup(vcsim) -> None:
     with connect(vcsim.vcenter()) as s:
         files = replicas(s, ["sda"])
         with pytest.raises(RequestFailed) as e:
-            vms.create_vm_from_disks(s, "DC0_H0_VM1", ORIGINAL, "DC0_H0", DS, files)
+            vms.create_vm_from_disks(s, "DC0_H0_VM1", shape_of(s, ORIGINAL), "DC0_H0", DS, files)
         assert e.value.code == ErrorCode.REFUSED and "a VM named DC0_H0_VM1 exists already" in str(e.value)
         with pytest.raises(RequestFailed) as e:
-            vms.create_vm_from_disks(s, "web01-rec", ORIGINAL, "DC0_H0", DS, files + ["[LocalDS_0] r/gone.vmdk"])
+            vms.create_vm_from_disks(s, "web01-rec", shape_of(s, ORIGINAL), "DC0_H0", DS,
+                                     files + ["[LocalDS_0] r/gone.vmdk"])
         assert e.value.code == ErrorCode.MISSING and "no such file [LocalDS_0] r/gone.vmdk" in str(e.value)
         with pytest.raises(RequestFailed) as e:
-            vms.create_vm_from_disks(s, "web01-rec", ORIGINAL, "DC0_H0", "nods", files)
+            vms.create_vm_from_disks(s, "web01-rec", shape_of(s, ORIGINAL), "DC0_H0", "nods", files)
         assert e.value.code == ErrorCode.MISSING and "no datastore 'nods'" in str(e.value)
 
         # a descriptor without its extent passes the listing, and vSphere fails to attach it after CreateVM
@@ -143,10 +145,24 @@ def test_create_vm_refusals_and_cleanup(vcsim) -> None:
         names_before = sorted(p["name"] for p in properties(s, container(s, vim.VirtualMachine), vim.VirtualMachine,
                                                             ["name"]).values())
         with pytest.raises(RequestFailed) as e:
-            vms.create_vm_from_disks(s, "web01-rec", ORIGINAL, "DC0_H0", DS, files + ["[LocalDS_0] broken/sdb.vmdk"])
+            vms.create_vm_from_disks(s, "web01-rec", shape_of(s, ORIGINAL), "DC0_H0", DS,
+                                     files + ["[LocalDS_0] broken/sdb.vmdk"])
         assert "attach 2 disks to VM web01-rec failed in vSphere: FileNotFound" in str(e.value)
         assert "the new VM web01-rec was destroyed again; the replica disk files are kept" in str(e.value)
         names = sorted(p["name"] for p in properties(s, container(s, vim.VirtualMachine), vim.VirtualMachine,
                                                      ["name"]).values())
         assert names == names_before
         assert (ds_dir(s) / "standby/web01/sda.vmdk").exists() and (ds_dir(s) / "standby/web01/sda-flat.vmdk").exists()
+
+
+def test_a_shape_round_trips_through_json_and_names_a_scsi_class(vcsim) -> None:
+    with connect(vcsim.vcenter()) as s:
+        shape = shape_of(s, ORIGINAL)
+    assert VmShape.from_json(shape.to_json()) == shape
+    assert shape.scsi == "ParaVirtualSCSIController" and len(shape.networks) >= 1 and shape.cpus >= 1
+    from standby.vsphere.api import vim
+    from standby.vsphere.shape import scsi_class
+
+    assert scsi_class(shape) is vim.vm.device.ParaVirtualSCSIController
+    odd = VmShape.from_json({**shape.to_json(), "scsi": "VirtualE1000"})  # not a SCSI controller: LSI Logic
+    assert scsi_class(odd) is vim.vm.device.VirtualLsiLogicController

@@ -79,6 +79,14 @@ def test_protect_removes_what_it_created_when_the_guest_never_shows_a_disk(deplo
 def test_a_failed_commit_puts_the_disks_back_and_runs_again(deployment: LocalDeployment, site,
                                                             tmp_path: Path) -> None:
     devs, vmdks = _protected(deployment, site, tmp_path)
+    shape = vm_of(site["vc"], SOURCE_VM)
+    deployment.kill("agent-web01", 15)
+    with connect(site["vc"]) as s:  # the protected site is lost: its VM is gone (the shape was kept at protect)
+        from standby.vsphere.objects import find_vm
+        from standby.vsphere.tasks import wait
+
+        power_off(s, SOURCE_VM)
+        wait(find_vm(s, SOURCE_VM).Destroy_Task(), "destroy the source VM")
     cli(deployment, "failover", "web01", "--point", "latest")
     r = deployment.cli("commit", "web01", "--vm-name", "DC0_H0_VM1")  # a VM of that name exists
     assert r.returncode == 1, r.stdout + r.stderr
@@ -87,7 +95,10 @@ def test_a_failed_commit_puts_the_disks_back_and_runs_again(deployment: LocalDep
     done = cli(deployment, "commit", "web01", "--vm-name", "web01-dr")
     assert "new VM web01-dr" in done["vm"]["what"], done
     assert [d.file for d in vm_of(site["vc"], "web01-dr").disks] == [vmdks["sda"], vmdks["sdb"]]
-    assert vm_of(site["vc"], "web01-dr").power_state == "poweredOff"  # not asked to power on
+    dr = vm_of(site["vc"], "web01-dr")
+    assert dr.power_state == "poweredOff"  # not asked to power on
+    assert (dr.num_cpu, dr.memory_mb, dr.firmware, dr.nic_count) == (shape.num_cpu, shape.memory_mb, shape.firmware,
+                                                                    shape.nic_count)
     for disk, dev in devs.items():
         assert same(dev, site["images"].image(vmdks[disk]))
 
