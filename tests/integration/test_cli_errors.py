@@ -87,10 +87,14 @@ def test_protect_a_master_target_as_machine_is_unknown_machine(deployment):
     failed_with(res, EXIT_BAD_INPUT, "unknown machine")
 
 
-def test_protect_without_replica_dir_or_replica(deployment):
-    deployment.enroll("agent", "src")
+@needs_loop
+def test_protect_without_replica_dir_or_replica(deployment, ready):
+    """Without a vCenter (a master target VM's replicas are made in vSphere), the process server asks for
+    either option and says the third way; nothing is protected."""
     res = deployment.cli("protect", "src", "--mt", "mt1")
-    failed_with(res, EXIT_BAD_INPUT, "--replica-dir", "--replica")
+    failed_with(res, EXIT_BAD_INPUT, "no replica given for disk disk0", "--replica-dir", "--replica",
+                "standby vcenter add")
+    assert deployment.status()["disks"][0]["replication"] == "Off"
 
 
 def test_protect_malformed_replica_option(deployment):
