@@ -14,11 +14,17 @@ from standby.plumbing.errors import EXIT_INTERRUPTED, EXIT_UNREACHABLE
 from tests.deploy import LocalDeployment
 
 
+def _default_sigint() -> None:
+    """Ctrl-C as at a terminal: a test run started in the background by a shell inherits SIGINT ignored,
+    and Python keeps an inherited SIG_IGN, so the watch would never see the SIGINT the test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_watch(dep: LocalDeployment, out: Path, *args: str) -> subprocess.Popen[bytes]:
     with open(out, "wb") as f:
         return subprocess.Popen(
             command("admin", "--admin", str(dep.ps_dir / "admin"), "--server", dep.server, "status", *args),
-            stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_default_sigint,
         )
 
 
