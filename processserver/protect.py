@@ -71,7 +71,7 @@ async def protect(
         res = await _protect(ps, machine, mt, disks, format, replica_dir, replicas, existing)
     except RequestFailed as exc:
         if in_vsphere:
-            await vmsteps.unplace(ps, machine, exc)
+            raise await vmsteps.unplace(ps, machine, exc) from None
         raise
     files = {d.disk: d.file for d in ps.vmdisks.disks(machine) if d.at_mt}  # VMDKs on the master target VM
     return {"disks": [{**d, **({"vmdk": files[d["disk"]]} if d["disk"] in files else {})} for d in res["disks"]]}

@@ -155,7 +155,7 @@ class RoundTrips:
             if aside is not None:
                 ps.trips.retire(agent, aside)
             if lent is not None:
-                await vmsteps.give_back(ps, agent, exc)
+                raise await vmsteps.give_back(ps, agent, exc) from None
             raise
         policy = {**FAILBACK_POLICY, **({"rpo_threshold": rpo_threshold} if rpo_threshold else {})}
         trip = Trip(machine, Direction.REVERSE, Phase.REPROTECTING, agent, agent, trip.trips if trip else 0,
@@ -398,7 +398,7 @@ class RoundTrips:
             await self._check_recovery_site(machine, session, targets, away)
         except RequestFailed as exc:
             if lent is not None:
-                await vmsteps.give_back(ps, machine, exc)
+                raise await vmsteps.give_back(ps, machine, exc) from None
             raise
         wire = self.ps.wire_bytes(trip.active)
         await unprotect(ps, trip.active)  # the original disks are the machine now: nothing applies to them

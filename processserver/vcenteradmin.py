@@ -16,7 +16,7 @@ from standby.vsphere.connect import VCenter, connect, fetch_certificate, fingerp
 
 from .hub import Hub
 from .vcenters import VCenterStore
-from .vmlocate import locate_vm, machine_uuids
+from .vmlocate import locate_vms, machine_uuids
 
 
 class VCenterAdmin:
@@ -66,7 +66,9 @@ class VCenterAdmin:
         t = self.ps.registry.machine(mt)
         if t is None or t["role"] != "mt":
             raise RequestFailed(ErrorCode.UNKNOWN_MACHINE, f"unknown master target {mt!r}")
-        where = await asyncio.to_thread(locate_vm, self.store, self.ps.registry, mt)
+        machines = list(machines or [])
+        found = await asyncio.to_thread(locate_vms, self.store, self.ps.registry, [mt, *machines])
+        where = found.get(mt)
         if where is None:
             raise RequestFailed(
                 ErrorCode.MISSING,
@@ -75,8 +77,8 @@ class VCenterAdmin:
                 "it is a physical machine and needs no vSphere checks",
             )
         protected = []
-        for m in machines or []:
-            vm = await asyncio.to_thread(locate_vm, self.store, self.ps.registry, m)
+        for m in machines:
+            vm = found.get(m)
             if vm is None:
                 raise RequestFailed(ErrorCode.MISSING, f"machine {m} is not a VM of vCenter {where.vcenter}")
             protected.append(vm.vm)

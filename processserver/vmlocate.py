@@ -22,17 +22,21 @@ def machine_uuids(registry: Registry) -> dict[str, str]:
     return {m["name"]: m["system_uuid"] for m in registry.machines() if m.get("system_uuid")}
 
 
-def locate_vm(store: VCenterStore, registry: Registry, machine: str) -> VmPlace | None:
-    """Blocking (vSphere calls): run it in a thread."""
+def locate_vms(store: VCenterStore, registry: Registry, machines: list[str]) -> dict[str, VmPlace]:
+    """{machine: its VM} for those of `machines` that are VMs: one listing per vCenter for all of them,
+    stopping once each is found. Blocking (vSphere calls): run it in a thread."""
     from standby.vsphere.connect import connect
     from standby.vsphere.inventory import list_vms, match_machine
 
-    uuid = machine_uuids(registry).get(machine)
-    if not uuid:
-        return None
+    uuids = {m: u for m, u in machine_uuids(registry).items() if m in machines}
+    found: dict[str, VmPlace] = {}
     for name in store.names():
+        if len(found) == len(uuids):
+            break
         with connect(store.get(name)) as s:
             for vm in list_vms(s):
-                if match_machine(vm, {machine: uuid}) == machine:
-                    return VmPlace(name, vm.instance_uuid, vm.name)
-    return None
+                m = match_machine(vm, {k: v for k, v in uuids.items() if k not in found})
+                if m is not None:
+                    found[m] = VmPlace(name, vm.instance_uuid, vm.name)
+    return found
+

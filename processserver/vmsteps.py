@@ -27,7 +27,7 @@ from .hub import Hub
 from .registry import DiskRow
 from .vcenters import VCenterStore
 from .vmdisks import VmDisk, VmSource
-from .vmlocate import VmPlace, locate_vm
+from .vmlocate import VmPlace, locate_vms
 
 log = logging.getLogger("standby.ps.vsphere")
 RELEASE_TIMEOUT = 120.0
@@ -38,12 +38,18 @@ def _store(ps: Hub) -> VCenterStore:
     return VCenterStore(ps.cfg.state_dir)
 
 
-async def where_is(ps: Hub, machine: str) -> VmPlace | None:
-    """The VM `machine` is (by its system UUID), or None: no vCenter added, or it is not a VM of one."""
+async def where_are(ps: Hub, machines: list[str]) -> dict[str, VmPlace]:
+    """The VMs of those `machines` that are VMs (by their system UUIDs), found in one pass; none when no
+    vCenter is added."""
     store = _store(ps)
     if not store.names():
-        return None
-    return await asyncio.to_thread(locate_vm, store, ps.registry, machine)
+        return {}
+    return await asyncio.to_thread(locate_vms, store, ps.registry, machines)
+
+
+async def where_is(ps: Hub, machine: str) -> VmPlace | None:
+    """The VM `machine` is, or None: no vCenter added, or it is not a VM of one."""
+    return (await where_are(ps, [machine])).get(machine)
 
 
 async def check_master_target(ps: Hub, mt: str) -> None:
@@ -51,16 +57,21 @@ async def check_master_target(ps: Hub, mt: str) -> None:
     checks `standby mt check` shows); nothing when it passes or is not a VM."""
     where = await where_is(ps, mt)
     if where is not None:
-        await asyncio.to_thread(_precheck, _store(ps).get(where.vcenter), where, [], 0)
+        await asyncio.to_thread(_precheck, _store(ps).get(where.vcenter), where)
 
 
-def _precheck(vc: VCenter, where: VmPlace, protected: list[str], new_disks: int) -> None:
+def _precheck(vc: VCenter, where: VmPlace) -> None:
+    with connect(vc) as s:
+        _refuse_unready(s, vc.name, where, [], 0)
+
+
+def _refuse_unready(s: Any, vcenter: str, where: VmPlace, protected: list[str], new_disks: int) -> None:
+    """RequestFailed(REFUSED) listing every precheck the master target VM fails, each with its fix."""
     from standby.vsphere import prechecks
 
-    with connect(vc) as s:
-        why = prechecks.refusal(prechecks.check_master_target(s, where.vm, protected, new_disks=new_disks))
+    why = prechecks.refusal(prechecks.check_master_target(s, where.vm, protected, new_disks=new_disks))
     if why:
-        raise RequestFailed(ErrorCode.REFUSED, f"master target VM {where.name} (vCenter {vc.name}) fails the vSphere "
+        raise RequestFailed(ErrorCode.REFUSED, f"master target VM {where.name} (vCenter {vcenter}) fails the vSphere "
                                                f"prechecks (see standby mt check):\n{why}")
 
 
@@ -69,7 +80,8 @@ async def place_replicas(ps: Hub, machine: str, mt: str, disks: list[DiskRow],
                          datastore: str | None) -> dict[str, str] | None:
     """{disk name: the replica's device path inside the master target} for replicas made in vSphere, or
     None when the master target is not a vCenter VM (protect then needs --replica or --replica-dir)."""
-    where = await where_is(ps, mt)
+    found = await where_are(ps, [mt, machine])
+    where = found.get(mt)
     if where is None:
         return None
     session = ps.mt_sessions.get(mt)
@@ -80,7 +92,7 @@ async def place_replicas(ps: Hub, machine: str, mt: str, disks: list[DiskRow],
         raise RequestFailed(ErrorCode.REFUSED, f"a VMDK's size is a whole number of KiB; disk {', '.join(odd)} is "
                                                "not: protect it into a replica file (--replica-dir) instead")
     store = _store(ps)
-    src = await where_is(ps, machine)
+    src = found.get(machine)
     sources: list[VmSource] = []
     shape = None
     if src is not None:
@@ -96,8 +108,7 @@ async def place_replicas(ps: Hub, machine: str, mt: str, disks: list[DiskRow],
     try:
         return await _find(ps, mt, {r.name: (r.uuid, r.capacity_bytes) for r in made})
     except RequestFailed as exc:
-        await unplace(ps, machine, exc)
-        raise AssertionError("unreachable") from None  # unplace raises
+        raise await unplace(ps, machine, exc) from None
 
 
 async def _find(ps: Hub, mt: str, disks: dict[str, tuple[str, int]]) -> dict[str, str]:
@@ -117,24 +128,24 @@ async def _find(ps: Hub, mt: str, disks: dict[str, tuple[str, int]]) -> dict[str
     return paths
 
 
-async def unplace(ps: Hub, machine: str, cause: RequestFailed) -> None:
-    """Undo place_replicas after a later step of protect failed: detach and delete the VMDKs it made,
-    then raise `cause`, saying what is left if the undo failed too."""
+async def unplace(ps: Hub, machine: str, cause: RequestFailed) -> RequestFailed:
+    """Undo place_replicas after a later step of protect failed: detach and delete the VMDKs it made.
+    Returns `cause` to raise, saying what was undone, or what is left if the undo failed too."""
     made = [d for d in ps.vmdisks.disks(machine) if d.created and d.at_mt]
     note = "nothing was created in vSphere"
     if made:
         vc = _store(ps).get(made[0].vcenter)
         note = await asyncio.to_thread(_remove_created, vc, made[0].holder, [d.file for d in made])
         ps.vmdisks.drop(machine, [d.disk for d in made])
-    raise RequestFailed(cause.code, f"{cause}; {note}")
+    return RequestFailed(cause.code, f"{cause}; {note}")
 
 
 def _create(vc: VCenter, where: VmPlace, protected: list[str], machine: str, disks: list[DiskRow],
             datastore: str | None) -> list[Any]:
     from standby.vsphere.disks import create_and_attach
 
-    _precheck(vc, where, protected, len(disks))
     with connect(vc) as s:
+        _refuse_unready(s, vc.name, where, protected, len(disks))
         ds = datastore or _roomiest(s, where.vm)
         # A folder of standby's own: the machine's VM may have its folder (its name) on this datastore too.
         return create_and_attach(s, where.vm, ds, f"standby-{machine}", [(d.name, d.size) for d in disks])
@@ -377,19 +388,18 @@ async def _lend_to(ps: Hub, identity: str, mt: str, where: VmPlace, loans: list[
     try:
         return await _find(ps, mt, {d: (lent[d], sizes[d]) for d in sorted(lent)})
     except RequestFailed as exc:
-        await give_back(ps, identity, exc)
-        raise AssertionError("unreachable") from None  # give_back raises
+        raise await give_back(ps, identity, exc) from None
 
 
 def _lend(vc: VCenter, where: VmPlace, sources: list[VmSource]) -> dict[str, str]:
     """{disk name: its disk UUID} once the original VM's disks are attached to the master-target VM."""
     from standby.vsphere.disks import attach_existing, detach
-    from standby.vsphere.vms import attach_at
+    from standby.vsphere.vms import attach_at, powered_off
 
     files = [s.file for s in sources]
-    _precheck(vc, where, [sources[0].vm], len(files))
     with connect(vc) as s:
-        _powered_off(s, sources[0].vm, sources[0].vm_name)
+        _refuse_unready(s, vc.name, where, [sources[0].vm], len(files))
+        powered_off(s, sources[0].vm, "its disks are replicated into", ErrorCode.IN_USE)
         detach(s, sources[0].vm, files)
         try:
             got = attach_existing(s, where.vm, files, lsi_only=True)
@@ -400,19 +410,9 @@ def _lend(vc: VCenter, where: VmPlace, sources: list[VmSource]) -> dict[str, str
     return {src.disk: (g.uuid or src.uuid) for src, g in zip(sources, got, strict=True)}
 
 
-def _powered_off(s: Any, vm: str, name: str) -> None:
-    from standby.vsphere.inventory import vm_info
-    from standby.vsphere.objects import find_vm
-
-    state = vm_info(s, find_vm(s, vm)).power_state
-    if state != "poweredOff":
-        raise RequestFailed(ErrorCode.IN_USE, f"VM {name} is {state}: its disks are in use; power it off before they "
-                                              "are replicated into")
-
-
-async def give_back(ps: Hub, identity: str, cause: RequestFailed) -> None:
-    """Undo a lending after a later step of reprotect or reverse failed, then raise `cause` with what was
-    done: the disks go back to the VM they were lent by (and standby's own replicas stay on record as that
+async def give_back(ps: Hub, identity: str, cause: RequestFailed) -> RequestFailed:
+    """Undo a lending after a later step of reprotect or reverse failed; returns `cause` to raise, saying
+    what was done: the disks go back to the VM they were lent by (and standby's own replicas stay on record as that
     VM's)."""
     lent = [d for d in ps.vmdisks.disks(identity) if d.home and d.at_mt]
     note = "nothing was changed in vSphere"
@@ -424,7 +424,7 @@ async def give_back(ps: Hub, identity: str, cause: RequestFailed) -> None:
                 ps.vmdisks.move(identity, d.disk, str(d.home["vm"]), False)
             else:
                 ps.vmdisks.drop(identity, [d.disk])
-    raise RequestFailed(cause.code, f"{cause}; {note}")
+    return RequestFailed(cause.code, f"{cause}; {note}")
 
 
 def _give_back(vc: VCenter, lent: list[VmDisk]) -> str:

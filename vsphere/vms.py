@@ -61,6 +61,20 @@ def power_on(session: Session, vm_key: str) -> str:
     return _power(session, find_vm(session, vm_key), "poweredOn")
 
 
+def powered_off(session: Session, vm_key: str, before: str,
+                code: ErrorCode = ErrorCode.REFUSED) -> tuple[Any, dict[str, Any]]:
+    """(the VM, its name, power state and devices) when it is powered off; RequestFailed(`code`) saying to
+    power it off `before` what is about to happen otherwise."""
+    from .api import vim
+
+    vm = find_vm(session, vm_key)
+    p = properties(session, [vm], vim.VirtualMachine, ["name", "runtime.powerState", "config.hardware.device"])[vm]
+    state = str(p.get("runtime.powerState"))
+    if state != "poweredOff":
+        raise RequestFailed(code, f"VM {p['name']} is {state}: power it off before {before}")
+    return vm, p
+
+
 def reattach_to_original(session: Session, vm_key: str, files: list[str],
                          expected: list[str] | None) -> list[ReplicaDisk]:
     """Replace the disks of the powered-off VM `vm_key` by `files`, each in the controller/unit slot of
@@ -71,14 +85,8 @@ def reattach_to_original(session: Session, vm_key: str, files: list[str],
     number of files; a file missing or attached to another VM. The swap is one reconfigure (vCenter
     applies all of it or none); if it fails, what the VM has then is compared with what it had, and
     put back when it differs."""
-    from .api import vim
-
-    vm = find_vm(session, vm_key)
-    p = properties(session, [vm], vim.VirtualMachine, ["name", "runtime.powerState", "config.hardware.device"])[vm]
+    vm, p = powered_off(session, vm_key, "its disks are replaced")
     name = p["name"]
-    if str(p.get("runtime.powerState")) != "poweredOff":
-        raise RequestFailed(ErrorCode.REFUSED, f"VM {name} is {p.get('runtime.powerState')}: power it off before its "
-                                               "disks are replaced")
     current = disks_of(p.get("config.hardware.device") or [])
     have = [d.file for d in current]
     if expected is not None and sorted(expected) != sorted(have):
@@ -108,14 +116,8 @@ def attach_at(session: Session, vm_key: str, placed: list[tuple[str, int, int]])
     slots: the failback step that returns an original VM's own disks after they were lent to the master
     target. Refused, before any change, when the VM runs, a slot is taken, or a file is missing or
     attached to another VM. One reconfigure: all or none."""
-    from .api import vim
-
-    vm = find_vm(session, vm_key)
-    p = properties(session, [vm], vim.VirtualMachine, ["name", "runtime.powerState", "config.hardware.device"])[vm]
+    vm, p = powered_off(session, vm_key, "its disks are given back")
     name = p["name"]
-    if str(p.get("runtime.powerState")) != "poweredOff":
-        raise RequestFailed(ErrorCode.REFUSED, f"VM {name} is {p.get('runtime.powerState')}: power it off before its "
-                                               "disks are given back")
     taken = {(d.controller_key, d.unit): d.file for d in disks_of(p.get("config.hardware.device") or [])}
     busy = [f"SCSI({ck}:{u}) has {taken[(ck, u)]}" for _, ck, u in placed if (ck, u) in taken]
     if busy:

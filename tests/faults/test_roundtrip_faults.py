@@ -44,7 +44,6 @@ from tests.conftest import needs_loop
 from tests.deploy import LocalDeployment
 from tests.integration import conftest as integration
 from tests.integration.roundtrip_sites import (
-    RUNNING,
     SLOTS,
     Phase,
     attach,
@@ -53,6 +52,7 @@ from tests.integration.roundtrip_sites import (
     reprotect,
     same,
     stop_script,
+    tear_down,
     trip,
     wait_state,
 )
@@ -103,12 +103,7 @@ def two_sites(deployment: LocalDeployment, make_loop, tmp_path: Path) -> Iterato
     try:
         yield factory
     finally:
-        for ph in RUNNING:
-            ph.stop()
-        RUNNING.clear()
-        deployment.stop_all()
-        for dev in loops:
-            subprocess.run(["losetup", "-d", dev], check=False, capture_output=True)
+        tear_down(deployment, loops)
 
 
 def record(**figures: Any) -> None:

@@ -159,12 +159,17 @@ def two_sites(deployment: LocalDeployment, make_loop: Any, tmp_path: Path,
     try:
         yield origs, replicas, loops
     finally:
-        for ph in RUNNING:
-            ph.stop()
-        RUNNING.clear()
-        deployment.stop_all()
-        for dev in loops:
-            subprocess.run(["losetup", "-d", dev], check=False, capture_output=True)
+        tear_down(deployment, loops)
+
+
+def tear_down(dep: LocalDeployment, loops: list[str]) -> None:
+    """Stop the workloads still running, every daemon, and detach the loop devices the test attached."""
+    for ph in RUNNING:
+        ph.stop()
+    RUNNING.clear()
+    dep.stop_all()
+    for dev in loops:
+        subprocess.run(["losetup", "-d", dev], check=False, capture_output=True)
 
 
 def forward_failover(dep: LocalDeployment, orig: str, replica: Path, tmp: Path, index: int,

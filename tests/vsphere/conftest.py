@@ -9,8 +9,12 @@ from pathlib import Path
 import pytest
 
 from tests.deploy import LocalDeployment
+from tests.integration import conftest as integration
 
 from . import simulator as sim
+
+# A process server (real TLS, its own process) with the deployment's admin identity; logs at teardown.
+deployment = integration.deployment
 
 
 @pytest.fixture(scope="session")
@@ -42,21 +46,6 @@ def vcsim(start_vcsim: Callable[..., sim.Simulator]) -> sim.Simulator:
     per resource pool (4 VMs: DC0_H0_VM0, DC0_H0_VM1, DC0_C0_RP0_VM0, DC0_C0_RP0_VM1), every one
     with VMware Tools running."""
     return start_vcsim()
-
-
-@pytest.fixture
-def deployment(tmp_path: Path) -> Iterator[LocalDeployment]:
-    """A process server (real TLS, its own process) with the deployment's admin identity."""
-    dep = LocalDeployment(tmp_path / "deploy", cache_quota=1 << 30)
-    dep.init()
-    dep.start("ps")
-    try:
-        yield dep
-    finally:
-        dep.stop_all()
-        for log in sorted(dep.logs.glob("*.log")):
-            print(f"----- {log.name} (last 60 lines) -----")
-            print("\n".join(log.read_text(errors="replace").splitlines()[-60:]))
 
 
 @pytest.fixture
