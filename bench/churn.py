@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from initial_replication import proc_usage
+from profiling import proc_usage
 
 from standby.admin.localdeploy import LocalDeployment
 from standby.admin.testdisk import make_test_disk

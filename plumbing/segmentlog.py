@@ -36,7 +36,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .durable import fsync_dir, truncate_synced
+from .durable import drop_cached, fsync_dir, truncate_synced
 
 PREFIX = "seg-"
 
@@ -108,12 +108,15 @@ class SegmentLog:
             os.ftruncate(self._fd, start)
             raise
         self.size = pos
+        if sync:
+            drop_cached(self._fd, start, pos - start)
         return start
 
     def sync(self) -> None:
         """fsync the tail (after appends made without `sync`)."""
         if self._fd is not None:
             os.fsync(self._fd)
+            drop_cached(self._fd)
 
     def close(self) -> None:
         """Close the tail's file; the tail stays the tail (reopened at the next append)."""

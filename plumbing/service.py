@@ -26,6 +26,7 @@ from typing import Any
 
 from . import failpoints
 from .errors import EXIT_INTERRUPTED, EXIT_NOT_STARTED, EXIT_OK, StandbyError
+from .memory import tune_malloc
 from .notify import Notifier
 from .supervise import supervise
 
@@ -101,6 +102,7 @@ def _limit(value: int) -> str:
 def run_daemon(name: str, main: Main) -> int:
     """Run `main(stop, notifier)` until it returns; `stop` is set on the first SIGTERM/SIGINT."""
     raise_open_file_limit()
+    tune_malloc()
     install_loop()
     started = False
 

@@ -122,13 +122,15 @@ _ZEROS = bytes(ZERO_GRAIN)
 
 
 def zero_runs(buf: memoryview) -> list[tuple[bool, int, int]]:
-    """Split `buf` into alternating (is_zero, start, end) runs at ZERO_GRAIN granularity: one bytes
-    comparison (memcmp in C) per grain, so the Python work is proportional to grains, not bytes."""
+    """Split `buf` into alternating (is_zero, start, end) runs at ZERO_GRAIN granularity: one memcmp per
+    grain, so the Python work is proportional to grains, not bytes. The memcmp is `bytes.startswith`
+    (it takes any buffer): comparing a memoryview with `==` goes item by item, 65 times slower, and
+    was 7 % of the agent's CPU during an initial replication."""
     out: list[tuple[bool, int, int]] = []
     n = len(buf)
     for start in range(0, n, ZERO_GRAIN):
         end = min(start + ZERO_GRAIN, n)
-        z = buf[start:end] == _ZEROS[: end - start]
+        z = _ZEROS.startswith(buf[start:end])
         if out and out[-1][0] == z:
             out[-1] = (z, out[-1][1], end)
         else:

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
+from standby.plumbing.durable import drop_cached
 from standby.plumbing.errors import EXIT_BAD_INPUT, StandbyError
 
 SECTOR = 512
@@ -103,6 +104,7 @@ class Replica(ABC):
         self._check_open()
         with self._io("sync"):
             self._sync()
+            self._drop_cached()
 
     def close(self) -> None:
         """Sync and release the files (sparse VMDK: also mark the image cleanly shut down).
@@ -151,6 +153,12 @@ class Replica(ABC):
 
     @abstractmethod
     def _close(self) -> None: ...
+
+    def _drop_cached(self) -> None:
+        """After a sync: forget the replica's cached pages (plumbing.durable.drop_cached says why)."""
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            drop_cached(fd)
 
     # -- helpers --------------------------------------------------------------------------------
 
