@@ -12,7 +12,7 @@ import threading
 
 from standby.proto.envelope import ZERO_GRAIN, Sealer, seal_pieces
 from standby.proto.envelope import zero_runs as runs
-from standby.proto.messages import Batch, BatchKind, Extent, ExtentKind
+from standby.proto.messages import Batch, BatchKind, ExtentKind
 
 __all__ = ["ZERO_GRAIN", "BatchBuilder", "disk_size", "runs"]
 
@@ -130,14 +130,12 @@ class BatchBuilder:
         """Zero runs become zero extents; the batch seal covers the whole extent table."""
         sealer = self._sealer()
         extents = [
-            Extent(ExtentKind.ZERO, off, n) if zero else Extent(ExtentKind.DATA, off, n, sealed)
+            (ExtentKind.ZERO if zero else ExtentKind.DATA, off, n, sealed)
             for zero, off, n, sealed in seal_pieces(sealer, generation, sequence, pieces)
         ]
-        table = Batch.table(
-            generation, kind, 0, cursor, [(e.kind, e.offset, e.length, len(e.payload)) for e in extents]
-        )
+        table = Batch.table(generation, kind, 0, cursor, [(k, o, n, len(p)) for k, o, n, p in extents])
         seal = sealer.seal_batch(generation, sequence, table)
-        return Batch(self.disk, sequence, generation, kind, cursor, tuple(extents), seal)
+        return Batch.framed(self.disk, sequence, generation, kind, cursor, extents, table, seal)
 
 
 READ_THREADS = 8

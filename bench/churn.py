@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from profiling import proc_usage
+from profiling import Profiler, proc_usage
 
 from standby.admin.localdeploy import LocalDeployment
 from standby.admin.testdisk import make_test_disk
@@ -88,9 +88,13 @@ class Scratch:
         self.loops: list[str] = []
         self.deployments: list[LocalDeployment] = []
 
-    def attach(self, image: Path) -> str:
+    def attach(self, image: Path, direct_io: bool = False) -> str:
+        """A loop device over `image`; `direct_io`: it reads and writes the file with direct I/O, which
+        costs the machine what a real disk costs (no copy through the file's page cache; see
+        initial_replication.LOOP_MODE)."""
+        mode = ["--direct-io=on"] if direct_io else []
         dev = subprocess.run(
-            ["losetup", "--find", "--show", str(image)], check=True, capture_output=True, text=True
+            ["losetup", "--find", "--show", *mode, str(image)], check=True, capture_output=True, text=True
         ).stdout.strip()
         self.loops.append(dev)
         return dev
@@ -236,6 +240,10 @@ def write_result(out: Path, results: dict[str, Any]) -> None:
 def run_level(dep: LocalDeployment, dev: str, tmp: Path, bs: str, rate_mb: float, args: argparse.Namespace,
               ) -> dict[str, Any]:
     client = dep.admin()
+    prof = Profiler(args.profile or tmp, f"churn-{bs}-{rate_mb:g}")
+    if args.profile and rate_mb == args.profile_rate:
+        for key, p in dep.procs.items():
+            prof.attach(key, p.pid)
     u0 = usage(dep)
     samples: list[dict[str, Any]] = []
     t0 = time.time()
@@ -257,6 +265,7 @@ def run_level(dep: LocalDeployment, dev: str, tmp: Path, bs: str, rate_mb: float
     finally:
         stop_proc(proc)
     t1 = time.time()
+    profiled = prof.stop()
     u1 = usage(dep)
     caught_up = None
     try:
@@ -306,6 +315,7 @@ def run_level(dep: LocalDeployment, dev: str, tmp: Path, bs: str, rate_mb: float
         "cpu_seconds_catching_up": cpu_delta(u1, u2),
         "tracker_cpu_seconds": round(tcpu[-1] - tcpu[0], 3) if len(tcpu) > 1 and tcpu[-1] >= tcpu[0] else None,
         "catch_up_seconds": caught_up,
+        **({"profile": profiled} if profiled else {}),
     }
     level["passed"] = (level["rpo_p99"] is not None and level["rpo_p99"] <= args.rpo_target
                        and level["status_errors"] == 0)
@@ -354,6 +364,9 @@ def main() -> int:
     ap.add_argument("--sample", type=float, default=0.5, help="status sampling interval, seconds")
     ap.add_argument("--rpo-target", type=float, default=5.0)
     ap.add_argument("--catchup-timeout", type=float, default=300.0)
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="attach py-spy to each daemon during the --profile-rate levels; summaries go here")
+    ap.add_argument("--profile-rate", type=float, default=100.0)
     ap.add_argument("--out", type=Path, default=RESULTS / "churn.json")
     args = ap.parse_args()
     args.rates = [float(r) for r in args.rates.split(",")]
@@ -382,7 +395,8 @@ def main() -> int:
     with Scratch("standby-churn-") as scratch:
         image = scratch.root / "source.img"
         source_image(image, size, fill)
-        dev = scratch.attach(image)
+        dev = scratch.attach(image, direct_io=True)
+        results["source_device"] = "loop device with --direct-io=on over a sparse file"
         dep, replica, synced = deploy(scratch, dev, args.format, cut_interval=cuts[0])
         results["initial_sync_seconds"] = synced
         results["runs"] = []

@@ -26,6 +26,10 @@ from pathlib import Path
 from typing import Any
 
 TOP = 12
+# Frames every stack of a thread or of the main program passes through: their inclusive share says
+# nothing about where the time goes.
+_WRAPPERS = {"Thread._bootstrap", "Thread._bootstrap_inner", "Thread.run", "_worker", "_WorkItem.run", "<module>",
+             "_run_code", "_run_module_as_main", "main", "run_main", "cmd_run", "main.<locals>.<lambda>"}
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^():]*)(?::\d+)?\)$")
 
 
@@ -56,7 +60,8 @@ def summarise(raw: str, top: int = TOP) -> dict[str, Any]:
         total += n
         own[frames[-1]] += n
         for name in set(frames):
-            inclusive[name] += n
+            if name.rpartition(":")[2] not in _WRAPPERS:
+                inclusive[name] += n
 
     def share(c: Counter[str]) -> list[tuple[str, float]]:
         return [(name, round(100 * n / total, 1)) for name, n in c.most_common(top)] if total else []

@@ -20,9 +20,9 @@ class Applier:
         self.opener_key = key
         self.replica = replica
 
-    def verify_batch(self, b: Batch) -> list[bytes | None]:
+    def verify_batch(self, b: Batch) -> list[bytes | memoryview | None]:
         self.opener.check_batch(b.generation, b.sequence, b.table_bytes(), b.seal)
-        plains: list[bytes | None] = []
+        plains: list[bytes | memoryview | None] = []
         for e in b.extents:
             if e.offset + e.length > self.replica.size:
                 raise EnvelopeError(f"extent {e.offset}+{e.length} lies beyond the replica's {self.replica.size} bytes")
@@ -32,7 +32,7 @@ class Applier:
                 plains.append(None)
         return plains
 
-    def write_verified(self, b: Batch, plains: list[bytes | None]) -> None:
+    def write_verified(self, b: Batch, plains: list[bytes | memoryview | None]) -> None:
         """Write a batch `verify_batch` accepted (no sync: the caller syncs once per group of batches)."""
         for e, plain in zip(b.extents, plains, strict=True):
             if plain is None:
@@ -40,7 +40,7 @@ class Applier:
             else:
                 self.replica.write(e.offset, plain)
 
-    def write_group(self, group: list[tuple[Batch, list[bytes | None]]]) -> None:
+    def write_group(self, group: list[tuple[Batch, list[bytes | memoryview | None]]]) -> None:
         """Write verified batches in order, then one sync: the durability point for all of them."""
         for b, plains in group:
             self.write_verified(b, plains)

@@ -44,9 +44,13 @@ PREFIX = "seg-"
 class SegmentLog:
     """Numbered segment files in one directory and the open tail. Not thread-safe: the owner locks."""
 
-    def __init__(self, directory: Path, suffix: str) -> None:
+    def __init__(self, directory: Path, suffix: str, drop_synced: bool = True) -> None:
+        """`drop_synced`: forget a record's cached pages once it is fsynced (durable.drop_cached), for a
+        log read only after a restart or a failover; an owner that reads its records back soon after
+        writing them (the process server's cache, forwarding to the master target) keeps them instead."""
         self.dir = Path(directory)
         self.suffix = suffix
+        self.drop_synced = drop_synced
         self.tail: Path | None = None  # the segment appends go to
         self.size = 0  # the tail's size while it is open
         self._fd: int | None = None
@@ -108,7 +112,7 @@ class SegmentLog:
             os.ftruncate(self._fd, start)
             raise
         self.size = pos
-        if sync:
+        if sync and self.drop_synced:
             drop_cached(self._fd, start, pos - start)
         return start
 
@@ -116,7 +120,8 @@ class SegmentLog:
         """fsync the tail (after appends made without `sync`)."""
         if self._fd is not None:
             os.fsync(self._fd)
-            drop_cached(self._fd)
+            if self.drop_synced:
+                drop_cached(self._fd)
 
     def close(self) -> None:
         """Close the tail's file; the tail stays the tail (reopened at the next append)."""

@@ -90,7 +90,10 @@ class DiskCache:
         # during a release is lost (seen: the sender skipped a sequence and replication stalled).
         self._lock = threading.Lock()
         self.bytes = 0
-        self.log = SegmentLog(self.dir, ".log")
+        # Records are read back to be forwarded soon after they are written: their pages stay cached
+        # until their segment is released and deleted (at most a segment or two when the master target
+        # keeps up).
+        self.log = SegmentLog(self.dir, ".log", drop_synced=False)
 
     # -- start-up -----------------------------------------------------------------------------------
     def recover(self, acked: int = 0) -> Recovered:

@@ -165,7 +165,11 @@ class Opener:
         # at once in worker threads: one context per thread.
         self._local = threading.local()
 
-    def open(self, generation: int, sequence: int, offset: int, length: int, sealed: bytes | memoryview) -> bytes:
+    def open(
+        self, generation: int, sequence: int, offset: int, length: int, sealed: bytes | memoryview
+    ) -> bytes | memoryview:
+        """The plaintext of one sealed extent (a view into the decrypted body when it was stored raw: no
+        copy of the largest, incompressible extents)."""
         if len(sealed) < OVERHEAD:
             raise EnvelopeError(f"extent at offset {offset}: sealed payload too short")
         if length > self._max:
@@ -183,7 +187,7 @@ class Opener:
                 f"extent at offset {offset} length {length} (generation {generation}, sequence {sequence}) "
                 "failed authentication: altered, or moved from another disk, sequence or offset"
             ) from None
-        digest, packed = body[:DIGEST_SIZE], body[DIGEST_SIZE:]
+        digest, packed = body[:DIGEST_SIZE], memoryview(body)[DIGEST_SIZE:]
         if flags & FLAG_ZSTD:
             try:
                 zd = getattr(self._local, "zd", None)

@@ -21,7 +21,7 @@ Versions: 1 — the only one so far. A reader rejects any other version with a c
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import xxhash
@@ -63,15 +63,30 @@ class FrameHeader:
 
 def encode_frame(ftype: int, disk: int, sequence: int, payload: bytes | memoryview, flags: int = 0) -> bytes:
     """Return header + payload as one bytes object."""
-    length = len(payload)
+    return encode_frame_parts(ftype, disk, sequence, (payload,), flags)
+
+
+def encode_frame_parts(
+    ftype: int, disk: int, sequence: int, parts: Sequence[bytes | bytearray | memoryview], flags: int = 0
+) -> bytes:
+    """Return header + the parts back to back as one bytes object: the payload is checksummed part by
+    part and copied once (a batch's payload is its table, its seal and every sealed extent)."""
+    length = sum(len(part) for part in parts)
     if length > MAX_PAYLOAD:
         raise LocalProtocolError(
             GoodbyeCode.OVERSIZED, f"payload of {length} bytes exceeds the {MAX_PAYLOAD}-byte limit"
         )
     if not (0 <= disk <= MAX_DISK and 0 <= sequence <= MAX_SEQUENCE and 0 <= ftype <= 255 and 0 <= flags <= 0xFFFF):
         raise LocalProtocolError(GoodbyeCode.BAD_HEADER, "disk, sequence, type or flags out of range")
-    head = _HEAD.pack(MAGIC, VERSION, ftype, flags, disk, sequence, length, xxhash.xxh64_intdigest(payload))
-    return b"".join((head, _CHECK.pack(xxhash.xxh32_intdigest(head)), payload))
+    if len(parts) == 1:
+        digest = xxhash.xxh64_intdigest(parts[0])
+    else:
+        h = xxhash.xxh64()
+        for part in parts:
+            h.update(part)
+        digest = h.intdigest()
+    head = _HEAD.pack(MAGIC, VERSION, ftype, flags, disk, sequence, length, digest)
+    return b"".join((head, _CHECK.pack(xxhash.xxh32_intdigest(head)), *parts))
 
 
 def decode_header(buf: bytes | memoryview) -> FrameHeader:

@@ -34,7 +34,7 @@ from typing import Any
 
 from .enums import GoodbyeCode
 from .errors import LocalProtocolError, RemoteProtocolError
-from .frames import MAX_CONTROL_PAYLOAD, FrameHeader, encode_frame
+from .frames import HEADER_SIZE, MAX_CONTROL_PAYLOAD, FrameHeader, encode_frame, encode_frame_parts
 
 SECTOR = 512
 # One batch carries at most this much *data* (zero extents are free). Big enough for efficient
@@ -107,6 +107,9 @@ class Batch:
     extents: tuple[Extent, ...]
     seal: bytes
     flags: int = 0
+    # The frame, when it was encoded where the batch was built (`Batch.framed`); the extents' payloads are
+    # then views into it. Not an argument: a batch made with dataclasses.replace encodes its own fields.
+    wire: bytes | None = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 0 < len(self.extents) <= MAX_EXTENTS:
@@ -157,8 +160,31 @@ class Batch:
         return sum(len(e.payload) for e in self.extents)
 
     def encode(self) -> bytes:
-        payload = b"".join([self.table_bytes(), self.seal, *(bytes(e.payload) for e in self.extents)])
-        return encode_frame(FrameType.BATCH, self.disk, self.sequence, payload)
+        if self.wire is not None:
+            return self.wire
+        return encode_frame_parts(FrameType.BATCH, self.disk, self.sequence,
+                                  [self.table_bytes(), self.seal, *(e.payload for e in self.extents)])
+
+    @staticmethod
+    def framed(disk: int, sequence: int, generation: int, kind: BatchKind, cursor: int,
+               extents: list[tuple[ExtentKind, int, int, bytes | bytearray | memoryview]], table: bytes,
+               seal: bytes) -> Batch:
+        """A batch encoded at once, for the sender that built it in a worker thread: the event loop then
+        only writes the frame, and the batch holds one copy of its sealed data (its extents' payloads are
+        views into the frame) instead of the sealed extents and, while it is written, the frame as well.
+        `table` and `seal`: Batch.table of these extents and its seal (the caller sealed it)."""
+        payloads = [payload for _, _, _, payload in extents]
+        wire = encode_frame_parts(FrameType.BATCH, disk, sequence, [table, seal, *payloads])
+        view = memoryview(wire)
+        pos = HEADER_SIZE + len(table) + len(seal)
+        out = []
+        for (k, offset, length, _), payload in zip(extents, payloads, strict=True):
+            n = len(payload)
+            out.append(Extent(k, offset, length, view[pos : pos + n]))
+            pos += n
+        batch = Batch(disk, sequence, generation, kind, cursor, tuple(out), seal)
+        object.__setattr__(batch, "wire", wire)  # frozen: set once, here, from the fields just checked
+        return batch
 
 
 def _decode_batch(h: FrameHeader, p: memoryview) -> Batch:
