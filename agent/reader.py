@@ -98,18 +98,28 @@ class BatchBuilder:
         whole disk streamed through the page cache would evict the protected machine's own cache, and on
         a loop device it was measured 3-9 times slower than the direct read (bench/initial_replication).
 
-        The buffer is reused by the next batch (the batch holds sealed copies only): a fresh mapping per
-        batch costs a page fault per 4 KiB, which was most of the agent's system time."""
-        buf = self._take_buffer(length)
+        The range is read and sealed SEAL_UNIT at a time through one reused buffer, so a batch being
+        built holds its sealed extents and 1 MiB of plaintext, not the whole plaintext as well (a fresh
+        buffer per batch would also cost a page fault per 4 KiB: most of the agent's system time)."""
+        sealer = self._sealer()
+        buf = self._take_buffer(min(length, SEAL_UNIT))
+        extents: list[tuple[ExtentKind, int, int, bytes]] = []
         try:
-            pieces = self._read_into(buf, [(offset, length)])
-            try:
-                return self._seal(generation, sequence, BatchKind.INITIAL, offset + length, pieces)
-            finally:
-                for _, view in pieces:
-                    view.release()
+            for at in range(offset, offset + length, SEAL_UNIT):
+                n = min(SEAL_UNIT, offset + length - at)
+                pieces = self._read_into(buf, [(at, n)])
+                try:
+                    for zero, off, size, sealed in seal_pieces(sealer, generation, sequence, pieces, SEAL_UNIT):
+                        if zero and extents and extents[-1][0] == ExtentKind.ZERO:  # one run across reads
+                            extents[-1] = (ExtentKind.ZERO, extents[-1][1], extents[-1][2] + size, b"")
+                        else:
+                            extents.append((ExtentKind.ZERO if zero else ExtentKind.DATA, off, size, sealed))
+                finally:
+                    for _, view in pieces:
+                        view.release()
         finally:
             self._give_buffer(buf)
+        return self._frame(sealer, generation, sequence, BatchKind.INITIAL, offset + length, extents)
 
     def _take_buffer(self, length: int) -> mmap.mmap:
         size = max(-(-length // mmap.PAGESIZE) * mmap.PAGESIZE, mmap.PAGESIZE)
@@ -131,15 +141,21 @@ class BatchBuilder:
         sealer = self._sealer()
         extents = [
             (ExtentKind.ZERO if zero else ExtentKind.DATA, off, n, sealed)
-            for zero, off, n, sealed in seal_pieces(sealer, generation, sequence, pieces)
+            for zero, off, n, sealed in seal_pieces(sealer, generation, sequence, pieces, SEAL_UNIT)
         ]
+        return self._frame(sealer, generation, sequence, kind, cursor, extents)
+
+    def _frame(self, sealer: Sealer, generation: int, sequence: int, kind: BatchKind, cursor: int,
+               extents: list[tuple[ExtentKind, int, int, bytes]]) -> Batch:
         table = Batch.table(generation, kind, 0, cursor, [(k, o, n, len(p)) for k, o, n, p in extents])
         seal = sealer.seal_batch(generation, sequence, table)
         return Batch.framed(self.disk, sequence, generation, kind, cursor, extents, table, seal)
 
 
+SEAL_UNIT = 1024 * 1024  # largest sealed extent (bounds sealing's temporary copies; zstd level 1 looks
+# back 512 KiB at most, so longer units would not compress better)
 READ_THREADS = 8
-SPARE_BUFFERS = 6  # initial replication builds READ_AHEAD (4) batches at once
+SPARE_BUFFERS = 4  # initial replication builds READ_AHEAD (2) batches at once, each through one buffer
 READ_SPLIT = 128  # extents per read task
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 

@@ -68,6 +68,7 @@ def run_standby(root: Path, source: str, size: int, level: int | None, batch: st
         if profile:
             for key, proc in dep.procs.items():
                 prof.attach(key, proc.pid)
+        idle = {k: proc_usage(p.pid)["rss_bytes"] for k, p in dep.procs.items()}  # connected, nothing to do yet
         t0, busy0 = time.monotonic(), machine_busy()
         res = dep.admin().call("protect", machine="bench", mt="mt1", format="vmdk", replica_dir=str(root / "replicas"))
         st = dep.wait_synced("bench", timeout=3600)
@@ -76,7 +77,7 @@ def run_standby(root: Path, source: str, size: int, level: int | None, batch: st
         # When the agent had everything acknowledged by the process server (its cache durable), against
         # when the replica had it: which half of the pipeline bounds the run.
         sent = re.search(r"initial replication sent \d+ MiB in ([\d.]+) s", (dep.logs / "agent-bench.log").read_text())
-        usage = {k: proc_usage(p.pid) for k, p in dep.procs.items()}
+        usage = {k: {**proc_usage(p.pid), "rss_before_bytes": idle[k]} for k, p in dep.procs.items()}
         d = st["disks"][0]
         replica = res["disks"][0]["replica"]
         cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "vmdk", source, replica],

@@ -74,12 +74,14 @@ def proc_usage(pid: int) -> dict[str, float]:
     stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
     user, system = int(stat[11]) / tick, int(stat[12]) / tick
-    hwm = 0
+    hwm = rss = 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             hwm = int(line.split()[1]) * 1024
+        elif line.startswith("VmRSS:"):
+            rss = int(line.split()[1]) * 1024
     return {"cpu_seconds": round(user + system, 2), "user_seconds": round(user, 2),
-            "system_seconds": round(system, 2), "peak_rss_bytes": hwm}
+            "system_seconds": round(system, 2), "peak_rss_bytes": hwm, "rss_bytes": rss}
 
 
 def machine_busy() -> tuple[float, float]:

@@ -147,8 +147,14 @@ class Connection:
         end = HEADER_SIZE + h.length
         if len(self._buf) < end:
             return self._end_or_need()
-        if len(self._buf) == end:  # the common case for large frames: take the buffer, copy nothing
-            frame, self._buf = self._buf, bytearray()
+        if len(self._buf) - end < end:
+            # Copy the smaller part: take the buffer as the frame and copy only what follows it (the start
+            # of the next frames, at most about one read) into a new buffer, so a large frame is never
+            # copied. (Deleting from a bytearray's front costs nothing, so small frames are cut off.)
+            frame, rest = self._buf, memoryview(self._buf)[end:]
+            self._buf = bytearray(rest)
+            rest.release()
+            del frame[end:]
         else:
             frame = self._buf[:end]
             del self._buf[:end]

@@ -139,15 +139,23 @@ def zero_runs(buf: memoryview) -> list[tuple[bool, int, int]]:
 
 
 def seal_pieces(
-    sealer: Sealer, generation: int, sequence: int, pieces: list[tuple[int, memoryview]]
+    sealer: Sealer, generation: int, sequence: int, pieces: list[tuple[int, memoryview]], unit: int = 0
 ) -> list[tuple[bool, int, int, bytes]]:
     """(is_zero, offset, length, sealed) for each run of the (offset, data) pieces: runs of zeros carry no
-    bytes (discards and never-written space cost a table entry), the rest is sealed run by run."""
+    bytes (discards and never-written space cost a table entry), the rest is sealed run by run, in
+    extents of at most `unit` bytes if given (a multiple of ZERO_GRAIN). Sealing makes a few copies of
+    what it seals (compressed, checksummed, encrypted): a bounded unit bounds that memory, where an 8 MiB
+    run of data would hold five times 8 MiB for a moment."""
     out: list[tuple[bool, int, int, bytes]] = []
     for offset, data in pieces:
         for is_zero, a, b in zero_runs(data):
-            sealed = b"" if is_zero else sealer.seal(generation, sequence, offset + a, data[a:b])
-            out.append((is_zero, offset + a, b - a, sealed))
+            if is_zero:
+                out.append((True, offset + a, b - a, b""))
+                continue
+            step = unit or b - a
+            for x in range(a, b, step):
+                y = min(x + step, b)
+                out.append((False, offset + x, y - x, sealer.seal(generation, sequence, offset + x, data[x:y])))
     return out
 
 
