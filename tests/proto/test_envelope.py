@@ -15,7 +15,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from standby.proto.envelope import FLAG_ZSTD, KEY_SIZE, NONCE_SIZE, OVERHEAD, TAG_SIZE, Opener, Sealer, extent_ad
+from standby.proto.envelope import (
+    FLAG_ZSTD,
+    KEY_SIZE,
+    NONCE_SIZE,
+    OVERHEAD,
+    SKIP_AFTER,
+    SKIP_COUNT,
+    SMALL_EXTENT,
+    TAG_SIZE,
+    Opener,
+    Sealer,
+    extent_ad,
+)
 from standby.proto.errors import EnvelopeError, LocalProtocolError
 from standby.proto.frames import HEADER_SIZE, decode_header
 from standby.proto.messages import (
@@ -86,6 +98,25 @@ def test_compressible_data_is_compressed_and_random_data_is_not(sealer: Sealer, 
     sealed = sealer.seal(GEN, SEQ, OFF, noise)
     assert sealed[0] == 0 and len(sealed) == len(noise) + OVERHEAD
     assert noise not in sealed  # and it is encrypted, not stored in clear
+
+
+def test_small_incompressible_extents_stop_trying_zstd_for_a_while(opener: Opener) -> None:
+    """After SKIP_AFTER small extents in a row that did not shrink, the next SKIP_COUNT small ones are sent
+    raw without trying (even compressible ones), then zstd is tried again; a large extent is always tried.
+    Every extent opens to its plaintext."""
+    sealer = Sealer(KEY, UID)  # a fresh one: the skipping is state of the sealer
+    text = b"the quick brown fox jumps over the lazy dog\n" * 100
+    small_text, small_random = text[:4096], [os.urandom(4096) for _ in range(SKIP_AFTER)]
+    sealed = [(p, sealer.seal(1, 1, i * 4096, p)) for i, p in enumerate(small_random)]
+    assert all(s[0] == 0 for _, s in sealed)
+    skipped = [sealer.seal(1, 1, 0, small_text) for _ in range(SKIP_COUNT)]
+    assert all(s[0] == 0 for s in skipped), "compressible small extents go raw while zstd is skipped"
+    big = (text * 30)[: SMALL_EXTENT + 4096]
+    assert sealer.seal(1, 1, 0, big)[0] & FLAG_ZSTD, "a large extent is always tried"
+    assert sealer.seal(1, 1, 0, small_text)[0] & FLAG_ZSTD, "zstd is tried again after the skipped ones"
+    for i, (p, s) in enumerate(sealed):
+        assert opener.open(1, 1, i * 4096, 4096, s) == p
+    assert opener.open(1, 1, 0, 4096, skipped[-1]) == small_text
 
 
 def test_same_plaintext_seals_differently(sealer: Sealer) -> None:
