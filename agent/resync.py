@@ -125,9 +125,6 @@ async def differing_extents(sh: Shipper, gen: int, prog: Progress) -> list[tuple
 
     stopped = threading.Event()
 
-    def read(pos: int, n: int) -> memoryview:
-        return sh.builder.read_extents([(pos, n)])[0][1]
-
     def progress(done: int) -> None:
         # A cancelled resync (connection lost, agent stopping) must not leave threads hashing the whole
         # disk: the agent's exit would wait for them.
@@ -135,12 +132,19 @@ async def differing_extents(sh: Shipper, gen: int, prog: Progress) -> list[tuple
             raise HashingStopped("resync stopped")
         prog.done = done
 
+    def hash_source() -> bytearray:
+        t0 = time.monotonic()
+        with sh.builder.scanning() as read:
+            leaves = hashtree.leaf_hashes(read, size, hashtree.LEAF, progress, HASH_THREADS)
+        log.info("disk %s: source hashed in %.1f s", d.cfg.name, time.monotonic() - t0)
+        return leaves
+
     # Ours and theirs at once: the master target hashes its replica while we hash the source.
-    ours_task = asyncio.ensure_future(
-        asyncio.to_thread(hashtree.leaf_hashes, read, size, hashtree.LEAF, progress, HASH_THREADS)
-    )
+    ours_task = asyncio.ensure_future(asyncio.to_thread(hash_source))
+    t0 = time.monotonic()
     try:
         top_theirs = await query(sh, gen, None, None, prog)
+        log.info("disk %s: the replica's hashes came after %.1f s", d.cfg.name, time.monotonic() - t0)
         leaves = await ours_task
         levels = hashtree.build(leaves)
     finally:
