@@ -39,6 +39,9 @@ log = logging.getLogger("standby.agent.resync")
 PARENTS_PER_QUERY = 512
 HASH_TIMEOUT = 3600.0  # the first query waits for the master target to hash its whole replica
 HASH_THREADS = 4  # parts of the disk read and hashed at once
+# Hash queries in flight at once: each is a round trip through the process server, and the three
+# daemons' work on different queries overlaps.
+QUERIES_AT_ONCE = 4
 
 
 class HashingStopped(Exception):
@@ -154,16 +157,20 @@ async def differing_extents(sh: Shipper, gen: int, prog: Progress) -> list[tuple
     k = len(levels) - 1
     indexes = list(range(hashtree.count(levels[k])))
     diff = hashtree.differing(indexes, hashtree.pick(levels[k], indexes), top_theirs)
+    room = asyncio.Semaphore(QUERIES_AT_ONCE)
+
+    async def compare(level: int, parents: list[int]) -> list[int]:
+        async with room:
+            theirs = await query(sh, gen, level, parents, prog)
+        kids = hashtree.children(parents, hashtree.count(levels[level]))
+        return hashtree.differing(kids, hashtree.pick(levels[level], kids), theirs)
+
     while k > 0 and diff:
         k -= 1
-        below = hashtree.count(levels[k])
-        nxt: list[int] = []
-        for i in range(0, len(diff), PARENTS_PER_QUERY):
-            parents = diff[i : i + PARENTS_PER_QUERY]
-            kids = hashtree.children(parents, below)
-            theirs = await query(sh, gen, k, parents, prog)
-            nxt += hashtree.differing(kids, hashtree.pick(levels[k], kids), theirs)
-        diff = nxt
+        async with asyncio.TaskGroup() as tg:
+            asked = [tg.create_task(compare(k, diff[i : i + PARENTS_PER_QUERY]))
+                     for i in range(0, len(diff), PARENTS_PER_QUERY)]
+        diff = [ix for t in asked for ix in t.result()]
     extents = hashtree.leaf_extents(diff, size) if k == 0 else []
     known = getattr(tr.tracker, "known", None)
     if known is not None:
