@@ -86,19 +86,36 @@ async def resync(sh: Shipper, gen: int, seq: int, mode: str, reason: str) -> tup
     # stored back into the dirty map (agent.window); the resync then takes the dirty map again (what is
     # in it since the resync began is shipped with it, harmlessly: no point is made before the marker)
     # and goes on after the delay the process server asked for.
+    # The next group is read while this one is sealed and sent (as an epoch's are: agent.delta).
+    ahead: tuple[list[tuple[int, int]], asyncio.Future[list[tuple[int, memoryview]]]] | None = None
+
+    def read_ahead() -> None:
+        nonlocal ahead
+        nxt = win.held[1] if len(win.held) > 1 else None
+        ahead = (nxt, asyncio.ensure_future(asyncio.to_thread(sh.builder.read_extents, nxt))) if nxt else None
+
     while True:
         refused = False
-        while (group := win.next_group()) is not None:
-            pieces = await asyncio.to_thread(sh.builder.read_extents, group)
-            batch = await asyncio.to_thread(sh.builder.delta_batch, gen, seq, BatchKind.RESYNC, pieces)
-            await win.send(seq, batch, group)
-            seq += 1
-            prog.done = min(prog.done + sum(n for _, n in group), prog.total)
-            prog.bytes_shipped += batch.logical_bytes
-            restart = await sh.settle(WINDOW)
-            if restart is not None:
-                seq, refused = restart, True
-                break
+        try:
+            while (group := win.next_group()) is not None:
+                if ahead is not None and ahead[0] is group:
+                    pieces = await ahead[1]
+                else:
+                    pieces = await asyncio.to_thread(sh.builder.read_extents, group)
+                read_ahead()
+                batch = await asyncio.to_thread(sh.builder.delta_batch, gen, seq, BatchKind.RESYNC, pieces)
+                await win.send(seq, batch, group)
+                seq += 1
+                prog.done = min(prog.done + sum(n for _, n in group), prog.total)
+                prog.bytes_shipped += batch.logical_bytes
+                restart = await sh.settle(WINDOW)
+                if restart is not None:
+                    seq, refused = restart, True
+                    break
+        finally:
+            if ahead is not None and not ahead[1].done():
+                ahead[1].cancel()
+            ahead = None
         if not refused:
             await win.send(seq, sh.rd.make_marker(seq, {**meta, "time": time.time()}))
             seq += 1
