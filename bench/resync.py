@@ -4,11 +4,11 @@ scattered 4 KiB blocks while no agent ran, side by side with rsync's delta trans
 the same source to a copy of the replica as it was before the resync. Writes JSON; never part of the tests.
 
     python3 bench/resync.py [--size 4G] [--fraction 0.01] [--standby-only] [--repeat N] [--profile DIR]
-                            [--direct-io]
+                            [--no-direct-io]
 
 Measured for standby: wall time from the agent's restart until the resync is done (last_resync.done_at)
 and everything is applied; bytes on the wire (status bytes_wire delta) plus the hash bytes the master
-target sent back; bytes differing; time per phase (from status samples). For rsync
+target sent back; bytes differing; seconds to each step (from the daemons' log lines). For rsync
 (--copy-devices --inplace --no-whole-file --ignore-times, zstd, ssh to a private sshd on 127.0.0.1):
 wall time and Total bytes sent + received. Caches are dropped before each contender. Targets are
 reported, not asserted: standby time <= 0.5x rsync's; wire bytes <= 1.1x differing + 1 % of the disk.
@@ -16,8 +16,10 @@ reported, not asserted: standby time <= 0.5x rsync's; wire bytes <= 1.1x differi
 --repeat N kills the agent, overwrites other blocks and resyncs N times on the same deployment (the
 first run is `standby`, all runs are in `standby_runs` with their median): alternate runs of two builds
 compare better than single runs on a busy machine. --profile DIR samples every daemon with py-spy during
-each resync (bench/profiling.py). --direct-io attaches the source loop device with direct I/O (as the
-initial_replication and churn benches do: reading it then costs what a real disk costs).
+each resync (bench/profiling.py). The source loop device reads its file with direct I/O, as in the
+initial_replication and churn benches: reading it then costs the machine what a real disk costs (no
+second copy through the file's page cache, which every contender paid); --no-direct-io for the buffered
+loop device of earlier figures.
 
 Needs root (loop device, kernel tracker, private sshd), rsync, sshd.
 """
@@ -206,7 +208,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=RESULTS / "resync.json")
     ap.add_argument("--repeat", type=int, default=1, help="resyncs on the same deployment, each after a kill")
     ap.add_argument("--profile", type=Path, help="py-spy profiles of every daemon during each resync, here")
-    ap.add_argument("--direct-io", action="store_true", help="source loop device with direct I/O")
+    ap.add_argument("--direct-io", action=argparse.BooleanOptionalAction, default=True,
+                    help="source loop device with direct I/O (default; --no-direct-io: buffered, as before)")
     args = ap.parse_args()
     size = parse_size(args.size)
     if os.geteuid() != 0:
