@@ -9,6 +9,8 @@ import mmap
 import os
 import stat
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from standby.proto.envelope import ZERO_GRAIN, Sealer, seal_pieces
 from standby.proto.envelope import zero_runs as runs
@@ -83,6 +85,32 @@ class BatchBuilder:
                 for off, data in out:
                     self._shipped(off, data)
             return out
+        finally:
+            os.close(fd)
+
+    @contextmanager
+    def scanning(self) -> Iterator[Callable[[int, int], memoryview]]:
+        """A `read(offset, length)` for reading the whole disk once (a checksum resync's hashing), safe
+        to call from several threads: the device opened once, O_DIRECT like every read here, into one
+        reused buffer per thread, so what it returns is overwritten by the calling thread's next read.
+        A fresh buffer per 8 MiB read cost a page fault per 4 KiB (most of the agent's system time
+        while hashing). Not a shipment: the full-scan tracker learns nothing from it."""
+        fd, _ = _open_for_delta(self.path)
+        local = threading.local()
+
+        def read(offset: int, length: int) -> memoryview:
+            want = -(-length // 4096) * 4096
+            buf = getattr(local, "buf", None)
+            if buf is None or len(buf) < want:
+                buf = local.buf = mmap.mmap(-1, max(want, mmap.PAGESIZE))
+            view = memoryview(buf)[:length]
+            got = os.preadv(fd, [view], offset)
+            if got != length:
+                raise OSError(f"short read from {self.path} at {offset}: {got} of {length} bytes")
+            return view
+
+        try:
+            yield read
         finally:
             os.close(fd)
 

@@ -39,6 +39,9 @@ log = logging.getLogger("standby.agent.resync")
 PARENTS_PER_QUERY = 512
 HASH_TIMEOUT = 3600.0  # the first query waits for the master target to hash its whole replica
 HASH_THREADS = 4  # parts of the disk read and hashed at once
+# Hash queries in flight at once: each is a round trip through the process server, and the three
+# daemons' work on different queries overlaps.
+QUERIES_AT_ONCE = 4
 
 
 class HashingStopped(Exception):
@@ -83,19 +86,36 @@ async def resync(sh: Shipper, gen: int, seq: int, mode: str, reason: str) -> tup
     # stored back into the dirty map (agent.window); the resync then takes the dirty map again (what is
     # in it since the resync began is shipped with it, harmlessly: no point is made before the marker)
     # and goes on after the delay the process server asked for.
+    # The next group is read while this one is sealed and sent (as an epoch's are: agent.delta).
+    ahead: tuple[list[tuple[int, int]], asyncio.Future[list[tuple[int, memoryview]]]] | None = None
+
+    def read_ahead() -> None:
+        nonlocal ahead
+        nxt = win.held[1] if len(win.held) > 1 else None
+        ahead = (nxt, asyncio.ensure_future(asyncio.to_thread(sh.builder.read_extents, nxt))) if nxt else None
+
     while True:
         refused = False
-        while (group := win.next_group()) is not None:
-            pieces = await asyncio.to_thread(sh.builder.read_extents, group)
-            batch = await asyncio.to_thread(sh.builder.delta_batch, gen, seq, BatchKind.RESYNC, pieces)
-            await win.send(seq, batch, group)
-            seq += 1
-            prog.done = min(prog.done + sum(n for _, n in group), prog.total)
-            prog.bytes_shipped += batch.logical_bytes
-            restart = await sh.settle(WINDOW)
-            if restart is not None:
-                seq, refused = restart, True
-                break
+        try:
+            while (group := win.next_group()) is not None:
+                if ahead is not None and ahead[0] is group:
+                    pieces = await ahead[1]
+                else:
+                    pieces = await asyncio.to_thread(sh.builder.read_extents, group)
+                read_ahead()
+                batch = await asyncio.to_thread(sh.builder.delta_batch, gen, seq, BatchKind.RESYNC, pieces)
+                await win.send(seq, batch, group)
+                seq += 1
+                prog.done = min(prog.done + sum(n for _, n in group), prog.total)
+                prog.bytes_shipped += batch.logical_bytes
+                restart = await sh.settle(WINDOW)
+                if restart is not None:
+                    seq, refused = restart, True
+                    break
+        finally:
+            if ahead is not None and not ahead[1].done():
+                ahead[1].cancel()
+            ahead = None
         if not refused:
             await win.send(seq, sh.rd.make_marker(seq, {**meta, "time": time.time()}))
             seq += 1
@@ -125,9 +145,6 @@ async def differing_extents(sh: Shipper, gen: int, prog: Progress) -> list[tuple
 
     stopped = threading.Event()
 
-    def read(pos: int, n: int) -> memoryview:
-        return sh.builder.read_extents([(pos, n)])[0][1]
-
     def progress(done: int) -> None:
         # A cancelled resync (connection lost, agent stopping) must not leave threads hashing the whole
         # disk: the agent's exit would wait for them.
@@ -135,12 +152,19 @@ async def differing_extents(sh: Shipper, gen: int, prog: Progress) -> list[tuple
             raise HashingStopped("resync stopped")
         prog.done = done
 
+    def hash_source() -> bytearray:
+        t0 = time.monotonic()
+        with sh.builder.scanning() as read:
+            leaves = hashtree.leaf_hashes(read, size, hashtree.LEAF, progress, HASH_THREADS)
+        log.info("disk %s: source hashed in %.1f s", d.cfg.name, time.monotonic() - t0)
+        return leaves
+
     # Ours and theirs at once: the master target hashes its replica while we hash the source.
-    ours_task = asyncio.ensure_future(
-        asyncio.to_thread(hashtree.leaf_hashes, read, size, hashtree.LEAF, progress, HASH_THREADS)
-    )
+    ours_task = asyncio.ensure_future(asyncio.to_thread(hash_source))
+    t0 = time.monotonic()
     try:
         top_theirs = await query(sh, gen, None, None, prog)
+        log.info("disk %s: the replica's hashes came after %.1f s", d.cfg.name, time.monotonic() - t0)
         leaves = await ours_task
         levels = hashtree.build(leaves)
     finally:
@@ -150,16 +174,20 @@ async def differing_extents(sh: Shipper, gen: int, prog: Progress) -> list[tuple
     k = len(levels) - 1
     indexes = list(range(hashtree.count(levels[k])))
     diff = hashtree.differing(indexes, hashtree.pick(levels[k], indexes), top_theirs)
+    room = asyncio.Semaphore(QUERIES_AT_ONCE)
+
+    async def compare(level: int, parents: list[int]) -> list[int]:
+        async with room:
+            theirs = await query(sh, gen, level, parents, prog)
+        kids = hashtree.children(parents, hashtree.count(levels[level]))
+        return hashtree.differing(kids, hashtree.pick(levels[level], kids), theirs)
+
     while k > 0 and diff:
         k -= 1
-        below = hashtree.count(levels[k])
-        nxt: list[int] = []
-        for i in range(0, len(diff), PARENTS_PER_QUERY):
-            parents = diff[i : i + PARENTS_PER_QUERY]
-            kids = hashtree.children(parents, below)
-            theirs = await query(sh, gen, k, parents, prog)
-            nxt += hashtree.differing(kids, hashtree.pick(levels[k], kids), theirs)
-        diff = nxt
+        async with asyncio.TaskGroup() as tg:
+            asked = [tg.create_task(compare(k, diff[i : i + PARENTS_PER_QUERY]))
+                     for i in range(0, len(diff), PARENTS_PER_QUERY)]
+        diff = [ix for t in asked for ix in t.result()]
     extents = hashtree.leaf_extents(diff, size) if k == 0 else []
     known = getattr(tr.tracker, "known", None)
     if known is not None:

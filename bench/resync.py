@@ -3,14 +3,23 @@
 scattered 4 KiB blocks while no agent ran, side by side with rsync's delta transfer over ssh (zstd) from
 the same source to a copy of the replica as it was before the resync. Writes JSON; never part of the tests.
 
-    python3 bench/resync.py [--size 4G] [--fraction 0.01] [--standby-only]
+    python3 bench/resync.py [--size 4G] [--fraction 0.01] [--standby-only] [--repeat N] [--profile DIR]
+                            [--no-direct-io]
 
 Measured for standby: wall time from the agent's restart until the resync is done (last_resync.done_at)
 and everything is applied; bytes on the wire (status bytes_wire delta) plus the hash bytes the master
-target sent back; bytes differing; time per phase (from status samples). For rsync
+target sent back; bytes differing; seconds to each step (from the daemons' log lines). For rsync
 (--copy-devices --inplace --no-whole-file --ignore-times, zstd, ssh to a private sshd on 127.0.0.1):
 wall time and Total bytes sent + received. Caches are dropped before each contender. Targets are
 reported, not asserted: standby time <= 0.5x rsync's; wire bytes <= 1.1x differing + 1 % of the disk.
+
+--repeat N kills the agent, overwrites other blocks and resyncs N times on the same deployment (the
+first run is `standby`, all runs are in `standby_runs` with their median): alternate runs of two builds
+compare better than single runs on a busy machine. --profile DIR samples every daemon with py-spy during
+each resync (bench/profiling.py). The source loop device reads its file with direct I/O, as in the
+initial_replication and churn benches: reading it then costs the machine what a real disk costs (no
+second copy through the file's page cache, which every contender paid); --no-direct-io for the buffered
+loop device of earlier figures.
 
 Needs root (loop device, kernel tracker, private sshd), rsync, sshd.
 """
@@ -23,6 +32,7 @@ import os
 import random
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -45,6 +55,7 @@ from churn import (
     write_result,
 )
 from initial_replication import drop_caches, start_sshd
+from profiling import Profiler
 
 from standby.admin.localdeploy import LocalDeployment
 from standby.admin.testdisk import make_test_disk
@@ -70,23 +81,35 @@ def scatter(dev: str, size: int, count: int, seed: int) -> int:
     return len(blocks) * BLOCK
 
 
-# Agent log lines (asctime, local time) that mark the resync's steps.
-MARKS = {"resync_begin": " resync (generation ", "compared": ": checksum comparison: ",
-         "complete": ": resync complete: "}
+# Log lines (asctime, local time) that mark the resync's steps, per daemon (the hashing lines are not
+# logged by builds before them).
+MARKS = {
+    f"agent-{MACHINE}": {"resync_begin": " resync (generation ", "source_hashed": ": source hashed in ",
+                         "replica_hashes_came": ": the replica's hashes came after ",
+                         "compared": ": checksum comparison: ", "complete": ": resync complete: "},
+    "mt-mt1": {"replica_hashing": ": hashing replica ", "replica_hashed": ": replica hashed in "},
+}
 
 
 def log_phases(dep: LocalDeployment, t0: float) -> dict[str, Any]:
-    """Seconds from the agent's restart (t0, wall clock) to each step, from the agent's log; plus the
+    """Seconds from the agent's restart (t0, wall clock) to each step, from the daemons' logs; plus the
     resync's own duration as the agent logs it."""
     out: dict[str, Any] = {}
-    for line in dep.log_text(f"agent-{MACHINE}").splitlines():
+    for daemon, marks in MARKS.items():
+        out.update(_marks(dep.log_text(daemon), marks, t0))
+    return dict(sorted(out.items(), key=lambda kv: kv[1] if kv[0] != "agent_logged_resync_seconds" else 1e9))
+
+
+def _marks(text: str, marks: dict[str, str], t0: float) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for line in text.splitlines():
         m = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ", line)
         if not m:
             continue
         t = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000
         if t < t0 - 0.001:
             continue
-        for name, mark in MARKS.items():
+        for name, mark in marks.items():
             if mark in line and name not in out:
                 out[name] = round(t - t0, 2)
                 if name == "complete":
@@ -94,7 +117,7 @@ def log_phases(dep: LocalDeployment, t0: float) -> dict[str, Any]:
     return out
 
 
-def run_standby(dep: LocalDeployment, dev: str, timeout: float) -> dict[str, Any]:
+def run_standby(dep: LocalDeployment, dev: str, timeout: float, prof: Profiler | None = None) -> dict[str, Any]:
     """Restart the (killed) agent and follow the resync it starts until it is done and applied."""
     client = dep.admin()
     before = disk_of(client.call("status", machine=MACHINE))
@@ -102,7 +125,10 @@ def run_standby(dep: LocalDeployment, dev: str, timeout: float) -> dict[str, Any
     drop_caches()
     t0 = time.time()
     m0 = time.monotonic()
-    dep.start("agent", MACHINE)
+    agent = dep.start("agent", MACHINE)
+    if prof is not None:
+        for key, p in dep.procs.items():
+            prof.attach(key, p.pid if key != f"agent-{MACHINE}" else agent.pid)
     done = None
     while time.monotonic() - m0 < timeout:
         try:
@@ -116,6 +142,7 @@ def run_standby(dep: LocalDeployment, dev: str, timeout: float) -> dict[str, Any
             break
         time.sleep(0.1)
     elapsed = time.monotonic() - m0
+    profiled = prof.stop() if prof is not None else None
     if done is None:
         return {"error": f"the resync did not complete within {timeout:.0f} s", "phases": log_phases(dep, t0)}
     u1 = usage(dep)
@@ -135,6 +162,7 @@ def run_standby(dep: LocalDeployment, dev: str, timeout: float) -> dict[str, Any
         "hash_bytes": rep["hash_bytes"],
         "bytes_on_wire": wire + rep["hash_bytes"],
         "cpu_seconds": {**cpu_delta(u0, u1), "agent": u1[f"agent-{MACHINE}"]["cpu_seconds"]},
+        **({"profile": profiled} if profiled else {}),
     }
 
 
@@ -178,6 +206,10 @@ def main() -> int:
     ap.add_argument("--standby-only", action="store_true", help="skip the rsync baseline")
     ap.add_argument("--timeout", type=float, default=1800.0)
     ap.add_argument("--out", type=Path, default=RESULTS / "resync.json")
+    ap.add_argument("--repeat", type=int, default=1, help="resyncs on the same deployment, each after a kill")
+    ap.add_argument("--profile", type=Path, help="py-spy profiles of every daemon during each resync, here")
+    ap.add_argument("--direct-io", action=argparse.BooleanOptionalAction, default=True,
+                    help="source loop device with direct I/O (default; --no-direct-io: buffered, as before)")
     args = ap.parse_args()
     size = parse_size(args.size)
     if os.geteuid() != 0:
@@ -195,11 +227,12 @@ def main() -> int:
         "changed": f"{count} scattered random 4 KiB blocks ({args.fraction:.2%} of the disk), written with O_DIRECT "
         "while the agent was killed (-9)",
         "bytes_changed": count * BLOCK,
+        "source_device": "loop device" + (" with --direct-io=on" if args.direct_io else " (buffered)"),
     }
     with Scratch("standby-resync-") as scratch:
         image = scratch.root / "source.img"
         make_test_disk(image, size)
-        dev = scratch.attach(image)
+        dev = scratch.attach(image, direct_io=args.direct_io)
         dep, replica, synced = deploy(scratch, dev, "raw")
         results["initial_sync_seconds"] = synced
         dep.kill(f"agent-{MACHINE}", signal.SIGKILL)  # no clean-stop record: the restart must resync
@@ -207,10 +240,22 @@ def main() -> int:
         rsync_dest = scratch.root / "rsync-dest.img"
         if not args.standby_only:  # the replica as it is before the resync, for rsync to bring up to date
             subprocess.run(["cp", "--sparse=always", str(replica), str(rsync_dest)], check=True)
-        st = run_standby(dep, dev, args.timeout)
+        runs = []
+        for i in range(args.repeat):
+            if i:
+                dep.kill(f"agent-{MACHINE}", signal.SIGKILL)
+                scatter(dev, size, count, args.seed + i)
+            prof = Profiler(args.profile, f"resync-{i}") if args.profile else None
+            runs.append(run_standby(dep, dev, args.timeout, prof))
+            print(f"resync {i}: {runs[-1].get('seconds')} s {runs[-1].get('phases')}", file=sys.stderr)
         dep.stop_all()  # nothing runs beside the baseline
+        st = runs[0]
         st.update(identical(dev, replica, "raw"))
         results["standby"] = st
+        if args.repeat > 1:
+            secs = [r["seconds"] for r in runs if "seconds" in r]
+            results["standby_runs"] = {"seconds": secs, "median_seconds": statistics.median(secs) if secs else None,
+                                       "runs": runs[1:]}
         if not args.standby_only:
             rs = run_rsync(scratch, dev, rsync_dest)
             if "error" not in rs:

@@ -8,6 +8,7 @@ import asyncio
 import base64
 import json
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -37,10 +38,14 @@ async def answer_hashes(w: DiskWorker, link: Link, generation: int, query: dict[
                 log.info("disk %s/%s: hashing replica %s for a resync", w.state.machine, w.state.name, w.state.path)
                 # Sparse VMDK reads walk shared grain tables: one thread; the flat kinds read with pread.
                 threads = 1 if w.state.format == "vmdk-sparse" else 4
-                leaves = await asyncio.to_thread(
-                    hashtree.leaf_hashes, w.applier.replica.read, w.state.size, hashtree.LEAF, None, threads
-                )
+                t0 = time.monotonic()
+                with w.applier.replica.scanning() as read:
+                    leaves = await asyncio.to_thread(
+                        hashtree.leaf_hashes, read, w.state.size, hashtree.LEAF, None, threads
+                    )
                 w.tree = (generation, hashtree.build(leaves))
+                log.info("disk %s/%s: replica hashed in %.1f s", w.state.machine, w.state.name,
+                         time.monotonic() - t0)
     except (ReplicaError, OSError) as exc:
         raise RequestFailed(ErrorCode.FAILED, f"cannot hash the replica: {exc}") from None
     levels = w.tree[1]

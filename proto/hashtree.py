@@ -18,6 +18,7 @@ LEAF = 4096
 FAN = 64
 HASH = 16
 READ_CHUNK = 8 * 1024 * 1024
+SCREEN = 8  # hashes compared at once before one by one (differing)
 
 _digest = xxhash.xxh3_128_digest
 block_hash = _digest
@@ -32,9 +33,10 @@ def leaf_hashes(
 ) -> bytearray:
     """xxh3-128 of each `leaf`-byte chunk of [0, size) (the last one may be short), 16 bytes each.
 
-    With `threads` > 1 the disk is cut into that many contiguous parts hashed at once (`read` must be
-    thread-safe): one reader waits on the device most of the time (measured: 1 GiB loop device, O_DIRECT,
-    2.26 s with one thread, 0.85 s with four)."""
+    What `read` returns is hashed before the same thread reads again, so it may be one reused buffer
+    per thread. With `threads` > 1 the disk is cut into that many contiguous parts hashed at once
+    (`read` must be thread-safe): one reader waits on the device most of the time (measured: 1 GiB
+    loop device, O_DIRECT, 2.26 s with one thread, 0.85 s with four)."""
     step = READ_CHUNK - READ_CHUNK % leaf
     if threads > 1 and size > step * threads:
         per = -(-size // threads // step) * step
@@ -88,10 +90,17 @@ def pick(level: bytes | bytearray, indexes: Iterable[int]) -> bytes:
     mv = memoryview(level)
     nodes = len(mv) // HASH
     out = []
+    start = end = -1  # a run of consecutive indexes (children of one parent) is one slice
     for i in indexes:
         if not 0 <= i < nodes:
             raise ValueError(f"node {i} is not in a level of {nodes}")
-        out.append(mv[i * HASH : (i + 1) * HASH])
+        if i != end:
+            if end > start:
+                out.append(mv[start * HASH : end * HASH])
+            start = i
+        end = i + 1
+    if end > start:
+        out.append(mv[start * HASH : end * HASH])
     return b"".join(out)
 
 
@@ -110,8 +119,17 @@ def differing(indexes: list[int], ours: bytes, theirs: bytes) -> list[int]:
     """Which of `indexes` differ, given both sides' hashes for exactly those indexes, in that order."""
     if len(ours) != len(theirs) or len(ours) != HASH * len(indexes):
         raise ValueError("hash lists do not match the indexes")
-    a, b = memoryview(ours), memoryview(theirs)
-    return [ix for k, ix in enumerate(indexes) if a[k * HASH : (k + 1) * HASH] != b[k * HASH : (k + 1) * HASH]]
+    a, b = bytes(ours), bytes(theirs)
+    # Runs of SCREEN hashes are compared first (one memcmp each), hash by hash only where a run differs:
+    # in the children of a differing parent most are usually equal. A memoryview compare goes item by
+    # item (a 16-byte slice of one was 10 times slower than this for 1 differing hash in 50).
+    out = []
+    end = len(a)
+    for run in range(0, end, SCREEN * HASH):
+        stop = min(run + SCREEN * HASH, end)
+        if a[run:stop] != b[run:stop]:
+            out += [indexes[k // HASH] for k in range(run, stop, HASH) if a[k : k + HASH] != b[k : k + HASH]]
+    return out
 
 
 def leaf_extents(leaves: list[int], size: int, leaf: int = LEAF) -> list[tuple[int, int]]:

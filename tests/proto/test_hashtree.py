@@ -158,6 +158,21 @@ def test_differing() -> None:
     assert hashtree.differing([], b"", b"") == []
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 199), max_size=300), st.randoms(use_true_random=False))
+def test_pick_and_differing_agree_with_one_by_one(indexes: list[int], rng: random.Random) -> None:
+    """pick takes runs of consecutive indexes at once, differing screens several hashes at once: the same
+    answers as one hash at a time, wherever the runs and the differences fall."""
+    level = rng.randbytes(200 * HASH)
+    assert hashtree.pick(level, indexes) == b"".join(level[i * HASH : (i + 1) * HASH] for i in indexes)
+    ours = rng.randbytes(len(indexes) * HASH)
+    theirs = bytearray(ours)
+    flipped = sorted(rng.sample(range(len(indexes)), rng.randint(0, len(indexes))))
+    for k in flipped:
+        theirs[k * HASH + rng.randrange(HASH)] ^= 1 << rng.randrange(8)
+    assert hashtree.differing(indexes, ours, bytes(theirs)) == [indexes[k] for k in flipped]
+
+
 @pytest.mark.parametrize(
     ("indexes", "ours", "theirs"),
     [
