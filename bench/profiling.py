@@ -100,6 +100,7 @@ class Profiler:
         self.out_dir, self.phase, self.rate = Path(out_dir), phase, rate
         self.tool = shutil.which("py-spy")
         self.spies: dict[str, tuple[subprocess.Popen[bytes], Path, int]] = {}
+        self.started: dict[str, dict[str, float]] = {}  # each daemon's CPU when sampling started
         self.result: dict[str, Any] = {}
 
     def __enter__(self) -> Profiler:
@@ -118,6 +119,7 @@ class Profiler:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         self.spies[name] = (proc, raw, pid)
+        self.started[name] = proc_usage(pid)
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -126,7 +128,11 @@ class Profiler:
         """Stop sampling, summarise each daemon, write `<phase>.profile.json`; returns the summary."""
         if self.result or not self.spies:
             return self.result
-        usage = {name: proc_usage(pid) for name, (_, _, pid) in self.spies.items() if Path(f"/proc/{pid}").exists()}
+        usage = {}
+        for name, (_, _, pid) in self.spies.items():
+            if Path(f"/proc/{pid}").exists():
+                now, then = proc_usage(pid), self.started[name]
+                usage[name] = {k: round(now[k] - then[k], 2) for k in ("cpu_seconds", "user_seconds", "system_seconds")}
         for proc, _, _ in self.spies.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
@@ -137,8 +143,28 @@ class Profiler:
                 proc.kill()
                 proc.wait()
             text = raw.read_text() if raw.exists() else ""
-            self.result[name] = {"usage_at_end": usage.get(name), **summarise(text)}
+            self.result[name] = {"cpu_while_sampled": usage.get(name), **summarise(text)}
             if raw.exists() and not os.environ.get("STANDBY_BENCH_KEEP_RAW"):
                 raw.unlink()
         (self.out_dir / f"{self.phase}.profile.json").write_text(json.dumps(self.result, indent=2) + "\n")
         return self.result
+
+
+def render(profile: dict[str, Any], top: int = 6) -> str:
+    """A short text summary of a `<phase>.profile.json`: per daemon, its CPU and where its samples went."""
+    lines = []
+    for name, p in profile.items():
+        u = p.get("cpu_while_sampled") or {}
+        lines.append(f"{name}: {p['samples']} samples; CPU while sampled: user {u.get('user_seconds')} s, "
+                     f"system {u.get('system_seconds')} s")
+        lines.append("  self:      " + ", ".join(f"{fn} {pct}%" for fn, pct in p["self_percent"][:top]))
+        lines.append("  inclusive: " + ", ".join(f"{fn} {pct}%" for fn, pct in p["inclusive_percent"][:top]))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    for path in sys.argv[1:]:
+        print(f"== {path}")
+        print(render(json.loads(Path(path).read_text())))
