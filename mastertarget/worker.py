@@ -280,7 +280,7 @@ class DiskWorker:
             journal.abort(replica_writer(rep), rep.sync)
         ranges = [(e.offset, e.length) for b, _ in batches for e in b.extents]
         try:
-            journal.write_undo_ranges(first, batches[0][0].generation, ranges, rep.read)
+            journal.write_undo_ranges(first, batches[0][0].generation, ranges, rep.read, rep.prefetch)
         except OSError as exc:
             journal.discard_undo()  # nothing was written to the replica yet: the group is retried whole
             raise JournalError(f"cannot write the retention journal in {journal.dir}: {exc.strerror or exc}") from exc

@@ -24,6 +24,8 @@ from __future__ import annotations
 import os
 import struct
 import threading
+from collections.abc import Iterable
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 import zstandard
@@ -89,19 +91,27 @@ def _check_uid(disk_uid: bytes) -> bytes:
 
 
 class Sealer:
-    """Seals extents for one disk. Holds a zstd compressor, which is not thread-safe: one per thread."""
+    """Seals extents for one disk. zstd compressors are not thread-safe: it keeps one per thread, so one
+    Sealer may seal from several threads at once (the master target seals undo records in a pool)."""
 
     def __init__(self, key: bytes, disk_uid: bytes, level: int = 3, domain: Domain = WIRE) -> None:
         if len(key) != KEY_SIZE:
             raise LocalProtocolError(GoodbyeCode.BAD_KEY, "data key must be 32 bytes (AES-256)")
         self._aead = AESGCM(key)
         self._uid = _check_uid(disk_uid)
-        self._zc = zstandard.ZstdCompressor(level=level)
+        self._level = level
+        self._local = threading.local()
         self._domain = domain
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        zc = getattr(self._local, "zc", None)
+        if zc is None:
+            zc = self._local.zc = zstandard.ZstdCompressor(level=self._level)
+        return zc
 
     def seal(self, generation: int, sequence: int, offset: int, data: bytes | memoryview) -> bytes:
         plain = data
-        packed = self._zc.compress(plain)
+        packed = self._compressor().compress(plain)
         flags = FLAG_ZSTD
         if len(packed) >= len(plain):
             packed, flags = plain, 0
@@ -139,16 +149,50 @@ def zero_runs(buf: memoryview) -> list[tuple[bool, int, int]]:
 
 
 def seal_pieces(
-    sealer: Sealer, generation: int, sequence: int, pieces: list[tuple[int, memoryview]]
+    sealer: Sealer,
+    generation: int,
+    sequence: int,
+    pieces: Iterable[tuple[int, memoryview]],
+    pool: Executor | None = None,
 ) -> list[tuple[bool, int, int, bytes]]:
     """(is_zero, offset, length, sealed) for each run of the (offset, data) pieces: runs of zeros carry no
-    bytes (discards and never-written space cost a table entry), the rest is sealed run by run."""
-    out: list[tuple[bool, int, int, bytes]] = []
+    bytes (discards and never-written space cost a table entry), the rest is sealed run by run.
+
+    With a `pool`, pieces are sealed in its threads (zstd releases the GIL) while `pieces` — which may be
+    a generator reading them from disk — is still being consumed: reading and sealing overlap. Small
+    pieces go in tasks of about POOL_TASK bytes, so the hand-over costs little."""
+    if pool is None:
+        return [run for offset, data in pieces for run in _seal_piece(sealer, generation, sequence, offset, data)]
+    tasks: list[Future[list[tuple[bool, int, int, bytes]]]] = []
+    batch: list[tuple[int, memoryview]] = []
+    size = 0
     for offset, data in pieces:
-        for is_zero, a, b in zero_runs(data):
-            sealed = b"" if is_zero else sealer.seal(generation, sequence, offset + a, data[a:b])
-            out.append((is_zero, offset + a, b - a, sealed))
-    return out
+        batch.append((offset, data))
+        size += len(data)
+        if size >= POOL_TASK:
+            tasks.append(pool.submit(_seal_batch, sealer, generation, sequence, batch))
+            batch, size = [], 0
+    if batch:
+        tasks.append(pool.submit(_seal_batch, sealer, generation, sequence, batch))
+    try:
+        return [run for t in tasks for run in t.result()]
+    finally:
+        for t in tasks:
+            t.cancel()  # after an error: what has not started yet need not run
+
+
+POOL_TASK = 256 * 1024
+
+
+def _seal_piece(sealer: Sealer, generation: int, sequence: int, offset: int,
+                data: memoryview) -> list[tuple[bool, int, int, bytes]]:
+    return [(z, offset + a, b - a, b"" if z else sealer.seal(generation, sequence, offset + a, data[a:b]))
+            for z, a, b in zero_runs(data)]
+
+
+def _seal_batch(sealer: Sealer, generation: int, sequence: int,
+                batch: list[tuple[int, memoryview]]) -> list[tuple[bool, int, int, bytes]]:
+    return [run for offset, data in batch for run in _seal_piece(sealer, generation, sequence, offset, data)]
 
 
 class Opener:
