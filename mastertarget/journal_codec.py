@@ -34,7 +34,7 @@ from typing import Any
 from standby.proto.envelope import REDO, UNDO, Domain, Opener, Sealer, seal_pieces
 from standby.proto.errors import EnvelopeError
 from standby.proto.fields import MAX_SEQUENCE
-from standby.proto.frames import encode_frame, scan_segment
+from standby.proto.frames import encode_frame, encode_frame_of, scan_segment
 from standby.proto.marker_meta import MarkerMeta
 from standby.proto.messages import MAX_BATCH_LOGICAL, SEAL_SIZE, ExtentKind, meta_bytes
 from standby.proto.wire import BadRequest
@@ -114,7 +114,7 @@ def encode_undo(
     blobs = [sealed for _, _, _, sealed in runs]
     head = _HEAD.pack(generation, len(table)) + b"".join(_ENTRY.pack(*e) for e in table)
     seal = sealer.seal_batch(generation, sequence, head)
-    return encode_frame(ftype, disk, sequence, b"".join([head, seal, *blobs]))
+    return encode_frame_of(ftype, disk, sequence, [head, seal, *blobs])
 
 
 def decode_undo(disk: int, sequence: int, payload: bytes | memoryview, opener: Opener) -> UndoRecord:

@@ -63,15 +63,28 @@ class FrameHeader:
 
 def encode_frame(ftype: int, disk: int, sequence: int, payload: bytes | memoryview, flags: int = 0) -> bytes:
     """Return header + payload as one bytes object."""
-    length = len(payload)
+    return encode_frame_of(ftype, disk, sequence, [payload], flags)
+
+
+def encode_frame_of(ftype: int, disk: int, sequence: int, parts: list[bytes | memoryview], flags: int = 0) -> bytes:
+    """Return header + the payload made of `parts` back to back, as one bytes object: the payload is
+    copied once (into the frame), not joined first (a journal record's payload is up to 16 MiB)."""
+    length = sum(len(p) for p in parts)
     if length > MAX_PAYLOAD:
         raise LocalProtocolError(
             GoodbyeCode.OVERSIZED, f"payload of {length} bytes exceeds the {MAX_PAYLOAD}-byte limit"
         )
     if not (0 <= disk <= MAX_DISK and 0 <= sequence <= MAX_SEQUENCE and 0 <= ftype <= 255 and 0 <= flags <= 0xFFFF):
         raise LocalProtocolError(GoodbyeCode.BAD_HEADER, "disk, sequence, type or flags out of range")
-    head = _HEAD.pack(MAGIC, VERSION, ftype, flags, disk, sequence, length, xxhash.xxh64_intdigest(payload))
-    return b"".join((head, _CHECK.pack(xxhash.xxh32_intdigest(head)), payload))
+    if len(parts) == 1:
+        phash = xxhash.xxh64_intdigest(parts[0])
+    else:
+        h = xxhash.xxh64()
+        for p in parts:
+            h.update(p)
+        phash = h.intdigest()
+    head = _HEAD.pack(MAGIC, VERSION, ftype, flags, disk, sequence, length, phash)
+    return b"".join((head, _CHECK.pack(xxhash.xxh32_intdigest(head)), *parts))
 
 
 def decode_header(buf: bytes | memoryview) -> FrameHeader:
