@@ -90,9 +90,24 @@ def _check_uid(disk_uid: bytes) -> bytes:
     return bytes(disk_uid)
 
 
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    """This thread's zstd compressor for `level`. A compressor is not thread-safe and holds no secret: one
+    per thread and level, shared by every Sealer (a context per disk and thread would cost memory)."""
+    by_level: dict[int, zstandard.ZstdCompressor] | None = getattr(_local, "zc", None)
+    if by_level is None:
+        by_level = _local.zc = {}
+    zc = by_level.get(level)
+    if zc is None:
+        zc = by_level[level] = zstandard.ZstdCompressor(level=level)
+    return zc
+
+
 class Sealer:
-    """Seals extents for one disk. zstd compressors are not thread-safe: it keeps one per thread, so one
-    Sealer may seal from several threads at once (the master target seals undo records in a pool)."""
+    """Seals extents for one disk; several threads may seal with one Sealer at once (the master target
+    seals undo records in a pool)."""
 
     def __init__(self, key: bytes, disk_uid: bytes, level: int = 3, domain: Domain = WIRE) -> None:
         if len(key) != KEY_SIZE:
@@ -100,18 +115,11 @@ class Sealer:
         self._aead = AESGCM(key)
         self._uid = _check_uid(disk_uid)
         self._level = level
-        self._local = threading.local()
         self._domain = domain
-
-    def _compressor(self) -> zstandard.ZstdCompressor:
-        zc = getattr(self._local, "zc", None)
-        if zc is None:
-            zc = self._local.zc = zstandard.ZstdCompressor(level=self._level)
-        return zc
 
     def seal(self, generation: int, sequence: int, offset: int, data: bytes | memoryview) -> bytes:
         plain = data
-        packed = self._compressor().compress(plain)
+        packed = _compressor(self._level).compress(plain)
         flags = FLAG_ZSTD
         if len(packed) >= len(plain):
             packed, flags = plain, 0
@@ -166,19 +174,19 @@ def seal_pieces(
     tasks: list[Future[list[tuple[bool, int, int, bytes]]]] = []
     batch: list[tuple[int, memoryview]] = []
     size = 0
-    for offset, data in pieces:
-        batch.append((offset, data))
-        size += len(data)
-        if size >= POOL_TASK:
-            tasks.append(pool.submit(_seal_batch, sealer, generation, sequence, batch))
-            batch, size = [], 0
-    if batch:
-        tasks.append(pool.submit(_seal_batch, sealer, generation, sequence, batch))
     try:
+        for offset, data in pieces:
+            batch.append((offset, data))
+            size += len(data)
+            if size >= POOL_TASK:
+                tasks.append(pool.submit(_seal_batch, sealer, generation, sequence, batch))
+                batch, size = [], 0
+        if batch:
+            tasks.append(pool.submit(_seal_batch, sealer, generation, sequence, batch))
         return [run for t in tasks for run in t.result()]
     finally:
         for t in tasks:
-            t.cancel()  # after an error: what has not started yet need not run
+            t.cancel()  # after an error (reading a piece, sealing one): what has not started need not run
 
 
 POOL_TASK = 256 * 1024
