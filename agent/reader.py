@@ -137,7 +137,7 @@ class BatchBuilder:
                 n = min(SEAL_UNIT, offset + length - at)
                 pieces = self._read_into(buf, [(at, n)])
                 try:
-                    for zero, off, size, sealed in seal_pieces(sealer, generation, sequence, pieces, SEAL_UNIT):
+                    for zero, off, size, sealed in seal_pieces(sealer, generation, sequence, pieces, unit=SEAL_UNIT):
                         if zero and extents and extents[-1][0] == ExtentKind.ZERO:  # one run across reads
                             extents[-1] = (ExtentKind.ZERO, extents[-1][1], extents[-1][2] + size, b"")
                         else:
@@ -169,7 +169,7 @@ class BatchBuilder:
         sealer = self._sealer()
         extents = [
             (ExtentKind.ZERO if zero else ExtentKind.DATA, off, n, sealed)
-            for zero, off, n, sealed in seal_pieces(sealer, generation, sequence, pieces, SEAL_UNIT)
+            for zero, off, n, sealed in seal_pieces(sealer, generation, sequence, pieces, unit=SEAL_UNIT)
         ]
         return self._frame(sealer, generation, sequence, kind, cursor, extents)
 

@@ -30,7 +30,8 @@ group, its end and a prunable segment are stays here.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -193,21 +194,22 @@ class DiskJournal:
         self._sync()
 
     def write_undo_ranges(self, first: int, generation: int, ranges: list[tuple[int, int]],
-                          read: Callable[[int, int], bytes]) -> None:
+                          read: Callable[[int, int], bytes],
+                          prefetch: Callable[[list[tuple[int, int]]], None] | None = None) -> None:
         """Record what a group is about to overwrite — the union of (offset, length) `ranges`, each byte
         once, read with `read` — part by part (memory stays ~UNDO_PART whatever the group covers), then
-        one fsync. The replica may be written after this returns."""
+        one fsync. The replica may be written after this returns.
+
+        `prefetch(ranges)` (the replica's) asks for a part's ranges all at once before they are read one
+        by one, so the disk sees them together rather than one small random read at a time; the next part
+        is asked for while this one is sealed. The pieces are sealed in the sealing pool as they are read."""
         self._begin_undo(first)
-        part: list[tuple[int, int]] = []
-        size = 0
-        for a, n in merge_ranges(ranges):
-            if part and size + n > UNDO_PART:
-                self._undo_part(first, generation, old_contents(read, part))
-                part, size = [], 0
-            part.append((a, n))
-            size += n
-        if part:
-            self._undo_part(first, generation, old_contents(read, part))
+        parts = undo_parts(merge_ranges(ranges))
+        if prefetch is not None and parts:
+            prefetch(parts[0])
+        for i, part in enumerate(parts):
+            nxt = parts[i + 1] if prefetch is not None and i + 1 < len(parts) else []
+            self._undo_part(first, generation, read_pieces(read, part, prefetch, nxt))
         self._sync()
 
     def discard_undo(self) -> None:
@@ -228,7 +230,7 @@ class DiskJournal:
             raise JournalError(f"undo of {first} while the undo of {self._open_undo[0]} is open")
         self._open_undo = (first, [])
 
-    def _undo_part(self, first: int, generation: int, pieces: list[tuple[int, bytes]]) -> None:
+    def _undo_part(self, first: int, generation: int, pieces: Iterable[tuple[int, bytes]]) -> None:
         assert self._open_undo is not None
         rec = encode_undo(self.disk, first, generation, pieces, self.sealer)
         at = self._append(rec, first, sync=False)
@@ -276,14 +278,21 @@ class DiskJournal:
     def undo_records(self, g: Group) -> Iterator[UndoRecord]:
         """The group's UNDO parts, opened one at a time (each verified before it is returned)."""
         for at, size in g.parts:
-            with open(g.segment, "rb") as f:
-                f.seek(at)
-                data = f.read(size)
-            s = scan(data)
-            if s.problem or s.torn or len(s.records) != 1 or s.records[0][0] != UNDO_TYPE:
-                raise JournalError(f"retention journal {g.segment}: undo record of {g.first} at {at} is damaged")
-            _, disk, seq, payload = s.records[0]
-            yield decode_undo(disk, seq, payload, self.opener)
+            yield self.undo_part(g, at, size)
+
+    def undo_part(self, g: Group, at: int, size: int) -> UndoRecord:
+        """One of the group's UNDO parts (at `at`, `size` bytes), verified and opened. Thread-safe: a
+        rollback opens the next parts in the sealing pool while it writes this one."""
+        fd = os.open(g.segment, os.O_RDONLY)
+        try:
+            data = os.pread(fd, size, at)
+        finally:
+            os.close(fd)
+        s = scan(data)
+        if s.problem or s.torn or len(s.records) != 1 or s.records[0][0] != UNDO_TYPE:
+            raise JournalError(f"retention journal {g.segment}: undo record of {g.first} at {at} is damaged")
+        _, disk, seq, payload = s.records[0]
+        return decode_undo(disk, seq, payload, self.opener)
 
     def read_undo(self, g: Group) -> UndoRecord | None:
         """All of the group's old contents as one record (tests and small groups; rollbacks go part by
@@ -424,3 +433,27 @@ def apply_undo(rec: UndoRecord, write: Callable[[int, bytes | None, int], None])
 def old_contents(read: Callable[[int, int], bytes], ranges: list[tuple[int, int]]) -> list[tuple[int, bytes]]:
     """Read what a group is about to overwrite, each byte once."""
     return [(a, read(a, n)) for a, n in merge_ranges(ranges)]
+
+
+def undo_parts(pieces: list[tuple[int, int]], limit: int = UNDO_PART) -> list[list[tuple[int, int]]]:
+    """Sorted (offset, length) pieces cut into the ranges of UNDO parts of at most `limit` bytes each."""
+    parts: list[list[tuple[int, int]]] = []
+    size = 0
+    for a, n in pieces:
+        if not parts or (parts[-1] and size + n > limit):
+            parts.append([])
+            size = 0
+        parts[-1].append((a, n))
+        size += n
+    return parts
+
+
+def read_pieces(read: Callable[[int, int], bytes], ranges: list[tuple[int, int]],
+                prefetch: Callable[[list[tuple[int, int]]], None] | None = None,
+                after: list[tuple[int, int]] | None = None) -> Iterator[tuple[int, bytes]]:
+    """(offset, contents) of `ranges`, read as they are asked for; once all are read, `prefetch(after)`
+    (the next ranges to read, while these are being sealed)."""
+    for a, n in ranges:
+        yield a, read(a, n)
+    if prefetch is not None and after:
+        prefetch(after)

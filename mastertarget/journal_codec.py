@@ -23,14 +23,18 @@ types of their own that are only ever stored, never sent:
 from __future__ import annotations
 
 import json
+import os
 import struct
+import threading
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from standby.proto.envelope import REDO, UNDO, Domain, Opener, Sealer, seal_pieces
 from standby.proto.errors import EnvelopeError
 from standby.proto.fields import MAX_SEQUENCE
-from standby.proto.frames import encode_frame, scan_segment
+from standby.proto.frames import encode_frame, encode_frame_parts, scan_segment
 from standby.proto.marker_meta import MarkerMeta
 from standby.proto.messages import MAX_BATCH_LOGICAL, SEAL_SIZE, ExtentKind, meta_bytes
 from standby.proto.wire import BadRequest
@@ -79,21 +83,38 @@ def redo_opener(key: bytes, uid: bytes) -> Opener:
     return undo_opener(key, uid, REDO)
 
 
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def sealing_pool() -> ThreadPoolExecutor:
+    """The threads that seal and open old contents for every disk's journal: one per core. Compressing
+    them is most of a journaled group's CPU (zstd releases the GIL), and a group's contents are read
+    from the replica meanwhile."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="undo-seal")
+        return _pool
+
+
 def encode_undo(
     disk: int,
     sequence: int,
     generation: int,
-    pieces: list[tuple[int, bytes | memoryview]],
+    pieces: Iterable[tuple[int, bytes | memoryview]],
     sealer: Sealer,
     ftype: int = UNDO_TYPE,
 ) -> bytes:
-    """One UNDO record holding the old contents `pieces` ((offset, data) in the order of the batch)."""
-    runs = seal_pieces(sealer, generation, sequence, [(off, memoryview(data)) for off, data in pieces])
+    """One UNDO record holding the old contents `pieces` ((offset, data) in the order of the batch). The
+    pieces are sealed in the sealing pool as they come: `pieces` may be a generator reading them."""
+    runs = seal_pieces(sealer, generation, sequence, ((off, memoryview(data)) for off, data in pieces),
+                       sealing_pool())
     table = [(off, n, len(sealed), ExtentKind.ZERO if zero else ExtentKind.DATA) for zero, off, n, sealed in runs]
     blobs = [sealed for _, _, _, sealed in runs]
     head = _HEAD.pack(generation, len(table)) + b"".join(_ENTRY.pack(*e) for e in table)
     seal = sealer.seal_batch(generation, sequence, head)
-    return encode_frame(ftype, disk, sequence, b"".join([head, seal, *blobs]))
+    return encode_frame_parts(ftype, disk, sequence, [head, seal, *blobs])
 
 
 def decode_undo(disk: int, sequence: int, payload: bytes | memoryview, opener: Opener) -> UndoRecord:

@@ -22,18 +22,22 @@ from __future__ import annotations
 import bisect
 import errno
 import heapq
+import itertools
 import json
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from standby.plumbing.durable import load_record, save_json, truncate_synced
 from standby.proto.frames import encode_frame
 
-from .journal import PIECE_MAX, UNDO_PART, DiskJournal, apply_undo
+from .journal import PIECE_MAX, UNDO_PART, DiskJournal, apply_undo, read_pieces
 from .journal_codec import (
     MOVE_TYPE,
     REDO_TYPE,
@@ -44,6 +48,7 @@ from .journal_codec import (
     redo_opener,
     redo_sealer,
     scan,
+    sealing_pool,
 )
 from .replicas import Replica, create_replica
 from .replicas.raw import FileReplica
@@ -52,11 +57,13 @@ from .segments import Group, walk_records
 log = logging.getLogger("standby.mt.recovery")
 COPY_CHUNK = 8 << 20
 
-Writer = Callable[[int, bytes | None, int], None]
+Writer = Callable[[int, bytes | memoryview | None, int], None]
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 def replica_writer(replica: Replica) -> Writer:
-    def write(offset: int, data: bytes | None, length: int) -> None:
+    def write(offset: int, data: bytes | memoryview | None, length: int) -> None:
         if data is None:
             replica.write_zeroes(offset, length)
         else:
@@ -137,10 +144,12 @@ class RedoLog:
             else:
                 raise JournalError(f"redo log {self.path}: unexpected record at {at}")
 
-    def push(self, src: int, dst: int, chunks: list[list[tuple[int, int]]], read: Callable[[int, int], bytes]) -> None:
+    def push(self, src: int, dst: int, chunks: list[list[tuple[int, int]]], read: Callable[[int, int], bytes],
+             prefetch: Callable[[list[tuple[int, int]]], None] | None = None) -> None:
         """Append one step — a MOVE record, then the current contents of `chunks` (lists of (offset,
         length)), one REDO record per chunk, read as they are written — and fsync once: all before the
-        replica is touched."""
+        replica is touched. `prefetch` as for DiskJournal.write_undo_ranges: each chunk's ranges are asked
+        for at once, the next while this one is sealed (in the sealing pool, as it is read)."""
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             at = os.fstat(fd).st_size
@@ -149,8 +158,11 @@ class RedoLog:
             os.write(fd, head)
             move = Move(src, dst, len(chunks), at, [])
             pos = at + len(head)
+            if prefetch is not None and chunks:
+                prefetch(chunks[0])
             for i, ranges in enumerate(chunks):
-                rec = encode_undo(self.disk, src, i, [(a, read(a, n)) for a, n in ranges], self.sealer, REDO_TYPE)
+                nxt = chunks[i + 1] if i + 1 < len(chunks) else []
+                rec = encode_undo(self.disk, src, i, read_pieces(read, ranges, prefetch, nxt), self.sealer, REDO_TYPE)
                 view = memoryview(rec)
                 while view:
                     view = view[os.write(fd, view) :]
@@ -222,7 +234,7 @@ def _put(write: Writer, rec: UndoRecord, pieces: list[tuple[int, int]]) -> int:
             end = off + rec.lengths[k]
             lo, hi = max(a, off), min(b, end)
             if lo < hi:
-                write(lo, None if data is None else data[lo - off : hi - off], hi - lo)
+                write(lo, None if data is None else memoryview(data)[lo - off : hi - off], hi - lo)
                 n += hi - lo
                 a = hi
             k += 1
@@ -246,7 +258,7 @@ def _undo_step(journal: DiskJournal, replica: Replica, redo: RedoLog, src: int, 
                     size = 0
                 chunks[-1].append((x, y - x))
                 size += y - x
-        redo.push(src, dst, chunks, replica.read)
+        redo.push(src, dst, chunks, replica.read, replica.prefetch)
     n = _roll_back(journal, groups, pieces, replica_writer(replica))
     replica.sync()
     return n
@@ -261,15 +273,40 @@ def _rollback_plan(journal: DiskJournal, groups: list[Group]) -> list[tuple[int,
 
 
 def _roll_back(journal: DiskJournal, groups: list[Group], pieces: list[tuple[int, int, int]], write: Writer) -> int:
-    """Write the planned pieces, each block once, each undo record opened once."""
+    """Write the planned pieces, each block once, each undo record opened once. Records are read in
+    journal order and opened (decrypted, decompressed) in the sealing pool a few ahead of the one being
+    written, so the writes and the opening overlap."""
     by_rank: dict[int, list[tuple[int, int]]] = {}
     for a, b, rank in pieces:
         by_rank.setdefault(rank, []).append((a, b))
+    # The parts of a group cover disjoint ranges: each writes its share.
+    work = [(groups[rank], at, size, ranges) for rank, ranges in sorted(by_rank.items())
+            for at, size in groups[rank].parts]
     n = 0
-    for rank, ranges in by_rank.items():
-        for rec in journal.undo_records(groups[rank]):  # parts cover disjoint ranges: each writes its share
-            n += _put(write, rec, ranges)
+    for rec, (_, _, _, ranges) in zip(ahead(lambda w: journal.undo_part(*w[:3]), work), work, strict=True):
+        n += _put(write, rec, ranges)
     return n
+
+
+OPEN_AHEAD = 4  # undo records opened ahead of the one being written (each at most UNDO_PART of contents)
+
+
+def ahead(fn: Callable[[_T], _R], items: list[_T], depth: int = OPEN_AHEAD) -> Iterator[_R]:
+    """fn(item) for each of `items`, in order, computed in the sealing pool up to `depth` items ahead."""
+    pool = sealing_pool()
+    pending: deque[Future[_R]] = deque()
+    it = iter(items)
+    try:
+        for item in itertools.islice(it, depth):
+            pending.append(pool.submit(fn, item))
+        while pending:
+            result = pending.popleft().result()
+            for item in itertools.islice(it, 1):
+                pending.append(pool.submit(fn, item))
+            yield result
+    finally:
+        for f in pending:
+            f.cancel()
 
 
 def _redo_step(replica: Replica, redo: RedoLog) -> int:

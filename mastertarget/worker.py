@@ -26,7 +26,7 @@ from standby.proto.states import DiskState, Replication
 from .apply import Applier, BadMarker
 from .disk import ApplyStats, RetentionMarks
 from .diskstate import ReplicaState
-from .journal import DiskJournal
+from .journal import DiskJournal, merge_ranges, undo_parts
 from .journal_codec import JournalError
 from .recovery import replica_writer
 from .replicas import Replica, ReplicaError, open_replica
@@ -38,7 +38,7 @@ RETRY_DELAY = 5.0
 GROUP_MAX = 8
 
 Record = Batch | Marker
-Verified = tuple[Record, list[bytes | None] | None]  # a record and, for a batch, its extents' plaintexts
+Verified = tuple[Record, list[bytes | memoryview | None] | None]  # a record and, for a batch, its extents' plaintexts
 
 
 class WorkerHost(Protocol):
@@ -157,7 +157,12 @@ class DiskWorker:
         """Verify every record (in worker threads, in parallel), apply and ack those before the first that
         fails as one group, then reject the one that failed (promise 6: it is never written)."""
         t0 = time.monotonic()
-        good, failure = await self.verify(msgs)
+        if self.journal_on():
+            # The disk reads the old contents the journal will need while the batches are verified.
+            _, (good, failure) = await asyncio.gather(asyncio.to_thread(self.prefetch_old_contents, msgs),
+                                                      self.verify(msgs))
+        else:
+            good, failure = await self.verify(msgs)
         if good and not await self.apply_verified(link, good):
             return
         if good:
@@ -168,7 +173,7 @@ class DiskWorker:
     async def verify(self, msgs: list[Record]) -> tuple[list[Verified], tuple[Record, BaseException] | None]:
         """The records that passed verification up to the first that did not, and that one with its error."""
 
-        def check(m: Record) -> list[bytes | None] | None:
+        def check(m: Record) -> list[bytes | memoryview | None] | None:
             if isinstance(m, Batch):
                 return self.applier.verify_batch(m)
             self.applier.verify_marker(m)
@@ -269,7 +274,20 @@ class DiskWorker:
                       exc_info=(type(exc), exc, exc.__traceback__))
             await self.reject(link, m.sequence, RejectCode.FAILED, f"verifying failed unexpectedly: {exc!r}")
 
-    def write(self, journal: DiskJournal | None, first: int, batches: list[tuple[Batch, list[bytes | None]]]) -> None:
+    def prefetch_old_contents(self, msgs: list[Record]) -> None:
+        """Worker thread: ask the replica for the old contents journaling `msgs` will read first (their first
+        UNDO part), so the disk reads them while the batches are verified. Advice only, taken from extent
+        tables not verified yet: ranges outside the replica are left out, and nothing is read here."""
+        size = self.replica.size
+        ranges = [(e.offset, e.length) for m in msgs if isinstance(m, Batch) for e in m.extents
+                  if 0 <= e.offset and e.offset + e.length <= size]
+        parts = undo_parts(merge_ranges(ranges))
+        if parts:
+            self.replica.prefetch(parts[0])
+
+    def write(
+        self, journal: DiskJournal | None, first: int, batches: list[tuple[Batch, list[bytes | memoryview | None]]]
+    ) -> None:
         """Worker thread: old contents to the journal (synced), then the batches into the replica (synced).
         If the replica write fails half-way, the old contents go back at once."""
         rep = self.applier.replica
@@ -280,7 +298,7 @@ class DiskWorker:
             journal.abort(replica_writer(rep), rep.sync)
         ranges = [(e.offset, e.length) for b, _ in batches for e in b.extents]
         try:
-            journal.write_undo_ranges(first, batches[0][0].generation, ranges, rep.read)
+            journal.write_undo_ranges(first, batches[0][0].generation, ranges, rep.read, rep.prefetch)
         except OSError as exc:
             journal.discard_undo()  # nothing was written to the replica yet: the group is retried whole
             raise JournalError(f"cannot write the retention journal in {journal.dir}: {exc.strerror or exc}") from exc

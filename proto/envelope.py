@@ -24,6 +24,8 @@ from __future__ import annotations
 import os
 import struct
 import threading
+from collections.abc import Iterable
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 import zstandard
@@ -92,20 +94,51 @@ def _check_uid(disk_uid: bytes) -> bytes:
     return bytes(disk_uid)
 
 
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    """This thread's zstd compressor for `level`. A compressor is not thread-safe and holds no secret: one
+    per thread and level, shared by every Sealer (a context per disk and thread would cost memory)."""
+    by_level: dict[int, zstandard.ZstdCompressor] | None = getattr(_local, "zc", None)
+    if by_level is None:
+        by_level = _local.zc = {}
+    zc = by_level.get(level)
+    if zc is None:
+        zc = by_level[level] = zstandard.ZstdCompressor(level=level)
+    return zc
+
+
+def _nonce() -> bytes:
+    """A fresh random nonce, from this thread's pool, filled NONCE_POOL nonces at a time: one getrandom
+    call per seal was a quarter of sealing a 4 KiB extent. Still random 96-bit values from the OS (the
+    collision bound above holds as is). Per thread, so that two threads sealing with one Sealer can
+    never be handed the same bytes."""
+    pool: bytes = getattr(_local, "nonces", b"")
+    at: int = getattr(_local, "next", 0)
+    if at >= len(pool):
+        pool, at = os.urandom(NONCE_SIZE * NONCE_POOL), 0
+        _local.nonces = pool
+    _local.next = at + NONCE_SIZE
+    return pool[at : at + NONCE_SIZE]
+
+
 class Sealer:
-    """Seals extents for one disk. Holds a zstd compressor, which is not thread-safe: one per thread."""
+    """Seals extents for one disk; several threads may seal with one Sealer at once (the master target
+    seals undo records in a pool)."""
 
     def __init__(self, key: bytes, disk_uid: bytes, level: int = 3, domain: Domain = WIRE) -> None:
         if len(key) != KEY_SIZE:
             raise LocalProtocolError(GoodbyeCode.BAD_KEY, "data key must be 32 bytes (AES-256)")
         self._aead = AESGCM(key)
         self._uid = _check_uid(disk_uid)
-        self._zc = zstandard.ZstdCompressor(level=level)
+        self._level = level
         self._domain = domain
-        self._nonces = b""
-        self._next = 0
-        self._misses = 0  # small extents in a row that zstd did not shrink
-        self._skip = 0  # small extents still to send raw without trying zstd
+        # Small extents in a row that zstd did not shrink, and small extents still to send raw without
+        # trying (`_compress`). Shared by the threads sealing with this Sealer: a lost update only
+        # changes which extent is tried next, never what is sealed.
+        self._misses = 0
+        self._skip = 0
 
     def _compress(self, plain: bytes | memoryview) -> tuple[bytes | memoryview, int]:
         """zstd, or the plaintext itself when zstd does not shrink it. Small extents pay zstd's fixed cost
@@ -115,10 +148,10 @@ class Sealer:
         uncompressed when the data turns compressible; large extents are always tried (zstd gives up on
         incompressible input at GB/s)."""
         small = len(plain) <= SMALL_EXTENT
-        if small and self._skip:
+        if small and self._skip > 0:
             self._skip -= 1
             return plain, 0
-        packed = self._zc.compress(plain)
+        packed = _compressor(self._level).compress(plain)
         if len(packed) < len(plain):
             self._misses = 0
             return packed, FLAG_ZSTD
@@ -128,27 +161,17 @@ class Sealer:
                 self._misses, self._skip = 0, SKIP_COUNT
         return plain, 0
 
-    def _nonce(self) -> bytes:
-        """A fresh random nonce, from a pool filled NONCE_POOL nonces at a time: one getrandom call per
-        seal was a quarter of sealing a 4 KiB extent. Still random 96-bit values from the OS (the
-        collision bound above holds as is); the pool is this sealer's own, as the sealer is its thread's."""
-        at = self._next
-        if at >= len(self._nonces):
-            self._nonces, at = os.urandom(NONCE_SIZE * NONCE_POOL), 0
-        self._next = at + NONCE_SIZE
-        return self._nonces[at : at + NONCE_SIZE]
-
     def seal(self, generation: int, sequence: int, offset: int, data: bytes | memoryview) -> bytes:
         plain = data
         packed, flags = self._compress(plain)
-        nonce = self._nonce()
+        nonce = _nonce()
         ad = extent_ad(self._uid, generation, sequence, offset, len(plain), flags, self._domain.extent)
         body = self._aead.encrypt(nonce, block_digest(plain) + packed, ad)
         return bytes((flags,)) + nonce + body
 
     def seal_batch(self, generation: int, sequence: int, table: bytes) -> bytes:
         """Tag (nonce + 16-byte tag) over a batch's extent table or a marker's metadata."""
-        nonce = self._nonce()
+        nonce = _nonce()
         ad = self._domain.table + _AD.pack(self._uid, generation, sequence, 0, len(table)) + table
         return nonce + self._aead.encrypt(nonce, b"", ad)
 
@@ -175,24 +198,63 @@ def zero_runs(buf: memoryview) -> list[tuple[bool, int, int]]:
 
 
 def seal_pieces(
-    sealer: Sealer, generation: int, sequence: int, pieces: list[tuple[int, memoryview]], unit: int = 0
+    sealer: Sealer,
+    generation: int,
+    sequence: int,
+    pieces: Iterable[tuple[int, memoryview]],
+    pool: Executor | None = None,
+    unit: int = 0,
 ) -> list[tuple[bool, int, int, bytes]]:
     """(is_zero, offset, length, sealed) for each run of the (offset, data) pieces: runs of zeros carry no
     bytes (discards and never-written space cost a table entry), the rest is sealed run by run, in
     extents of at most `unit` bytes if given (a multiple of ZERO_GRAIN). Sealing makes a few copies of
     what it seals (compressed, checksummed, encrypted): a bounded unit bounds that memory, where an 8 MiB
-    run of data would hold five times 8 MiB for a moment."""
+    run of data would hold five times 8 MiB for a moment.
+
+    With a `pool`, pieces are sealed in its threads (zstd releases the GIL) while `pieces` — which may be
+    a generator reading them from disk — is still being consumed: reading and sealing overlap. Small
+    pieces go in tasks of about POOL_TASK bytes, so the hand-over costs little."""
+    if pool is None:
+        return [run for offset, data in pieces
+                for run in _seal_piece(sealer, generation, sequence, offset, data, unit)]
+    tasks: list[Future[list[tuple[bool, int, int, bytes]]]] = []
+    batch: list[tuple[int, memoryview]] = []
+    size = 0
+    try:
+        for offset, data in pieces:
+            batch.append((offset, data))
+            size += len(data)
+            if size >= POOL_TASK:
+                tasks.append(pool.submit(_seal_batch, sealer, generation, sequence, batch, unit))
+                batch, size = [], 0
+        if batch:
+            tasks.append(pool.submit(_seal_batch, sealer, generation, sequence, batch, unit))
+        return [run for t in tasks for run in t.result()]
+    finally:
+        for t in tasks:
+            t.cancel()  # after an error (reading a piece, sealing one): what has not started need not run
+
+
+POOL_TASK = 256 * 1024
+
+
+def _seal_piece(sealer: Sealer, generation: int, sequence: int, offset: int, data: memoryview,
+                unit: int = 0) -> list[tuple[bool, int, int, bytes]]:
     out: list[tuple[bool, int, int, bytes]] = []
-    for offset, data in pieces:
-        for is_zero, a, b in zero_runs(data):
-            if is_zero:
-                out.append((True, offset + a, b - a, b""))
-                continue
-            step = unit or b - a
-            for x in range(a, b, step):
-                y = min(x + step, b)
-                out.append((False, offset + x, y - x, sealer.seal(generation, sequence, offset + x, data[x:y])))
+    for is_zero, a, b in zero_runs(data):
+        if is_zero:
+            out.append((True, offset + a, b - a, b""))
+            continue
+        step = unit or b - a
+        for x in range(a, b, step):
+            y = min(x + step, b)
+            out.append((False, offset + x, y - x, sealer.seal(generation, sequence, offset + x, data[x:y])))
     return out
+
+
+def _seal_batch(sealer: Sealer, generation: int, sequence: int, batch: list[tuple[int, memoryview]],
+                unit: int = 0) -> list[tuple[bool, int, int, bytes]]:
+    return [run for offset, data in batch for run in _seal_piece(sealer, generation, sequence, offset, data, unit)]
 
 
 class Opener:

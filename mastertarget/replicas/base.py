@@ -80,7 +80,7 @@ class Replica(ABC):
 
     # -- public API ---------------------------------------------------------------------------
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | memoryview) -> None:
         """Write ``data`` at ``offset`` (both 512-aligned, inside the disk)."""
         self._check_range("write", offset, len(data))
         if data:
@@ -107,6 +107,12 @@ class Replica(ABC):
         """A `read(offset, length)` for reading the whole replica once (a resync's hashing), safe to call
         from several threads. What it returns may be overwritten by the calling thread's next read."""
         yield self.read
+
+    def prefetch(self, ranges: list[tuple[int, int]]) -> None:
+        """Advice: the (offset, length) `ranges` are about to be read, one by one. Formats that can ask
+        for them all at once do (the disk then serves them together instead of one random read at a
+        time: about three times faster for a group's old contents); the others ignore it."""
+        return
 
     def sync(self) -> None:
         """Durability point: when this returns, every earlier write is on stable storage."""
@@ -240,6 +246,15 @@ class SingleFdReplica(Replica):
             yield read
         finally:
             os.close(fd)
+
+    def prefetch(self, ranges: list[tuple[int, int]]) -> None:
+        if self._closed:
+            return
+        try:
+            for offset, length in ranges:
+                os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass  # advice only
 
     def _sync(self) -> None:
         os.fsync(self._fd)

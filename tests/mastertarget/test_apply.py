@@ -431,3 +431,48 @@ def test_point_is_recorded_only_while_the_replica_is_a_faithful_copy(env: Env, s
     assert bool(journal.points()) == recorded
     assert [g.last for g in journal.groups] == ([2] if state == "UpToDate" else [])
     assert (st.last_point is not None) == recorded
+
+
+def test_a_journaled_group_keeps_the_old_contents_and_an_unverified_table_is_only_advice(env: Env) -> None:
+    """With the journal on, apply_group asks the replica for the old contents while it verifies the batches
+    (from extent tables not verified yet): a good group journals them and is written; a batch whose table
+    reaches past the replica is rejected as before, and asking for its ranges changed nothing."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from standby.mastertarget.diskstate import ReplicaState
+    from standby.mastertarget.journal import DiskJournal, apply_undo
+    from standby.mastertarget.worker import DiskWorker
+    from standby.proto.messages import Ack, Reject
+
+    st = ReplicaState(DISK, "m", "d", "u", SIZE, "raw", str(env.replica_path), 1, GEN, "UpToDate")
+    journal = DiskJournal(env.root / "retention", DISK, KEY, UID)
+    assert journal.open() is None
+    worker = DiskWorker(SimpleNamespace(disks_dir=env.root), st, env.applier, journal)  # type: ignore[arg-type]
+    sent: list[object] = []
+
+    class Link:
+        async def send(self, msg: object) -> None:
+            sent.append(msg)
+
+    asyncio.run(worker.apply_group(Link(), [_wire(env.batch_b(2))]))  # type: ignore[arg-type]
+    assert sent == [Ack(DISK, 2, GEN)]
+    assert env.replica_bytes() == env.image_b[:B_LENGTH] + env.image_a[B_LENGTH:]
+    g = list(journal.groups)[-1]
+    rec = journal.read_undo(g)
+    assert rec is not None
+    old = bytearray(env.replica_bytes())
+
+    def put(off: int, data: bytes | None, n: int) -> None:
+        old[off : off + n] = data if data is not None else bytes(n)
+
+    apply_undo(rec, put)
+    assert bytes(old) == env.image_a
+    big = env.root / "big.img"
+    big.write_bytes(random.Random(1).randbytes(SIZE + 2 * GRAIN))
+    beyond = BatchBuilder(str(big), DISK, KEY, UID, 3).initial_batch(GEN, 3, SIZE - 2 * GRAIN, 4 * GRAIN)
+    asyncio.run(worker.apply_group(Link(), [_wire(beyond)]))  # type: ignore[arg-type]
+    assert isinstance(sent[-1], Reject) and sent[-1].sequence == 3
+    assert env.replica_bytes() == env.image_b[:B_LENGTH] + env.image_a[B_LENGTH:]
+    assert [x.last for x in journal.groups] == [2]
+    journal.close()

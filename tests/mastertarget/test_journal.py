@@ -20,7 +20,15 @@ from typing import Any
 import pytest
 import xxhash
 
-from standby.mastertarget.journal import SEGMENT_MAX, DiskJournal, apply_undo, merge_ranges, old_contents
+from standby.mastertarget.journal import (
+    SEGMENT_MAX,
+    UNDO_PART,
+    DiskJournal,
+    apply_undo,
+    merge_ranges,
+    old_contents,
+    undo_parts,
+)
 from standby.mastertarget.journal_codec import GROUP_END_TYPE, UNDO_TYPE, JournalError, scan
 from standby.mastertarget.replicas import Replica, create_replica
 from standby.proto.enums import Consistency
@@ -293,6 +301,57 @@ def test_old_contents_reads_each_byte_once() -> None:
     out = old_contents(read, [(4096, 4096), (0, 8192), (12288, 512)])
     assert out == [(0, disk[0:8192]), (12288, disk[12288:12800])]
     assert calls == [(0, 8192), (12288, 512)]
+
+
+def test_undo_parts_cut_at_the_limit() -> None:
+    assert undo_parts([]) == []
+    assert undo_parts([(0, 4), (10, 4), (20, 4)], limit=8) == [[(0, 4), (10, 4)], [(20, 4)]]
+    assert undo_parts([(0, 9), (10, 1)], limit=8) == [[(0, 9)], [(10, 1)]]  # a piece over the limit stays whole
+    assert undo_parts([(0, 3), (5, 3), (9, 2)], limit=8) == [[(0, 3), (5, 3), (9, 2)]]  # up to the limit
+    assert undo_parts([(0, 3), (5, 3), (9, 3)], limit=8) == [[(0, 3), (5, 3)], [(9, 3)]]
+
+
+def test_old_contents_are_prefetched_a_part_at_a_time_and_journaled_as_read(tmp_path: Path) -> None:
+    """write_undo_ranges asks the replica for each UNDO part's ranges at once before reading them one by
+    one, and for the next part's only once this part's are read (while it is sealed); what it journals
+    is the old contents whatever the advice did."""
+    size = 2 * UNDO_PART + (8 << 20)
+    rep = create_replica("raw", tmp_path / "replica.img", size)
+    rng = random.Random(5)
+    image = bytearray(size)
+    for off in range(0, size, 4 << 20):  # random, text and zeros, so that runs are sealed and skipped
+        kind = (off >> 22) % 3
+        data = rng.randbytes(4 << 20) if kind == 0 else (b"old line %d\n" % off) * ((4 << 20) // 16)
+        data = data[: 4 << 20] if kind != 2 else bytes(4 << 20)
+        image[off : off + len(data)] = data
+        rep.write(off, data)
+    rep.sync()
+    ranges = [(rng.randrange(0, (size >> 12) - 16) << 12, rng.randint(1, 16) << 12) for _ in range(3000)]
+    events: list[tuple[Any, ...]] = []
+
+    def read(off: int, n: int) -> bytes:
+        events.append(("read", off, n))
+        return rep.read(off, n)
+
+    def prefetch(rs: list[tuple[int, int]]) -> None:
+        events.append(("prefetch", list(rs)))
+        rep.prefetch(rs)
+
+    j = DiskJournal(tmp_path / "journal", DISK, KEY, UID)
+    assert j.open() is None
+    j.write_undo_ranges(7, GEN, ranges, read, prefetch)
+    g = j.end_group(7, 7, {"generation": GEN, "kind": "batch"})
+    parts = undo_parts(merge_ranges(ranges))
+    assert len(parts) >= 2 and len(g.parts) == len(parts)
+    assert events == [e for part in parts for e in [("prefetch", part), *(("read", a, n) for a, n in part)]]
+    rec = j.read_undo(g)
+    assert rec is not None
+    got = bytearray(size)
+    apply_undo(rec, buffer_writer(got))
+    for a, n in merge_ranges(ranges):
+        assert got[a : a + n] == image[a : a + n]
+    j.close()
+    rep.close()
 
 
 # -- reopening and restoring ----------------------------------------------------------------------------

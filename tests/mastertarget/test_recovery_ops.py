@@ -521,3 +521,20 @@ def test_making_room_drops_the_oldest_points_first_and_all_history_as_a_last_res
     sim.group(kind="point")  # history starts again
     assert len(sim.journal.points()) == 1
     sim.close()
+
+
+def test_ahead_yields_in_order_and_raises_where_an_item_fails() -> None:
+    """The rollback's read-ahead: results in the order of the items, an error at its own item."""
+    assert list(recovery.ahead(lambda x: x * x, list(range(20)), depth=3)) == [x * x for x in range(20)]
+    assert list(recovery.ahead(lambda x: x, [])) == []
+
+    def fail_at_5(x: int) -> int:
+        if x == 5:
+            raise JournalError("damaged")
+        return x
+
+    got: list[int] = []
+    with pytest.raises(JournalError):
+        for x in recovery.ahead(fail_at_5, list(range(10)), depth=4):
+            got.append(x)
+    assert got == [0, 1, 2, 3, 4]

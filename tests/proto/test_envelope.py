@@ -27,6 +27,7 @@ from standby.proto.envelope import (
     Opener,
     Sealer,
     extent_ad,
+    seal_pieces,
 )
 from standby.proto.errors import EnvelopeError, LocalProtocolError
 from standby.proto.frames import HEADER_SIZE, decode_header
@@ -411,3 +412,28 @@ def test_one_opener_serves_many_threads_at_once() -> None:
         for _ in range(5):
             out = list(pool.map(lambda i: opener.open(1, i, 0, len(blocks[i]), sealed[i]), range(16)))
             assert out == blocks
+
+
+def test_one_sealer_seals_in_a_pool_as_it_does_alone() -> None:
+    """The master target seals a group's old contents in a pool of threads with the disk's one Sealer,
+    from a generator that reads them: the same runs, in the same order, each opening to its plaintext."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = random.Random(9)
+    disk = bytearray()
+    for i in range(48):
+        n = rng.randint(1, 48) * 4096
+        disk += bytes(n) if i % 3 == 0 else rng.randbytes(n) if i % 3 == 1 else ((b"line %d " % i) * n)[:n]
+    cuts = sorted(rng.sample(range(1, len(disk) // 4096), 30))
+    spans = [(a * 4096, b * 4096) for a, b in zip([0, *cuts], [*cuts, len(disk) // 4096], strict=True)]
+    pieces = [(a, memoryview(disk)[a:b]) for a, b in spans[::2]]  # every other span: gaps between pieces
+    sealer = Sealer(KEY, UID, 1)
+    opener = Opener(KEY, UID, MAX_EXTENT)
+    alone = seal_pieces(sealer, GEN, SEQ, pieces)
+    with ThreadPoolExecutor(4) as pool:
+        pooled = seal_pieces(sealer, GEN, SEQ, (p for p in pieces), pool)
+    assert [r[:3] for r in pooled] == [r[:3] for r in alone]
+    assert sum(n for _, _, n, _ in pooled) == sum(len(d) for _, d in pieces)
+    for zero, off, n, sealed in pooled:
+        want = bytes(disk[off : off + n])
+        assert (want == bytes(n)) if zero else opener.open(GEN, SEQ, off, n, sealed) == want
