@@ -156,6 +156,8 @@ def main() -> int:
     ap.add_argument("--standby-only", action="store_true", help="skip the rsync and dd baselines (for tuning)")
     ap.add_argument("--level", type=int, default=None, help="agent zstd level (default: the agent's default)")
     ap.add_argument("--batch", default=None, help="agent batch size, e.g. 16M (default: the agent's default)")
+    ap.add_argument("--buffered-loop", action="store_true",
+                    help="source loop device in losetup's default buffered mode (as before issue 14's figures)")
     ap.add_argument("--profile", type=Path, default=None,
                     help="attach py-spy to each daemon and write summaries to this directory")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "initial_replication.json")
@@ -171,14 +173,15 @@ def main() -> int:
     try:
         image = root / "source.img"
         make_test_disk(image, size)
-        loop = subprocess.run(["losetup", "--find", "--show", *LOOP_MODE, str(image)], check=True, capture_output=True,
+        mode = () if args.buffered_loop else LOOP_MODE
+        loop = subprocess.run(["losetup", "--find", "--show", *mode, str(image)], check=True, capture_output=True,
                               text=True).stdout.strip()
         results = {
             "benchmark": "initial_replication",
             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
             "disk_bytes": size,
-            "source_device": SOURCE_DEVICE,
+            "source_device": "loop device, buffered (losetup's default)" if args.buffered_loop else SOURCE_DEVICE,
             "data_mix": "1 MiB regions: 3/8 text, 3/8 random, 2/8 zero (standby.admin.testdisk)",
             "standby": run_standby(root, loop, size, args.level, args.batch, args.profile),
         }
