@@ -10,7 +10,7 @@ loop device over the replica with agent `rec`. The victims: the process server (
 master target (`mt-mthome`), the recovered machine's agent (`agent-rec`).
 
 When the kill lands: reprotect — while status says "reprotecting NN %" with NN < 100 (the recovered machine
-rewrote most of a 384 MiB disk, so the copy takes seconds); final sync — while the phase is shutting-down
+rewrote most of a 1 GiB disk, so the copy takes seconds); final sync — while the phase is shutting-down
 (the shutdown script holds HOLD seconds after stopping the workload) or final-sync (the process server's
 fail point ps.final_sync holds there, each disk held at its final point; STANDBY_FAILPOINTS arms it in
 every daemon of the deployment, only the process server has it). When the original site's master target
@@ -63,7 +63,8 @@ deployment = integration.deployment  # the integration tests' fixture: a real de
 
 VICTIMS = {"ps": ("ps", ""), "mt-mthome": ("mt", "mthome"), "agent-rec": ("agent", "rec")}
 HOLD = 2.0  # seconds the shutdown script holds after the workload stopped: the shutting-down window
-BIG = 384 * MiB  # reprotect: the recovered machine rewrites most of it, so the copy takes seconds
+BIG = 1024 * MiB  # reprotect: the recovered machine rewrites most of it, so the copy takes seconds (384 MiB
+# took 2 s once the resync hashed with O_DIRECT: the reprotect often ended before the test could kill)
 SMALL = 64 * MiB  # failback: test_roundtrip's size (its reprotect helper checks differences against it)
 CLI_LIMIT = 300.0  # an answer well before this, or the CLI hangs
 TRIALS = range(int(os.environ.get("STANDBY_ROUNDTRIP_FAULT_TRIALS", "1")))
