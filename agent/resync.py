@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from standby.proto import hashtree
 from standby.proto.enums import MarkerKind
@@ -72,9 +72,7 @@ async def resync(sh: Shipper, gen: int, seq: int, mode: str, reason: str) -> tup
     prog.phase = "shipping"
     prog.done = 0
     prog.total = sum(n for _, n in extents) or 1
-    batch_size = sh.rd.cfg.batch_size
-    win = sh.window
-    win.hold(split_extents(extents, batch_size))
+    sh.window.hold(split_extents(extents, sh.rd.cfg.batch_size))
     meta = {
         "generation": gen,
         "kind": MarkerKind.RESYNC_COMPLETE,
@@ -82,6 +80,24 @@ async def resync(sh: Shipper, gen: int, seq: int, mode: str, reason: str) -> tup
         "reason": reason,
         "bytes_differing": prog.bytes_differing,
     }
+    seq = await ship(sh, gen, seq, prog, meta)
+    prog.phase = "complete"
+    prog.finished = time.time()
+    log.info(
+        "disk %s: resync complete: %d bytes differed, %d shipped, %d hash bytes, %.1f s",
+        name,
+        prog.bytes_differing,
+        prog.bytes_shipped,
+        prog.hash_bytes,
+        time.time() - prog.started,
+    )
+    return gen, seq
+
+
+async def ship(sh: Shipper, gen: int, seq: int, prog: Progress, meta: dict[str, Any]) -> int:
+    """Ship the held groups of a resync and its resync-complete marker; returns the next sequence.
+    The window holds what is to be shipped; a BUSY puts back what was not stored (see below)."""
+    tr, win, batch_size = sh.tracking, sh.window, sh.rd.cfg.batch_size
     # The differing blocks, then the resync-complete marker, all acknowledged. A BUSY puts what was not
     # stored back into the dirty map (agent.window); the resync then takes the dirty map again (what is
     # in it since the resync began is shipped with it, harmlessly: no point is made before the marker)
@@ -125,17 +141,7 @@ async def resync(sh: Shipper, gen: int, seq: int, mode: str, reason: str) -> tup
             seq = restart
         await sh.wait_busy()
         win.hold(split_extents(tr.take_all().extents(), batch_size))
-    prog.phase = "complete"
-    prog.finished = time.time()
-    log.info(
-        "disk %s: resync complete: %d bytes differed, %d shipped, %d hash bytes, %.1f s",
-        name,
-        prog.bytes_differing,
-        prog.bytes_shipped,
-        prog.hash_bytes,
-        time.time() - prog.started,
-    )
-    return gen, seq
+    return seq
 
 
 async def differing_extents(sh: Shipper, gen: int, prog: Progress) -> list[tuple[int, int]]:
