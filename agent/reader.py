@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from standby.plumbing.buffers import ThreadBuffers
 from standby.proto.envelope import ZERO_GRAIN, Sealer, seal_pieces
 from standby.proto.envelope import zero_runs as runs
 from standby.proto.messages import Batch, BatchKind, ExtentKind
@@ -40,8 +41,7 @@ class BatchBuilder:
         self.uid = uid
         self.level = level
         self._local = threading.local()
-        self._lock = threading.Lock()
-        self._buffers: list[mmap.mmap] = []  # read buffers for the next initial batches
+        self._buffers = ThreadBuffers()  # the initial copy's read buffers
 
     def _sealer(self) -> Sealer:
         s = getattr(self._local, "sealer", None)
@@ -96,14 +96,10 @@ class BatchBuilder:
         A fresh buffer per 8 MiB read cost a page fault per 4 KiB (most of the agent's system time
         while hashing). Not a shipment: the full-scan tracker learns nothing from it."""
         fd, _ = _open_for_delta(self.path)
-        local = threading.local()
+        buffers = ThreadBuffers()
 
         def read(offset: int, length: int) -> memoryview:
-            want = -(-length // 4096) * 4096
-            buf = getattr(local, "buf", None)
-            if buf is None or len(buf) < want:
-                buf = local.buf = mmap.mmap(-1, max(want, mmap.PAGESIZE))
-            view = memoryview(buf)[:length]
+            view = memoryview(buffers.get(length))[:length]
             got = os.preadv(fd, [view], offset)
             if got != length:
                 raise OSError(f"short read from {self.path} at {offset}: {got} of {length} bytes")
@@ -130,37 +126,17 @@ class BatchBuilder:
         built holds its sealed extents and 1 MiB of plaintext, not the whole plaintext as well (a fresh
         buffer per batch would also cost a page fault per 4 KiB: most of the agent's system time)."""
         sealer = self._sealer()
-        buf = self._take_buffer(min(length, SEAL_UNIT))
+        buf = self._buffers.get(min(length, SEAL_UNIT))  # this thread's: the batch is built in it alone
         extents: list[tuple[ExtentKind, int, int, bytes]] = []
-        try:
-            for at in range(offset, offset + length, SEAL_UNIT):
-                n = min(SEAL_UNIT, offset + length - at)
-                pieces = self._read_into(buf, [(at, n)])
-                try:
-                    for zero, off, size, sealed in seal_pieces(sealer, generation, sequence, pieces, unit=SEAL_UNIT):
-                        if zero and extents and extents[-1][0] == ExtentKind.ZERO:  # one run across reads
-                            extents[-1] = (ExtentKind.ZERO, extents[-1][1], extents[-1][2] + size, b"")
-                        else:
-                            extents.append((ExtentKind.ZERO if zero else ExtentKind.DATA, off, size, sealed))
-                finally:
-                    for _, view in pieces:
-                        view.release()
-        finally:
-            self._give_buffer(buf)
+        for at in range(offset, offset + length, SEAL_UNIT):
+            n = min(SEAL_UNIT, offset + length - at)
+            pieces = self._read_into(buf, [(at, n)])
+            for zero, off, size, sealed in seal_pieces(sealer, generation, sequence, pieces, unit=SEAL_UNIT):
+                if zero and extents and extents[-1][0] == ExtentKind.ZERO:  # one run across reads
+                    extents[-1] = (ExtentKind.ZERO, extents[-1][1], extents[-1][2] + size, b"")
+                else:
+                    extents.append((ExtentKind.ZERO if zero else ExtentKind.DATA, off, size, sealed))
         return self._frame(sealer, generation, sequence, BatchKind.INITIAL, offset + length, extents)
-
-    def _take_buffer(self, length: int) -> mmap.mmap:
-        size = max(-(-length // mmap.PAGESIZE) * mmap.PAGESIZE, mmap.PAGESIZE)
-        with self._lock:
-            for i, buf in enumerate(self._buffers):
-                if len(buf) >= size:
-                    return self._buffers.pop(i)
-        return mmap.mmap(-1, size)
-
-    def _give_buffer(self, buf: mmap.mmap) -> None:
-        with self._lock:
-            if len(self._buffers) < SPARE_BUFFERS:
-                self._buffers.append(buf)
 
     def _seal(
         self, generation: int, sequence: int, kind: BatchKind, cursor: int, pieces: list[tuple[int, memoryview]]
@@ -183,7 +159,6 @@ class BatchBuilder:
 SEAL_UNIT = 1024 * 1024  # largest sealed extent (bounds sealing's temporary copies; zstd level 1 looks
 # back 512 KiB at most, so longer units would not compress better)
 READ_THREADS = 8
-SPARE_BUFFERS = 4  # initial replication builds READ_AHEAD (2) batches at once, each through one buffer
 READ_SPLIT = 128  # extents per read task
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 

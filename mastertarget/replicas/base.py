@@ -15,15 +15,14 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
-import mmap
 import os
-import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
+from standby.plumbing.buffers import ThreadBuffers
 from standby.plumbing.durable import drop_cached
 from standby.plumbing.errors import EXIT_BAD_INPUT, StandbyError
 
@@ -227,15 +226,12 @@ class SingleFdReplica(Replica):
             fd = os.open(f"/proc/self/fd/{self._fd}", os.O_RDONLY | os.O_DIRECT)
         except OSError:
             fd = os.dup(self._fd)
-        local = threading.local()
+        buffers = ThreadBuffers()
 
         def read(offset: int, length: int) -> memoryview:
             self._check_range("read", offset, length)
             want = -(-length // DIRECT_ALIGN) * DIRECT_ALIGN  # O_DIRECT reads whole blocks
-            buf = getattr(local, "buf", None)
-            if buf is None or len(buf) < want:
-                buf = local.buf = mmap.mmap(-1, max(want, mmap.PAGESIZE))
-            view = memoryview(buf)
+            view = memoryview(buffers.get(want))
             with self._io("read from"):
                 got = os.preadv(fd, [view[:want]], offset)
                 if got < length:  # the end of the file (a sparse tail reads as zeros)
