@@ -437,3 +437,25 @@ def test_one_sealer_seals_in_a_pool_as_it_does_alone() -> None:
     for zero, off, n, sealed in pooled:
         want = bytes(disk[off : off + n])
         assert (want == bytes(n)) if zero else opener.open(GEN, SEQ, off, n, sealed) == want
+
+
+def test_threads_sealing_with_one_sealer_never_share_a_nonce() -> None:
+    """The master target seals undo records with one Sealer from a pool of threads: each thread draws its
+    nonces from its own pool, so no two seals get the same nonce (GCM's one rule)."""
+    import threading
+
+    sealer = Sealer(KEY, UID)
+    nonces: list[bytes] = []
+    lock = threading.Lock()
+
+    def seal_many() -> None:
+        mine = [sealer.seal(GEN, SEQ, OFF, b"x" * 512)[1 : 1 + NONCE_SIZE] for _ in range(3000)]
+        with lock:
+            nonces.extend(mine)
+
+    threads = [threading.Thread(target=seal_many) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(nonces) == 12000 and len(set(nonces)) == 12000
