@@ -57,16 +57,22 @@ def machine_facts() -> dict[str, Any]:
 
 
 def code_state() -> dict[str, Any]:
-    """The commit measured and the source files changed on top of it (uncommitted work shows in figures too)."""
-    repo = Path(__file__).resolve().parents[1]
+    """The code measured: the checkout the imported standby packages come from (not necessarily this bench
+    script's), its commit and the source files changed on top of it (uncommitted work shows in figures too).
+    Running an older checkout's install under these scripts (a before/after in one harness) names that one."""
+    import standby.agent
+
+    repo = Path(standby.agent.__file__).resolve().parents[1]
+    source = [".", ":!bench", ":!tests", ":!*.md"]
 
     def git(*a: str) -> str:
         return subprocess.run(["git", "-C", str(repo), *a], capture_output=True, text=True).stdout
 
-    diff = git("diff", "HEAD", "--", "src")
+    diff = git("diff", "HEAD", "--", *source)
     return {
+        "checkout": str(repo),
         "commit": git("rev-parse", "HEAD").strip(),
-        "src_modified": [line[3:] for line in git("status", "--porcelain", "--", "src").splitlines()],
+        "src_modified": [line[3:] for line in git("status", "--porcelain", "--", *source).splitlines()],
         "src_diff_sha256": hashlib.sha256(diff.encode()).hexdigest()[:16] if diff else None,
     }
 

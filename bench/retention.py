@@ -335,7 +335,9 @@ class Target:
         every record, then `write`, then the END when there is a journal). Returns seconds (verify, write,
         state save): the prefetch counts as verification time, which it overlaps in the daemon."""
         t0 = time.perf_counter()
-        if journal:  # as apply_group does (there in a thread, beside the verification)
+        # As apply_group does (there in a thread, beside the verification). Older code (a before/after run
+        # from an older checkout) has no prefetch.
+        if journal and hasattr(self.worker, "prefetch_old_contents"):
             self.worker.prefetch_old_contents([*g.batches, g.marker])
         verified = [(b, self.applier.verify_batch(b)) for b in g.batches]
         self.applier.verify_marker(g.marker)
