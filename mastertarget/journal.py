@@ -280,9 +280,10 @@ class DiskJournal:
         for at, size in g.parts:
             yield self.undo_part(g, at, size)
 
-    def undo_part(self, g: Group, at: int, size: int) -> UndoRecord:
-        """One of the group's UNDO parts (at `at`, `size` bytes), verified and opened. Thread-safe: a
-        rollback opens the next parts in the sealing pool while it writes this one."""
+    def undo_part(self, g: Group, at: int, size: int, wanted: list[tuple[int, int]] | None = None) -> UndoRecord:
+        """One of the group's UNDO parts (at `at`, `size` bytes), verified and opened (only the extents
+        meeting `wanted`, see decode_undo). Thread-safe: a rollback opens the next parts in the sealing
+        pool while it writes this one."""
         fd = os.open(g.segment, os.O_RDONLY)
         try:
             data = os.pread(fd, size, at)
@@ -292,7 +293,7 @@ class DiskJournal:
         if s.problem or s.torn or len(s.records) != 1 or s.records[0][0] != UNDO_TYPE:
             raise JournalError(f"retention journal {g.segment}: undo record of {g.first} at {at} is damaged")
         _, disk, seq, payload = s.records[0]
-        return decode_undo(disk, seq, payload, self.opener)
+        return decode_undo(disk, seq, payload, self.opener, wanted)
 
     def read_undo(self, g: Group) -> UndoRecord | None:
         """All of the group's old contents as one record (tests and small groups; rollbacks go part by

@@ -22,11 +22,12 @@ types of their own that are only ever stored, never sent:
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -117,9 +118,17 @@ def encode_undo(
     return encode_frame_parts(ftype, disk, sequence, [head, seal, *blobs])
 
 
-def decode_undo(disk: int, sequence: int, payload: bytes | memoryview, opener: Opener) -> UndoRecord:
-    """Verify and open an UNDO record's payload (everything is checked before anything is returned)."""
+def decode_undo(disk: int, sequence: int, payload: bytes | memoryview, opener: Opener,
+                wanted: list[tuple[int, int]] | None = None) -> UndoRecord:
+    """Verify and open an UNDO record's payload (everything is checked before anything is returned).
+
+    `wanted`: sorted, disjoint (start, end) byte ranges; only the extents overlapping one are opened and
+    returned. A rollback writes each block from the oldest record covering it, so most of a newer
+    record's contents are never written: opening (decrypting, decompressing) them was most of a long
+    rollback's CPU. The extent table is still authenticated whole, and every extent returned is opened
+    and authenticated; an extent left out is neither read nor trusted."""
     p = memoryview(payload)
+    keep = _overlaps(wanted) if wanted is not None else None
     try:
         generation, count = _HEAD.unpack_from(p, 0)
         end = _HEAD.size + count * _ENTRY.size
@@ -133,12 +142,17 @@ def decode_undo(disk: int, sequence: int, payload: bytes | memoryview, opener: O
         for i in range(count):
             offset, length, stored, kind = _ENTRY.unpack_from(p, _HEAD.size + i * _ENTRY.size)
             if kind == ExtentKind.ZERO and stored == 0:
-                extents.append((offset, None))
+                data = None
             elif kind == ExtentKind.DATA and stored and pos + stored <= len(p):
-                extents.append((offset, opener.open(generation, sequence, offset, length, p[pos : pos + stored])))
+                data = p[pos : pos + stored]
                 pos += stored
             else:
                 raise JournalError(f"undo record {sequence}: bad extent {i}")
+            if keep is not None and not keep(offset, length):
+                continue
+            if data is not None:
+                data = opener.open(generation, sequence, offset, length, data)
+            extents.append((offset, data))
             lengths.append(length)
         if pos != len(p):
             raise JournalError(f"undo record {sequence}: {len(p) - pos} bytes after the last extent")
@@ -147,6 +161,17 @@ def decode_undo(disk: int, sequence: int, payload: bytes | memoryview, opener: O
     except EnvelopeError as exc:
         raise JournalError(f"undo record {sequence} failed authentication: {exc}") from None
     return UndoRecord(disk, sequence, generation, tuple(extents), tuple(lengths))
+
+
+def _overlaps(wanted: list[tuple[int, int]]) -> Callable[[int, int], bool]:
+    """Whether [offset, offset + length) meets one of `wanted` (sorted, disjoint (start, end) ranges)."""
+    ends = [b for _, b in wanted]
+
+    def meets(offset: int, length: int) -> bool:
+        k = bisect.bisect_right(ends, offset)  # the first range ending after `offset`
+        return k < len(wanted) and wanted[k][0] < offset + length
+
+    return meets
 
 
 def undo_table(sequence: int, prefix: bytes | memoryview, opener: Opener) -> list[tuple[int, int]] | int:

@@ -29,7 +29,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -147,9 +147,12 @@ class RedoLog:
     def push(self, src: int, dst: int, chunks: list[list[tuple[int, int]]], read: Callable[[int, int], bytes],
              prefetch: Callable[[list[tuple[int, int]]], None] | None = None) -> None:
         """Append one step — a MOVE record, then the current contents of `chunks` (lists of (offset,
-        length)), one REDO record per chunk, read as they are written — and fsync once: all before the
-        replica is touched. `prefetch` as for DiskJournal.write_undo_ranges: each chunk's ranges are asked
-        for at once, the next while this one is sealed (in the sealing pool, as it is read)."""
+        length)), one REDO record per chunk — and fsync once: all before the replica is touched.
+
+        Chunks are read READ_AHEAD at a time by reader threads while the one before is sealed in the
+        sealing pool: a long rollback's pieces are small and scattered, and read one at a time they kept
+        the disk at one request in flight and were half of the step's time (bench/retention.py).
+        `prefetch` asks for each chunk's ranges at once as its reader starts on it."""
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             at = os.fstat(fd).st_size
@@ -158,16 +161,20 @@ class RedoLog:
             os.write(fd, head)
             move = Move(src, dst, len(chunks), at, [])
             pos = at + len(head)
-            if prefetch is not None and chunks:
-                prefetch(chunks[0])
-            for i, ranges in enumerate(chunks):
-                nxt = chunks[i + 1] if i + 1 < len(chunks) else []
-                rec = encode_undo(self.disk, src, i, read_pieces(read, ranges, prefetch, nxt), self.sealer, REDO_TYPE)
-                view = memoryview(rec)
-                while view:
-                    view = view[os.write(fd, view) :]
-                move.records.append((pos, len(rec)))
-                pos += len(rec)
+
+            def contents(ranges: list[tuple[int, int]]) -> list[tuple[int, bytes]]:
+                if prefetch is not None:
+                    prefetch(ranges)
+                return list(read_pieces(read, ranges))
+
+            with ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="redo-read") as readers:
+                for i, pieces in enumerate(ahead(contents, chunks, READ_AHEAD, readers)):
+                    rec = encode_undo(self.disk, src, i, pieces, self.sealer, REDO_TYPE)
+                    view = memoryview(rec)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    move.records.append((pos, len(rec)))
+                    pos += len(rec)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -273,9 +280,9 @@ def _rollback_plan(journal: DiskJournal, groups: list[Group]) -> list[tuple[int,
 
 
 def _roll_back(journal: DiskJournal, groups: list[Group], pieces: list[tuple[int, int, int]], write: Writer) -> int:
-    """Write the planned pieces, each block once, each undo record opened once. Records are read in
-    journal order and opened (decrypted, decompressed) in the sealing pool a few ahead of the one being
-    written, so the writes and the opening overlap."""
+    """Write the planned pieces, each block once, each undo record opened once and only where it is
+    written. Records are read in journal order and opened (decrypted, decompressed) in the sealing pool a
+    few ahead of the one being written, so the writes and the opening overlap."""
     by_rank: dict[int, list[tuple[int, int]]] = {}
     for a, b, rank in pieces:
         by_rank.setdefault(rank, []).append((a, b))
@@ -283,17 +290,20 @@ def _roll_back(journal: DiskJournal, groups: list[Group], pieces: list[tuple[int
     work = [(groups[rank], at, size, ranges) for rank, ranges in sorted(by_rank.items())
             for at, size in groups[rank].parts]
     n = 0
-    for rec, (_, _, _, ranges) in zip(ahead(lambda w: journal.undo_part(*w[:3]), work), work, strict=True):
+    for rec, (_, _, _, ranges) in zip(ahead(lambda w: journal.undo_part(*w), work), work, strict=True):
         n += _put(write, rec, ranges)
     return n
 
 
 OPEN_AHEAD = 4  # undo records opened ahead of the one being written (each at most UNDO_PART of contents)
+READ_AHEAD = 2  # REDO chunks read at once ahead of the one being sealed (each at most REDO_PART)
 
 
-def ahead(fn: Callable[[_T], _R], items: list[_T], depth: int = OPEN_AHEAD) -> Iterator[_R]:
-    """fn(item) for each of `items`, in order, computed in the sealing pool up to `depth` items ahead."""
-    pool = sealing_pool()
+def ahead(fn: Callable[[_T], _R], items: list[_T], depth: int = OPEN_AHEAD,
+          pool: Executor | None = None) -> Iterator[_R]:
+    """fn(item) for each of `items`, in order, computed in `pool` (the sealing pool by default) up to
+    `depth` items ahead. `fn` must not wait for work of the same pool."""
+    pool = pool or sealing_pool()
     pending: deque[Future[_R]] = deque()
     it = iter(items)
     try:

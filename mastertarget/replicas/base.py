@@ -335,6 +335,31 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         write_zero_bytes(fd, offset, length)
 
 
+SMALL_ZEROS = 64 * 1024  # zero ranges up to this size are written, not punched (thin_zero)
+
+
+def thin_zero(fd: int, offset: int, length: int) -> None:
+    """Make a range of a thin (sparse) file read as zeros, keeping the file as thin as it is.
+
+    Large ranges are punched. A punched hole costs a file-system transaction whatever its size (about 70
+    µs on ext4 here) while writing 4-64 KiB of zeros costs 3-21 µs, and a rollback to an old point or
+    churn of small zero writes zeroes tens of thousands of small ranges: a quarter of a one-hour failover
+    was spent punching them. A small range is therefore skipped when it is a hole already (SEEK_DATA,
+    which sees data still in the page cache too) and written as zeros otherwise: it then stays allocated,
+    as it was, rather than being given back."""
+    if length > SMALL_ZEROS:
+        punch_hole(fd, offset, length)
+        return
+    try:
+        data_at = os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:  # ENXIO: no data at or after `offset`, all hole
+            raise
+        return
+    if data_at < offset + length:
+        write_zero_bytes(fd, offset, length)
+
+
 def zero_range(fd: int, offset: int, length: int) -> None:
     """Zero a range but keep it allocated (thick disks stay thick); zero-fill if unsupported."""
     if not fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length):

@@ -25,8 +25,8 @@ from .base import (
     check_size,
     create_exclusive,
     open_existing,
-    punch_hole,
     remove_quietly,
+    thin_zero,
     zero_range,
 )
 
@@ -45,7 +45,7 @@ class FileReplica(SingleFdReplica):
 
     def _write_zeroes(self, offset: int, length: int) -> None:
         if self.thin:
-            punch_hole(self._fd, offset, length)
+            thin_zero(self._fd, offset, length)
         else:
             zero_range(self._fd, offset, length)
 

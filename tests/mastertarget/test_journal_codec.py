@@ -70,6 +70,28 @@ def test_undo_needs_its_key_sequence_and_domain() -> None:
         decode_undo(disk, seq, flipped, undo_opener(KEY, UID))
 
 
+def test_undo_opened_only_where_wanted() -> None:
+    """A rollback opens only the extents it writes: those meeting `wanted`, whole and authenticated; the
+    others are left out unopened, so damage there cannot matter (the table itself is still checked)."""
+    pieces = [(i << 20, os.urandom(4096)) for i in range(4)]  # four separate extents, 1 MiB apart
+    rec = encode_undo(3, 42, 2, pieces, undo_sealer(KEY, UID))
+    _, disk, seq, payload = scan(rec).records[0]
+    opener = undo_opener(KEY, UID)
+    u = decode_undo(disk, seq, payload, opener, [((1 << 20) + 4000, (1 << 20) + 4001), (3 << 20, (3 << 20) + 1)])
+    assert u.extents == ((1 << 20, pieces[1][1]), (3 << 20, pieces[3][1])) and u.lengths == (4096, 4096)
+    assert decode_undo(disk, seq, payload, opener, [(4096, 1 << 20)]).extents == ()  # between extents
+    assert len(decode_undo(disk, seq, payload, opener, [(0, 4 << 20)]).extents) == 4
+    damaged = bytearray(payload)
+    damaged[-5] ^= 1  # inside the last extent's ciphertext
+    assert len(decode_undo(disk, seq, damaged, opener, [(0, 4096)]).extents) == 1
+    with pytest.raises(JournalError):
+        decode_undo(disk, seq, damaged, opener, [(3 << 20, (3 << 20) + 4096)])
+    table = bytearray(payload)
+    table[8] ^= 1  # the extent table: refused whatever is wanted
+    with pytest.raises(JournalError):
+        decode_undo(disk, seq, table, opener, [])
+
+
 def test_wire_extents_do_not_open_as_undo_and_back() -> None:
     data = os.urandom(4096)
     wire = Sealer(KEY, UID).seal(2, 42, 0, data)

@@ -33,6 +33,7 @@ from standby.mastertarget.replicas import (
     create_replica,
     open_replica,
 )
+from standby.mastertarget.replicas.base import SMALL_ZEROS
 from standby.proto import hashtree
 from standby.proto.enums import ReplicaFormat
 
@@ -335,6 +336,28 @@ def test_sparse_table_cache_trimming(tmp_path: Path, monkeypatch: pytest.MonkeyP
         ref[30 * MiB : 70 * MiB] = big
         assert replica.read(0, size) == ref
     assert vmdkcheck.read_image(path) == ref
+
+
+def test_thin_zeroes_small_ranges_without_punching(tmp_path: Path) -> None:
+    """A thin file: small zero ranges over data are written (allocation kept), over a hole skipped
+    (nothing allocated), large ones punched; all read back as zeros."""
+    with create_replica("raw", tmp_path / "thin.raw", 16 * MiB) as replica:
+        f = replica.data_files()[0]
+        replica.write(0, os.urandom(4 * MiB))
+        replica.sync()
+        blocks = f.stat().st_blocks
+        replica.write_zeroes(4096, 8192)  # small, over data
+        replica.write_zeroes(8 * MiB, SMALL_ZEROS)  # small, over a hole
+        replica.write_zeroes(8 * MiB - 4096, 8192)  # small, half data (none here) half hole
+        replica.sync()
+        assert f.stat().st_blocks == blocks
+        assert replica.read(0, 16384)[4096:12288] == bytes(8192)
+        assert replica.read(8 * MiB, SMALL_ZEROS) == bytes(SMALL_ZEROS)
+        replica.write_zeroes(1 * MiB, 2 * MiB)  # large: punched
+        replica.sync()
+        assert f.stat().st_blocks * 512 <= blocks * 512 - 2 * MiB
+        assert replica.read(1 * MiB, 2 * MiB) == bytes(2 * MiB)
+        assert replica.read(0, 4096) != bytes(4096) and replica.read(3 * MiB, 4096) != bytes(4096)
 
 
 def test_flat_descriptors_and_allocation(tmp_path: Path) -> None:
