@@ -364,6 +364,7 @@ def main() -> int:
     ap.add_argument("--rates", default="10,25,50,100,150", help="fio rates to try, MB/s (10^6), increasing")
     ap.add_argument("--block-sizes", default="4k,64k")
     ap.add_argument("--cut-interval", default="1.0", help="agent cut_interval(s), comma separated: one sweep each")
+    ap.add_argument("--batch", default=None, help="agent batch size, e.g. 2M (default: the agent's default)")
     ap.add_argument("--format", default="raw", choices=["raw", "vmdk"])
     ap.add_argument("--engine", default="libaio", choices=["libaio", "psync"])
     ap.add_argument("--iodepth", type=int, default=4)
@@ -403,7 +404,11 @@ def main() -> int:
         source_image(image, size, fill)
         dev = scratch.attach(image, direct_io=True)
         results["source_device"] = "loop device with --direct-io=on over a sparse file"
-        dep, replica, synced = deploy(scratch, dev, args.format, cut_interval=cuts[0])
+        options: dict[str, Any] = {"cut_interval": cuts[0]}
+        if args.batch is not None:
+            options["batch_size"] = args.batch
+        results["agent_batch_size"] = args.batch or "the agent's default"
+        dep, replica, synced = deploy(scratch, dev, args.format, **options)
         results["initial_sync_seconds"] = synced
         results["runs"] = []
         for i, cut in enumerate(cuts):
