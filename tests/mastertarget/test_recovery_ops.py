@@ -454,6 +454,43 @@ def test_failover_over_more_than_the_frame_limit_and_forward_again(tmp_path: Pat
     sim.close()
 
 
+def test_a_read_error_while_redo_is_read_ahead_leaves_the_replica_untouched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An I/O error reading the replica's current contents in a REDO reader thread, chunks ahead of the one
+    being sealed: the move fails before anything is written to the replica, the incomplete step is dropped
+    at start-up, and the step is taken again whole."""
+    sim = big_sim(tmp_path)
+    sim.group(random_span(sim, 40 << 20), kind="point")
+    p0 = sim.journal.last_seq
+    sim.group(random_span(sim, 40 << 20), kind="point")
+    sim.group(random_span(sim, 40 << 20), kind="point")
+    final = sim.read_replica()
+    fo = begin_failover(sim)
+    real_read, reads = sim.replica.read, 0
+
+    def failing_read(offset: int, length: int) -> bytes:
+        nonlocal reads
+        reads += 1
+        if reads == 3:  # 8 MiB pieces, 16 MiB chunks: the first two chunks are being read at once
+            raise OSError(5, "Input/output error")
+        return real_read(offset, length)
+
+    monkeypatch.setattr(sim.replica, "read", failing_read)
+    with pytest.raises(OSError):
+        move(sim.journal, sim.replica, fo, p0)
+    monkeypatch.undo()
+    assert reads >= 3 and sim.read_replica() == final
+    j, rep = restart(sim)
+    saved = FailoverState.load(j.dir)
+    assert saved is not None and saved.step == {"op": recovery.UNDO_STEP, "src": fo.latest, "dst": p0}
+    recovery.resume(j, rep, saved)
+    assert sim.read_replica() == sim.image_at(p0)
+    move(j, rep, saved, saved.latest)
+    assert sim.read_replica() == final
+    sim.close()
+
+
 def test_an_undo_that_cannot_be_written_is_discarded_and_the_group_retried(tmp_path: Path, monkeypatch) -> None:
     """A full retention volume in the middle of a group's UNDO parts (found by the small-volume fault
     test): the parts written so far are cut off and the group can be journaled again, instead of every
